@@ -1,0 +1,44 @@
+"""The backend's application factory: settings, state and routes wired once per app, never at import."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+from flask import Flask
+
+from .api import api, Services
+from .errors import register_error_handlers
+from .metrics import BackendMetrics
+from .runtime import Runtime
+from .settings import Settings
+from .store import ConfigurationStore
+from .taskdata import TaskDataFetcher
+
+
+def create_app(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> Flask:
+    """Build a backend; restores the configuration stored under MODEL_DIR in the background."""
+    settings = settings or Settings.from_env(env)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    metrics = BackendMetrics()
+    store = ConfigurationStore(settings.model_dir)
+
+    def on_loaded(configured) -> None:
+        metrics.model_loaded.set(1)
+        metrics.model_load_seconds.set(configured.loaded.load_seconds)
+
+    services = Services(
+        settings=settings,
+        store=store,
+        metrics=metrics,
+        runtime=Runtime(settings, store, on_loaded=on_loaded),
+        fetcher=TaskDataFetcher(store.cache_dir, settings.fetch_concurrency, settings.fetch_timeout_s),
+    )
+    app.extensions["lsbackend"] = services
+    app.register_blueprint(api)
+    register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
+    services.runtime.restore()
+    return app

@@ -1,0 +1,154 @@
+"""The few ways a request can fail, and their one mapping to JSON responses.
+
+Every failure a client can cause or should know about is one of these::
+
+    BackendError                    500  something on our side; the log has the traceback
+    ├── BadRequest                  400  malformed JSON, missing or mistyped fields, bad base64
+    ├── Unauthorized                401  missing or wrong credentials
+    ├── Forbidden                   403  an action refused by policy (configure on an open bind)
+    ├── NotFound                    404  unknown model, version, run, path or route
+    ├── NotConfigured               503  predict before any model was configured (or while it loads)
+    ├── HookUnusable                422  a hook that cannot be decoded or would not run here
+    ├── PredictionsInvalid          422  predictions that do not fit the task count or labeling config
+    ├── HookFailed                  500  a user hook (or the model) raised while predicting
+    ├── UpstreamUnavailable         502  the MLflow tracking server (or another upstream) is unreachable
+    └── DeadlineExceeded            504  a prediction could not finish within the deadline
+
+Responses are ``{"error": <summary>, "detail": <cause and fix>, "type": <class name>}``.
+Tracebacks go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(Exception):
+    """Base of every error answered as JSON; 500 unless a subclass says otherwise."""
+
+    status = 500
+
+    def __init__(self, error: str, detail: str = "", **extra: Any) -> None:
+        super().__init__(error)
+        self.error = error
+        self.detail = detail
+        self.extra = extra
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": self.error, "detail": self.detail, "type": type(self).__name__}
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(BackendError):
+    """400: the request itself is malformed."""
+
+    status = 400
+
+
+class Unauthorized(BackendError):
+    """401: credentials are missing or wrong."""
+
+    status = 401
+
+
+class Forbidden(BackendError):
+    """403: refused by policy, whatever the credentials."""
+
+    status = 403
+
+
+class NotFound(BackendError):
+    """404: the named model, version, run, path or route does not exist."""
+
+    status = 404
+
+
+class NotConfigured(BackendError):
+    """503: no model is configured yet (or the first one is still loading)."""
+
+    status = 503
+
+
+class HookUnusable(BackendError):
+    """422: a hook that cannot be decoded, or was made by another Python and would crash here."""
+
+    status = 422
+
+
+class PredictionsInvalid(BackendError):
+    """422: predictions that do not match the task count or the project's labeling config."""
+
+    status = 422
+
+
+class HookFailed(BackendError):
+    """500: a user hook or the model raised while predicting."""
+
+    status = 500
+
+
+class UpstreamUnavailable(BackendError):
+    """502: the tracking server or another upstream could not be reached."""
+
+    status = 502
+
+
+class DeadlineExceeded(BackendError):
+    """504: the work could not finish in time; the backend cut it off itself."""
+
+    status = 504
+
+
+def error_response(exc: BackendError):
+    """The JSON response for one of our errors."""
+    response = jsonify(exc.to_dict())
+    response.status_code = exc.status
+    if isinstance(exc, Unauthorized):
+        response.headers["WWW-Authenticate"] = 'Basic realm="label-studio-ml-backend"'
+    return response
+
+
+def register_error_handlers(app: Flask, on_error=None) -> None:
+    """Map our errors, Werkzeug's HTTP errors and anything unexpected to JSON, in one place.
+
+    ``on_error(exc)`` is called for every error answered, to count it.
+    """
+
+    def note(exc: Exception) -> None:
+        if on_error is not None:
+            on_error(exc)
+
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError):
+        note(exc)
+        level = logging.ERROR if exc.status >= 500 else logging.WARNING
+        log.log(level, "%s %s: %s", exc.status, exc.error, exc.detail)
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        note(exc)
+        response = jsonify({"error": exc.name, "detail": exc.description or "", "type": type(exc).__name__})
+        response.status_code = exc.code or 500
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        note(exc)
+        log.exception("unexpected error")
+        response = jsonify(
+            {
+                "error": f"internal error: {type(exc).__name__}",
+                "detail": "The backend hit an unexpected error; its log has the traceback.",
+                "type": "BackendError",
+            }
+        )
+        response.status_code = 500
+        return response

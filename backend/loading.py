@@ -1,0 +1,244 @@
+"""Resolve a ModelSpec to concrete MLflow artifacts and load them once, on the right device.
+
+URIs: ``models:/name/<version>``, ``models:/name/latest`` (resolved to the newest version, so the
+served version is stable and visible), ``models:/name@alias``, ``runs:/<run>/<path>``, any other
+MLflow artifact URI, or a local path. Loaders: ``pyfunc`` (default) or ``native``: the model's own
+flavor as named by its ``python_function.loader_module``, as the dagshub client loads it; a torch
+model's ``predict`` is then the module's ``__call__``.
+
+MLflow keeps its tracking URI and credentials in process-wide state, so loads are serialised by one
+lock and that state is set only for the duration of a load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .errors import BackendError, NotFound, UpstreamUnavailable
+from .spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_MLFLOW_LOCK = threading.Lock()  # guards MLflow's process-wide URI and credential state
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI pinned down: what to download, and the name/version to show."""
+
+    uri: str
+    name: str = ""
+    version: str = ""
+    run_id: str = ""
+
+    @property
+    def label(self) -> str:
+        """A stable, readable version string for Label Studio (``name:3``, ``run:abc123``, ``path``)."""
+        if self.name:
+            return f"{self.name}:{self.version}"
+        if self.run_id:
+            return f"run:{self.run_id[:12]}"
+        return Path(self.uri.rstrip("/")).name or self.uri
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and the one callable the pipeline uses."""
+
+    predict: Callable[[Any], Any]
+    native: Any
+    flavor: str
+    resolved: ResolvedModel
+    local_path: str
+    device: str
+    load_seconds: float
+
+
+@contextlib.contextmanager
+def mlflow_scope(spec: ModelSpec) -> Iterator[Any]:
+    """Point MLflow at the spec's tracking server with its credentials, then put everything back."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    env = {
+        "MLFLOW_TRACKING_USERNAME": spec.tracking_username,
+        "MLFLOW_TRACKING_PASSWORD": spec.tracking_password,
+        "MLFLOW_TRACKING_TOKEN": spec.tracking_token,
+        # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+    }
+    with _MLFLOW_LOCK:
+        saved_env = {key: os.environ.get(key) for key in env}
+        saved_tracking = mlflow.get_tracking_uri()
+        saved_registry = mlflow.get_registry_uri()
+        try:
+            for key, value in env.items():
+                if value:
+                    os.environ[key] = value
+                else:
+                    os.environ.pop(key, None)
+            tracking = spec.tracking_uri or saved_tracking
+            registry = spec.registry_uri or spec.tracking_uri or saved_registry
+            mlflow.set_tracking_uri(tracking)
+            mlflow.set_registry_uri(registry)
+            yield MlflowClient(tracking_uri=tracking, registry_uri=registry)
+        finally:
+            mlflow.set_tracking_uri(saved_tracking)
+            mlflow.set_registry_uri(saved_registry)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
+    """Check the model exists and pin ``latest``/aliases to a concrete version."""
+    models = _MODELS_URI.match(uri)
+    if models:
+        name, version, alias = models["name"], models["version"], models["alias"]
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version and version.lower() == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise NotFound(f"registered model {name!r} has no versions", "Register a version first, or check the name.")
+            mv = max(versions, key=lambda v: int(v.version))
+        elif version and version.isdigit():
+            mv = client.get_model_version(name, version)
+        else:
+            raise NotFound(
+                f"model URI {uri!r} names no version",
+                "Use models:/<name>/<number>, models:/<name>/latest or models:/<name>@<alias>.",
+            )
+        return ResolvedModel(uri=f"models:/{name}/{mv.version}", name=name, version=str(mv.version), run_id=mv.run_id or "")
+    runs = _RUNS_URI.match(uri)
+    if runs:
+        run = client.get_run(runs["run"])
+        return ResolvedModel(uri=uri, run_id=run.info.run_id)
+    if "://" not in uri and not uri.startswith(("models:", "runs:")):
+        path = Path(uri.removeprefix("file:")).expanduser()
+        if not (path / "MLmodel").is_file():
+            raise NotFound(
+                f"no MLflow model at path {uri!r}",
+                "A local model is a folder containing an MLmodel file (what mlflow.<flavor>.save_model writes).",
+            )
+        return ResolvedModel(uri=str(path.resolve()))
+    return ResolvedModel(uri=uri)
+
+
+def translate_mlflow_error(exc: Exception, spec: ModelSpec) -> BackendError:
+    """MLflow's and requests' exceptions into our named errors, keeping MLflow's message."""
+    if isinstance(exc, BackendError):
+        return exc
+    message = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else type(exc).__name__
+    where = spec.tracking_uri or "the default tracking URI"
+    code = getattr(exc, "error_code", "")
+    if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in message.lower() or "does not exist" in message.lower():
+        return NotFound(f"model {spec.model_uri!r} not found on {where}", f"{message}. Check the name, version or alias.")
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in message or "403" in message:
+        return UpstreamUnavailable(
+            f"tracking server {where} refused the credentials",
+            f"{message}. Check the token (DagsHub) or tracking_username/tracking_password.",
+        )
+    transport = ("Max retries", "Connection", "connect", "timed out", "API request to", "Name or service")
+    if any(word in message for word in transport) or type(exc).__module__.startswith(("requests", "urllib3")):
+        return UpstreamUnavailable(f"tracking server {where} is unreachable", f"{message}. Check tracking_uri and the network.")
+    return BackendError(f"loading {spec.model_uri!r} failed: {type(exc).__name__}", message)
+
+
+def choose_device(flavor: str) -> str:
+    """``cuda`` when the model is torch (or torch is already in use) and a CUDA device is visible.
+
+    torch is never imported just to ask: an sklearn backend stays small.
+    """
+    if flavor != "mlflow.pytorch" and "torch" not in sys.modules:
+        return "cpu"
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(spec: ModelSpec, artifacts_dir: Path) -> LoadedModel:
+    """Resolve, download once into ``artifacts_dir``, load with the chosen loader."""
+    started = time.perf_counter()
+    try:
+        with mlflow_scope(spec) as client:
+            resolved = resolve_model_uri(client, spec.model_uri)
+            local_path = _download(resolved, artifacts_dir)
+    except Exception as exc:
+        raise translate_mlflow_error(exc, spec) from exc
+    try:
+        flavor, native, predict, device = _load_local(local_path, spec.loader)
+    except ImportError as exc:
+        raise BackendError(
+            f"the model needs a package this backend lacks: {exc.name or exc}",
+            "Install the model's requirements in the backend's environment (see the model's requirements.txt).",
+        ) from exc
+    except Exception as exc:
+        raise BackendError(f"loading {resolved.uri!r} failed: {type(exc).__name__}: {exc}", "See the backend's log.") from exc
+    seconds = time.perf_counter() - started
+    log.info("loaded %s (%s) on %s in %.2fs", resolved.uri, flavor, device, seconds)
+    return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds)
+
+
+def _download(resolved: ResolvedModel, artifacts_dir: Path) -> str:
+    if Path(resolved.uri).is_dir():
+        return resolved.uri
+    import mlflow
+
+    target = artifacts_dir / hashlib.sha256(resolved.uri.encode()).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    return mlflow.artifacts.download_artifacts(artifact_uri=resolved.uri, dst_path=str(target))
+
+
+def _load_local(local_path: str, loader: str) -> tuple[str, Any, Callable[[Any], Any], str]:
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    flavors = Model.load(local_path).flavors
+    module_name = flavors.get("python_function", {}).get("loader_module", "mlflow.pyfunc.model")
+    module_name = module_name.removesuffix(".model")
+    if loader == "pyfunc" or module_name == "mlflow.pyfunc":
+        device = choose_device("mlflow.pyfunc")
+        model = mlflow.pyfunc.load_model(local_path)
+        return "mlflow.pyfunc", model, model.predict, device
+    module = importlib.import_module(module_name)
+    device = choose_device(module_name)
+    if module_name == "mlflow.pytorch":
+        model = module.load_model(local_path, map_location=device)
+        return module_name, model, _torch_call(model, device), device
+    model = module.load_model(local_path)
+    predict = getattr(model, "predict", None) or model
+    return module_name, model, predict, device
+
+
+def _torch_call(module: Any, device: str) -> Callable[[Any], Any]:
+    """A torch module's ``__call__`` in eval mode without autograd, with tensor inputs moved to its device."""
+    import torch
+
+    module.eval()
+
+    def predict(inputs: Any) -> Any:
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.to(device)
+        with torch.no_grad():
+            return module(inputs)
+
+    return predict

@@ -1,0 +1,36 @@
+"""Prometheus metrics, one registry per app; one histogram per pipeline stage, as KServe does."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STAGES = ("fetch", "pre_hook", "predict", "post_hook", "validate")
+
+
+class BackendMetrics:
+    """The backend's counters and histograms, registered on their own registry (no global state)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lsbackend_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
+        self.errors = Counter("lsbackend_errors", "Errors answered, by error type.", ["type"], registry=r)
+        self.predictions = Counter("lsbackend_predictions", "Predictions returned (one per task).", registry=r)
+        self.failed_tasks = Counter("lsbackend_failed_tasks", "Tasks whose data could not be fetched.", registry=r)
+        self.request_seconds = Histogram(
+            "lsbackend_request_seconds", "Request latency by endpoint.", ["endpoint"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "lsbackend_stage_seconds", "Pipeline stage latency.", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.model_load_seconds = Gauge("lsbackend_model_load_seconds", "How long the current model took to load.", registry=r)
+        self.model_loaded = Gauge("lsbackend_model_loaded", "1 when a model is configured and loaded.", registry=r)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

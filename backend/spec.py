@@ -1,0 +1,199 @@
+"""What a configure call asks for, parsed from either of its two forms into one ``ModelSpec``.
+
+Form (a) is byte-for-byte what ``dagshub``'s ``Datasource.add_annotation_model`` sends: a JSON
+*string* whose content is JSON again, with ``host, username, repo, model, version, authtoken,
+datasource_repo, datasource_name, pre_hook, post_hook``. Form (b) is a plain JSON object with
+``model_uri`` and friends, for everyone else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import BadRequest
+
+LOADERS = ("pyfunc", "native")
+DAGSHUB_KEYS = ("host", "repo", "model")
+PLAIN_KEYS = frozenset(
+    {
+        "model_uri",
+        "tracking_uri",
+        "registry_uri",
+        "tracking_username",
+        "tracking_password",
+        "tracking_token",
+        "pre_hook",
+        "post_hook",
+        "loader",
+        "batch_size",
+        "model_version",
+    }
+)
+SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
+
+
+@dataclass(frozen=True)
+class DagshubSource:
+    """Where a DagsHub configure came from; lets task data be fetched from DagsHub with its token."""
+
+    host: str
+    username: str
+    repo: str
+    datasource_repo: str = ""
+    datasource_name: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One configuration: which model, from where, with which hooks."""
+
+    model_uri: str
+    tracking_uri: str = ""
+    registry_uri: str = ""
+    tracking_username: str = field(default="", repr=False)
+    tracking_password: str = field(default="", repr=False)
+    tracking_token: str = field(default="", repr=False)
+    pre_hook: str = field(default="", repr=False)
+    post_hook: str = field(default="", repr=False)
+    loader: str = "pyfunc"
+    batch_size: int | None = None
+    model_version: str = ""
+    dagshub: DagshubSource | None = None
+
+    @property
+    def model_key(self) -> str:
+        """The model's identity: same key, same loaded model (hooks may differ)."""
+        parts = [self.tracking_uri, self.registry_uri, self.model_uri, self.loader, self.tracking_username]
+        return "|".join(parts)
+
+    @property
+    def digest(self) -> str:
+        """A fingerprint of the whole configuration, hooks included: equal digests mean an idempotent repeat."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, secrets included: what the store persists."""
+        return asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """What /configure and /health may show: no credentials, hooks by fingerprint only."""
+        data = self.to_dict()
+        for name in SECRET_FIELDS:
+            data[name] = "***" if data[name] else ""
+        for name in ("pre_hook", "post_hook"):
+            raw = data[name]
+            data[name] = raw if ":" in raw and len(raw) < 200 else (
+                f"pickle:{hashlib.sha256(raw.encode()).hexdigest()[:12]}" if raw else "identity"
+            )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """Rebuild a stored spec."""
+        data = dict(data)
+        source = data.pop("dagshub", None)
+        return cls(**data, dagshub=DagshubSource(**source) if source else None)
+
+    def with_hooks_of(self, other: "ModelSpec") -> "ModelSpec":
+        return replace(self, pre_hook=other.pre_hook, post_hook=other.post_hook)
+
+
+def decode_configure_body(body: bytes) -> dict[str, Any]:
+    """JSON, or a JSON string of JSON (the dagshub client's double encoding), into an object."""
+    try:
+        data: Any = json.loads(body)
+        if isinstance(data, str):
+            data = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(
+            "configure body is not valid JSON",
+            f"{exc}. Send a JSON object (or, as the dagshub client does, a JSON string holding one).",
+        ) from exc
+    if not isinstance(data, dict):
+        raise BadRequest("configure body must be a JSON object", f"got {type(data).__name__}")
+    return data
+
+
+def parse_model_spec(data: dict[str, Any]) -> ModelSpec:
+    """Either configure form into a ModelSpec, with every field checked."""
+    if "model_uri" in data:
+        return _parse_plain(data)
+    if all(key in data for key in DAGSHUB_KEYS):
+        return _parse_dagshub(data)
+    raise BadRequest(
+        "configure needs a model",
+        "Send 'model_uri' (models:/name/version, models:/name@alias, runs:/..., a path), "
+        "or the dagshub form with 'host', 'repo' and 'model'.",
+    )
+
+
+def _text(data: dict[str, Any], key: str, default: str = "") -> str:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string", f"got {type(value).__name__}: {value!r}")
+    return value
+
+
+def _parse_plain(data: dict[str, Any]) -> ModelSpec:
+    unknown = sorted(set(data) - PLAIN_KEYS)
+    if unknown:
+        raise BadRequest(
+            f"unknown configure field(s): {', '.join(unknown)}",
+            f"Known fields: {', '.join(sorted(PLAIN_KEYS))}.",
+        )
+    model_uri = _text(data, "model_uri").strip()
+    if not model_uri:
+        raise BadRequest("'model_uri' is empty", "Name a model: models:/name/version, runs:/id/path or a path.")
+    loader = _text(data, "loader", "pyfunc") or "pyfunc"
+    if loader not in LOADERS:
+        raise BadRequest(f"unknown loader {loader!r}", f"Use one of {', '.join(LOADERS)}.")
+    batch_size = data.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise BadRequest("'batch_size' must be a positive integer", f"got {batch_size!r}")
+    return ModelSpec(
+        model_uri=model_uri,
+        tracking_uri=_text(data, "tracking_uri").rstrip("/"),
+        registry_uri=_text(data, "registry_uri").rstrip("/"),
+        tracking_username=_text(data, "tracking_username"),
+        tracking_password=_text(data, "tracking_password"),
+        tracking_token=_text(data, "tracking_token"),
+        pre_hook=_text(data, "pre_hook"),
+        post_hook=_text(data, "post_hook"),
+        loader=loader,
+        batch_size=batch_size,
+        model_version=_text(data, "model_version"),
+    )
+
+
+def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
+    host = _text(data, "host").rstrip("/")
+    repo = _text(data, "repo").strip("/")
+    model = _text(data, "model")
+    version = str(data.get("version") or "latest")
+    token = _text(data, "authtoken")
+    if not host.startswith(("http://", "https://")):
+        raise BadRequest(f"'host' must be an http(s) URL, got {host!r}", "The dagshub client sends e.g. https://dagshub.com.")
+    if repo.count("/") != 1 or not model:
+        raise BadRequest(f"'repo' must be 'owner/name' and 'model' non-empty, got repo={repo!r} model={model!r}", "")
+    return ModelSpec(
+        model_uri=f"models:/{model}/{version}",
+        tracking_uri=f"{host}/{repo}.mlflow",
+        # DagsHub accepts the token as both MLflow username and password.
+        tracking_username=token,
+        tracking_password=token,
+        pre_hook=_text(data, "pre_hook"),
+        post_hook=_text(data, "post_hook"),
+        loader="native",
+        dagshub=DagshubSource(
+            host=host,
+            username=_text(data, "username"),
+            repo=repo,
+            datasource_repo=_text(data, "datasource_repo"),
+            datasource_name=_text(data, "datasource_name"),
+        ),
+    )

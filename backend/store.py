@@ -1,0 +1,69 @@
+"""The configuration persisted under MODEL_DIR, so a restarted process (or a sibling worker) serves it too."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class JsonFile:
+    """One JSON document on disk, replaced atomically and readable only by its owner (it holds tokens)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def save(self, document: dict[str, Any]) -> int:
+        """Write and return the new stamp."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(document, handle, indent=2, sort_keys=True)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.stamp() or 0
+
+    def load(self) -> dict[str, Any] | None:
+        try:
+            with self.path.open() as handle:
+                document = json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable %s: %s", self.path, exc)
+            return None
+        return document if isinstance(document, dict) else None
+
+    def stamp(self) -> int | None:
+        """Changes whenever the file is replaced; a stat, cheap enough to poll per request."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns ^ st.st_ino
+
+
+class ConfigurationStore:
+    """MODEL_DIR/configuration.json (the model spec) and MODEL_DIR/label_studio.json (from /setup)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.configuration = JsonFile(model_dir / "configuration.json")
+        self.label_studio = JsonFile(model_dir / "label_studio.json")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.model_dir / "cache"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.model_dir / "artifacts"

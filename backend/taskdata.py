@@ -1,0 +1,214 @@
+"""Task data to what the pre hook gets: local files for media, the text itself for text.
+
+Sources: http(s) URLs (Label Studio's own ``/data/...`` URLs with its token), cloud URIs (s3://,
+gs://, azure-blob://) through Label Studio's presign endpoint, local paths and ``file://``,
+``data:`` URIs, and DagsHub URLs with the DagsHub token. Downloads share one HTTP session, run
+concurrently with a bound, and are cached on disk by URL; one failing download fails its task only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import mimetypes
+import os
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from .validation import DataObject
+
+log = logging.getLogger(__name__)
+
+LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/", "/data/")
+CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
+
+
+@dataclass(frozen=True)
+class LabelStudioAccess:
+    """Where Label Studio is and the token to fetch its files with (from /setup or the environment)."""
+
+    url: str = ""
+    token: str = field(default="", repr=False)
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        if self.url and self.token and urlparse(url).netloc == urlparse(self.url).netloc:
+            scheme = "Bearer" if self.token.count(".") == 2 else "Token"  # JWTs are Bearer, legacy tokens Token
+            return {"Authorization": f"{scheme} {self.token}"}
+        return {}
+
+
+@dataclass(frozen=True)
+class DagshubAccess:
+    host: str = ""
+    token: str = field(default="", repr=False)
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        if self.host and self.token and urlparse(url).netloc == urlparse(self.host).netloc:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+
+class FetchError(Exception):
+    """One item could not be fetched; fails its task only."""
+
+
+@dataclass
+class TaskInput:
+    """What the pre hook gets for one task, or why it cannot get anything."""
+
+    value: Any = None
+    error: str = ""
+
+
+class TaskDataFetcher:
+    """Fetches many tasks' data at once through one pooled session and an on-disk cache."""
+
+    def __init__(self, cache_dir: Path, concurrency: int = 16, timeout: float = 30.0) -> None:
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["User-Agent"] = "label-studio-mlflow-backend"
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
+        self._url_locks = [threading.Lock() for _ in range(64)]  # striped: bounded memory, same URL same lock
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.session.close()
+
+    def fetch_tasks(
+        self,
+        tasks: list[dict[str, Any]],
+        objects: tuple[DataObject, ...],
+        label_studio: LabelStudioAccess,
+        dagshub: DagshubAccess | None = None,
+    ) -> list[TaskInput]:
+        """One TaskInput per task, in order: a path or text with one object tag, a dict by key with several."""
+        jobs: dict[tuple[int, str], Any] = {}
+        inputs = [TaskInput() for _ in tasks]
+        for index, task in enumerate(tasks):
+            data = task.get("data") if isinstance(task, dict) else None
+            if not isinstance(data, dict):
+                inputs[index].error = "task has no 'data' object"
+                continue
+            for obj in objects:
+                if obj.key not in data:
+                    inputs[index].error = f"task data has no {obj.key!r} (the config's {obj.tag} {obj.name!r} reads ${obj.key})"
+                    break
+                raw = data[obj.key]
+                if obj.is_text or not isinstance(raw, str):
+                    jobs[(index, obj.key)] = raw
+                else:
+                    jobs[(index, obj.key)] = self.pool.submit(
+                        self.fetch_one, raw, task.get("id"), label_studio, dagshub
+                    )
+        for index, task_input in enumerate(inputs):
+            if task_input.error:
+                continue
+            values = {}
+            for obj in objects:
+                job = jobs[(index, obj.key)]
+                try:
+                    values[obj.key] = job.result() if hasattr(job, "result") else job
+                except FetchError as exc:
+                    task_input.error = str(exc)
+                    break
+            else:
+                task_input.value = next(iter(values.values())) if len(objects) == 1 else values
+        return inputs
+
+    def fetch_one(
+        self, raw: str, task_id: Any, label_studio: LabelStudioAccess, dagshub: DagshubAccess | None = None
+    ) -> str:
+        """One reference to a local path."""
+        if raw.startswith("data:"):
+            return self._from_data_uri(raw)
+        if raw.startswith(CLOUD_SCHEMES):
+            if not label_studio.url or not label_studio.token:
+                raise FetchError(
+                    f"{raw!r} is a cloud storage URI and Label Studio's address or token is unknown: "
+                    "connect the backend from Label Studio (its /setup sends both) or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+                )
+            if task_id is None:
+                raise FetchError(f"{raw!r} is a cloud storage URI but the task has no id to presign it with")
+            encoded = base64.urlsafe_b64encode(raw.encode()).decode()
+            return self._download(f"{label_studio.url}/tasks/{task_id}/presign/?fileuri={encoded}", label_studio, dagshub)
+        if raw.startswith(("http://", "https://")):
+            return self._download(raw, label_studio, dagshub)
+        if raw.startswith("file://"):
+            return self._local(unquote(urlparse(raw).path))
+        if raw.startswith(LABEL_STUDIO_PATHS) and not Path(raw).exists():
+            if not label_studio.url:
+                raise FetchError(
+                    f"{raw!r} is a Label Studio path and Label Studio's address is unknown: "
+                    "connect the backend from Label Studio or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
+                )
+            return self._download(label_studio.url + raw, label_studio, dagshub)
+        return self._local(raw)
+
+    def _local(self, path: str) -> str:
+        if not os.path.isfile(path):
+            raise FetchError(f"no such local file: {path!r}")
+        return path
+
+    def _cache_path(self, key: str, suffix: str) -> Path:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return self.cache_dir / digest[:2] / f"{digest}{suffix}"
+
+    def _write(self, target: Path, chunks: Any) -> str:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                for chunk in chunks:
+                    handle.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return str(target)
+
+    def _from_data_uri(self, raw: str) -> str:
+        header, sep, payload = raw.partition(",")
+        if not sep:
+            raise FetchError("data: URI has no ',' before its payload")
+        mime = header[5:].split(";")[0] or "application/octet-stream"
+        try:
+            content = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote(payload).encode()
+        except (binascii.Error, ValueError) as exc:
+            raise FetchError(f"data: URI has bad base64: {exc}") from exc
+        target = self._cache_path(raw, mimetypes.guess_extension(mime) or "")
+        return str(target) if target.exists() else self._write(target, [content])
+
+    def _download(self, url: str, label_studio: LabelStudioAccess, dagshub: DagshubAccess | None) -> str:
+        suffix = Path(urlparse(url).path).suffix[:10]
+        target = self._cache_path(url, suffix)
+        if target.exists():
+            return str(target)
+        with self._url_lock(url):  # two tasks with one URL download it once
+            if target.exists():
+                return str(target)
+            headers = {**label_studio.headers_for(url), **(dagshub.headers_for(url) if dagshub else {})}
+            try:
+                with self.session.get(url, headers=headers, timeout=self.timeout, stream=True) as response:
+                    if response.status_code != 200:
+                        hint = " (check Label Studio's token)" if response.status_code in (401, 403) else ""
+                        raise FetchError(f"GET {url} answered {response.status_code}{hint}")
+                    return self._write(target, response.iter_content(chunk_size=1 << 16))
+            except requests.RequestException as exc:
+                raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
+
+    def _url_lock(self, url: str) -> threading.Lock:
+        return self._url_locks[hash(url) % len(self._url_locks)]

@@ -1,0 +1,120 @@
+"""The configured model: a loaded MLflow model and its two hooks, and the pipeline that runs them.
+
+``pre_hook(inputs) -> model.predict -> post_hook(outputs)`` runs in batches of ``batch_size``; each
+batch's post hook must give back one prediction per task. Hooks that take ``tasks``, ``context``,
+``device`` or ``label_config`` as keywords get them; one-argument hooks (the DagsHub form) work as is.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from backend.errors import DeadlineExceeded, HookFailed, PredictionsInvalid
+from backend.hookcodec import Hook
+from backend.loading import LoadedModel
+from backend.spec import ModelSpec
+from backend.taskdata import TaskInput
+from backend.validation import complete_prediction, task_ref
+
+StageTimer = Callable[[str, float], None]
+
+
+@dataclass
+class ConfiguredModel:
+    """Everything one configure produced; immutable once serving, swapped whole on reconfigure."""
+
+    spec: ModelSpec
+    loaded: LoadedModel
+    pre_hook: Hook
+    post_hook: Hook
+    batch_size: int
+    configured_at: float = field(default_factory=time.time)
+
+    @property
+    def model_version(self) -> str:
+        """Stable for a configuration: Label Studio skips tasks already predicted with this version."""
+        return self.spec.model_version or self.loaded.resolved.label
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "model_uri": self.loaded.resolved.uri,
+            "flavor": self.loaded.flavor,
+            "device": self.loaded.device,
+            "batch_size": self.batch_size,
+            "pre_hook": self.pre_hook.source,
+            "post_hook": self.post_hook.source,
+            "load_seconds": round(self.loaded.load_seconds, 3),
+            "configured_at": self.configured_at,
+        }
+
+    def predict_tasks(
+        self,
+        tasks: list[dict[str, Any]],
+        inputs: list[TaskInput],
+        context: Any = None,
+        label_config: str = "",
+        deadline: float | None = None,
+        timer: StageTimer | None = None,
+    ) -> list[dict[str, Any]]:
+        """One completed prediction per task, in task order; tasks without data get an empty prediction."""
+        predictions: list[dict[str, Any] | None] = [None] * len(tasks)
+        ready = [i for i, item in enumerate(inputs) if not item.error]
+        for i, item in enumerate(inputs):
+            if item.error:
+                predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
+        for start in range(0, len(ready), self.batch_size):
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"prediction stopped after {start} of {len(ready)} tasks: the deadline passed",
+                    "Send fewer tasks per request, raise batch_size, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
+                )
+            chunk = ready[start : start + self.batch_size]
+            outputs = self.run_batch(
+                [inputs[i].value for i in chunk], [tasks[i] for i in chunk], context, label_config, timer
+            )
+            for i, prediction in zip(chunk, outputs):
+                predictions[i] = complete_prediction(prediction, self.model_version, task_ref(tasks[i], i))
+        return [p for p in predictions if p is not None]
+
+    def run_batch(
+        self,
+        values: list[Any],
+        tasks: list[dict[str, Any]],
+        context: Any = None,
+        label_config: str = "",
+        timer: StageTimer | None = None,
+    ) -> list[Any]:
+        """pre_hook -> predict -> post_hook on one batch; any exception becomes a HookFailed naming the stage."""
+        extras = {"tasks": tasks, "context": context, "device": self.loaded.device, "label_config": label_config}
+        model_input = self._stage("pre_hook", lambda: self.pre_hook(values, **extras), timer)
+        model_output = self._stage("predict", lambda: self.loaded.predict(model_input), timer)
+        outputs = self._stage("post_hook", lambda: self.post_hook(model_output, **extras), timer)
+        if hasattr(outputs, "tolist") and not isinstance(outputs, (list, dict)):
+            outputs = outputs.tolist()
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(tasks):
+            got = len(outputs) if isinstance(outputs, (list, tuple)) else f"a {type(outputs).__name__}"
+            raise PredictionsInvalid(
+                f"post_hook returned {got} predictions for {len(tasks)} tasks",
+                "Return a list with exactly one prediction per task, in task order "
+                "(an empty {'result': []} for a task with nothing found).",
+            )
+        return list(outputs)
+
+    @staticmethod
+    def _stage(name: str, call: Callable[[], Any], timer: StageTimer | None) -> Any:
+        started = time.perf_counter()
+        try:
+            return call()
+        except Exception as exc:
+            stage = "model.predict" if name == "predict" else name
+            raise HookFailed(
+                f"{stage} raised {type(exc).__name__}: {exc}",
+                f"The error is in the {stage} step; the backend's log has the traceback. "
+                + ("Check what pre_hook returns matches the model's input." if name == "predict" else f"Fix the {name}."),
+            ) from exc
+        finally:
+            if timer is not None:
+                timer(name, time.perf_counter() - started)

@@ -1,0 +1,5 @@
+"""The backend's entry point for gunicorn: ``gunicorn wsgi:app``."""
+
+from backend.app import create_app
+
+app = create_app()
