@@ -1,0 +1,80 @@
+"""Small real models for tests and the demo, trained in seconds and registered in an MLflow registry.
+
+Run as a script so MLflow's process-wide state stays out of the test process:
+``python -m tests.support.models <tracking_uri>``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+IMAGE_MODEL = "brightness"  # sklearn: mean grey level of an image -> "dark" / "light"
+TEXT_MODEL = "sentiment"  # sklearn pipeline: text -> "positive" / "negative"
+TORCH_MODEL = "tiny_torch"  # torch module: (n, 1) brightness -> logits of (dark, light)
+
+
+def train_brightness():
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.linspace(0.0, 1.0, 21).reshape(-1, 1)
+    y = np.where(x[:, 0] > 0.5, "light", "dark")
+    return LogisticRegression().fit(x, y)
+
+
+def train_sentiment():
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    texts = ["great good lovely", "good fine great", "wonderful great", "bad awful", "terrible bad", "awful horrid bad"]
+    labels = ["positive", "positive", "positive", "negative", "negative", "negative"]
+    return make_pipeline(CountVectorizer(), LogisticRegression()).fit(texts, labels)
+
+
+def make_tiny_torch():
+    import torch
+
+    class Brightness(torch.nn.Module):
+        """Logits (dark, light) from a brightness in [0, 1]: a fixed linear layer, no training needed."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(1, 2)
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.tensor([[-10.0], [10.0]]))
+                self.linear.bias.copy_(torch.tensor([5.0, -5.0]))
+
+        def forward(self, x):
+            return self.linear(x)
+
+    return Brightness()
+
+
+def register_all(tracking_uri: str, with_torch: bool = True) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("fixtures")
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(train_brightness(), name="brightness", registered_model_name=IMAGE_MODEL)
+    with mlflow.start_run():
+        # A second version that says the opposite, so tests can tell versions apart.
+        flipped = train_brightness()
+        flipped.classes_ = flipped.classes_[::-1].copy()
+        mlflow.sklearn.log_model(flipped, name="brightness", registered_model_name=IMAGE_MODEL)
+    mlflow.MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "1")
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=TEXT_MODEL)
+    if with_torch:
+        import mlflow.pytorch
+
+        with mlflow.start_run():
+            mlflow.pytorch.log_model(
+                make_tiny_torch(), name="tiny", registered_model_name=TORCH_MODEL, serialization_format="pickle"
+            )
+
+
+if __name__ == "__main__":
+    register_all(sys.argv[1], with_torch="--no-torch" not in sys.argv)

@@ -1,0 +1,191 @@
+"""Real servers for tests: gunicorn backends, `mlflow server`, a file server and a path-prefix proxy.
+
+Readiness is always polled with a deadline; nothing waits a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``check`` until it is true or the deadline passes (or ``proc`` died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout}s")
+
+
+class Process:
+    """A child process with its log file, stopped on ``stop()``."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT) -> None:
+        self.args, self.env, self.log_path, self.cwd = args, env, log_path, cwd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "BASIC_AUTH", "CONFIGURE_TOKEN", "LABEL_STUDIO"))}
+    env.update(
+        PATH=f"{PYTHON_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(ROOT),
+        MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Backend(Process):
+    """``gunicorn wsgi:app`` on a free loopback port."""
+
+    def __init__(self, tmp: Path, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_dir = tmp / "model_dir"
+        env = base_env(MODEL_DIR=str(self.model_dir), PORT=str(self.port), HOST="127.0.0.1", **env)
+        super().__init__([str(PYTHON_BIN / "gunicorn"), "wsgi:app"], env, tmp / f"backend-{self.port}.log")
+
+    def start(self) -> "Backend":
+        super().start()
+        wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 30, "backend", self.proc)
+        return self
+
+    def wait_configured(self, timeout: float = 60) -> dict:
+        wait_until(lambda: requests.get(self.url + "/health", timeout=1).json()["configured"], timeout, "configured", self.proc)
+        return requests.get(self.url + "/health", timeout=1).json()
+
+
+class MlflowServer(Process):
+    """The real ``mlflow server`` CLI on loopback, with proxied artifacts."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [
+            str(PYTHON_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "server-artifacts"),
+        ]
+        super().__init__(args, base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), tmp / "mlflow-server.log")
+
+    def start(self) -> "MlflowServer":
+        super().start()
+        wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 60, "mlflow server", self.proc)
+        return self
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    delay = 0.0
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class ThreadedServer:
+    """A ThreadingHTTPServer on a free loopback port in a daemon thread."""
+
+    def __init__(self, handler) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -> ThreadedServer:
+    """Serve ``directory``; optionally add ``delay`` per file and record request headers."""
+
+    class Handler(_Quiet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self):
+            if seen is not None:
+                seen.append((self.path, dict(self.headers)))
+            if delay:
+                time.sleep(delay)
+            super().do_GET()
+
+    return ThreadedServer(Handler)
+
+
+def prefix_proxy(prefix: str, upstream: str) -> ThreadedServer:
+    """Serve ``upstream`` under ``prefix``, as DagsHub serves a repo's MLflow at /<owner>/<repo>.mlflow."""
+
+    class Handler(_Quiet):
+        def _forward(self):
+            if not self.path.startswith(prefix):
+                self.send_error(404)
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+            upstream_response = requests.request(self.command, upstream + self.path[len(prefix):], data=body, headers=headers, timeout=60)
+            self.send_response(upstream_response.status_code)
+            for key, value in upstream_response.headers.items():
+                if key.lower() not in ("transfer-encoding", "content-encoding", "content-length", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(upstream_response.content)))
+            self.end_headers()
+            self.wfile.write(upstream_response.content)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    return ThreadedServer(Handler)
+
+
+def register_models(tracking_uri: str, with_torch: bool = True) -> None:
+    """Train and register the fixture models in a child process (MLflow state stays out of ours)."""
+    args = [sys.executable, "-m", "tests.support.models", tracking_uri] + ([] if with_torch else ["--no-torch"])
+    subprocess.run(args, cwd=ROOT, env=base_env(), check=True, capture_output=True)

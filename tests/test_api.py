@@ -1,0 +1,286 @@
+"""The backend's HTTP contract, in process, against a real MLflow registry (SQLite) and real models."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from backend.app import create_app
+from backend.settings import Settings
+from tests.support import hooks
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, encode
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def configure(client, **fields):
+    fields.setdefault("model_uri", "models:/brightness/1")
+    fields.setdefault("pre_hook", encode(hooks.brightness_pre))
+    fields.setdefault("post_hook", encode(hooks.choices_post))
+    return client.post("/configure", json=fields)
+
+
+def image_tasks(images, *names):
+    return [{"id": i + 1, "data": {"image": str(images[name])}} for i, name in enumerate(names)]
+
+
+def predict(client, tasks, config=IMAGE_CONFIG, **extra):
+    return client.post("/predict", json={"tasks": tasks, "label_config": config, **extra})
+
+
+def choices(response):
+    return [p["result"][0]["value"]["choices"][0] if p["result"] else None for p in response.get_json()["results"]]
+
+
+def test_health_before_configure(client):
+    body = client.get("/health").get_json()
+    assert body["status"] == "UP" and body["configured"] is False
+    assert client.get("/").get_json()["status"] == "UP"
+    assert client.get("/readyz").status_code == 503
+    assert client.post("/setup", json={"project": "1.1", "schema": IMAGE_CONFIG}).get_json() == {"model_version": "unconfigured"}
+
+
+def test_predict_before_configure_is_503_with_the_fix(client, images):
+    response = predict(client, image_tasks(images, "white"))
+    assert response.status_code == 503
+    assert "POST /configure" in response.get_json()["detail"]
+
+
+def test_configure_and_predict_images(client, images):
+    response = configure(client)
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["model_version"] == "brightness:1"
+    response = predict(client, image_tasks(images, "white", "black", "light", "dark"))
+    assert response.status_code == 200
+    assert choices(response) == ["light", "dark", "light", "dark"]
+    for prediction in response.get_json()["results"]:
+        assert prediction["model_version"] == "brightness:1"
+        assert prediction["result"][0]["id"]
+    assert client.post("/setup", json={}).get_json() == {"model_version": "brightness:1"}
+    assert client.get("/versions").get_json() == {"versions": ["brightness:1"]}
+    assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "uri, version",
+    [("models:/brightness/latest", "brightness:2"), ("models:/brightness@champion", "brightness:1"), ("models:/brightness/2", "brightness:2")],
+)
+def test_latest_and_alias_resolve_to_a_concrete_version(client, images, uri, version):
+    assert configure(client, model_uri=uri).status_code == 200
+    response = predict(client, image_tasks(images, "white"))
+    expected = "dark" if version == "brightness:2" else "light"  # v2 is the flipped model
+    assert choices(response) == [expected]
+    assert response.get_json()["model_version"] == version
+
+
+def test_text_tasks_pass_text_to_hooks(client):
+    assert configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode(hooks.sentiment_post)).status_code == 200
+    tasks = [{"id": 1, "data": {"text": "great lovely good"}}, {"id": 2, "data": {"text": "awful bad"}}]
+    assert choices(predict(client, tasks, TEXT_CONFIG)) == ["positive", "negative"]
+
+
+def test_hooks_by_import_reference_and_batches(client, images):
+    response = configure(client, pre_hook="tests.support.hooks:brightness_pre", post_hook="tests.support.hooks:choices_post", batch_size=2)
+    assert response.status_code == 200
+    assert response.get_json()["batch_size"] == 2
+    assert choices(predict(client, image_tasks(images, "white", "black", "white", "black", "dark"))) == [
+        "light", "dark", "light", "dark", "dark",
+    ]
+
+
+def test_torch_model_with_native_loader(client, images):
+    response = configure(
+        client, model_uri="models:/tiny_torch/1", loader="native",
+        pre_hook=encode(hooks.torch_brightness_pre), post_hook=encode(hooks.torch_choices_post),
+    )
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["flavor"] == "mlflow.pytorch"
+    assert response.get_json()["device"] in ("cpu", "cuda")
+    response = predict(client, image_tasks(images, "white", "black"))
+    assert choices(response) == ["light", "dark"]
+    assert 0.5 < response.get_json()["results"][0]["score"] <= 1.0
+
+
+def test_local_model_path(client, images, tmp_path, registry):
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri="models:/brightness/1", dst_path=str(tmp_path / "m"), tracking_uri=registry)
+    assert configure(client, model_uri=path).status_code == 200
+    assert choices(predict(client, image_tasks(images, "black"))) == ["dark"]
+
+
+def test_a_failing_task_fails_alone(client, images):
+    configure(client)
+    tasks = image_tasks(images, "white") + [{"id": 9, "data": {"image": "/no/such/file.png"}}, {"id": 10, "data": {}}]
+    body = predict(client, tasks).get_json()
+    assert [len(p["result"]) for p in body["results"]] == [1, 0, 0]
+    assert {e["task"] for e in body["errors"]} == {9, 10}
+    assert "no such local file" in body["errors"][0]["error"]
+
+
+def test_data_uri_tasks(client, images):
+    configure(client)
+    uri = "data:image/png;base64," + base64.b64encode(images["black"].read_bytes()).decode()
+    assert choices(predict(client, [{"id": 1, "data": {"image": uri}}])) == ["dark"]
+
+
+def test_context_and_tasks_reach_hooks_that_ask(client, images):
+    def post(labels, tasks, context):
+        return [
+            {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices",
+                         "value": {"choices": ["dark" if context else str(label)]}}], "score": t["id"] / 10}
+            for label, t in zip(labels, tasks)
+        ]
+
+    configure(client, post_hook=encode(post))
+    body = predict(client, image_tasks(images, "white", "white"), params={"context": {"result": []}}).get_json()
+    assert [p["score"] for p in body["results"]] == [0.1, 0.2]
+    assert choices(predict(client, image_tasks(images, "white"), params={"context": {"x": 1}})) == ["dark"]
+    assert choices(predict(client, image_tasks(images, "white"))) == ["light"]
+
+
+# -- errors: each is JSON with a cause and a fix, and the working configuration keeps serving --------
+
+def assert_still_serving(client, images):
+    assert choices(predict(client, image_tasks(images, "white", "black"))) == ["light", "dark"]
+    assert client.get("/health").get_json()["model_version"] == "brightness:1"
+
+
+@pytest.mark.parametrize(
+    "send, status, message",
+    [
+        (lambda c: c.post("/configure", data=b"{oops", content_type="application/json"), 400, "not valid JSON"),
+        (lambda c: configure(c, post_hook="@@@notbase64@@@"), 400, "not valid base64"),
+        (lambda c: configure(c, model_uri="models:/no_such_model/1"), 404, "not found"),
+        (lambda c: configure(c, model_uri="models:/brightness/99"), 404, "not found"),
+        (lambda c: configure(c, model_uri="/no/such/dir"), 404, "no MLflow model at path"),
+        (lambda c: configure(c, tracking_uri="http://127.0.0.1:9"), 502, "unreachable"),
+        (lambda c: configure(c, post_hook=(FIXTURES / "hook_py310_cloudpickle312.b64").read_text()), 422, "cannot be unpickled"),
+        (lambda c: configure(c, post_hook=(FIXTURES / "hook_py312_cloudpickle312.b64").read_text()), 422, "another Python"),
+        (lambda c: configure(c, post_hook="tests.support.hooks:missing"), 422, "no attribute"),
+        (lambda c: predict(c, [], "<View><Nope"), 400, "cannot be parsed"),
+        (lambda c: c.post("/predict", data=b"[]", content_type="application/json"), 400, "must be a JSON object"),
+        (lambda c: c.post("/predict", json={"tasks": "x", "label_config": IMAGE_CONFIG}), 400, "'tasks' must be a list"),
+        (lambda c: c.post("/predict", json={"tasks": []}), 400, "'label_config' is missing"),
+        (lambda c: c.get("/no-such-route"), 404, "Not Found"),
+        (lambda c: c.post("/train", json={}), 404, "Not Found"),
+        (lambda c: c.get("/predict"), 405, "Method Not Allowed"),
+    ],
+)
+def test_bad_requests_answer_json_and_lose_nothing(client, images, send, status, message):
+    assert configure(client).status_code == 200
+    response = send(client)
+    assert response.status_code == status
+    body = response.get_json()
+    assert message in body["error"] + body["detail"]
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert_still_serving(client, images)
+
+
+@pytest.mark.parametrize(
+    "post_hook, status, message",
+    [
+        (hooks.wrong_label_post, 422, "do not fit the labeling config"),
+        (hooks.short_post, 422, "returned 1 predictions for 2 tasks"),
+        (lambda labels: None, 422, "returned a NoneType predictions"),
+    ],
+)
+def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, images, post_hook, status, message):
+    assert configure(client, post_hook=encode(post_hook)).status_code == 200
+    response = predict(client, image_tasks(images, "white", "black"))
+    assert response.status_code == status
+    assert message in response.get_json()["error"]
+    assert configure(client).status_code == 200
+    assert_still_serving(client, images)
+
+
+def test_a_raising_hook_is_a_500_naming_the_stage(client, images):
+    configure(client, pre_hook=encode(hooks.raising_pre))
+    response = predict(client, image_tasks(images, "white"))
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "pre_hook raised ValueError: this pre hook always fails"
+    assert "Traceback" not in response.get_data(as_text=True)
+    # The worker is fine: a corrected configure serves at once.
+    configure(client)
+    assert_still_serving(client, images)
+
+
+def test_hook_only_reconfigure_keeps_the_loaded_model(client, app, images):
+    configure(client)
+    loaded = app.extensions["lsbackend"].runtime.active.loaded
+    configure(client, post_hook=encode(hooks.wrong_label_post))
+    assert app.extensions["lsbackend"].runtime.active.loaded is loaded
+    configure(client)
+    assert app.extensions["lsbackend"].runtime.active.loaded is loaded
+
+
+def test_repeated_configure_is_idempotent(client, app):
+    configure(client)
+    first = app.extensions["lsbackend"].runtime.active
+    assert configure(client).status_code == 200
+    assert app.extensions["lsbackend"].runtime.active is first
+
+
+def test_configuration_view_hides_secrets(client):
+    configure(client, tracking_password="hunter2", tracking_username="bob")
+    text = client.get("/configure").get_data(as_text=True)
+    assert "hunter2" not in text and "bob" not in text
+    assert json.loads(text)["configuration"]["model_uri"] == "models:/brightness/1"
+
+
+def test_webhook_and_metrics(client, images):
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1}}).status_code == 201
+    assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 201
+    configure(client)
+    predict(client, image_tasks(images, "white", "black"))
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "lsbackend_predictions_total 2.0" in metrics
+    for stage in ("fetch", "pre_hook", "predict", "post_hook", "validate"):
+        assert f'lsbackend_stage_seconds_count{{stage="{stage}"}} 1.0' in metrics
+    assert 'lsbackend_requests_total{endpoint="/webhook",status="201"} 2.0' in metrics
+    assert "lsbackend_model_load_seconds" in metrics
+
+
+# -- auth ---------------------------------------------------------------------------------------------
+
+def make_client(tmp_path, registry, monkeypatch, **settings):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    return create_app(Settings(model_dir=tmp_path / "auth", **settings)).test_client()
+
+
+def basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_basic_auth(tmp_path, registry, monkeypatch):
+    client = make_client(tmp_path, registry, monkeypatch, basic_auth_user="ls", basic_auth_pass="pw")
+    assert client.post("/setup", json={}).status_code == 401
+    assert client.post("/setup", json={}, headers=basic("ls", "wrong")).status_code == 401
+    assert client.post("/setup", json={}, headers=basic("ls", "pw")).status_code == 200
+    assert client.post("/configure", json={"model_uri": "x"}).status_code == 401
+    # Open: liveness for probes, and Label Studio's auto-created webhook, which carries no credentials.
+    assert client.get("/health").status_code == 200
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 201
+
+
+def test_configure_refused_on_open_bind_without_credentials(tmp_path, registry, monkeypatch):
+    client = make_client(tmp_path, registry, monkeypatch, host="0.0.0.0")
+    response = client.post("/configure", json={"model_uri": "models:/brightness/1"})
+    assert response.status_code == 403
+    assert "CONFIGURE_TOKEN" in response.get_json()["detail"]
+
+
+def test_configure_refused_from_a_remote_client_without_credentials(client):
+    response = client.post("/configure", json={"model_uri": "x"}, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert response.status_code == 403
+
+
+def test_configure_token_on_open_bind(tmp_path, registry, monkeypatch):
+    client = make_client(tmp_path, registry, monkeypatch, host="0.0.0.0", configure_token="tok")
+    spec = {"model_uri": "models:/brightness/1"}
+    assert client.post("/configure", json=spec).status_code == 401
+    assert client.post("/configure", json=spec, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/configure", json=spec, headers={"Authorization": "Bearer tok"}).status_code == 200

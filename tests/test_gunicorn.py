@@ -1,0 +1,128 @@
+"""The backend as it runs in production: real gunicorn processes, real HTTP, real restarts."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import requests
+
+from tests.support import hooks
+from tests.support.hooks import IMAGE_CONFIG, encode
+
+
+def configure(backend, **fields):
+    fields.setdefault("model_uri", "models:/brightness/1")
+    fields.setdefault("pre_hook", encode(hooks.brightness_pre))
+    fields.setdefault("post_hook", encode(hooks.choices_post))
+    return requests.post(backend.url + "/configure", json=fields, timeout=60)
+
+
+def predict(backend, images, *names, timeout=30):
+    tasks = [{"id": i, "data": {"image": str(images[n])}} for i, n in enumerate(names)]
+    return requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=timeout)
+
+
+def labels(response):
+    return [p["result"][0]["value"]["choices"][0] for p in response.json()["results"]]
+
+
+def test_configure_predict_restart_predict(start_backend, images):
+    backend = start_backend()
+    assert configure(backend).status_code == 200
+    assert labels(predict(backend, images, "white", "black")) == ["light", "dark"]
+
+    backend.stop()
+    backend.start()  # same MODEL_DIR: the configuration is restored without a new configure
+    health = backend.wait_configured()
+    assert health["model_version"] == "brightness:1"
+    assert labels(predict(backend, images, "black", "white")) == ["dark", "light"]
+    assert "restoring configuration" in backend.output()
+
+
+def test_health_and_setup_answer_while_a_long_predict_runs(start_backend, images):
+    backend = start_backend()
+    configure(backend, post_hook=encode(hooks.slow_post))
+    done = {}
+    slow = threading.Thread(target=lambda: done.setdefault("r", predict(backend, images, "white")))
+    slow.start()
+    # Label Studio gives /health 1 s and /setup 3 s: they must not queue behind a prediction.
+    for _ in range(5):
+        assert requests.get(backend.url + "/health", timeout=1).ok
+        assert requests.post(backend.url + "/setup", json={"project": "1.1"}, timeout=1).json()["model_version"] == "brightness:1"
+    slow.join(30)
+    assert labels(done["r"]) == ["light"]
+
+
+def test_a_raising_hook_does_not_kill_the_worker(start_backend, images):
+    backend = start_backend()
+    configure(backend, pre_hook=encode(hooks.raising_pre))
+    for _ in range(3):
+        response = predict(backend, images, "white")
+        assert response.status_code == 500 and "ValueError" in response.json()["error"]
+    assert requests.get(backend.url + "/health", timeout=1).json()["configured"]
+    assert backend.output().count("Booting worker") == 1  # never replaced: no worker died
+
+
+def test_configure_on_a_slow_load_answers_202_and_serves_the_old_model_meanwhile(start_backend, images):
+    backend = start_backend(CONFIGURE_WAIT_S="0")
+    response = configure(backend)
+    assert response.status_code == 202
+    assert response.json()["status_url"] == "/configure/status"
+    backend.wait_configured()
+    assert requests.get(backend.url + "/configure/status", timeout=1).json()["state"] == "ready"
+    # A new model loads in the background; the old one serves until it is ready.
+    response = configure(backend, model_uri="models:/brightness/2")
+    assert response.status_code == 202
+    assert predict(backend, images, "white").json()["model_version"] in ("brightness:1", "brightness:2")
+
+
+def test_dagshub_client_body_over_http(start_backend, images, registry):
+    # The exact bytes the dagshub client puts on the wire: a JSON string holding JSON.
+    backend = start_backend()
+    inner = {"host": "http://127.0.0.1:9", "username": "alice", "repo": "alice/models", "model": "brightness",
+             "version": "1", "authtoken": "t", "datasource_repo": "alice/data", "datasource_name": "images",
+             "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}
+    response = requests.post(backend.url + "/configure", data=json.dumps(json.dumps(inner)),
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    # Port 9 has no tracking server: the parse succeeded and the load reports the unreachable host.
+    assert response.status_code == 502
+    assert "http://127.0.0.1:9/alice/models.mlflow" in response.json()["error"]
+
+
+def test_label_studio_files_are_fetched_with_its_token(start_backend, images, tmp_path):
+    from tests.support.servers import file_server
+
+    seen = []
+    server = file_server(images["white"].parent, seen=seen)
+    try:
+        backend = start_backend()
+        configure(backend)
+        # /setup tells the backend where Label Studio is and its token, as Label Studio does on connect.
+        requests.post(backend.url + "/setup", json={"project": "1.2", "hostname": server.url, "access_token": "abc123",
+                                                     "schema": IMAGE_CONFIG, "extra_params": {"a": 1}}, timeout=3)
+        tasks = [{"id": 1, "data": {"image": "/data/upload/1/black.png"}}]
+        response = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+        assert response.json()["errors"][0]["error"].endswith("answered 404")  # the file server has no /data/upload
+        tasks = [{"id": 1, "data": {"image": server.url + "/black.png"}}, {"id": 2, "data": {"image": server.url + "/white.png"}}]
+        response = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+        assert labels(response) == ["dark", "light"]
+        assert all(headers.get("Authorization") == "Token abc123" for _, headers in seen)
+        # Cached on disk by URL: predicting again fetches nothing.
+        count = len(seen)
+        requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+        assert len(seen) == count
+    finally:
+        server.close()
+
+
+def test_basic_auth_end_to_end(start_backend, images):
+    backend = start_backend(BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw")
+    auth = ("ls", "pw")
+    assert requests.post(backend.url + "/configure", json={"model_uri": "models:/brightness/1"}, timeout=60).status_code == 401
+    response = requests.post(backend.url + "/configure", auth=auth, timeout=60, json={
+        "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+    assert response.status_code == 200
+    tasks = [{"id": 1, "data": {"image": str(images["white"])}}]
+    assert requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30).status_code == 401
+    assert requests.post(backend.url + "/predict", auth=auth, json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30).ok

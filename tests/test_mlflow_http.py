@@ -1,0 +1,94 @@
+"""Models fetched over HTTP from a real `mlflow server`, and the real dagshub client configuring a backend.
+
+The DagsHub host is played by a prefix proxy in front of the MLflow server, so the backend talks to
+``<host>/<owner>/<repo>.mlflow`` exactly as it would on DagsHub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import requests
+
+from tests.support import hooks
+from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.servers import MlflowServer, prefix_proxy, register_models
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        register_models(server.url, with_torch=False)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def dagshub_host(mlflow_server):
+    proxy = prefix_proxy("/alice/models.mlflow", mlflow_server.url)
+    yield proxy
+    proxy.close()
+
+
+def predict_labels(backend, images, *names):
+    tasks = [{"id": i, "data": {"image": str(images[n])}, "meta": {"datapoint_id": i}} for i, n in enumerate(names)]
+    response = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+    assert response.status_code == 200, response.text
+    return [p["result"][0]["value"]["choices"][0] for p in response.json()["results"]], response.json()["model_version"]
+
+
+def test_plain_configure_over_http_tracking(start_backend, images, mlflow_server):
+    backend = start_backend(MLFLOW_TRACKING_URI="sqlite:////nonexistent/unused.db")
+    response = requests.post(backend.url + "/configure", timeout=60, json={
+        "model_uri": "models:/brightness/latest", "tracking_uri": mlflow_server.url,
+        "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+    assert response.status_code == 200, response.text
+    assert predict_labels(backend, images, "white", "black") == (["dark", "light"], "brightness:2")
+
+
+def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images, mlflow_server):
+    backend = start_backend()
+    assert requests.post(backend.url + "/configure", timeout=60, json={
+        "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}).ok
+    from tests.support.servers import free_port
+
+    response = requests.post(backend.url + "/configure", timeout=60, json={
+        "model_uri": "models:/brightness/2", "tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    assert response.status_code == 502
+    assert "unreachable" in response.json()["error"]
+    assert predict_labels(backend, images, "white") == (["light"], "brightness:1")
+    assert requests.get(backend.url + "/health", timeout=1).json()["last_error"]["type"] == "UpstreamUnavailable"
+
+
+def test_real_dagshub_client_configures_the_backend(start_backend, images, dagshub_host, monkeypatch, capsys):
+    import dagshub.auth
+    from dagshub.data_engine.model.datasource import Datasource
+
+    backend = start_backend()
+    # The only replacement: get_token validates the token online.
+    monkeypatch.setattr(dagshub.auth, "get_token", lambda *args, **kwargs: "dagshub-token")
+    datasource = SimpleNamespace(
+        source=SimpleNamespace(repoApi=SimpleNamespace(host=dagshub_host.url, owner="alice"), repo="alice/data", name="images"),
+        ngrok_listener=None,
+    )
+    asyncio.run(Datasource.add_annotation_model(
+        datasource, "alice/models", "brightness", version="1",
+        pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post, port=backend.port,
+    ))
+    assert f"Add LS endpoint: http://127.0.0.1:{backend.port}/" in capsys.readouterr().out
+    health = requests.get(backend.url + "/health", timeout=1).json()
+    assert health["flavor"] == "mlflow.sklearn"  # the dagshub form loads the native flavor, as the client does
+    assert predict_labels(backend, images, "white", "black", "dark") == (["light", "dark", "dark"], "brightness:1")
+    shown = requests.get(backend.url + "/configure", timeout=1).json()["configuration"]
+    assert shown["tracking_uri"] == f"{dagshub_host.url}/alice/models.mlflow"
+    assert "dagshub-token" not in str(shown)
+
+    # version "latest" (the client's default) resolves to the newest registered version.
+    asyncio.run(Datasource.add_annotation_model(
+        datasource, "alice/models", "brightness", pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post, port=backend.port,
+    ))
+    assert predict_labels(backend, images, "white")[1] == "brightness:2"

@@ -1,0 +1,83 @@
+"""Both configure forms parse into one ModelSpec; malformed ones are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.errors import BadRequest
+from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
+
+DAGSHUB = {
+    "host": "https://dagshub.com",
+    "username": "alice",
+    "repo": "alice/models",
+    "model": "detector",
+    "version": "3",
+    "authtoken": "secret-token",
+    "datasource_repo": "alice/data",
+    "datasource_name": "images",
+    "pre_hook": "",
+    "post_hook": "",
+}
+
+
+def test_dagshub_double_encoded_body():
+    body = json.dumps(json.dumps(DAGSHUB)).encode()  # requests(json=json.dumps(...)) puts a JSON string on the wire
+    spec = parse_model_spec(decode_configure_body(body))
+    assert spec.model_uri == "models:/detector/3"
+    assert spec.tracking_uri == "https://dagshub.com/alice/models.mlflow"
+    assert spec.tracking_username == spec.tracking_password == "secret-token"
+    assert spec.loader == "native"
+    assert spec.dagshub.datasource_name == "images"
+
+
+def test_dagshub_latest_by_default():
+    data = {k: v for k, v in DAGSHUB.items() if k != "version"}
+    assert parse_model_spec(data).model_uri == "models:/detector/latest"
+
+
+def test_plain_form():
+    spec = parse_model_spec({"model_uri": "models:/m@prod", "tracking_uri": "http://x/", "batch_size": 4, "loader": "native"})
+    assert (spec.model_uri, spec.tracking_uri, spec.batch_size, spec.loader) == ("models:/m@prod", "http://x", 4, "native")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"[1]"', "must be a JSON object"),
+        (b"{}", "configure needs a model"),
+        (b'{"model_uri": "m", "pre-hook": "x"}', "unknown configure field"),
+        (b'{"model_uri": ""}', "is empty"),
+        (b'{"model_uri": "m", "loader": "onnx"}', "unknown loader"),
+        (b'{"model_uri": "m", "batch_size": 0}', "positive integer"),
+        (b'{"model_uri": "m", "batch_size": true}', "positive integer"),
+        (b'{"model_uri": 5}', "must be a string"),
+    ],
+)
+def test_malformed_configure(body, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_model_spec(decode_configure_body(body))
+
+
+def test_public_view_hides_secrets_and_pickles():
+    spec = parse_model_spec({**DAGSHUB, "pre_hook": "QUJD" * 100})
+    public = spec.public()
+    assert "secret-token" not in json.dumps(public)
+    assert public["pre_hook"].startswith("pickle:")
+    assert public["post_hook"] == "identity"
+
+
+def test_round_trip_through_store_format():
+    spec = parse_model_spec(DAGSHUB)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_digest_changes_with_hooks_but_model_key_does_not():
+    a = parse_model_spec({"model_uri": "models:/m/1", "post_hook": "x.y:z"})
+    b = parse_model_spec({"model_uri": "models:/m/1", "post_hook": "x.y:w"})
+    assert a.model_key == b.model_key
+    assert a.digest != b.digest
