@@ -12,7 +12,8 @@ threads = int(os.environ.get("THREADS", "8"))
 worker_class = "gthread"
 # Longer than Label Studio's 100 s predict timeout, so the backend's own 504 answers first.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "130"))
-graceful_timeout = 20
+# gthread in gunicorn 26 can wait the whole grace period on an idle client connection at shutdown.
+graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "10"))
 keepalive = 5
 accesslog = "-" if os.environ.get("ACCESS_LOG", "") else None
 # Never preload: CUDA does not survive fork, and each worker loads its own model.

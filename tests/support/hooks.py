@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-
-import cloudpickle
-
-IMAGE_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<Choices name="brightness" toName="image"><Choice value="dark"/><Choice value="light"/></Choices></View>'
-)
-TEXT_CONFIG = (
-    '<View><Text name="text" value="$text"/>'
-    '<Choices name="sentiment" toName="text"><Choice value="positive"/><Choice value="negative"/></Choices></View>'
-)
-
-
-def encode(fn) -> str:
-    """What the dagshub client does to a hook."""
-    return base64.b64encode(cloudpickle.dumps(fn)).decode()
-
-
-def brightness_pre(paths):
-    import numpy as np
-    from PIL import Image
-
-    return np.array([[np.asarray(Image.open(p).convert("L"), dtype=float).mean() / 255.0] for p in paths])
+from examples.hooks import IMAGE_CONFIG, TEXT_CONFIG, brightness_pre, choices_post, encode  # noqa: F401
 
 
 def torch_brightness_pre(paths):
@@ -35,13 +12,6 @@ def torch_brightness_pre(paths):
 
     values = [[np.asarray(Image.open(p).convert("L"), dtype=float).mean() / 255.0] for p in paths]
     return torch.tensor(values, dtype=torch.float32)
-
-
-def choices_post(labels):
-    return [
-        {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}]}
-        for label in labels
-    ]
 
 
 def torch_choices_post(logits):

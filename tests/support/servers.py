@@ -187,5 +187,5 @@ def prefix_proxy(prefix: str, upstream: str) -> ThreadedServer:
 
 def register_models(tracking_uri: str, with_torch: bool = True) -> None:
     """Train and register the fixture models in a child process (MLflow state stays out of ours)."""
-    args = [sys.executable, "-m", "tests.support.models", tracking_uri] + ([] if with_torch else ["--no-torch"])
+    args = [sys.executable, "-m", "examples.models", tracking_uri] + ([] if with_torch else ["--no-torch"])
     subprocess.run(args, cwd=ROOT, env=base_env(), check=True, capture_output=True)

@@ -1,7 +1,7 @@
-"""Small real models for tests and the demo, trained in seconds and registered in an MLflow registry.
+"""Small real models for the quickstart and the tests, trained in seconds, registered in an MLflow registry.
 
-Run as a script so MLflow's process-wide state stays out of the test process:
-``python -m tests.support.models <tracking_uri>``.
+``python -m examples.models <tracking_uri> [--no-torch]`` registers them all (a separate process keeps
+MLflow's process-wide state out of the caller).
 """
 
 from __future__ import annotations

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make run` (set up, then the quickstart on a local registry)
+# and `make test` (set up, then the whole test suite). Only python3 (3.11) with venv is needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+
+.PHONY: setup run test serve clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+run: setup
+	$(BIN)/python -m examples.quickstart $(ARGS)
+
+serve: setup
+	$(BIN)/gunicorn wsgi:app
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf .demo model_dir .pytest_cache
