@@ -33,6 +33,10 @@ LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 
 
+def _same_host(url: str, base: str) -> bool:
+    return bool(base) and urlparse(url).netloc == urlparse(base).netloc
+
+
 @dataclass(frozen=True)
 class LabelStudioAccess:
     """Where Label Studio is and the token to fetch its files with (from /setup or the environment)."""
@@ -41,21 +45,21 @@ class LabelStudioAccess:
     token: str = field(default="", repr=False)
 
     def headers_for(self, url: str) -> dict[str, str]:
-        if self.url and self.token and urlparse(url).netloc == urlparse(self.url).netloc:
-            scheme = "Bearer" if self.token.count(".") == 2 else "Token"  # JWTs are Bearer, legacy tokens Token
-            return {"Authorization": f"{scheme} {self.token}"}
-        return {}
+        if not self.token or not _same_host(url, self.url):
+            return {}
+        scheme = "Bearer" if self.token.count(".") == 2 else "Token"  # JWTs are Bearer, legacy tokens Token
+        return {"Authorization": f"{scheme} {self.token}"}
 
 
 @dataclass(frozen=True)
 class DagshubAccess:
+    """DagsHub's host and token: its file URLs need the token as a bearer."""
+
     host: str = ""
     token: str = field(default="", repr=False)
 
     def headers_for(self, url: str) -> dict[str, str]:
-        if self.host and self.token and urlparse(url).netloc == urlparse(self.host).netloc:
-            return {"Authorization": f"Bearer {self.token}"}
-        return {}
+        return {"Authorization": f"Bearer {self.token}"} if self.token and _same_host(url, self.host) else {}
 
 
 class FetchError(Exception):

@@ -284,3 +284,12 @@ def test_configure_token_on_open_bind(tmp_path, registry, monkeypatch):
     assert client.post("/configure", json=spec).status_code == 401
     assert client.post("/configure", json=spec, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.post("/configure", json=spec, headers={"Authorization": "Bearer tok"}).status_code == 200
+
+
+def test_a_prediction_past_the_deadline_is_cut_off_with_504(tmp_path, registry, monkeypatch, images):
+    client = make_client(tmp_path, registry, monkeypatch, predict_timeout_s=1.0, configure_wait_s=60)
+    configure(client, post_hook=encode(hooks.slow_post), batch_size=1)
+    response = predict(client, image_tasks(images, "white", "black", "white"))
+    assert response.status_code == 504
+    assert "stopped after 1 of 3 tasks" in response.get_json()["error"]
+    assert "PREDICT_TIMEOUT_S" in response.get_json()["detail"]

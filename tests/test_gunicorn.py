@@ -126,3 +126,18 @@ def test_basic_auth_end_to_end(start_backend, images):
     tasks = [{"id": 1, "data": {"image": str(images["white"])}}]
     assert requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30).status_code == 401
     assert requests.post(backend.url + "/predict", auth=auth, json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30).ok
+
+
+def test_several_workers_follow_the_stored_configuration(start_backend, images):
+    backend = start_backend(WORKERS="2", THREADS="2")
+    assert configure(backend).status_code == 200  # reached one worker; the other picks it up from MODEL_DIR
+    for _ in range(8):
+        response = predict(backend, images, "white", "black")
+        assert response.status_code == 200, response.text
+        assert labels(response) == ["light", "dark"]
+    assert configure(backend, model_uri="models:/brightness/2").status_code == 200
+    # Within the store poll interval every worker serves v2; poll with a deadline rather than sleep.
+    from tests.support.servers import wait_until
+
+    wait_until(lambda: all(predict(backend, images, "white").json()["model_version"] == "brightness:2" for _ in range(6)),
+               30, "both workers on v2")
