@@ -37,9 +37,20 @@ class Services:
     runtime: Runtime
     fetcher: TaskDataFetcher
 
+    _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
+
+    def _stored_label_studio(self) -> dict[str, Any]:
+        """label_studio.json, re-read only when its stamp changes (a stat per request, not a parse)."""
+        stamp = self.store.label_studio.stamp()
+        cached_stamp, document = self._label_studio_cache
+        if stamp != cached_stamp:
+            document = self.store.label_studio.load() or {}
+            self._label_studio_cache = (stamp, document)
+        return document
+
     def label_studio_access(self) -> LabelStudioAccess:
         """The environment wins (it may know a better address than Label Studio's own); else /setup's."""
-        stored = self.store.label_studio.load() or {}
+        stored = self._stored_label_studio()
         return LabelStudioAccess(
             url=self.settings.label_studio_url or str(stored.get("hostname") or "").rstrip("/"),
             token=self.settings.label_studio_api_key or str(stored.get("access_token") or ""),
@@ -49,7 +60,7 @@ class Services:
         if not isinstance(hostname, str) or not isinstance(token, str) or not hostname or not token:
             return
         document = {"hostname": hostname.rstrip("/"), "access_token": token}
-        if self.store.label_studio.load() != document:
+        if self._stored_label_studio() != document:
             self.store.label_studio.save(document)
 
 
