@@ -17,7 +17,8 @@ from .errors import BadRequest, NotFound
 from .metrics import BackendMetrics
 from .runtime import Runtime
 from .settings import Settings
-from .spec import decode_configure_body, parse_model_spec
+from .datapoints import DatasourceRef
+from .spec import ModelSpec, decode_configure_body, parse_model_spec
 from .store import ConfigurationStore
 from .taskdata import DagshubAccess, LabelStudioAccess, TaskDataFetcher
 from .validation import data_objects, validate_predictions
@@ -153,6 +154,17 @@ def versions():
     return jsonify({"versions": [active.model_version] if active else []})
 
 
+def dagshub_access(spec: ModelSpec) -> DagshubAccess | None:
+    """DagsHub's host and token for a dagshub-form configure, with its datasource for datapoint lookups."""
+    source = spec.dagshub
+    if source is None:
+        return None
+    datasource = None
+    if source.datasource_repo and source.datasource_name:
+        datasource = DatasourceRef(source.host, source.datasource_repo, source.datasource_name, spec.tracking_password)
+    return DagshubAccess(source.host, spec.tracking_password, datasource)
+
+
 @api.post("/predict")
 def predict():
     s = services()
@@ -174,13 +186,7 @@ def predict():
 
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)  # noqa: E731
     started = time.perf_counter()
-    dagshub = model.spec.dagshub
-    inputs = s.fetcher.fetch_tasks(
-        tasks,
-        objects,
-        s.label_studio_access(),
-        DagshubAccess(dagshub.host, model.spec.tracking_password) if dagshub else None,
-    )
+    inputs = s.fetcher.fetch_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
     timer("fetch", time.perf_counter() - started)
     predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer)
     started = time.perf_counter()

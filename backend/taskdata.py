@@ -2,7 +2,8 @@
 
 Sources: http(s) URLs (Label Studio's own ``/data/...`` URLs with its token), cloud URIs (s3://,
 gs://, azure-blob://) through Label Studio's presign endpoint, local paths and ``file://``,
-``data:`` URIs, and DagsHub URLs with the DagsHub token. Downloads share one HTTP session, run
+``data:`` URIs, DagsHub URLs with the DagsHub token, and DagsHub datapoints by ``meta.datapoint_id``
+when the task's own reference fails (see ``datapoints``). Downloads share one HTTP session, run
 concurrently with a bound, and are cached on disk by URL; one failing download fails its task only.
 """
 
@@ -25,12 +26,18 @@ from urllib.parse import unquote, urlparse
 import requests
 from requests.adapters import HTTPAdapter
 
+from .datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
 from .validation import DataObject
 
 log = logging.getLogger(__name__)
 
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/", "/data/")
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
+
+
+def _datapoint_id(task: dict[str, Any]) -> Any:
+    meta = task.get("meta")
+    return meta.get("datapoint_id") if isinstance(meta, dict) else None
 
 
 def _same_host(url: str, base: str) -> bool:
@@ -57,6 +64,7 @@ class DagshubAccess:
 
     host: str = ""
     token: str = field(default="", repr=False)
+    datasource: DatasourceRef | None = None  # where tasks' meta.datapoint_id can be looked up
 
     def headers_for(self, url: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token and _same_host(url, self.host) else {}
@@ -77,8 +85,15 @@ class TaskInput:
 class TaskDataFetcher:
     """Fetches many tasks' data at once through one pooled session and an on-disk cache."""
 
-    def __init__(self, cache_dir: Path, concurrency: int = 16, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        cache_dir: Path,
+        concurrency: int = 16,
+        timeout: float = 30.0,
+        datapoints: DatapointDirectory | None = None,
+    ) -> None:
         self.cache_dir = cache_dir
+        self.datapoints = datapoints or DatapointDirectory()
         self.timeout = timeout
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
@@ -107,16 +122,18 @@ class TaskDataFetcher:
             if not isinstance(data, dict):
                 inputs[index].error = "task has no 'data' object"
                 continue
+            by_datapoint = dagshub is not None and dagshub.datasource is not None and _datapoint_id(task) is not None
             for obj in objects:
-                if obj.key not in data:
-                    inputs[index].error = f"task data has no {obj.key!r} (the config's {obj.tag} {obj.name!r} reads ${obj.key})"
+                missing = f"task data has no {obj.key!r} (the config's {obj.tag} {obj.name!r} reads ${obj.key})"
+                if obj.key not in data and (obj.is_text or not by_datapoint):
+                    inputs[index].error = missing
                     break
-                raw = data[obj.key]
-                if obj.is_text or not isinstance(raw, str):
+                raw = data.get(obj.key)
+                if obj.is_text or (raw is not None and not isinstance(raw, str)):
                     jobs[(index, obj.key)] = raw
                 else:
                     jobs[(index, obj.key)] = self.pool.submit(
-                        self.fetch_one, raw, task.get("id"), label_studio, dagshub
+                        self._fetch_task_object, raw, missing, task, label_studio, dagshub
                     )
         for index, task_input in enumerate(inputs):
             if task_input.error:
@@ -132,6 +149,29 @@ class TaskDataFetcher:
             else:
                 task_input.value = next(iter(values.values())) if len(objects) == 1 else values
         return inputs
+
+    def _fetch_task_object(
+        self,
+        raw: str | None,
+        missing: str,
+        task: dict[str, Any],
+        label_studio: LabelStudioAccess,
+        dagshub: DagshubAccess | None,
+    ) -> str:
+        """The task's own reference; failing that (or without one), its DagsHub datapoint."""
+        try:
+            if raw is None:
+                raise FetchError(missing)
+            return self.fetch_one(raw, task.get("id"), label_studio, dagshub)
+        except FetchError as first:
+            datapoint_id = _datapoint_id(task)
+            if datapoint_id is None or dagshub is None or dagshub.datasource is None:
+                raise
+            try:
+                url = self.datapoints.url_for(dagshub.datasource, datapoint_id)
+            except DatapointNotFound as exc:
+                raise FetchError(f"{first}; {exc}") from exc
+            return self._download(url, label_studio, dagshub)
 
     def fetch_one(
         self, raw: str, task_id: Any, label_studio: LabelStudioAccess, dagshub: DagshubAccess | None = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from types import SimpleNamespace
 
 import pytest
 
-from backend.taskdata import LabelStudioAccess, TaskDataFetcher
+from backend.datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
+from backend.taskdata import DagshubAccess, LabelStudioAccess, TaskDataFetcher
 from backend.validation import data_objects
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 from tests.support.servers import file_server
@@ -82,3 +84,50 @@ def test_several_objects_give_a_dict(fetcher, images):
     config = '<View><Image name="a" value="$a"/><Text name="t" value="$t"/><Choices name="c" toName="a"><Choice value="x"/></Choices></View>'
     (item,) = fetcher.fetch_tasks([{"data": {"a": str(images["white"]), "t": "hello"}}], data_objects(config), NO_LS)
     assert item.value == {"a": str(images["white"]), "t": "hello"}
+
+
+def test_dagshub_datapoints_by_id_when_the_task_reference_fails(tmp_path, served, images):
+    """DagsHub tasks carry meta.datapoint_id; the datasource's listing (as the dagshub client returns it:
+    objects with datapoint_id and download_url) finds the file, fetched with the DagsHub token."""
+    server, seen = served
+    listings = []
+
+    def list_datapoints(source):
+        listings.append(source)
+        return [SimpleNamespace(datapoint_id=41, download_url=f"{server.url}/white.png"),
+                SimpleNamespace(datapoint_id=42, download_url=f"{server.url}/black.png")]
+
+    fetcher = TaskDataFetcher(tmp_path / "cache", datapoints=DatapointDirectory(list_datapoints))
+    source = DatasourceRef(server.url, "alice/data", "images", token="dh-token")
+    access = DagshubAccess(server.url, "dh-token", source)
+    tasks = [
+        {"id": 1, "data": {"image": "images/black.png"}, "meta": {"datapoint_id": 42}},  # repo path: not fetchable
+        {"id": 2, "data": {}, "meta": {"datapoint_id": 41, "datasource_id": 7}},  # no data reference at all
+        {"id": 3, "data": {"image": "nowhere.png"}, "meta": {"datapoint_id": 99}},
+        {"id": 4, "data": {"image": "nowhere.png"}},
+    ]
+    try:
+        inputs = fetcher.fetch_tasks(tasks, IMAGES, NO_LS, access)
+    finally:
+        fetcher.close()
+    assert open(inputs[0].value, "rb").read() == images["black"].read_bytes()
+    assert open(inputs[1].value, "rb").read() == images["white"].read_bytes()
+    assert "datapoint 99 is not in DagsHub datasource alice/data/images" in inputs[2].error
+    assert "no such local file" in inputs[2].error and "no such local file" in inputs[3].error
+    assert all(headers["Authorization"] == "Bearer dh-token" for _, headers in seen)
+    assert listings == [source, source]  # one listing for the batch, one fresh listing for the unknown id
+    with pytest.raises(DatapointNotFound, match="could not list"):
+        DatapointDirectory(lambda source: 1 / 0).url_for(source, 1)
+
+
+def test_datapoint_listing_uses_the_real_dagshub_client_with_the_configured_host_and_token(tmp_path):
+    """No DagsHub API here: a local server answers 404, which shows the real client was driven to the
+    configure's host with its token, and that its failure becomes a clean per-task error."""
+    seen = []
+    server = file_server(tmp_path, seen=seen)
+    try:
+        with pytest.raises(DatapointNotFound, match="could not list DagsHub datasource alice/data/images"):
+            DatapointDirectory().url_for(DatasourceRef(server.url, "alice/data", "images", "tok123"), 5)
+    finally:
+        server.close()
+    assert seen and seen[0][1]["Authorization"] == "Bearer tok123"
