@@ -11,10 +11,26 @@ import base64
 import binascii
 import hmac
 
+from typing import Protocol
+
 from flask import Request
 
 from .errors import Forbidden, Unauthorized
-from .settings import Settings, is_loopback
+from .settings import is_loopback
+
+
+class AccessRules(Protocol):
+    """The settings auth reads; the backend's and the orchestrator's settings both have them."""
+
+    basic_auth_user: str
+    basic_auth_pass: str
+    configure_token: str
+
+    @property
+    def basic_auth_enabled(self) -> bool: ...
+
+    @property
+    def open_bind(self) -> bool: ...
 
 
 def _basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -32,7 +48,7 @@ def _equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def basic_auth_ok(request: Request, settings: Settings) -> bool:
+def basic_auth_ok(request: Request, settings: AccessRules) -> bool:
     credentials = _basic_credentials(request)
     return credentials is not None and _equal(credentials[0], settings.basic_auth_user) and _equal(
         credentials[1], settings.basic_auth_pass
@@ -44,13 +60,19 @@ def bearer_ok(request: Request, token: str) -> bool:
     return bool(token) and header.lower().startswith("bearer ") and _equal(header[7:].strip(), token)
 
 
-def require_basic_auth(request: Request, settings: Settings) -> None:
+def _served_beyond_loopback(request: Request) -> bool:
+    """The dev server (``flask run --host 0.0.0.0``) names its bind in SERVER_NAME; HOST may not say so."""
+    server = request.environ.get("SERVER_NAME", "")
+    return server in ("0.0.0.0", "::") or (server.replace(".", "").isdigit() and not is_loopback(server))
+
+
+def require_basic_auth(request: Request, settings: AccessRules) -> None:
     """Label Studio's 'basic auth' option for ML backends; a no-op when it is not configured."""
     if settings.basic_auth_enabled and not basic_auth_ok(request, settings):
         raise Unauthorized("basic auth required", "Set the backend's user and password in Label Studio's model settings.")
 
 
-def require_configure_rights(request: Request, settings: Settings) -> None:
+def require_configure_rights(request: Request, settings: AccessRules) -> None:
     """Token or basic auth when any is configured; otherwise loopback bind and loopback client only."""
     if settings.configure_token or settings.basic_auth_enabled:
         if bearer_ok(request, settings.configure_token) or (settings.basic_auth_enabled and basic_auth_ok(request, settings)):
@@ -59,7 +81,7 @@ def require_configure_rights(request: Request, settings: Settings) -> None:
             "configure needs credentials",
             "Send 'Authorization: Bearer <CONFIGURE_TOKEN>' or the backend's basic auth.",
         )
-    if settings.open_bind or not is_loopback(request.remote_addr or ""):
+    if settings.open_bind or not is_loopback(request.remote_addr or "") or _served_beyond_loopback(request):
         raise Forbidden(
             "configure is disabled: the backend listens beyond loopback without credentials",
             "Set CONFIGURE_TOKEN (or BASIC_AUTH_USER and BASIC_AUTH_PASS) for this backend, or bind it to 127.0.0.1.",

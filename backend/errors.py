@@ -7,6 +7,7 @@ Every failure a client can cause or should know about is one of these::
     ├── Unauthorized                401  missing or wrong credentials
     ├── Forbidden                   403  an action refused by policy (configure on an open bind)
     ├── NotFound                    404  unknown model, version, run, path or route
+    ├── Conflict                    409  a limit reached, or a newer request won
     ├── NotConfigured               503  predict before any model was configured (or while it loads)
     ├── HookUnusable                422  a hook that cannot be decoded or would not run here
     ├── PredictionsInvalid          422  predictions that do not fit the task count or labeling config
@@ -68,6 +69,12 @@ class NotFound(BackendError):
     """404: the named model, version, run, path or route does not exist."""
 
     status = 404
+
+
+class Conflict(BackendError):
+    """409: the request clashes with the current state (a limit reached, a newer request won)."""
+
+    status = 409
 
 
 class NotConfigured(BackendError):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.settings import Settings
-from tests.support.servers import Backend, register_models
+from tests.support.servers import Backend, MlflowServer, prefix_proxy, register_models
 
 # No test reaches the internet: MLflow's telemetry stays off in this process and every child.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -67,3 +67,20 @@ def start_backend(tmp_path, registry):
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        register_models(server.url, with_torch=False)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dagshub_host(mlflow_server):
+    proxy = prefix_proxy("/alice/models.mlflow", mlflow_server.url)
+    yield proxy
+    proxy.close()

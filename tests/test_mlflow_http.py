@@ -6,32 +6,11 @@ The DagsHub host is played by a prefix proxy in front of the MLflow server, so t
 
 from __future__ import annotations
 
-import asyncio
-from types import SimpleNamespace
-
-import pytest
 import requests
 
 from tests.support import hooks
+from tests.support.dagshub import add_annotation_model
 from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import MlflowServer, prefix_proxy, register_models
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    try:
-        register_models(server.url, with_torch=False)
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def dagshub_host(mlflow_server):
-    proxy = prefix_proxy("/alice/models.mlflow", mlflow_server.url)
-    yield proxy
-    proxy.close()
 
 
 def predict_labels(backend, images, *names):
@@ -65,20 +44,9 @@ def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images,
 
 
 def test_real_dagshub_client_configures_the_backend(start_backend, images, dagshub_host, monkeypatch, capsys):
-    import dagshub.auth
-    from dagshub.data_engine.model.datasource import Datasource
-
     backend = start_backend()
-    # The only replacement: get_token validates the token online.
-    monkeypatch.setattr(dagshub.auth, "get_token", lambda *args, **kwargs: "dagshub-token")
-    datasource = SimpleNamespace(
-        source=SimpleNamespace(repoApi=SimpleNamespace(host=dagshub_host.url, owner="alice"), repo="alice/data", name="images"),
-        ngrok_listener=None,
-    )
-    asyncio.run(Datasource.add_annotation_model(
-        datasource, "alice/models", "brightness", version="1",
-        pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post, port=backend.port,
-    ))
+    add_annotation_model(monkeypatch, dagshub_host.url, backend.port, "brightness", version="1",
+                         pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post)
     assert f"Add LS endpoint: http://127.0.0.1:{backend.port}/" in capsys.readouterr().out
     health = requests.get(backend.url + "/health", timeout=1).json()
     assert health["flavor"] == "mlflow.sklearn"  # the dagshub form loads the native flavor, as the client does
@@ -88,7 +56,6 @@ def test_real_dagshub_client_configures_the_backend(start_backend, images, dagsh
     assert "dagshub-token" not in str(shown)
 
     # version "latest" (the client's default) resolves to the newest registered version.
-    asyncio.run(Datasource.add_annotation_model(
-        datasource, "alice/models", "brightness", pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post, port=backend.port,
-    ))
+    add_annotation_model(monkeypatch, dagshub_host.url, backend.port, "brightness",
+                         pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post)
     assert predict_labels(backend, images, "white")[1] == "brightness:2"

@@ -104,6 +104,32 @@ class Backend(Process):
         return requests.get(self.url + "/health", timeout=1).json()
 
 
+class OrchestratorProcess(Process):
+    """``flask --app orchestrator run`` on a free loopback port, its state in ``state_dir``."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.state_dir = state_dir
+        env = base_env(ORCHESTRATOR_DIR=str(state_dir), SUPERVISE_EVERY_S="0.2", MAX_BACKOFF_S="2", **env)
+        args = [str(PYTHON_BIN / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
+        super().__init__(args, env, state_dir.parent / f"orchestrator-{self.port}.log")
+
+    def start(self) -> "OrchestratorProcess":
+        super().start()
+        wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 30, "orchestrator", self.proc)
+        return self
+
+    def backends(self) -> dict[str, dict]:
+        listed = requests.get(self.url + "/backends", timeout=5).json()["backends"]
+        return {b["id"]: b for b in listed}
+
+    def remove_all(self) -> None:
+        """Delete every backend it runs (they outlive the orchestrator process by design)."""
+        for backend_id in self.backends():
+            requests.delete(f"{self.url}/backends/{backend_id}", timeout=60)
+
+
 class MlflowServer(Process):
     """The real ``mlflow server`` CLI on loopback, with proxied artifacts."""
 

@@ -1,0 +1,134 @@
+"""The orchestrator's routes: the backend's front door (configure), the backends' lifecycle, and
+Label Studio's routes forwarded to the newest backend (``/predict``) or a chosen one (``/models/<id>/predict``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from backend.auth import require_basic_auth, require_configure_rights
+from backend.errors import NotConfigured
+
+from .manager import BackendManager
+from .proxy import Proxy
+from .registry import BackendRecord
+from .settings import OrchestratorSettings
+from .supervisor import Supervisor
+
+api = Blueprint("orchestrator", __name__)
+
+# Label Studio's calls at the root, sent to the most recently configured backend.
+LABEL_STUDIO_ROUTES = ("setup", "predict", "webhook", "versions", "train", "job_status", "validate", "delete", "duplicate_model")
+# Label Studio sends no credentials to the webhook it creates; the backend's own health is public too.
+OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health"}
+
+
+@dataclass
+class Orchestrator:
+    """What the routes stand on; one per app."""
+
+    settings: OrchestratorSettings
+    manager: BackendManager
+    proxy: Proxy
+    supervisor: Supervisor
+
+
+def orchestrator() -> Orchestrator:
+    return current_app.extensions["orchestrator"]
+
+
+def _urls(record: BackendRecord) -> dict[str, str]:
+    base = request.host_url
+    return {"url": record.url, "label_studio_url": f"{base}models/{record.id}/", "root_url": base}
+
+
+@api.before_app_request
+def _before() -> None:
+    if request.endpoint not in OPEN_ENDPOINTS and not _is_webhook():
+        require_basic_auth(request, orchestrator().settings)
+
+
+def _is_webhook() -> bool:
+    args = request.view_args or {}
+    return (args.get("path") or args.get("route") or "").strip("/") == "webhook"
+
+
+@api.post("/configure")
+def configure():
+    o = orchestrator()
+    require_configure_rights(request, o.settings)
+    record, status, answer, created = o.manager.configure(request.get_data())
+    if status >= 300:  # the backend's own error, unchanged, with the backend it came from
+        return jsonify({**answer, "backend_id": record.id, "backend_kept": not created}), status
+    return jsonify({"id": record.id, "state": record.state, "created": created, **_urls(record), "backend": answer}), status
+
+
+@api.get("/backends")
+def list_backends():
+    o = orchestrator()
+    newest = o.manager.registry.newest_configured()
+    return jsonify(
+        {
+            "backends": [{**r.public(), **_urls(r)} for r in o.manager.registry.all()],
+            "newest": newest.id if newest else None,
+            "driver": o.manager.driver.name,
+            "max_backends": o.settings.max_backends,
+        }
+    )
+
+
+@api.get("/backends/<backend_id>")
+def get_backend(backend_id: str):
+    o = orchestrator()
+    record = o.manager.get(backend_id)
+    return jsonify({**o.manager.describe(record, int(request.args.get("log_lines", 20))), **_urls(record)})
+
+
+@api.delete("/backends/<backend_id>")
+def delete_backend(backend_id: str):
+    o = orchestrator()
+    require_configure_rights(request, o.settings)
+    record = o.manager.delete(backend_id)
+    return jsonify({"id": record.id, "state": "deleted", "port_freed": record.port})
+
+
+@api.route("/models/<backend_id>/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@api.route("/models/<backend_id>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def model_route(backend_id: str, path: str) -> Response:
+    o = orchestrator()
+    record = o.manager.get(backend_id)
+    if path.strip("/").startswith("configure"):
+        return _configure_elsewhere()
+    return o.proxy.forward(record, path, request)
+
+
+def _configure_elsewhere() -> Response:
+    response = jsonify({"error": "configure goes through the orchestrator", "detail": "POST /configure; the model picks the backend.",
+                        "type": "NotFound"})
+    response.status_code = 404
+    return response
+
+
+def _newest() -> BackendRecord:
+    record = orchestrator().manager.registry.newest_configured()
+    if record is None:
+        raise NotConfigured("no model is configured yet", "POST /configure (or run ds.add_annotation_model from the dagshub client).")
+    return record
+
+
+@api.get("/")
+@api.get("/health")
+def root_health():
+    """Label Studio's health check: the newest backend's answer, or the orchestrator's own before any."""
+    record = orchestrator().manager.registry.newest_configured()
+    if record is None:
+        body: dict[str, Any] = {"status": "UP", "model_class": "orchestrator", "configured": False, "backends": 0}
+        return jsonify(body)
+    return orchestrator().proxy.forward(record, "health", request)
+
+
+@api.route(f"/<any({', '.join(LABEL_STUDIO_ROUTES)}):route>", methods=["GET", "POST"])
+def root_route(route: str) -> Response:
+    return orchestrator().proxy.forward(_newest(), route, request)

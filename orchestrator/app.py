@@ -1,0 +1,46 @@
+"""The orchestrator's application factory: registry, driver, manager, proxy and supervisor, wired once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+from flask import Flask
+
+from backend.errors import register_error_handlers
+
+from .api import Orchestrator, api
+from .drivers import BackendDriver, make_driver
+from .gpus import detect_gpus
+from .manager import BackendManager
+from .proxy import Proxy
+from .registry import Registry
+from .settings import OrchestratorSettings
+from .supervisor import Supervisor
+
+
+def create_app(
+    settings: OrchestratorSettings | None = None,
+    env: Mapping[str, str] | None = None,
+    driver: BackendDriver | None = None,
+    supervise: bool = True,
+) -> Flask:
+    """Build an orchestrator; its supervisor re-adopts or restarts the backends its registry names."""
+    settings = settings or OrchestratorSettings.from_env(env)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+    manager = BackendManager(settings, Registry(settings.registry_path), driver or make_driver(settings), gpus)
+    supervisor = Supervisor(manager)
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s), supervisor)
+    app.register_blueprint(api)
+    register_error_handlers(app)
+    if supervise:
+        supervisor.start()
+    logging.getLogger(__name__).info(
+        "orchestrator: %s driver, state in %s, GPUs: %s", manager.driver.name, settings.state_dir, ", ".join(gpus) or "none"
+    )
+    return app

@@ -1,0 +1,131 @@
+"""Backends as containers of the project's image, through the docker SDK (Docker or podman's API).
+
+Each container is named ``lsbackend-<id>``, labelled, publishes the backend's port on loopback only,
+keeps MODEL_DIR on a named volume (so a restarted container restores its configuration), and gets a
+GPU device request when it was assigned one. The spec is a plain dict, testable without an engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..registry import BackendRecord
+from ..settings import OrchestratorSettings
+from .base import BACKEND_PORT
+
+LABEL = "io.lsbackend"
+CONTAINER_MODEL_DIR = "/data/model_dir"
+
+
+def container_name(record: BackendRecord) -> str:
+    return f"lsbackend-{record.id}"
+
+
+def volume_name(record: BackendRecord) -> str:
+    return f"lsbackend-{record.id}-data"
+
+
+def _mount(spec: str) -> tuple[str, dict[str, str]]:
+    host, _, rest = spec.partition(":")
+    target, _, mode = rest.partition(":")
+    if not host or not target:
+        raise ValueError(f"DOCKER_MOUNTS entries are host:container[:ro], got {spec!r}")
+    return host, {"bind": target, "mode": mode or "rw"}
+
+
+class DockerDriver:
+    """One container per backend, driven through the docker SDK."""
+
+    name = "docker"
+
+    def __init__(self, settings: OrchestratorSettings, client_factory: Callable[[], Any] | None = None) -> None:
+        self.settings = settings
+        self._client_factory = client_factory or self._default_client
+        self._client: Any = None
+
+    def _default_client(self) -> Any:
+        import docker  # imported only when the docker driver is used
+
+        if self.settings.docker_base_url:
+            return docker.DockerClient(base_url=self.settings.docker_base_url)
+        return docker.from_env()
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def container_spec(self, record: BackendRecord) -> dict[str, Any]:
+        """Keyword arguments for ``client.containers.run``: everything about the container, in one place."""
+        from docker.types import DeviceRequest
+
+        volumes = {volume_name(record): {"bind": "/data", "mode": "rw"}}
+        volumes.update(_mount(m) for m in self.settings.docker_mounts)
+        spec: dict[str, Any] = {
+            "image": self.settings.docker_image,
+            "name": container_name(record),
+            "detach": True,
+            "labels": {LABEL: "backend", f"{LABEL}.id": record.id, f"{LABEL}.model": record.model.get("model_uri", "")},
+            "environment": {
+                "HOST": "0.0.0.0",  # inside the container; the port is published on the host's loopback only
+                "PORT": str(BACKEND_PORT),
+                "MODEL_DIR": CONTAINER_MODEL_DIR,
+                "CONFIGURE_TOKEN": record.token,  # required: the container listens beyond its own loopback
+                "THREADS": str(self.settings.backend_threads),
+                "PYTHONUNBUFFERED": "1",
+            },
+            "ports": {f"{BACKEND_PORT}/tcp": ("127.0.0.1", record.port)},
+            "volumes": volumes,
+        }
+        if record.gpu:
+            spec["environment"]["NVIDIA_VISIBLE_DEVICES"] = record.gpu
+            spec["device_requests"] = [DeviceRequest(device_ids=[record.gpu], capabilities=[["gpu"]])]
+        return spec
+
+    def _container(self, record: BackendRecord) -> Any | None:
+        from docker.errors import NotFound
+
+        try:
+            return self.client.containers.get(record.handle or container_name(record))
+        except NotFound:
+            return None
+
+    def start(self, record: BackendRecord) -> str:
+        old = self._container(record)
+        if old is not None:  # a dead container of this backend: replace it, keeping the volume
+            old.remove(force=True)
+        return self.client.containers.run(**self.container_spec(record)).id
+
+    def is_running(self, record: BackendRecord) -> bool:
+        container = self._container(record)
+        return container is not None and container.status == "running"
+
+    def exit_reason(self, record: BackendRecord) -> str:
+        container = self._container(record)
+        if container is None:
+            return "the container is gone"
+        state = container.attrs.get("State", {})
+        return f"container {state.get('Status', container.status)}, exit code {state.get('ExitCode')}"
+
+    def stop(self, record: BackendRecord) -> None:
+        container = self._container(record)
+        if container is not None and container.status == "running":
+            container.stop(timeout=10)
+
+    def forget(self, record: BackendRecord) -> None:
+        from docker.errors import NotFound
+
+        container = self._container(record)
+        if container is not None:
+            container.remove(force=True)
+        try:
+            self.client.volumes.get(volume_name(record)).remove(force=True)
+        except NotFound:
+            pass
+
+    def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
+        container = self._container(record)
+        if container is None:
+            return []
+        return container.logs(tail=lines).decode(errors="replace").splitlines()

@@ -1,0 +1,30 @@
+"""Which GPUs the host has, and which one a new backend gets (one each, the least used first)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from typing import Iterable
+
+
+def detect_gpus() -> tuple[str, ...]:
+    """GPU indices as nvidia-smi lists them; none when it is absent or fails. Never imports CUDA."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return ()
+    try:
+        listed = subprocess.run(
+            [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return tuple(line.strip() for line in listed.splitlines() if line.strip().isdigit())
+
+
+def assign_gpu(gpus: tuple[str, ...], in_use: Iterable[str]) -> str:
+    """Round robin over the host's GPUs: the one with the fewest backends, lowest index on a tie."""
+    if not gpus:
+        return ""
+    load = Counter(gpu for gpu in in_use if gpu)
+    return min(gpus, key=lambda gpu: (load[gpu], gpus.index(gpu)))

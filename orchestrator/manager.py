@@ -1,0 +1,203 @@
+"""Configure calls to running backends: one backend per model, started, readied and reconfigured.
+
+A model's identity (tracking server, registry, URI, loader, user) names its backend: the same model
+configured again goes to the same backend (new hooks, no new process). A new backend is started
+through the driver, polled on ``/health`` until it answers (never a fixed sleep), then sent the
+configure body exactly as it came. A new backend whose configure fails is removed again; an existing
+one keeps serving its previous configuration, as a backend always does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from backend.errors import BackendError, Conflict, DeadlineExceeded, NotFound, UpstreamUnavailable
+from backend.spec import decode_configure_body, parse_model_spec
+
+from .drivers import BackendDriver, free_port, port_is_free
+from .gpus import assign_gpu
+from .registry import BackendRecord, Registry
+from .settings import OrchestratorSettings
+
+log = logging.getLogger(__name__)
+
+PUBLIC_MODEL_FIELDS = ("model_uri", "tracking_uri", "registry_uri", "loader", "model_version", "batch_size")
+# A backend answers a configure within its CONFIGURE_WAIT_S (then 202 while loading); wait that and a margin.
+CONFIGURE_ANSWER_S = float(os.environ.get("CONFIGURE_WAIT_S", "20")) + 15.0
+
+
+def backend_id_for(model_key: str) -> str:
+    return hashlib.sha256(model_key.encode()).hexdigest()[:12]
+
+
+class BackendManager:
+    """Starts, readies, reconfigures, restarts and removes backends; the registry remembers them."""
+
+    def __init__(
+        self, settings: OrchestratorSettings, registry: Registry, driver: BackendDriver, gpus: tuple[str, ...]
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.driver = driver
+        self.gpus = gpus
+        self.http = requests.Session()
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._create_lock = threading.Lock()
+
+    def lock_for(self, backend_id: str) -> threading.Lock:
+        with self._create_lock:
+            return self._locks[backend_id]
+
+    # --- configure -------------------------------------------------------------------------------
+
+    def configure(self, raw: bytes) -> tuple[BackendRecord, int, dict[str, Any], bool]:
+        """Route one configure body; returns the backend, its answer's status and body, and whether it is new."""
+        spec = parse_model_spec(decode_configure_body(raw))  # bad bodies fail here, before anything starts
+        backend_id = backend_id_for(spec.model_key)
+        with self.lock_for(backend_id):
+            record = self.registry.get(backend_id)
+            created = record is None
+            if record is None:
+                record = self._create(backend_id, {k: v for k, v in spec.public().items() if k in PUBLIC_MODEL_FIELDS})
+            elif not self.driver.is_running(record):
+                self.start(record)  # down and waiting for its backoff: a configure is reason enough to try now
+            try:
+                self.wait_ready(record)
+                status, answer = self._send_configure(record, raw)
+            except BackendError:
+                if created:
+                    self.remove(record)
+                raise
+            if status < 300:
+                record.configured_at = time.time()
+                record.state = "ready"
+                record.failures = 0
+                self.registry.put(record)
+            elif created:
+                self.remove(record)
+            return record, status, answer, created
+
+    def _create(self, backend_id: str, model: dict[str, Any]) -> BackendRecord:
+        with self._create_lock:
+            existing = self.registry.all()
+            if len(existing) >= self.settings.max_backends:
+                raise Conflict(
+                    f"the limit of {self.settings.max_backends} backends is reached",
+                    "DELETE /backends/<id> one you no longer need, or raise MAX_BACKENDS.",
+                    backends=[r.id for r in existing],
+                )
+            folder = self.settings.backends_dir / backend_id
+            record = BackendRecord(
+                id=backend_id,
+                model=model,
+                driver=self.driver.name,
+                port=free_port(),
+                model_dir=str((folder / "model_dir").resolve()),
+                token=secrets.token_urlsafe(24),
+                gpu=assign_gpu(self.gpus, (r.gpu for r in existing)),
+            )
+            self.registry.put(record)
+        log.info("backend %s: new, for %s on port %s%s", backend_id, model.get("model_uri"), record.port,
+                 f", GPU {record.gpu}" if record.gpu else "")
+        self.start(record)
+        return record
+
+    def start(self, record: BackendRecord) -> None:
+        """Start (or restart) the backend; it restores its configuration from its MODEL_DIR itself."""
+        if record.driver == "process" and not port_is_free(record.port):
+            record.port = free_port()  # someone took the port while it was down
+        Path(record.model_dir).mkdir(parents=True, exist_ok=True)
+        record.handle = self.driver.start(record)
+        record.state = "starting"
+        record.started_at = time.time()
+        self.registry.put(record)
+
+    def healthy(self, record: BackendRecord, timeout: float = 1.0) -> bool:
+        try:
+            return self.http.get(f"{record.url}/health", timeout=timeout).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_ready(self, record: BackendRecord) -> None:
+        """Poll /health until it answers, the backend dies, or the start deadline passes."""
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while not self.healthy(record, timeout=0.5):
+            if not self.driver.is_running(record):
+                reason = self.driver.exit_reason(record)
+                record.last_error = reason
+                self.registry.put(record)
+                raise UpstreamUnavailable(
+                    f"backend {record.id} did not start: {reason}",
+                    "Its last log lines are below; GET /backends/<id> shows more.",
+                    log=self.driver.logs(record, 20),
+                )
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"backend {record.id} did not answer /health within {self.settings.start_timeout_s:g} s",
+                    "Raise BACKEND_START_TIMEOUT_S, or read its log: GET /backends/<id>.",
+                    log=self.driver.logs(record, 20),
+                )
+            time.sleep(0.05)
+        if record.state != "ready":
+            record.state = "ready"
+            self.registry.put(record)
+
+    def _send_configure(self, record: BackendRecord, raw: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            response = self.http.post(
+                f"{record.url}/configure",
+                data=raw,
+                headers={"Content-Type": "application/json", "Authorization": f"Bearer {record.token}"},
+                timeout=(2.0, CONFIGURE_ANSWER_S),
+            )
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(f"backend {record.id} did not take the configure: {exc}", "GET /backends/<id> shows its log.") from exc
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = {"error": "the backend answered without JSON", "detail": response.text[:500]}
+        return response.status_code, answer if isinstance(answer, dict) else {"answer": answer}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def get(self, backend_id: str) -> BackendRecord:
+        record = self.registry.get(backend_id)
+        if record is None:
+            raise NotFound(f"no backend {backend_id!r}", "GET /backends lists them; POST /configure starts one.")
+        return record
+
+    def describe(self, record: BackendRecord, log_lines: int = 20) -> dict[str, Any]:
+        """The record, the backend's own /health when it answers, and its recent log."""
+        body = record.public()
+        try:
+            body["health"] = self.http.get(f"{record.url}/health", timeout=1.0).json()
+        except (requests.RequestException, ValueError):
+            body["health"] = None
+        body["log"] = self.driver.logs(record, log_lines)
+        return body
+
+    def remove(self, record: BackendRecord) -> None:
+        """Stop it, free its port, delete its container and folder, and forget it."""
+        self.driver.stop(record)
+        self.driver.forget(record)
+        shutil.rmtree(Path(record.model_dir).parent, ignore_errors=True)
+        self.registry.delete(record.id)
+        log.info("backend %s: removed", record.id)
+
+    def delete(self, backend_id: str) -> BackendRecord:
+        with self.lock_for(backend_id):
+            record = self.get(backend_id)
+            self.remove(record)
+            record.state = "stopped"
+            return record

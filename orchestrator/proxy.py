@@ -1,0 +1,60 @@
+"""Forwarding Label Studio's calls to a backend: status, headers and body pass through, streamed.
+
+Only the transport is ours: a backend that cannot be reached is a 502 naming it, one that does
+not answer within PROXY_TIMEOUT_S (longer than Label Studio's 100 s, so the backend's own 504
+comes first) is a 504. Whatever the backend answers, errors included, goes back unchanged.
+"""
+
+from __future__ import annotations
+
+import requests
+from flask import Request, Response
+
+from backend.errors import DeadlineExceeded, UpstreamUnavailable
+
+from .registry import BackendRecord
+
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}
+CHUNK = 1 << 16
+
+
+class Proxy:
+    """One pooled HTTP session to every backend."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64)
+        self.session.mount("http://", adapter)
+
+    def forward(self, record: BackendRecord, path: str, request: Request) -> Response:
+        url = f"{record.url}/{path.lstrip('/')}"
+        if request.query_string:
+            url += "?" + request.query_string.decode("latin-1")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
+            # the answer is streamed back as it arrives.
+            upstream = self.session.request(
+                request.method, url, headers=headers, data=request.get_data(cache=False) or None,
+                stream=True, timeout=(2.0, self.timeout_s), allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise DeadlineExceeded(
+                f"backend {record.id} did not answer within {self.timeout_s:g} s", "GET /backends/<id> shows its state and log."
+            ) from exc
+        except requests.ConnectionError as exc:
+            raise UpstreamUnavailable(
+                f"backend {record.id} is not answering ({record.state})",
+                "It may be restarting: GET /backends/<id> shows its state, restarts and log.",
+            ) from exc
+        response = Response(
+            upstream.raw.stream(CHUNK, decode_content=False),
+            status=upstream.status_code,
+            headers=[(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP - {"content-length"}],
+        )
+        response.call_on_close(upstream.close)
+        return response

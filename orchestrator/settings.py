@@ -1,0 +1,87 @@
+"""The orchestrator's settings, read once from the environment and validated at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from backend.settings import _float, _int, is_loopback
+
+DRIVERS = ("process", "docker")
+
+
+def _gpus(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class OrchestratorSettings:
+    """Where state lives, how backends run, and who may configure them.
+
+    ``HOST`` is the address the orchestrator is served on (``flask run --host`` or gunicorn's bind):
+    beyond loopback, configure and delete need ``CONFIGURE_TOKEN`` or basic auth, as on a backend.
+    """
+
+    state_dir: Path = field(default_factory=lambda: Path("orchestrator_state"))
+    driver: str = "process"
+    max_backends: int = 8
+    start_timeout_s: float = 60.0
+    proxy_timeout_s: float = 110.0  # Label Studio waits 100 s for /predict; the backend's own 504 comes first
+    supervise_every_s: float = 1.0
+    max_backoff_s: float = 30.0
+    host: str = "127.0.0.1"
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    configure_token: str = ""
+    gpus: tuple[str, ...] | None = None  # None: detect; () : none
+    backend_threads: int = 8
+    docker_image: str = "lsbackend:latest"
+    docker_base_url: str = ""
+    docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "OrchestratorSettings":
+        env = os.environ if env is None else env
+        user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        driver = env.get("ORCHESTRATOR_DRIVER") or "process"
+        if driver not in DRIVERS:
+            raise ValueError(f"ORCHESTRATOR_DRIVER must be one of {', '.join(DRIVERS)}, got {driver!r}")
+        gpus = env.get("ORCHESTRATOR_GPUS")
+        return cls(
+            state_dir=Path(env.get("ORCHESTRATOR_DIR") or "orchestrator_state"),
+            driver=driver,
+            max_backends=_int(env, "MAX_BACKENDS", 8, 1),
+            start_timeout_s=_float(env, "BACKEND_START_TIMEOUT_S", 60.0, 1.0),
+            proxy_timeout_s=_float(env, "PROXY_TIMEOUT_S", 110.0, 1.0),
+            supervise_every_s=_float(env, "SUPERVISE_EVERY_S", 1.0, 0.05),
+            max_backoff_s=_float(env, "MAX_BACKOFF_S", 30.0, 0.1),
+            host=env.get("HOST") or env.get("FLASK_RUN_HOST") or "127.0.0.1",
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            configure_token=env.get("CONFIGURE_TOKEN", ""),
+            gpus=None if gpus is None else _gpus(gpus),
+            backend_threads=_int(env, "BACKEND_THREADS", 8, 1),
+            docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
+            docker_base_url=env.get("DOCKER_HOST", ""),
+            docker_mounts=tuple(m for m in (env.get("DOCKER_MOUNTS") or "").split(",") if m),
+        )
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    @property
+    def open_bind(self) -> bool:
+        return not is_loopback(self.host)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.db"
+
+    @property
+    def backends_dir(self) -> Path:
+        return self.state_dir / "backends"

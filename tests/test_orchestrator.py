@@ -1,0 +1,156 @@
+"""The orchestrator with real gunicorn backends (process driver), a real registry and real HTTP.
+
+Each configure starts or reuses a real backend; the lifecycle test kills one, restarts the
+orchestrator itself, and deletes one, checking what Label Studio would see at every step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import json
+
+import pytest
+import requests
+
+from orchestrator.drivers import port_is_free
+from tests.support import hooks
+from tests.support.dagshub import add_annotation_model
+from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.servers import OrchestratorProcess, wait_until
+
+HOOKS = {"pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}
+
+
+@pytest.fixture
+def start_orchestrator(tmp_path, registry):
+    """Start orchestrators on one state folder; at teardown every backend they started is removed."""
+    started: list[OrchestratorProcess] = []
+    state_dir = tmp_path / "state"
+
+    def start(**env: str) -> OrchestratorProcess:
+        env.setdefault("MLFLOW_TRACKING_URI", registry)
+        orchestrator = OrchestratorProcess(state_dir, env).start()
+        started.append(orchestrator)
+        return orchestrator
+
+    yield start
+    if started and started[-1].proc.poll() is None:
+        started[-1].remove_all()
+    for orchestrator in started:
+        orchestrator.stop()
+    _kill_leftovers(state_dir)
+
+
+def _kill_leftovers(state_dir) -> None:
+    """Backends outlive their orchestrator by design; make sure none outlives the test."""
+    db = state_dir / "registry.db"
+    if not db.exists():
+        return
+    with sqlite3.connect(db) as connection:
+        for (raw,) in connection.execute("SELECT record FROM backends"):
+            pid = json.loads(raw)["handle"].partition(":")[0]
+            if pid.isdigit():
+                try:
+                    os.killpg(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def configure(orchestrator, **body):
+    response = requests.post(orchestrator.url + "/configure", json={**HOOKS, **body}, timeout=120)
+    return response.status_code, response.json()
+
+
+def predict(url, images, *names):
+    tasks = [{"id": i, "data": {"image": str(images[n])}} for i, n in enumerate(names)]
+    response = requests.post(url + "predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return [p["result"][0]["value"]["choices"][0] for p in body["results"]], body["model_version"]
+
+
+def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator, images):
+    orchestrator = start_orchestrator()
+    root = orchestrator.url + "/"
+
+    status, first = configure(orchestrator, model_uri="models:/brightness/1")
+    assert status == 200 and first["created"] and first["state"] == "ready", first
+    status, second = configure(orchestrator, model_uri="models:/brightness/2")
+    assert status == 200 and second["created"] and second["id"] != first["id"]
+    assert first["label_studio_url"] == f"{root}models/{first['id']}/"
+
+    # Each backend through its own URL, and the newest through the root.
+    assert predict(first["label_studio_url"], images, "white", "black") == (["light", "dark"], "brightness:1")
+    assert predict(second["label_studio_url"], images, "white", "black") == (["dark", "light"], "brightness:2")
+    assert predict(root, images, "white") == (["dark"], "brightness:2")
+    setup = requests.post(root + "setup", json={"project": "1.1", "schema": IMAGE_CONFIG}, timeout=5)
+    assert setup.json()["model_version"] == "brightness:2"
+    webhook = requests.post(f"{first['label_studio_url']}webhook", json={"action": "START_TRAINING"}, timeout=5)
+    assert webhook.status_code == 201
+
+    # The same model again reconfigures its backend: same process, new configuration, now the newest.
+    handle = orchestrator.backends()[first["id"]]["handle"]
+    status, again = configure(orchestrator, model_uri="models:/brightness/1", model_version="relabelled")
+    assert status == 200 and not again["created"] and again["id"] == first["id"]
+    assert orchestrator.backends()[first["id"]]["handle"] == handle
+    assert predict(root, images, "white") == (["light"], "relabelled")
+
+    # A backend that dies comes back by itself, configured from its MODEL_DIR.
+    os.killpg(int(handle.partition(":")[0]), signal.SIGKILL)
+    wait_until(lambda: orchestrator.backends()[first["id"]]["restarts"] == 1, 30, "restart")
+    backend_url = first["label_studio_url"]
+    wait_until(lambda: requests.get(backend_url + "health", timeout=1).json().get("configured"), 60, "restored")
+    assert predict(backend_url, images, "black") == (["dark"], "relabelled")
+    described = requests.get(f"{orchestrator.url}/backends/{first['id']}", timeout=5).json()
+    assert described["last_error"] and described["log"] and described["health"]["configured"]
+
+    # A new orchestrator on the same state folder adopts both backends: nothing restarted, nothing reconfigured.
+    handles = {i: b["handle"] for i, b in orchestrator.backends().items()}
+    orchestrator.stop()
+    orchestrator = start_orchestrator()
+    assert {i: b["handle"] for i, b in orchestrator.backends().items()} == handles
+    assert predict(f"{orchestrator.url}/models/{second['id']}/", images, "white") == (["dark"], "brightness:2")
+    assert predict(orchestrator.url + "/", images, "white") == (["light"], "relabelled")
+
+    # Delete: stopped, port freed, forgotten.
+    port = orchestrator.backends()[second["id"]]["port"]
+    deleted = requests.delete(f"{orchestrator.url}/backends/{second['id']}", timeout=60)
+    assert deleted.status_code == 200 and deleted.json()["state"] == "deleted"
+    assert port_is_free(port)
+    assert requests.get(f"{orchestrator.url}/backends/{second['id']}", timeout=5).status_code == 404
+    gone = requests.post(f"{orchestrator.url}/models/{second['id']}/predict", json={}, timeout=5)
+    assert gone.status_code == 404 and "GET /backends lists them" in gone.json()["detail"]
+    assert list(orchestrator.backends()) == [first["id"]]
+
+
+def test_failed_configures_leave_nothing_behind_and_keep_what_served(start_orchestrator, images):
+    orchestrator = start_orchestrator(MAX_BACKENDS="1")
+
+    malformed = requests.post(orchestrator.url + "/configure", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
+    assert malformed.status_code == 400 and malformed.json()["type"] == "BadRequest"
+    status, unknown = configure(orchestrator, model_uri="models:/no-such-model/1")
+    assert status == 404 and unknown["backend_kept"] is False  # the backend's own error, passed through
+    assert orchestrator.backends() == {}  # the backend started for it is gone again
+
+    status, served = configure(orchestrator, model_uri="models:/brightness/1")
+    assert status == 200
+    status, limit = configure(orchestrator, model_uri="models:/brightness/2")
+    assert status == 409 and "limit of 1 backends" in limit["error"] and "MAX_BACKENDS" in limit["detail"]
+
+    status, bad_hook = configure(orchestrator, model_uri="models:/brightness/1", post_hook="not base64 !!")
+    assert status in (400, 422) and bad_hook["backend_kept"] is True
+    assert predict(served["label_studio_url"], images, "white") == (["light"], "brightness:1")
+
+
+def test_real_dagshub_client_against_the_orchestrator(start_orchestrator, images, dagshub_host, monkeypatch, capsys):
+    orchestrator = start_orchestrator()
+    add_annotation_model(monkeypatch, dagshub_host.url, orchestrator.port, "brightness", version="1",
+                         pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post)
+    printed = f"http://127.0.0.1:{orchestrator.port}/"
+    assert f"Add LS endpoint: {printed}" in capsys.readouterr().out
+    # What Label Studio does with that URL: /health, /setup, then /predict.
+    assert requests.get(printed + "health", timeout=1).json()["status"] == "UP"
+    assert requests.post(printed + "setup", json={"project": "1.1", "schema": IMAGE_CONFIG}, timeout=3).json()["model_version"] == "brightness:1"
+    assert predict(printed, images, "white", "dark") == (["light", "dark"], "brightness:1")
