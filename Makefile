@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: setup run test serve clean
+.PHONY: setup run test serve orchestrator clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,11 @@ run: setup
 serve: setup
 	$(BIN)/gunicorn wsgi:app
 
+orchestrator: setup
+	$(BIN)/flask --app orchestrator run --port $${PORT:-9090}
+
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:
-	rm -rf .demo model_dir .pytest_cache
+	rm -rf .demo model_dir orchestrator_state .pytest_cache

@@ -7,6 +7,7 @@ GPU device request when it was assigned one. The spec is a plain dict, testable 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from ..registry import BackendRecord
@@ -14,6 +15,11 @@ from ..settings import OrchestratorSettings
 from .base import BACKEND_PORT
 
 LABEL = "io.lsbackend"
+# Passed on from the orchestrator's environment when set (a process backend inherits them anyway).
+PASSED_ON = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOG_LEVEL",
+)
 CONTAINER_MODEL_DIR = "/data/model_dir"
 
 
@@ -68,6 +74,7 @@ class DockerDriver:
             "detach": True,
             "labels": {LABEL: "backend", f"{LABEL}.id": record.id, f"{LABEL}.model": record.model.get("model_uri", "")},
             "environment": {
+                **{name: os.environ[name] for name in PASSED_ON if os.environ.get(name)},
                 "HOST": "0.0.0.0",  # inside the container; the port is published on the host's loopback only
                 "PORT": str(BACKEND_PORT),
                 "MODEL_DIR": CONTAINER_MODEL_DIR,

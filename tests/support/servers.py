@@ -79,6 +79,7 @@ def base_env(**extra: str) -> dict[str, str]:
         MLFLOW_DISABLE_TELEMETRY="true",
         DO_NOT_TRACK="true",
         PYTHONUNBUFFERED="1",
+        GRACEFUL_TIMEOUT="3",  # tests stop many backends; gthread may wait the whole grace on an idle connection
     )
     env.update(extra)
     return env

@@ -1,0 +1,95 @@
+"""A real container engine for the docker driver's tests: podman serving the Docker API on a socket.
+
+No image can be pulled here, so the backend image is made with ``podman import`` from an almost
+empty root folder; the host's Python, its libraries and this checkout (with its virtual environment)
+are bind-mounted read-only into each container through the driver's DOCKER_MOUNTS setting.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from tests.support.servers import ROOT, Process, wait_until
+
+IMAGE = "localhost/lsbackend-test:latest"
+CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\n'
+
+
+class EngineUnavailable(Exception):
+    """No container engine can be started on this machine; the message says why."""
+
+
+def host_mounts() -> list[str]:
+    """What a host-built Python needs inside a bare container, read-only, at the same paths."""
+    python_home = Path(os.path.realpath(sys.executable)).parents[1]  # e.g. /root/.pyenv/versions/3.11.7
+    paths = [p for p in ("/lib", "/lib64", "/usr/lib", "/usr/local/lib", str(python_home), str(ROOT)) if os.path.isdir(p)]
+    return [f"{p}:{p}:ro" for p in dict.fromkeys(paths)]
+
+
+class Podman(Process):
+    """``podman system service`` on a unix socket under ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.podman = shutil.which("podman")
+        if self.podman is None:
+            raise EngineUnavailable("podman is not installed (.ci/run installs it: apt-get install podman runc)")
+        if os.geteuid() != 0:
+            raise EngineUnavailable("the podman recipe here needs root (rootful podman with runc and cgroupfs)")
+        folder.mkdir(parents=True, exist_ok=True)
+        conf = folder / "containers.conf"
+        conf.write_text(CONTAINERS_CONF)
+        self.socket = folder / "podman.sock"
+        self.base_url = f"unix://{self.socket}"
+        self.global_args = [self.podman, "--cgroup-manager=cgroupfs"]
+        runc = shutil.which("runc")
+        if runc:  # crun fails here ("cgroups in hybrid mode not supported")
+            self.global_args += ["--runtime", runc]
+        env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+        super().__init__([*self.global_args, "system", "service", "--time=0", self.base_url], env, folder / "podman.log")
+
+    def start(self) -> "Podman":
+        import docker
+
+        def answers() -> bool:
+            try:
+                return docker.DockerClient(base_url=self.base_url).ping()
+            except docker.errors.DockerException:
+                return False
+
+        super().start()
+        try:
+            wait_until(answers, 60, "podman", self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise EngineUnavailable(f"podman did not start: {exc}; its log: {self.output()[-2000:]}") from exc
+        return self
+
+    def podman_cli(self, *args: str, data: bytes | None = None) -> str:
+        done = subprocess.run([*self.global_args, *args], input=data, env=self.env, capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise EngineUnavailable(f"podman {args[0]} failed: {done.stderr.decode(errors='replace')[-2000:]}")
+        return done.stdout.decode()
+
+    def import_backend_image(self, python: str) -> str:
+        """An image whose command runs this checkout's backend with the host's Python (mounted at run time)."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for name in ("tmp", "data", "etc", "root", "proc", "sys", "dev"):
+                info = tarfile.TarInfo(name)
+                info.type, info.mode = tarfile.DIRTYPE, 0o1777 if name == "tmp" else 0o755
+                tar.addfile(info)
+            passwd = b"root:x:0:0:root:/root:/bin/sh\n"
+            info = tarfile.TarInfo("etc/passwd")
+            info.size = len(passwd)
+            tar.addfile(info, io.BytesIO(passwd))
+        command = f'["{python}", "-m", "gunicorn", "wsgi:app"]'
+        self.podman_cli(
+            "import", "--change", f"WORKDIR {ROOT}", "--change", f"CMD {command}",
+            "--change", "ENV HOME=/root", "-", IMAGE, data=buffer.getvalue(),
+        )
+        return IMAGE

@@ -1,0 +1,108 @@
+"""The orchestrator's parts without backends: auth, routing errors, GPU assignment, driver specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from docker.types import DeviceRequest
+
+from orchestrator import create_app
+from orchestrator.drivers import DockerDriver, ProcessDriver
+from orchestrator.gpus import assign_gpu
+from orchestrator.registry import BackendRecord, Registry
+from orchestrator.settings import OrchestratorSettings
+
+
+def make_client(tmp_path: Path, **settings):
+    app = create_app(OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), **settings), supervise=False)
+    return app.test_client()
+
+
+def record(**fields) -> BackendRecord:
+    defaults = dict(id="abc123", model={"model_uri": "models:/m/1"}, driver="docker", port=18001,
+                    model_dir="/state/backends/abc123/model_dir", token="secret-token")
+    return BackendRecord(**{**defaults, **fields})
+
+
+def test_configure_beyond_loopback_needs_credentials(tmp_path):
+    open_bind = make_client(tmp_path, host="0.0.0.0")
+    refused = open_bind.post("/configure", data=b"{}")
+    assert refused.status_code == 403 and "CONFIGURE_TOKEN" in refused.json["detail"]
+    assert open_bind.delete("/backends/x").status_code == 403
+
+    with_token = make_client(tmp_path, host="0.0.0.0", configure_token="t0ken")
+    assert with_token.post("/configure", data=b"{}").status_code == 401
+    accepted = with_token.post("/configure", data=b"{}", headers={"Authorization": "Bearer t0ken"})
+    assert accepted.status_code == 400  # past auth: the empty object names no model
+
+
+def test_loopback_requests_to_a_dev_server_bound_everywhere_still_need_credentials(tmp_path):
+    client = make_client(tmp_path)  # HOST unset, but `flask run --host 0.0.0.0` says so in SERVER_NAME
+    response = client.post("/configure", data=b"{}", base_url="http://0.0.0.0:5000")
+    assert response.status_code == 403
+
+
+def test_label_studio_routes_before_any_model_and_unknown_ids(tmp_path):
+    client = make_client(tmp_path)
+    assert client.get("/health").json == {"status": "UP", "model_class": "orchestrator", "configured": False, "backends": 0}
+    setup = client.post("/setup", json={"project": "1.1", "schema": "<View/>"})
+    assert setup.status_code == 503 and "POST /configure" in setup.json["detail"]
+    assert client.post("/models/nope/predict", json={}).status_code == 404
+    assert client.get("/backends").json["backends"] == []
+
+
+def test_configure_goes_through_the_front_door_only(tmp_path):
+    client = make_client(tmp_path)
+    registry = Registry(tmp_path / "state" / "registry.db")
+    registry.put(record(driver="process"))
+    response = client.post("/models/abc123/configure", json={"model_uri": "models:/x/1"})
+    assert response.status_code == 404 and "POST /configure" in response.json["detail"]
+
+
+def test_basic_auth_guards_routes_but_not_label_studios_webhook(tmp_path):
+    client = make_client(tmp_path, basic_auth_user="ls", basic_auth_pass="pw")
+    assert client.get("/backends").status_code == 401
+    assert client.get("/backends", auth=("ls", "pw")).status_code == 200
+    assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 503  # not 401: no backend yet
+
+
+def test_gpus_are_assigned_one_each_round_robin():
+    gpus = ("0", "1")
+    in_use: list[str] = []
+    for _ in range(5):
+        in_use.append(assign_gpu(gpus, in_use))
+    assert in_use == ["0", "1", "0", "1", "0"]
+    assert assign_gpu((), ["0"]) == ""
+    assert assign_gpu(gpus, ["1", "1"]) == "0"
+
+
+def test_process_backends_get_their_own_port_token_folder_and_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONFIGURE_TOKEN", "the-orchestrators-own")
+    env = ProcessDriver(OrchestratorSettings(state_dir=tmp_path)).environment(record(driver="process", gpu="1"))
+    assert env["HOST"] == "127.0.0.1" and env["PORT"] == "18001"
+    assert env["CONFIGURE_TOKEN"] == "secret-token" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert env["MODEL_DIR"] == "/state/backends/abc123/model_dir"
+
+
+def test_docker_container_spec():
+    settings = OrchestratorSettings(docker_image="lsbackend:test", docker_mounts=("/opt/venv:/opt/venv:ro",))
+    spec = DockerDriver(settings, client_factory=lambda: None).container_spec(record(gpu="2"))
+    assert spec["image"] == "lsbackend:test" and spec["name"] == "lsbackend-abc123" and spec["detach"]
+    assert spec["labels"] == {"io.lsbackend": "backend", "io.lsbackend.id": "abc123", "io.lsbackend.model": "models:/m/1"}
+    assert spec["ports"] == {"9090/tcp": ("127.0.0.1", 18001)}  # published on the host's loopback only
+    env = spec["environment"]
+    assert env["HOST"] == "0.0.0.0" and env["PORT"] == "9090" and env["MODEL_DIR"] == "/data/model_dir"
+    assert env["CONFIGURE_TOKEN"] == "secret-token"  # the container listens beyond its loopback: a token is a must
+    assert spec["volumes"] == {"lsbackend-abc123-data": {"bind": "/data", "mode": "rw"}, "/opt/venv": {"bind": "/opt/venv", "mode": "ro"}}
+    [request] = spec["device_requests"]
+    assert isinstance(request, DeviceRequest) and request["DeviceIDs"] == ["2"] and request["Capabilities"] == [["gpu"]]
+    assert "device_requests" not in DockerDriver(settings, client_factory=lambda: None).container_spec(record())
+
+
+def test_settings_reject_what_they_cannot_use():
+    with pytest.raises(ValueError, match="ORCHESTRATOR_DRIVER"):
+        OrchestratorSettings.from_env({"ORCHESTRATOR_DRIVER": "kubernetes"})
+    with pytest.raises(ValueError, match="MAX_BACKENDS"):
+        OrchestratorSettings.from_env({"MAX_BACKENDS": "0"})
+    assert OrchestratorSettings.from_env({"ORCHESTRATOR_GPUS": "0, 2"}).gpus == ("0", "2")
