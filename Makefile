@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: setup run test serve orchestrator clean
+.PHONY: setup run test serve orchestrator bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ serve: setup
 
 orchestrator: setup
 	$(BIN)/flask --app orchestrator run --port $${PORT:-9090}
+
+bench: setup
+	$(BIN)/python -m bench $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)

@@ -1,0 +1,85 @@
+"""What every benchmark shares: a results table, a scratch folder, process memory, percentiles."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Row:
+    """One comparison: ours against a baseline measured side by side in the same run."""
+
+    section: str
+    what: str
+    ours: float
+    baseline: float
+    unit: str
+    baseline_name: str
+    higher_is_better: bool = False
+    target: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """How many times better ours is (above 1 is better, whichever way the unit points)."""
+        if self.higher_is_better:
+            return self.ours / self.baseline if self.baseline else float("inf")
+        return self.baseline / self.ours if self.ours else float("inf")
+
+
+@dataclass
+class Table:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"  {row.section}: {row.what}: {row.ours:.4g} {row.unit} vs {row.baseline:.4g} ({row.ratio:.2f}x)", flush=True)
+
+    def markdown(self) -> str:
+        lines = [
+            "| section | measure | this project | baseline | baseline is | ratio (x better) | target |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.section} | {r.what} | {r.ours:.4g} {r.unit} | {r.baseline:.4g} {r.unit} | {r.baseline_name} "
+                f"| {r.ratio:.2f} | {r.target} |"
+            )
+        return "\n".join(lines + [""] + [f"- {note}" for note in self.notes])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        tree.setdefault(parent, []).append(int(stat.parent.name))
+    return tree
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB (from /proc)."""
+    tree, total, todo = _children(), 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(tree.get(current, []))
+        try:
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
