@@ -17,6 +17,7 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt
 
 COPY backend/ backend/
+COPY hooks/ hooks/
 COPY model.py wsgi.py gunicorn.conf.py ./
 
 # Listening on 0.0.0.0 inside the container: /configure then requires CONFIGURE_TOKEN or basic auth.

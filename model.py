@@ -2,7 +2,7 @@
 
 ``pre_hook(inputs) -> model.predict -> post_hook(outputs)`` runs in batches of ``batch_size``; each
 batch's post hook must give back one prediction per task. Hooks that take ``tasks``, ``context``,
-``device`` or ``label_config`` as keywords get them; one-argument hooks (the DagsHub form) work as is.
+``device``, ``label_config`` or ``inputs`` (what the pre hook got) as keywords get them; one-argument hooks (the DagsHub form) work as is.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class ConfiguredModel:
         timer: StageTimer | None = None,
     ) -> list[Any]:
         """pre_hook -> predict -> post_hook on one batch; any exception becomes a HookFailed naming the stage."""
-        extras = {"tasks": tasks, "context": context, "device": self.loaded.device, "label_config": label_config}
+        extras = {"tasks": tasks, "context": context, "device": self.loaded.device, "label_config": label_config, "inputs": values}
         model_input = self._stage("pre_hook", lambda: self.pre_hook(values, **extras), timer)
         model_output = self._stage("predict", lambda: self.loaded.predict(model_input), timer)
         outputs = self._stage("post_hook", lambda: self.post_hook(model_output, **extras), timer)

@@ -51,7 +51,8 @@ class Hook:
         return self.fn(value, **kwargs)
 
 
-OPTIONAL_ARGUMENTS = ("tasks", "context", "device", "label_config")
+# inputs: what the pre hook got (file paths or texts), so a post hook can read image sizes.
+OPTIONAL_ARGUMENTS = ("tasks", "context", "device", "label_config", "inputs")
 
 
 def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str]:

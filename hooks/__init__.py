@@ -1,0 +1,34 @@
+"""Ready-made hooks: result builders, adapters for common model outputs, pre hooks, and a checker.
+
+A post hook in one line::
+
+    from hooks import ultralytics_post
+    post_hook = ultralytics_post(threshold=0.3)
+
+Everything here pickles *by value* (this package registers itself with
+``cloudpickle.register_pickle_by_value``), so a hook built from it runs in a backend that does not
+have this package, or has another version of it. Do the same for your own modules::
+
+    import cloudpickle, my_hooks
+    cloudpickle.register_pickle_by_value(my_hooks)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cloudpickle
+
+from .adapters import easyocr_post, image_size, sklearn_post, torchvision_detection_post, transformers_post, ultralytics_post
+from .labelconfig import Control, HookConfigError, find_control
+from .pre import image_features_frame, images_to_numpy, letterbox, letterbox_geometry, open_images, read_texts, texts_frame
+from .results import brush, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+__all__ = [
+    "Control", "HookConfigError", "brush", "choices", "easyocr_post", "find_control", "image_features_frame", "image_size",
+    "images_to_numpy", "keypoint", "letterbox", "letterbox_geometry", "number", "open_images", "polygon", "prediction",
+    "rating", "read_texts", "rectangle", "sklearn_post", "span", "textarea", "texts_frame", "torchvision_detection_post",
+    "transformers_post", "ultralytics_post",
+]

@@ -1,0 +1,7 @@
+"""``python -m hooks check ...``; see hooks/check.py."""
+
+import sys
+
+from .check import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Label Studio result dicts, built right: percent coordinates of the real image, unique ids, scores.
+
+Every builder takes the control's names (``from_name``, ``to_name``) and returns one result dict
+(``rectangle`` and friends take the image's real ``width`` and ``height`` in pixels). ``prediction``
+wraps one task's results with a score and, optionally, a model version.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any, Iterable, Sequence
+
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
+
+
+def region_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+def _base(from_name: str, to_name: str, kind: str, value: dict[str, Any], score: float | None, rid: str | None) -> dict[str, Any]:
+    result: dict[str, Any] = {"id": rid or region_id(), "from_name": from_name, "to_name": to_name, "type": kind, "value": value}
+    if score is not None:
+        result["score"] = float(score)
+    return result
+
+
+def _image_sized(result: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    result["original_width"], result["original_height"], result["image_rotation"] = int(width), int(height), 0
+    return result
+
+
+def _clip(value: float) -> float:
+    return min(100.0, max(0.0, float(value)))
+
+
+def choices(
+    labels: str | Sequence[str], *, from_name: str, to_name: str, score: float | None = None, rid: str | None = None
+) -> dict[str, Any]:
+    """A Choices result: one label, or several for a multi-choice control."""
+    chosen = [labels] if isinstance(labels, str) else [str(label) for label in labels]
+    return _base(from_name, to_name, "choices", {"choices": chosen}, score, rid)
+
+
+def rectangle(
+    box: Sequence[float],
+    label: str,
+    *,
+    width: int,
+    height: int,
+    from_name: str,
+    to_name: str,
+    box_format: str = "xyxy",
+    normalized: bool = False,
+    rotation: float = 0.0,
+    score: float | None = None,
+    rid: str | None = None,
+) -> dict[str, Any]:
+    """A RectangleLabels result from a pixel (or, with ``normalized``, 0..1) box in xyxy, xywh or cxcywh."""
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    a, b, c, d = (float(v) for v in box)
+    if box_format == "xyxy":
+        x, y, w, h = a, b, c - a, d - b
+    elif box_format == "xywh":
+        x, y, w, h = a, b, c, d
+    else:
+        x, y, w, h = a - c / 2, b - d / 2, c, d
+    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    value = {
+        "x": _clip(x * sx), "y": _clip(y * sy), "width": _clip(w * sx), "height": _clip(h * sy),
+        "rotation": float(rotation), "rectanglelabels": [label],
+    }
+    return _image_sized(_base(from_name, to_name, "rectanglelabels", value, score, rid), width, height)
+
+
+def polygon(
+    points: Iterable[Sequence[float]],
+    label: str,
+    *,
+    width: int,
+    height: int,
+    from_name: str,
+    to_name: str,
+    normalized: bool = False,
+    score: float | None = None,
+    rid: str | None = None,
+) -> dict[str, Any]:
+    """A PolygonLabels result from pixel (or 0..1) points."""
+    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    value = {"points": [[_clip(float(x) * sx), _clip(float(y) * sy)] for x, y in points], "polygonlabels": [label]}
+    return _image_sized(_base(from_name, to_name, "polygonlabels", value, score, rid), width, height)
+
+
+def brush(
+    mask: Any, label: str, *, from_name: str, to_name: str, score: float | None = None, rid: str | None = None
+) -> dict[str, Any]:
+    """A BrushLabels result from a binary mask (height x width), RLE-encoded by label-studio-sdk's converter."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import mask2rle
+
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise ValueError(f"a brush mask must be 2-D (height, width), got shape {array.shape}")
+    binary = (array > 0.5 if array.dtype.kind == "f" else array > 0).astype(np.uint8) * 255
+    height, width = binary.shape
+    value = {"format": "rle", "rle": mask2rle(binary), "brushlabels": [label]}
+    return _image_sized(_base(from_name, to_name, "brushlabels", value, score, rid), width, height)
+
+
+def keypoint(
+    x: float,
+    y: float,
+    label: str,
+    *,
+    width: int,
+    height: int,
+    from_name: str,
+    to_name: str,
+    normalized: bool = False,
+    size: float = 0.5,
+    score: float | None = None,
+    rid: str | None = None,
+) -> dict[str, Any]:
+    """A KeyPointLabels result at a pixel (or 0..1) point; ``size`` is the drawn point's width in percent."""
+    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    value = {"x": _clip(x * sx), "y": _clip(y * sy), "width": float(size), "keypointlabels": [label]}
+    return _image_sized(_base(from_name, to_name, "keypointlabels", value, score, rid), width, height)
+
+
+def span(
+    start: int, end: int, label: str, *, text: str, from_name: str, to_name: str, score: float | None = None,
+    rid: str | None = None,
+) -> dict[str, Any]:
+    """A Labels result on text: characters ``start`` to ``end`` (exclusive) of ``text``."""
+    value = {"start": int(start), "end": int(end), "text": text[start:end], "labels": [label]}
+    return _base(from_name, to_name, "labels", value, score, rid)
+
+
+def textarea(
+    text: str | Sequence[str], *, from_name: str, to_name: str, score: float | None = None, rid: str | None = None,
+    region: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A TextArea result: for the whole item (speech), or for a ``region`` (OCR), sharing its id and geometry."""
+    lines = [text] if isinstance(text, str) else [str(t) for t in text]
+    value: dict[str, Any] = {"text": lines}
+    if region is not None:
+        geometry = {k: v for k, v in region["value"].items() if not k.endswith("labels")}
+        value = {**geometry, **value}
+        result = _base(from_name, to_name, "textarea", value, score, region["id"])
+        for key in ("original_width", "original_height", "image_rotation"):
+            if key in region:
+                result[key] = region[key]
+        return result
+    return _base(from_name, to_name, "textarea", value, score, rid)
+
+
+def number(value: float, *, from_name: str, to_name: str, score: float | None = None) -> dict[str, Any]:
+    return _base(from_name, to_name, "number", {"number": value}, score, None)
+
+
+def rating(value: int, *, from_name: str, to_name: str, score: float | None = None) -> dict[str, Any]:
+    return _base(from_name, to_name, "rating", {"rating": int(value)}, score, None)
+
+
+def prediction(
+    results: list[dict[str, Any]], *, score: str | float = "mean", model_version: str | None = None
+) -> dict[str, Any]:
+    """One task's prediction: its results, a score (the mean or min of the results', or a number), a version."""
+    scores = [r["score"] for r in results if isinstance(r.get("score"), (int, float))]
+    if isinstance(score, str):
+        if score not in ("mean", "min", "max"):
+            raise ValueError("score must be 'mean', 'min', 'max' or a number")
+        combined = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}[score](scores) if scores else 0.0
+    else:
+        combined = float(score)
+    out: dict[str, Any] = {"result": results, "score": float(combined) if math.isfinite(combined) else 0.0}
+    if model_version:
+        out["model_version"] = model_version
+    return out

@@ -1,0 +1,306 @@
+"""hooks/: every builder and adapter on realistic inputs, checked to the pixel and against label-studio-sdk.
+
+Images are 200 x 100 (width x height), so a swapped width and height cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import hooks
+from backend.errors import PredictionsInvalid
+from backend.validation import validate_predictions
+from tests.support.servers import ROOT, base_env
+
+W, H = 200, 100
+IMAGE_OBJ = '<Image name="image" value="$image"/>'
+DETECTION = f'<View>{IMAGE_OBJ}<RectangleLabels name="box" toName="image"><Label value="cat"/><Label value="dog"/></RectangleLabels></View>'
+POLYGONS = f'<View>{IMAGE_OBJ}<PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels></View>'
+BRUSHES = f'<View>{IMAGE_OBJ}<BrushLabels name="mask" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels></View>'
+KEYPOINTS = f'<View>{IMAGE_OBJ}<KeyPointLabels name="kp" toName="image"><Label value="nose"/><Label value="tail"/></KeyPointLabels></View>'
+CLASSES = f'<View>{IMAGE_OBJ}<Choices name="cls" toName="image"><Choice value="cat"/><Choice value="dog"/></Choices></View>'
+MULTI = f'<View>{IMAGE_OBJ}<Choices name="tags" toName="image" choice="multiple"><Choice value="indoor"/><Choice value="pet"/></Choices></View>'
+NER = '<View><Text name="text" value="$text"/><Labels name="ner" toName="text"><Label value="PER"/><Label value="LOC"/></Labels></View>'
+OCR = (f'<View>{IMAGE_OBJ}<RectangleLabels name="bbox" toName="image"><Label value="Text"/></RectangleLabels>'
+       '<TextArea name="transcription" toName="image" perRegion="true"/></View>')
+ASR = '<View><Audio name="audio" value="$audio"/><TextArea name="transcription" toName="audio"/></View>'
+SCALES = f'<View>{IMAGE_OBJ}<Number name="count" toName="image"/><Rating name="quality" toName="image"/></View>'
+
+
+def check(predictions, config, count):
+    """One prediction per task, and every one renders (label-studio-sdk's own validation)."""
+    assert len(predictions) == count
+    validate_predictions(predictions, [{"id": i} for i in range(count)], config)
+
+
+def pixels(value):
+    return (value["x"] * W / 100, value["y"] * H / 100, value["width"] * W / 100, value["height"] * H / 100)
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"p{i}.png"
+        Image.new("RGB", (W, H), (40 + 100 * i,) * 3).save(path)
+        paths.append(str(path))
+    return paths
+
+
+# --- builders ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("box,box_format,normalized", [
+    ((20, 10, 120, 60), "xyxy", False), ((20, 10, 100, 50), "xywh", False), ((70, 35, 100, 50), "cxcywh", False),
+    ((0.1, 0.1, 0.6, 0.6), "xyxy", True),
+])
+def test_rectangle_in_every_box_format_lands_on_the_same_pixels(box, box_format, normalized):
+    result = hooks.rectangle(box, "cat", width=W, height=H, from_name="box", to_name="image", box_format=box_format,
+                             normalized=normalized, score=0.9)
+    assert pixels(result["value"]) == pytest.approx((20, 10, 100, 50))
+    assert (result["original_width"], result["original_height"]) == (W, H)
+    check([hooks.prediction([result])], DETECTION, 1)
+
+
+def test_rotation_ids_and_prediction_scores():
+    a = hooks.rectangle((0, 0, 10, 10), "cat", width=W, height=H, from_name="box", to_name="image", rotation=30, score=0.2)
+    b = hooks.rectangle((0, 0, 10, 10), "dog", width=W, height=H, from_name="box", to_name="image", score=0.6)
+    assert a["value"]["rotation"] == 30 and a["id"] != b["id"]
+    assert hooks.prediction([a, b])["score"] == pytest.approx(0.4)
+    assert hooks.prediction([a, b], score="min", model_version="v7") == {"result": [a, b], "score": 0.2, "model_version": "v7"}
+    assert hooks.prediction([])["score"] == 0.0
+
+
+def test_polygon_keypoint_brush_span_textarea_number_rating():
+    poly = hooks.polygon([(20, 10), (120, 10), (120, 60)], "dog", width=W, height=H, from_name="poly", to_name="image")
+    assert poly["value"]["points"] == [[10.0, 10.0], [60.0, 10.0], [60.0, 60.0]]
+    check([hooks.prediction([poly])], POLYGONS, 1)
+    normalized = hooks.polygon([(0.1, 0.1), (0.6, 0.1), (0.6, 0.6)], "dog", width=W, height=H, from_name="poly",
+                               to_name="image", normalized=True)
+    assert normalized["value"]["points"] == poly["value"]["points"]
+
+    point = hooks.keypoint(50, 25, "nose", width=W, height=H, from_name="kp", to_name="image")
+    assert (point["value"]["x"], point["value"]["y"]) == (25.0, 25.0)
+    check([hooks.prediction([point])], KEYPOINTS, 1)
+
+    mask = np.zeros((H, W), dtype=bool)
+    mask[10:60, 20:120] = True
+    painted = hooks.brush(mask, "cat", from_name="mask", to_name="image")
+    assert painted["value"]["format"] == "rle" and painted["original_width"] == W and painted["original_height"] == H
+    from label_studio_sdk.converter.brush import decode_rle
+
+    decoded = decode_rle(painted["value"]["rle"]).reshape(H, W, 4)[:, :, 3] > 0
+    assert (decoded == mask).all()  # the RLE decodes back to the very same pixels
+    check([hooks.prediction([painted])], BRUSHES, 1)
+
+    text = "Ada Lovelace was born in London."
+    person = hooks.span(0, 12, "PER", text=text, from_name="ner", to_name="text")
+    assert person["value"] == {"start": 0, "end": 12, "text": "Ada Lovelace", "labels": ["PER"]}
+    check([hooks.prediction([person])], NER, 1)
+
+    region = hooks.rectangle((20, 10, 120, 60), "Text", width=W, height=H, from_name="bbox", to_name="image")
+    words = hooks.textarea("HELLO", from_name="transcription", to_name="image", region=region)
+    assert words["id"] == region["id"] and words["value"]["text"] == ["HELLO"] and words["value"]["x"] == 10.0
+    check([hooks.prediction([region, words])], OCR, 1)
+    check([hooks.prediction([hooks.textarea("hello world", from_name="transcription", to_name="audio")])], ASR, 1)
+
+    scales = [hooks.number(3, from_name="count", to_name="image"), hooks.rating(4, from_name="quality", to_name="image")]
+    check([hooks.prediction(scales)], SCALES, 1)
+    check([hooks.prediction([hooks.choices(["indoor", "pet"], from_name="tags", to_name="image")])], MULTI, 1)
+
+
+def test_names_and_labels_come_from_the_config():
+    control = hooks.find_control(DETECTION, "RectangleLabels", label_map={"kitty": "cat", "person": None})
+    assert (control.from_name, control.to_name, control.labels) == ("box", "image", ("cat", "dog"))
+    assert control.label("Dog") == "dog" and control.label("kitty") == "cat" and control.label("person") is None
+    assert control.label(1, {0: "cat", 1: "dog"}) == "dog"
+    assert control.label("horse") is None and control.skipped == 1
+    strict = hooks.find_control(DETECTION, "RectangleLabels", on_unknown="error")
+    with pytest.raises(hooks.HookConfigError, match="'horse' is not a label of RectangleLabels 'box'"):
+        strict.label("horse")
+    with pytest.raises(hooks.HookConfigError, match="no PolygonLabels control"):
+        hooks.find_control(DETECTION, "PolygonLabels")
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+class Boxes:
+    def __init__(self, xyxy, cls, conf):
+        self.xyxy, self.cls, self.conf = np.array(xyxy, float), np.array(cls, float), np.array(conf, float)
+
+    def __len__(self):
+        return len(self.conf)
+
+
+class Result:
+    """The attributes of an ultralytics Results object that the adapter reads."""
+
+    def __init__(self, boxes=None, masks=None, keypoints=None, probs=None):
+        self.boxes, self.masks, self.keypoints, self.probs = boxes, masks, keypoints, probs
+        self.names = {0: "cat", 1: "dog"}
+        self.orig_shape = (H, W)  # (height, width), as ultralytics has it
+
+
+def test_ultralytics_boxes_one_prediction_per_image_never_merged():
+    output = [Result(Boxes([[20, 10, 120, 60], [0, 0, 5, 5]], [0, 1], [0.9, 0.1])),
+              Result(Boxes([[100, 50, 200, 100]], [1], [0.8]))]
+    predictions = hooks.ultralytics_post(threshold=0.25)(output, label_config=DETECTION)
+    check(predictions, DETECTION, 2)
+    [first], [second] = predictions[0]["result"], predictions[1]["result"]
+    assert pixels(first["value"]) == pytest.approx((20, 10, 100, 50)) and first["value"]["rectanglelabels"] == ["cat"]
+    assert pixels(second["value"]) == pytest.approx((100, 50, 100, 50)) and second["value"]["rectanglelabels"] == ["dog"]
+    assert predictions[0]["score"] == pytest.approx(0.9)
+
+
+def test_ultralytics_masks_keypoints_and_classification():
+    mask = np.zeros((1, H, W), dtype=float)
+    mask[0, 10:60, 20:120] = 1.0
+    segmented = Result(Boxes([[20, 10, 120, 60]], [0], [0.9]),
+                       masks=type("Masks", (), {"xy": [np.array([[20, 10], [120, 10], [120, 60]])], "data": mask})())
+    polygons = hooks.ultralytics_post()([segmented], label_config=POLYGONS)
+    check(polygons, POLYGONS, 1)
+    assert polygons[0]["result"][0]["value"]["points"][1] == [60.0, 10.0]
+    brushes = hooks.ultralytics_post()([segmented], label_config=BRUSHES)
+    check(brushes, BRUSHES, 1)
+
+    posed = Result(Boxes([[20, 10, 120, 60]], [0], [0.9]), keypoints=type("K", (), {"xy": np.array([[[50, 25], [0, 0]]])})())
+    points = hooks.ultralytics_post(keypoint_names=["nose", "tail"])([posed], label_config=KEYPOINTS)
+    check(points, KEYPOINTS, 1)
+    assert [(p["value"]["x"], p["value"]["y"], p["value"]["keypointlabels"]) for p in points[0]["result"]] == [(25.0, 25.0, ["nose"])]
+
+    classified = Result(probs=type("P", (), {"data": np.array([0.2, 0.8])})())
+    choices = hooks.ultralytics_post()([classified], label_config=CLASSES)
+    check(choices, CLASSES, 1)
+    assert choices[0]["result"][0]["value"]["choices"] == ["dog"]
+
+
+def test_torchvision_detections_with_sizes_from_the_files(pictures):
+    output = [{"boxes": np.array([[20, 10, 120, 60]]), "labels": np.array([2]), "scores": np.array([0.95])},
+              {"boxes": np.zeros((0, 4)), "labels": np.zeros(0), "scores": np.zeros(0)}]
+    post = hooks.torchvision_detection_post(class_names={1: "cat", 2: "dog"})
+    predictions = post(output, label_config=DETECTION, inputs=pictures)
+    check(predictions, DETECTION, 2)
+    assert pixels(predictions[0]["result"][0]["value"]) == pytest.approx((20, 10, 100, 50))
+    assert predictions[1]["result"] == []
+
+
+def test_letterboxed_coordinates_are_mapped_back(pictures):
+    pre = hooks.images_to_numpy(size=64, letterboxed=True)
+    batch = pre(pictures)
+    assert batch.shape == (2, 64, 64, 3)
+    scale, pad_x, pad_y = hooks.letterbox_geometry((W, H), 64)
+    in_model = [20 * scale + pad_x, 10 * scale + pad_y, 120 * scale + pad_x, 60 * scale + pad_y]
+    post = hooks.torchvision_detection_post(class_names=["cat", "dog"], letterbox=64)
+    output = [{"boxes": np.array([in_model]), "labels": np.array([0]), "scores": np.array([0.9])}] * 2
+    predictions = post(output, label_config=DETECTION, inputs=pictures)
+    assert pixels(predictions[0]["result"][0]["value"]) == pytest.approx((20, 10, 100, 50), abs=1e-6)
+
+
+def test_sklearn_predict_and_predict_proba():
+    labels = hooks.sklearn_post()(np.array(["dog", "cat"]), label_config=CLASSES)
+    check(labels, CLASSES, 2)
+    assert [p["result"][0]["value"]["choices"] for p in labels] == [["dog"], ["cat"]]
+    probabilities = hooks.sklearn_post(classes=["cat", "dog"])(np.array([[0.3, 0.7], [0.9, 0.1]]), label_config=CLASSES)
+    check(probabilities, CLASSES, 2)
+    assert probabilities[0]["result"][0]["score"] == pytest.approx(0.7)
+    with pytest.raises(hooks.HookConfigError, match="'bird'"):
+        hooks.sklearn_post()(np.array(["bird"]), label_config=CLASSES)
+
+
+def test_transformers_classification_token_classification_and_speech(tmp_path):
+    ranked = [[{"label": "CAT", "score": 0.6}, {"label": "DOG", "score": 0.4}], [{"label": "DOG", "score": 0.99}]]
+    choices = hooks.transformers_post()(ranked, label_config=CLASSES)
+    check(choices, CLASSES, 2)
+    assert [p["result"][0]["value"]["choices"] for p in choices] == [["cat"], ["dog"]]
+
+    text = "Ada Lovelace was born in London."
+    entities = [[{"entity_group": "PER", "start": 0, "end": 12, "score": 0.99, "word": "Ada Lovelace"},
+                 {"entity_group": "LOC", "start": 25, "end": 31, "score": 0.97, "word": "London"},
+                 {"entity_group": "MISC", "start": 0, "end": 3, "score": 0.5, "word": "Ada"}]]
+    spans = hooks.transformers_post()(entities, label_config=NER, inputs=[text])
+    check(spans, NER, 1)
+    assert [(s["value"]["text"], s["value"]["labels"]) for s in spans[0]["result"]] == [("Ada Lovelace", ["PER"]), ("London", ["LOC"])]
+
+    speech = hooks.transformers_post()([{"text": " hello world "}], label_config=ASR)
+    check(speech, ASR, 1)
+    assert speech[0]["result"][0]["value"]["text"] == ["hello world"]
+
+
+def test_easyocr_regions_with_their_text(pictures):
+    detections = [[([[20, 10], [120, 10], [120, 60], [20, 60]], "HELLO", 0.93)], []]
+    predictions = hooks.easyocr_post()(detections, label_config=OCR, inputs=pictures)
+    check(predictions, OCR, 2)
+    box, words = predictions[0]["result"]
+    assert pixels(box["value"]) == pytest.approx((20, 10, 100, 50)) and box["value"]["rectanglelabels"] == ["Text"]
+    assert words["id"] == box["id"] and words["value"]["text"] == ["HELLO"]
+
+
+def test_a_wrong_config_fails_validation_loudly():
+    predictions = hooks.ultralytics_post(from_name="boxes", to_name="img")([Result(Boxes([[1, 1, 9, 9]], [0], [0.9]))])
+    with pytest.raises(PredictionsInvalid):
+        validate_predictions(predictions, [{"id": 1}], DETECTION)
+
+
+# --- pre hooks -----------------------------------------------------------------------------------
+
+
+def test_pre_hooks(pictures, tmp_path):
+    assert hooks.images_to_numpy(size=(32, 16), channels_first=True)(pictures).shape == (2, 3, 16, 32)
+    frame = hooks.image_features_frame(["brightness", "width", "height"])(pictures)
+    assert list(frame.columns) == ["brightness", "width", "height"] and frame["width"].tolist() == [W, W]
+    assert frame["brightness"].tolist() == pytest.approx([40 / 255, 140 / 255])
+    note = tmp_path / "note.txt"
+    note.write_text("from a file")
+    assert hooks.read_texts([str(note), "inline text"]) == ["from a file", "inline text"]
+    assert hooks.texts_frame()(["a", "b"])["text"].tolist() == ["a", "b"]
+
+
+# --- pickling and the checker --------------------------------------------------------------------
+
+
+def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_path):
+    import cloudpickle
+
+    post = hooks.ultralytics_post(threshold=0.5, label_map={"cat": "dog"})
+    payload = base64.b64encode(cloudpickle.dumps(post)).decode()
+    script = (
+        "import base64, sys, cloudpickle, numpy as np\n"
+        "assert 'hooks' not in sys.modules\n"
+        "try:\n    import hooks\n    raise SystemExit('hooks should not be importable here')\nexcept ImportError:\n    pass\n"
+        "post = cloudpickle.loads(base64.b64decode(sys.argv[1]))\n"
+        "class B:\n    xyxy = np.array([[20., 10., 120., 60.]]); cls = np.array([0.]); conf = np.array([0.9])\n"
+        "    def __len__(self): return 1\n"
+        "class R:\n    boxes = B(); masks = keypoints = probs = None; names = {0: 'cat'}; orig_shape = (100, 200)\n"
+        f"print(__import__('json').dumps(post([R()], label_config={DETECTION!r})))\n"
+    )
+    env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script, payload], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [prediction] = json.loads(done.stdout)
+    assert prediction["result"][0]["value"]["rectanglelabels"] == ["dog"]
+
+
+def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
+    from tests.support.hooks import IMAGE_CONFIG
+
+    base = [sys.executable, "-m", "hooks", "check", "--label-config", IMAGE_CONFIG, "--model", "models:/brightness/1",
+            "--tracking-uri", registry, "--pre-hook", "examples.hooks:brightness_pre"]
+    good = subprocess.run([*base, "--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"])],
+                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180)
+    assert good.returncode == 0, good.stderr
+    shown = json.loads(good.stdout)
+    assert [p["result"][0]["value"]["choices"] for p in shown["results"]] == [["light"], ["dark"]]
+    assert "OK: 2 predictions" in good.stderr
+
+    bad = subprocess.run([*base, "--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"])],
+                         cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180)
+    assert bad.returncode == 1
+    assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr
