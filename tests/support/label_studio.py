@@ -1,0 +1,108 @@
+"""Real Label Studio on loopback for the end-to-end tests, installed and migrated once per machine.
+
+The ``label-studio`` package lives in its own virtual environment (it pins its own Django stack)
+under ``~/.cache/lsbackend-e2e`` (``LSBACKEND_E2E_CACHE``), and a migrated data folder is kept there
+as a template: each run copies it, which cuts Label Studio's start from ~30 s to a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tests.support.servers import Process, free_port, wait_until
+
+VERSION = "1.23.2"
+TOKEN = "0123456789abcdef0123456789abcdef01234567"
+USER, PASSWORD = "admin@example.com", "adminpass123"
+CACHE = Path(os.environ.get("LSBACKEND_E2E_CACHE") or Path.home() / ".cache" / "lsbackend-e2e")
+
+
+class LabelStudioUnavailable(Exception):
+    """Label Studio could not be installed or started here; the message says why."""
+
+
+def ensure_installed() -> Path:
+    """The ``label-studio`` executable of the cached virtual environment, installing it the first time."""
+    venv = CACHE / f"ls-{VERSION}"
+    executable, done = venv / "bin" / "label-studio", venv / ".installed"
+    if executable.exists() and done.exists():
+        return executable
+    shutil.rmtree(venv, ignore_errors=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    steps = [[sys.executable, "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={VERSION}"]]
+    for step in steps:
+        try:
+            result = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabelStudioUnavailable(f"installing label-studio failed: {exc}") from exc
+        if result.returncode != 0:
+            raise LabelStudioUnavailable(f"installing label-studio failed: {result.stderr[-1500:]}")
+    done.touch()
+    return executable
+
+
+def _environment(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "PYTHONPATH", "MLFLOW_", "DJANGO"))}
+    env.update(
+        LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
+        LABEL_STUDIO_HOST=f"http://127.0.0.1:{port}",
+        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",  # the fixed token below is refused otherwise
+        ML_BLOCK_LOCAL_IP="false",  # a 127.0.0.1 backend is refused otherwise
+        SSRF_PROTECTION_ENABLED="false",  # its webhook to 127.0.0.1 is refused otherwise
+        LATEST_VERSION_CHECK="false", COLLECT_ANALYTICS="false", SENTRY_DSN="", FRONTEND_SENTRY_DSN="",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class LabelStudio(Process):
+    """``label-studio start`` on a free loopback port, on a copy of the migrated data template."""
+
+    def __init__(self, folder: Path, executable: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = folder / "data"
+        args = [str(executable), "start", "--port", str(self.port), "--internal-host", "127.0.0.1", "--no-browser",
+                "--username", USER, "--password", PASSWORD, "--user-token", TOKEN]
+        super().__init__(args, _environment(self.data_dir, self.port), folder / "label-studio.log", cwd=folder)
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Token {TOKEN}"
+
+    def start(self, timeout: float = 180) -> "LabelStudio":
+        super().start()
+        try:
+            # It moves to another port when its own is taken: only an answer on ours counts.
+            wait_until(lambda: requests.get(self.url + "/health", timeout=2).ok, timeout, "label studio", self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise LabelStudioUnavailable(f"label-studio did not start: {exc}\n{self.output()[-3000:]}") from exc
+        return self
+
+    def api(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+        response = self.session.request(method, self.url + path, timeout=120, **kwargs)
+        expected = (expect,) if isinstance(expect, int) else expect
+        assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
+        return response.json() if response.content else None
+
+
+def start_label_studio(folder: Path) -> LabelStudio:
+    """A running Label Studio with a fresh copy of the cached, migrated data folder."""
+    executable = ensure_installed()
+    template = CACHE / f"data-template-{VERSION}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (template / ".ready").exists():
+        first = LabelStudio(folder / "first-start", executable).start(timeout=300)  # runs the migrations
+        first.stop()
+        shutil.rmtree(template, ignore_errors=True)
+        shutil.copytree(first.data_dir, template)
+        (template / ".ready").touch()
+    server = LabelStudio(folder, executable)
+    shutil.copytree(template, server.data_dir)
+    return server.start()
