@@ -2,24 +2,25 @@
 
 ``pre_hook(inputs) -> model.predict -> post_hook(outputs)`` runs in batches of ``batch_size``; each
 batch's post hook must give back one prediction per task. Hooks that take ``tasks``, ``context``,
-``device``, ``label_config`` or ``inputs`` (what the pre hook got) as keywords get them; one-argument hooks (the DagsHub form) work as is.
+``device``, ``label_config`` or ``inputs`` (what the pre hook got) as keywords get them; one-argument
+hooks (the DagsHub form) work as is.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from backend.batching import Chunk, DynamicBatcher, StageTimer
 from backend.errors import DeadlineExceeded, HookFailed, PredictionsInvalid
 from backend.hookcodec import Hook
 from backend.loading import LoadedModel
 from backend.spec import ModelSpec
 from backend.taskdata import TaskInput
 from backend.validation import complete_prediction, task_ref
-
-StageTimer = Callable[[str, float], None]
-
 
 @dataclass
 class ConfiguredModel:
@@ -53,31 +54,65 @@ class ConfiguredModel:
     def predict_tasks(
         self,
         tasks: list[dict[str, Any]],
-        inputs: list[TaskInput],
+        inputs: Sequence[TaskInput],
         context: Any = None,
         label_config: str = "",
         deadline: float | None = None,
         timer: StageTimer | None = None,
+        batcher: DynamicBatcher | None = None,
     ) -> list[dict[str, Any]]:
-        """One completed prediction per task, in task order; tasks without data get an empty prediction."""
+        """One completed prediction per task, in task order; tasks without data get an empty prediction.
+
+        Tasks go in chunks of ``batch_size``, each sent as soon as its own data is in (``inputs`` may
+        still be downloading the rest), to the batcher where there is one: it may join the chunk with
+        other requests' in one model call. Interactive calls (with a ``context``) run on their own.
+        """
         predictions: list[dict[str, Any] | None] = [None] * len(tasks)
-        ready = [i for i, item in enumerate(inputs) if not item.error]
-        for i, item in enumerate(inputs):
-            if item.error:
-                predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
-        for start in range(0, len(ready), self.batch_size):
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"prediction stopped after {start} of {len(ready)} tasks: the deadline passed",
-                    "Send fewer tasks per request, raise batch_size, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
-                )
-            chunk = ready[start : start + self.batch_size]
-            outputs = self.run_batch(
-                [inputs[i].value for i in chunk], [tasks[i] for i in chunk], context, label_config, timer
-            )
-            for i, prediction in zip(chunk, outputs):
-                predictions[i] = complete_prediction(prediction, self.model_version, task_ref(tasks[i], i))
+        batched = batcher is not None and batcher.enabled and context is None
+        sent: list[tuple[list[int], Any]] = []
+        try:
+            for start in range(0, len(tasks), self.batch_size):
+                self._check_deadline(deadline, start, len(tasks))
+                chunk = []
+                for i in range(start, min(len(tasks), start + self.batch_size)):
+                    if inputs[i].error:  # waits for this task's files only
+                        predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
+                    else:
+                        chunk.append(i)
+                if not chunk:
+                    continue
+                values, chunk_tasks = [inputs[i].value for i in chunk], [tasks[i] for i in chunk]
+                if batched:
+                    sent.append((chunk, batcher.submit(Chunk(self, values, chunk_tasks, label_config, timer))))
+                else:
+                    sent.append((chunk, self.run_batch(values, chunk_tasks, context, label_config, timer)))
+            for chunk, outcome in sent:
+                outputs = self._wait(outcome, deadline, len(tasks)) if isinstance(outcome, Future) else outcome
+                for i, prediction in zip(chunk, outputs):
+                    predictions[i] = complete_prediction(prediction, self.model_version, task_ref(tasks[i], i))
+        except BaseException:
+            for _, outcome in sent:
+                if isinstance(outcome, Future):
+                    outcome.cancel()  # chunks not yet started are dropped by the batcher
+            raise
         return [p for p in predictions if p is not None]
+
+    @staticmethod
+    def _check_deadline(deadline: float | None, done: int, total: int) -> None:
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"prediction stopped after {done} of {total} tasks: the deadline passed",
+                "Send fewer tasks per request, raise batch_size, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
+            )
+
+    def _wait(self, outcome: Future, deadline: float | None, total: int) -> list[Any]:
+        try:
+            return outcome.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise DeadlineExceeded(
+                f"prediction of {total} tasks did not finish before the deadline",
+                "Send fewer tasks per request, raise batch_size, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
+            ) from None
 
     def run_batch(
         self,

@@ -13,6 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .auth import require_basic_auth, require_configure_rights
+from .batching import DynamicBatcher
 from .errors import BadRequest, NotFound
 from .metrics import BackendMetrics
 from .runtime import Runtime
@@ -37,6 +38,7 @@ class Services:
     metrics: BackendMetrics
     runtime: Runtime
     fetcher: TaskDataFetcher
+    batcher: DynamicBatcher
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
 
@@ -117,6 +119,7 @@ def _status() -> dict[str, Any]:
     }
     if active is not None:
         body.update(active.describe())
+    body["batching"] = services().batcher.describe(active.batch_size if active else None)
     if runtime.last_error:
         body["last_error"] = runtime.last_error
     return body
@@ -185,10 +188,10 @@ def predict():
         return jsonify({"results": [], "model_version": model.model_version})
 
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)  # noqa: E731
-    started = time.perf_counter()
-    inputs = s.fetcher.fetch_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
-    timer("fetch", time.perf_counter() - started)
-    predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer)
+    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
+    with s.batcher.request():
+        predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer, s.batcher)
+    timer("fetch", inputs.fetch_seconds)
     started = time.perf_counter()
     validate_predictions(predictions, tasks, label_config)
     timer("validate", time.perf_counter() - started)

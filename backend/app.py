@@ -9,6 +9,7 @@ from typing import Mapping
 from flask import Flask
 
 from .api import api, Services
+from .batching import DynamicBatcher
 from .errors import register_error_handlers
 from .metrics import BackendMetrics
 from .runtime import Runtime
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         metrics=metrics,
         runtime=Runtime(settings, store, on_loaded=on_loaded),
         fetcher=TaskDataFetcher(store.cache_dir, settings.fetch_concurrency, settings.fetch_timeout_s),
+        batcher=DynamicBatcher(settings.max_latency_ms, enabled=settings.batching),
     )
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)

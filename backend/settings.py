@@ -66,6 +66,8 @@ class Settings:
     fetch_timeout_s: float = 30.0
     default_batch_size: int = 32
     store_poll_s: float = 1.0
+    batching: bool = True
+    max_latency_ms: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -88,6 +90,8 @@ class Settings:
             fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", 30.0, 0.1),
             default_batch_size=_int(env, "BATCH_SIZE", 32, 1),
             store_poll_s=_float(env, "STORE_POLL_S", 1.0),
+            batching=(env.get("BATCHING") or "on").lower() not in ("off", "0", "false", "no"),
+            max_latency_ms=_float(env, "MAX_LATENCY_MS", 10.0),
         )
 
     @property

@@ -17,10 +17,11 @@ import mimetypes
 import os
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import unquote, urlparse
 
 import requests
@@ -82,6 +83,44 @@ class TaskInput:
     error: str = ""
 
 
+class PendingInputs(Sequence[TaskInput]):
+    """Tasks' inputs whose downloads may still run: indexing one waits for that task's files only."""
+
+    def __init__(self, inputs: list[TaskInput], jobs: dict[tuple[int, str], Any], objects: tuple[DataObject, ...]) -> None:
+        self._inputs, self._jobs, self._objects = inputs, jobs, objects
+        self._resolved = [bool(item.error) for item in inputs]
+        self.started = self.last_ready = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self._inputs)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not self._resolved[index]:
+            self._resolve(index)
+        return self._inputs[index]
+
+    def _resolve(self, index: int) -> None:
+        task_input, values = self._inputs[index], {}
+        for obj in self._objects:
+            job = self._jobs[(index, obj.key)]
+            try:
+                values[obj.key] = job.result() if hasattr(job, "result") else job
+            except FetchError as exc:
+                task_input.error = str(exc)
+                break
+        else:
+            task_input.value = next(iter(values.values())) if len(self._objects) == 1 else values
+        self._resolved[index] = True
+        self.last_ready = time.perf_counter()
+
+    @property
+    def fetch_seconds(self) -> float:
+        """From the start of the downloads until the last input needed so far was in."""
+        return self.last_ready - self.started
+
+
 class TaskDataFetcher:
     """Fetches many tasks' data at once through one pooled session and an on-disk cache."""
 
@@ -114,7 +153,18 @@ class TaskDataFetcher:
         label_studio: LabelStudioAccess,
         dagshub: DagshubAccess | None = None,
     ) -> list[TaskInput]:
-        """One TaskInput per task, in order: a path or text with one object tag, a dict by key with several."""
+        """One TaskInput per task, in order, once every download has finished."""
+        return list(self.start_tasks(tasks, objects, label_studio, dagshub))
+
+    def start_tasks(
+        self,
+        tasks: list[dict[str, Any]],
+        objects: tuple[DataObject, ...],
+        label_studio: LabelStudioAccess,
+        dagshub: DagshubAccess | None = None,
+    ) -> "PendingInputs":
+        """Start every task's downloads at once; each task's input is ready as soon as its own files are,
+        so the model can work on the first chunk while the rest still download."""
         jobs: dict[tuple[int, str], Any] = {}
         inputs = [TaskInput() for _ in tasks]
         for index, task in enumerate(tasks):
@@ -135,20 +185,7 @@ class TaskDataFetcher:
                     jobs[(index, obj.key)] = self.pool.submit(
                         self._fetch_task_object, raw, missing, task, label_studio, dagshub
                     )
-        for index, task_input in enumerate(inputs):
-            if task_input.error:
-                continue
-            values = {}
-            for obj in objects:
-                job = jobs[(index, obj.key)]
-                try:
-                    values[obj.key] = job.result() if hasattr(job, "result") else job
-                except FetchError as exc:
-                    task_input.error = str(exc)
-                    break
-            else:
-                task_input.value = next(iter(values.values())) if len(objects) == 1 else values
-        return inputs
+        return PendingInputs(inputs, jobs, objects)
 
     def _fetch_task_object(
         self,

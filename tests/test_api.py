@@ -286,10 +286,11 @@ def test_configure_token_on_open_bind(tmp_path, registry, monkeypatch):
     assert client.post("/configure", json=spec, headers={"Authorization": "Bearer tok"}).status_code == 200
 
 
-def test_a_prediction_past_the_deadline_is_cut_off_with_504(tmp_path, registry, monkeypatch, images):
-    client = make_client(tmp_path, registry, monkeypatch, predict_timeout_s=1.0, configure_wait_s=60)
+@pytest.mark.parametrize("batching,message", [(True, "3 tasks did not finish before the deadline"), (False, "stopped after 1 of 3 tasks")])
+def test_a_prediction_past_the_deadline_is_cut_off_with_504(tmp_path, registry, monkeypatch, images, batching, message):
+    client = make_client(tmp_path, registry, monkeypatch, predict_timeout_s=1.0, configure_wait_s=60, batching=batching)
     configure(client, post_hook=encode(hooks.slow_post), batch_size=1)
     response = predict(client, image_tasks(images, "white", "black", "white"))
     assert response.status_code == 504
-    assert "stopped after 1 of 3 tasks" in response.get_json()["error"]
+    assert message in response.get_json()["error"]
     assert "PREDICT_TIMEOUT_S" in response.get_json()["detail"]

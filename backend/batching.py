@@ -1,0 +1,152 @@
+"""Dynamic batching across requests: concurrent /predict calls share one model call.
+
+Label Studio's interactive labeling sends one task per request, from many annotators at once; a
+model called once per request wastes most of each call's fixed cost. Requests hand their chunks to
+one batching thread, which gathers chunks with the same model and labeling config up to the model's
+``batch_size`` items, waiting at most ``max_latency_ms`` for more, but only while other requests are
+in flight: a lone request never waits. One model call serves the batch, and its output is split
+back per request. If a gathered batch fails, each request's chunk is run again on its own, so one
+request's bad input fails that request only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+
+StageTimer = Callable[[str, float], None]
+
+
+@dataclass
+class Chunk:
+    """One request's share of a model call: its items, and where its predictions go."""
+
+    model: Any  # a ConfiguredModel; run_batch(values, tasks, context, label_config, timer)
+    values: list[Any]
+    tasks: list[dict[str, Any]]
+    label_config: str
+    timer: StageTimer | None
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return id(self.model), self.label_config
+
+
+class DynamicBatcher:
+    """One thread that runs every model call of this process, gathering requests' chunks."""
+
+    def __init__(self, max_latency_ms: float = 10.0, enabled: bool = True) -> None:
+        self.max_latency_s = max_latency_ms / 1000.0
+        self.enabled = enabled
+        self._queue: deque[Chunk] = deque()
+        self._cond = threading.Condition()
+        self._in_flight = 0  # requests inside predict: more may be about to submit
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # model calls made, for /health and the benchmarks
+        self.items = 0
+
+    def describe(self, max_batch_size: int | None = None) -> dict[str, Any]:
+        shown: dict[str, Any] = {"enabled": self.enabled, "max_latency_ms": self.max_latency_s * 1000.0}
+        if max_batch_size is not None:
+            shown["max_batch_size"] = max_batch_size
+        shown["model_calls"], shown["items"] = self.batches, self.items
+        return shown
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around one /predict: tells the batcher another request may be about to submit."""
+        with self._cond:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+    def submit(self, chunk: Chunk) -> Future:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+                self._thread.start()
+            self._queue.append(chunk)
+            self._cond.notify_all()
+        return chunk.future
+
+    def _requests_queued(self) -> int:
+        return len({id(c.future) for c in self._queue})
+
+    def _gather(self) -> list[Chunk]:
+        """Wait for work; then take chunks of the first one's kind, up to its model's batch size."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            first = self._queue[0]
+            limit = first.model.batch_size
+            deadline = time.monotonic() + self.max_latency_s
+            while True:
+                same = sum(len(c.values) for c in self._queue if c.key == first.key)
+                others_may_come = self._in_flight > self._requests_queued()
+                remaining = deadline - time.monotonic()
+                if same >= limit or not others_may_come or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            taken, size = [], 0
+            for chunk in list(self._queue):
+                if chunk.key != first.key or (taken and size + len(chunk.values) > limit):
+                    continue
+                self._queue.remove(chunk)
+                if chunk.future.set_running_or_notify_cancel():  # a request past its deadline cancelled it
+                    taken.append(chunk)
+                    size += len(chunk.values)
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            chunks = self._gather()
+            if chunks:
+                self._run(chunks)
+
+    def _run(self, chunks: list[Chunk]) -> None:
+        model, first = chunks[0].model, chunks[0]
+        values = [v for c in chunks for v in c.values]
+        tasks = [t for c in chunks for t in c.tasks]
+        try:
+            outputs = model.run_batch(values, tasks, None, first.label_config, first.timer)
+        except BackendError as exc:
+            if len(chunks) == 1:
+                first.future.set_exception(exc)
+                return
+            log.info("a batch of %d requests failed (%s); running each on its own", len(chunks), exc.error)
+            for chunk in chunks:
+                self._run_alone(chunk)
+            return
+        except BaseException as exc:  # noqa: BLE001 - never let the batching thread die
+            for chunk in chunks:
+                chunk.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.items += len(values)
+        start = 0
+        for chunk in chunks:
+            chunk.future.set_result(outputs[start : start + len(chunk.values)])
+            start += len(chunk.values)
+
+    def _run_alone(self, chunk: Chunk) -> None:
+        try:
+            chunk.future.set_result(chunk.model.run_batch(chunk.values, chunk.tasks, None, chunk.label_config, chunk.timer))
+            self.batches += 1
+            self.items += len(chunk.values)
+        except BaseException as exc:  # noqa: BLE001
+            chunk.future.set_exception(exc)
