@@ -22,6 +22,7 @@ from backend.spec import ModelSpec
 from backend.taskdata import TaskInput
 from backend.validation import complete_prediction, task_ref
 
+
 @dataclass
 class ConfiguredModel:
     """Everything one configure produced; immutable once serving, swapped whole on reconfigure."""

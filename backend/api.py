@@ -14,11 +14,11 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .auth import require_basic_auth, require_configure_rights
 from .batching import DynamicBatcher
+from .datapoints import DatasourceRef
 from .errors import BadRequest, NotFound
 from .metrics import BackendMetrics
 from .runtime import Runtime
 from .settings import Settings
-from .datapoints import DatasourceRef
 from .spec import ModelSpec, decode_configure_body, parse_model_spec
 from .store import ConfigurationStore
 from .taskdata import DagshubAccess, LabelStudioAccess, TaskDataFetcher

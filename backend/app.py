@@ -8,7 +8,7 @@ from typing import Mapping
 
 from flask import Flask
 
-from .api import api, Services
+from .api import Services, api
 from .batching import DynamicBatcher
 from .errors import register_error_handlers
 from .metrics import BackendMetrics

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-
 from typing import Protocol
 
 from flask import Request

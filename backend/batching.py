@@ -145,7 +145,9 @@ class DynamicBatcher:
 
     def _run_alone(self, chunk: Chunk) -> None:
         try:
-            chunk.future.set_result(chunk.model.run_batch(chunk.values, chunk.tasks, None, chunk.label_config, chunk.timer))
+            chunk.future.set_result(
+                chunk.model.run_batch(chunk.values, chunk.tasks, None, chunk.label_config, chunk.timer)
+            )
             self.batches += 1
             self.items += len(chunk.values)
         except BaseException as exc:  # noqa: BLE001

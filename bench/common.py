@@ -35,7 +35,10 @@ class Table:
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
-        print(f"  {row.section}: {row.what}: {row.ours:.4g} {row.unit} vs {row.baseline:.4g} ({row.ratio:.2f}x)", flush=True)
+        print(
+            f"  {row.section}: {row.what}: {row.ours:.4g} {row.unit} vs {row.baseline:.4g} ({row.ratio:.2f}x)",
+            flush=True,
+        )
 
     def markdown(self) -> str:
         lines = [

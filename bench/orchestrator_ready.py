@@ -36,22 +36,43 @@ def run(table: Table, workdir: Path) -> None:
     registry = f"sqlite:///{workdir / 'mlflow.db'}"
     register_models(registry, with_torch=False)
     subprocess.run([sys.executable, "-c", ALIASES, registry, str(BACKENDS)], cwd=ROOT, env=base_env(), check=True)
-    orchestrator = OrchestratorProcess(workdir / "state", {"MLFLOW_TRACKING_URI": registry, "MAX_BACKENDS": str(BACKENDS + 1)})
+    orchestrator = OrchestratorProcess(
+        workdir / "state", {"MLFLOW_TRACKING_URI": registry, "MAX_BACKENDS": str(BACKENDS + 1)}
+    )
     orchestrator.start()
     try:
         hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
         seconds = []
         for i in range(BACKENDS):
             started = time.perf_counter()
-            answer = requests.post(orchestrator.url + "/configure", json={"model_uri": f"models:/brightness@b{i}", **hooks}, timeout=120)
+            answer = requests.post(
+                orchestrator.url + "/configure", json={"model_uri": f"models:/brightness@b{i}", **hooks}, timeout=120
+            )
             seconds.append(time.perf_counter() - started)
             assert answer.status_code == 200 and answer.json()["state"] == "ready", answer.text
-        table.add(Row("orchestrator", "configure to ready, new backend (median of 10)", median(seconds), OLD_FIXED_WAIT_S, "s",
-                      "old design's fixed wait alone", target="a few seconds"))
+        table.add(
+            Row(
+                "orchestrator",
+                "configure to ready, new backend (median of 10)",
+                median(seconds),
+                OLD_FIXED_WAIT_S,
+                "s",
+                "old design's fixed wait alone",
+                target="a few seconds",
+            )
+        )
         started = time.perf_counter()
         requests.post(orchestrator.url + "/configure", json={"model_uri": "models:/brightness@b0", **hooks}, timeout=60)
-        table.add(Row("orchestrator", "configure again, same model (hooks only)", time.perf_counter() - started, OLD_FIXED_WAIT_S,
-                      "s", "old design's fixed wait alone"))
+        table.add(
+            Row(
+                "orchestrator",
+                "configure again, same model (hooks only)",
+                time.perf_counter() - started,
+                OLD_FIXED_WAIT_S,
+                "s",
+                "old design's fixed wait alone",
+            )
+        )
         pids = [int(b["handle"].partition(":")[0]) for b in orchestrator.backends().values()]
         one, ten = tree_rss_mib(pids[0]), sum(tree_rss_mib(pid) for pid in pids)
         table.notes.append(

@@ -19,16 +19,53 @@ import sys
 
 import cloudpickle
 
-from .adapters import easyocr_post, image_size, sklearn_post, torchvision_detection_post, transformers_post, ultralytics_post
+from .adapters import (
+    easyocr_post,
+    image_size,
+    sklearn_post,
+    torchvision_detection_post,
+    transformers_post,
+    ultralytics_post,
+)
 from .labelconfig import Control, HookConfigError, find_control
-from .pre import image_features_frame, images_to_numpy, letterbox, letterbox_geometry, open_images, read_texts, texts_frame
+from .pre import (
+    image_features_frame,
+    images_to_numpy,
+    letterbox,
+    letterbox_geometry,
+    open_images,
+    read_texts,
+    texts_frame,
+)
 from .results import brush, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 __all__ = [
-    "Control", "HookConfigError", "brush", "choices", "easyocr_post", "find_control", "image_features_frame", "image_size",
-    "images_to_numpy", "keypoint", "letterbox", "letterbox_geometry", "number", "open_images", "polygon", "prediction",
-    "rating", "read_texts", "rectangle", "sklearn_post", "span", "textarea", "texts_frame", "torchvision_detection_post",
-    "transformers_post", "ultralytics_post",
+    "Control",
+    "HookConfigError",
+    "brush",
+    "choices",
+    "easyocr_post",
+    "find_control",
+    "image_features_frame",
+    "image_size",
+    "images_to_numpy",
+    "keypoint",
+    "letterbox",
+    "letterbox_geometry",
+    "number",
+    "open_images",
+    "polygon",
+    "prediction",
+    "rating",
+    "read_texts",
+    "rectangle",
+    "sklearn_post",
+    "span",
+    "textarea",
+    "texts_frame",
+    "torchvision_detection_post",
+    "transformers_post",
+    "ultralytics_post",
 ]

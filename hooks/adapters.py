@@ -37,11 +37,15 @@ def image_size(path: Any) -> tuple[int, int]:
 def _control(label_config: str | None, tags: str | Sequence[str], options: Mapping[str, Any]) -> Control:
     from_name, to_name = options.get("from_name"), options.get("to_name")
     if label_config:
-        return find_control(label_config, tags, from_name, to_name, options.get("label_map"), options.get("on_unknown", "skip"))
+        return find_control(
+            label_config, tags, from_name, to_name, options.get("label_map"), options.get("on_unknown", "skip")
+        )
     if not from_name or not to_name:
         raise ValueError("without the labeling config, pass from_name= and to_name= to the hook factory")
     first = tags if isinstance(tags, str) else tags[0]
-    return Control(from_name, to_name, first, (), dict(options.get("label_map") or {}), options.get("on_unknown", "skip"))
+    return Control(
+        from_name, to_name, first, (), dict(options.get("label_map") or {}), options.get("on_unknown", "skip")
+    )
 
 
 def _per_task(output: Any, inputs: Sequence[Any] | None) -> list[Any]:
@@ -101,25 +105,42 @@ def ultralytics_post(
                 top = int(probs.argmax())
                 label = control.label(top, class_names)
                 if label is not None:
-                    found.append(r.choices(label, from_name=control.from_name, to_name=control.to_name, score=float(probs[top])))
+                    found.append(
+                        r.choices(label, from_name=control.from_name, to_name=control.to_name, score=float(probs[top]))
+                    )
             boxes = getattr(item, "boxes", None)
             masks = getattr(item, "masks", None)
             keypoints = getattr(item, "keypoints", None)
             if boxes is not None and len(boxes):
                 classes, scores = _array(boxes.cls).astype(int), _array(boxes.conf).astype(float)
                 keep = [i for i in range(len(scores)) if scores[i] >= threshold]
-                if masks is not None and label_config and (has_control(label_config, "PolygonLabels") or has_control(label_config, "BrushLabels")):
+                if (
+                    masks is not None
+                    and label_config
+                    and (has_control(label_config, "PolygonLabels") or has_control(label_config, "BrushLabels"))
+                ):
                     found += _masks(masks, keep, classes, scores, class_names, width, height, label_config, options)
                 elif keypoints is not None and label_config and has_control(label_config, "KeyPointLabels"):
-                    found += _keypoints(keypoints, keep, classes, scores, class_names, width, height, label_config, options)
+                    found += _keypoints(
+                        keypoints, keep, classes, scores, class_names, width, height, label_config, options
+                    )
                 else:
                     control = _control(label_config, "RectangleLabels", options)
                     xyxy = _array(boxes.xyxy)
                     for i in keep:
                         label = control.label(int(classes[i]), class_names)
                         if label is not None:
-                            found.append(r.rectangle(xyxy[i], label, width=width, height=height, from_name=control.from_name,
-                                                     to_name=control.to_name, score=scores[i]))
+                            found.append(
+                                r.rectangle(
+                                    xyxy[i],
+                                    label,
+                                    width=width,
+                                    height=height,
+                                    from_name=control.from_name,
+                                    to_name=control.to_name,
+                                    score=scores[i],
+                                )
+                            )
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 
@@ -133,8 +154,17 @@ def _masks(masks, keep, classes, scores, class_names, width, height, label_confi
         for i in keep:
             label = control.label(int(classes[i]), class_names)
             if label is not None and len(masks.xy[i]) >= 3:
-                found.append(r.polygon(_array(masks.xy[i]), label, width=width, height=height, from_name=control.from_name,
-                                       to_name=control.to_name, score=scores[i]))
+                found.append(
+                    r.polygon(
+                        _array(masks.xy[i]),
+                        label,
+                        width=width,
+                        height=height,
+                        from_name=control.from_name,
+                        to_name=control.to_name,
+                        score=scores[i],
+                    )
+                )
         return found
     control = _control(label_config, "BrushLabels", options)
     data = _array(masks.data)
@@ -155,7 +185,9 @@ def _resize_mask(mask: Any, width: int, height: int) -> Any:
     return np.asarray(Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
 
 
-def _keypoints(keypoints, keep, classes, scores, class_names, width, height, label_config, options) -> list[dict[str, Any]]:
+def _keypoints(
+    keypoints, keep, classes, scores, class_names, width, height, label_config, options
+) -> list[dict[str, Any]]:
     control = _control(label_config, "KeyPointLabels", options)
     xy = _array(keypoints.xy)
     point_names = options.get("keypoint_names")
@@ -164,10 +196,22 @@ def _keypoints(keypoints, keep, classes, scores, class_names, width, height, lab
         for k, (x, y) in enumerate(xy[i]):
             if x <= 0 and y <= 0:
                 continue  # ultralytics marks invisible keypoints with (0, 0)
-            label = control.label(point_names[k] if point_names else int(classes[i]), None if point_names else class_names)
+            label = control.label(
+                point_names[k] if point_names else int(classes[i]), None if point_names else class_names
+            )
             if label is not None:
-                found.append(r.keypoint(float(x), float(y), label, width=width, height=height, from_name=control.from_name,
-                                        to_name=control.to_name, score=scores[i]))
+                found.append(
+                    r.keypoint(
+                        float(x),
+                        float(y),
+                        label,
+                        width=width,
+                        height=height,
+                        from_name=control.from_name,
+                        to_name=control.to_name,
+                        score=scores[i],
+                    )
+                )
     return found
 
 
@@ -202,14 +246,25 @@ def torchvision_detection_post(
                     if label is not None:
                         mask = masks[i].reshape(masks.shape[-2:])
                         mask = mask if mask.shape == (height, width) else _resize_mask(mask, width, height)
-                        found.append(r.brush(mask, label, from_name=control.from_name, to_name=control.to_name, score=scores[i]))
+                        found.append(
+                            r.brush(mask, label, from_name=control.from_name, to_name=control.to_name, score=scores[i])
+                        )
             else:
                 control = _control(label_config, "RectangleLabels", options)
                 for i in keep:
                     label = control.label(labels[i].item(), class_names)
                     if label is not None:
-                        found.append(r.rectangle(boxes[i], label, width=width, height=height, from_name=control.from_name,
-                                                 to_name=control.to_name, score=scores[i]))
+                        found.append(
+                            r.rectangle(
+                                boxes[i],
+                                label,
+                                width=width,
+                                height=height,
+                                from_name=control.from_name,
+                                to_name=control.to_name,
+                                score=scores[i],
+                            )
+                        )
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 
@@ -241,7 +296,11 @@ def sklearn_post(
                 score = float(row[top])
             else:
                 label, score = control.label(row.item() if hasattr(row, "item") else row), None
-            found = [] if label is None else [r.choices(label, from_name=control.from_name, to_name=control.to_name, score=score)]
+            found = (
+                []
+                if label is None
+                else [r.choices(label, from_name=control.from_name, to_name=control.to_name, score=score)]
+            )
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 
@@ -268,7 +327,9 @@ def transformers_post(
             found: list[dict[str, Any]] = []
             if kind == "asr":
                 control = _control(label_config, "TextArea", options)
-                found.append(r.textarea(str(item["text"]).strip(), from_name=control.from_name, to_name=control.to_name))
+                found.append(
+                    r.textarea(str(item["text"]).strip(), from_name=control.from_name, to_name=control.to_name)
+                )
             elif kind == "token-classification":
                 control = _control(label_config, "Labels", options)
                 text = _text_of(inputs, index)
@@ -277,15 +338,28 @@ def transformers_post(
                         continue
                     label = control.label(entity.get("entity_group") or entity.get("entity", "").split("-")[-1])
                     if label is not None:
-                        found.append(r.span(int(entity["start"]), int(entity["end"]), label, text=text,
-                                            from_name=control.from_name, to_name=control.to_name, score=entity.get("score")))
+                        found.append(
+                            r.span(
+                                int(entity["start"]),
+                                int(entity["end"]),
+                                label,
+                                text=text,
+                                from_name=control.from_name,
+                                to_name=control.to_name,
+                                score=entity.get("score"),
+                            )
+                        )
             else:
                 control = _control(label_config, "Choices", options)
                 ranked = [item] if isinstance(item, dict) else sorted(item, key=lambda e: -float(e["score"]))
                 best = ranked[0] if ranked else None
                 label = control.label(best["label"]) if best and float(best["score"]) >= threshold else None
                 if label is not None:
-                    found.append(r.choices(label, from_name=control.from_name, to_name=control.to_name, score=float(best["score"])))
+                    found.append(
+                        r.choices(
+                            label, from_name=control.from_name, to_name=control.to_name, score=float(best["score"])
+                        )
+                    )
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 
@@ -296,7 +370,9 @@ def _transformers_kind(item: Any) -> str:
     if isinstance(item, dict):
         return "asr" if "text" in item and "label" not in item else "classification"
     first = item[0] if item else {}
-    return "token-classification" if isinstance(first, dict) and "start" in first and "end" in first else "classification"
+    return (
+        "token-classification" if isinstance(first, dict) and "start" in first and "end" in first else "classification"
+    )
 
 
 def _text_of(inputs: Sequence[Any] | None, index: int) -> str:
@@ -340,14 +416,36 @@ def easyocr_post(
                     continue
                 points = _array(corners).reshape(-1, 2).astype(float)
                 if polygons:
-                    region = r.polygon(points, region_label, width=width, height=height, from_name=regions.from_name,
-                                       to_name=regions.to_name, score=float(confidence))
+                    region = r.polygon(
+                        points,
+                        region_label,
+                        width=width,
+                        height=height,
+                        from_name=regions.from_name,
+                        to_name=regions.to_name,
+                        score=float(confidence),
+                    )
                 else:
                     box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
-                    region = r.rectangle(box, region_label, width=width, height=height, from_name=regions.from_name,
-                                         to_name=regions.to_name, score=float(confidence))
-                found += [region, r.textarea(str(words), from_name=text.from_name, to_name=text.to_name,
-                                             score=float(confidence), region=region)]
+                    region = r.rectangle(
+                        box,
+                        region_label,
+                        width=width,
+                        height=height,
+                        from_name=regions.from_name,
+                        to_name=regions.to_name,
+                        score=float(confidence),
+                    )
+                found += [
+                    region,
+                    r.textarea(
+                        str(words),
+                        from_name=text.from_name,
+                        to_name=text.to_name,
+                        score=float(confidence),
+                        region=region,
+                    ),
+                ]
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 

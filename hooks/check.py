@@ -64,7 +64,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         objects = data_objects(config)
         if not objects:
-            raise SystemExit("the labeling config reads no task data (its object tags need value=\"$key\")")
+            raise SystemExit('the labeling config reads no task data (its object tags need value="$key")')
         tasks = _tasks(args.items, objects[0].key)
         body = {"model_uri": args.model, "pre_hook": args.pre_hook, "post_hook": args.post_hook, "loader": args.loader}
         if args.tracking_uri:
@@ -75,8 +75,13 @@ def run_check(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="hooks-check-") as scratch:
             started = time.perf_counter()
             loaded = load_model(spec, Path(scratch) / "artifacts")
-            model = ConfiguredModel(spec, loaded, decode_hook(spec.pre_hook, "pre_hook"), decode_hook(spec.post_hook, "post_hook"),
-                                    spec.batch_size or 32)
+            model = ConfiguredModel(
+                spec,
+                loaded,
+                decode_hook(spec.pre_hook, "pre_hook"),
+                decode_hook(spec.post_hook, "post_hook"),
+                spec.batch_size or 32,
+            )
             fetcher = TaskDataFetcher(Path(scratch) / "cache")
             try:
                 inputs = fetcher.fetch_tasks(tasks, objects, LabelStudioAccess())

@@ -94,7 +94,9 @@ def find_control(
         raise HookConfigError(f"the labeling config has no {' or '.join(wanted)} control (it has: {have})")
     if len(candidates) > 1:
         names = ", ".join(repr(c.name) for c in candidates)
-        raise HookConfigError(f"the labeling config has several {' or '.join(wanted)} controls ({names}); pass from_name=")
+        raise HookConfigError(
+            f"the labeling config has several {' or '.join(wanted)} controls ({names}); pass from_name="
+        )
     control = candidates[0]
     targets = list(control.to_name or [])
     return Control(

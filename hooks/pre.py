@@ -80,7 +80,9 @@ def image_features_frame(columns: Sequence[str] = ("brightness",)) -> PreHook:
         for image in open_images(paths, mode="L"):
             features = {
                 "brightness": float(np.asarray(image, dtype=float).mean() / 255.0),
-                "width": image.width, "height": image.height, "aspect": image.width / image.height,
+                "width": image.width,
+                "height": image.height,
+                "aspect": image.width / image.height,
             }
             rows.append({column: features[column] for column in columns})
         return pd.DataFrame(rows, columns=list(columns))

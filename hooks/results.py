@@ -18,8 +18,16 @@ def region_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _base(from_name: str, to_name: str, kind: str, value: dict[str, Any], score: float | None, rid: str | None) -> dict[str, Any]:
-    result: dict[str, Any] = {"id": rid or region_id(), "from_name": from_name, "to_name": to_name, "type": kind, "value": value}
+def _base(
+    from_name: str, to_name: str, kind: str, value: dict[str, Any], score: float | None, rid: str | None
+) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "id": rid or region_id(),
+        "from_name": from_name,
+        "to_name": to_name,
+        "type": kind,
+        "value": value,
+    }
     if score is not None:
         result["score"] = float(score)
     return result
@@ -68,8 +76,12 @@ def rectangle(
         x, y, w, h = a - c / 2, b - d / 2, c, d
     sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
     value = {
-        "x": _clip(x * sx), "y": _clip(y * sy), "width": _clip(w * sx), "height": _clip(h * sy),
-        "rotation": float(rotation), "rectanglelabels": [label],
+        "x": _clip(x * sx),
+        "y": _clip(y * sy),
+        "width": _clip(w * sx),
+        "height": _clip(h * sy),
+        "rotation": float(rotation),
+        "rectanglelabels": [label],
     }
     return _image_sized(_base(from_name, to_name, "rectanglelabels", value, score, rid), width, height)
 
@@ -129,7 +141,14 @@ def keypoint(
 
 
 def span(
-    start: int, end: int, label: str, *, text: str, from_name: str, to_name: str, score: float | None = None,
+    start: int,
+    end: int,
+    label: str,
+    *,
+    text: str,
+    from_name: str,
+    to_name: str,
+    score: float | None = None,
     rid: str | None = None,
 ) -> dict[str, Any]:
     """A Labels result on text: characters ``start`` to ``end`` (exclusive) of ``text``."""
@@ -138,7 +157,12 @@ def span(
 
 
 def textarea(
-    text: str | Sequence[str], *, from_name: str, to_name: str, score: float | None = None, rid: str | None = None,
+    text: str | Sequence[str],
+    *,
+    from_name: str,
+    to_name: str,
+    score: float | None = None,
+    rid: str | None = None,
     region: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A TextArea result: for the whole item (speech), or for a ``region`` (OCR), sharing its id and geometry."""

@@ -20,7 +20,17 @@ from .supervisor import Supervisor
 api = Blueprint("orchestrator", __name__)
 
 # Label Studio's calls at the root, sent to the most recently configured backend.
-LABEL_STUDIO_ROUTES = ("setup", "predict", "webhook", "versions", "train", "job_status", "validate", "delete", "duplicate_model")
+LABEL_STUDIO_ROUTES = (
+    "setup",
+    "predict",
+    "webhook",
+    "versions",
+    "train",
+    "job_status",
+    "validate",
+    "delete",
+    "duplicate_model",
+)
 # Label Studio sends no credentials to the webhook it creates; the backend's own health is public too.
 OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health"}
 
@@ -62,7 +72,9 @@ def configure():
     record, status, answer, created = o.manager.configure(request.get_data())
     if status >= 300:  # the backend's own error, unchanged, with the backend it came from
         return jsonify({**answer, "backend_id": record.id, "backend_kept": not created}), status
-    return jsonify({"id": record.id, "state": record.state, "created": created, **_urls(record), "backend": answer}), status
+    return jsonify(
+        {"id": record.id, "state": record.state, "created": created, **_urls(record), "backend": answer}
+    ), status
 
 
 @api.get("/backends")
@@ -105,8 +117,13 @@ def model_route(backend_id: str, path: str) -> Response:
 
 
 def _configure_elsewhere() -> Response:
-    response = jsonify({"error": "configure goes through the orchestrator", "detail": "POST /configure; the model picks the backend.",
-                        "type": "NotFound"})
+    response = jsonify(
+        {
+            "error": "configure goes through the orchestrator",
+            "detail": "POST /configure; the model picks the backend.",
+            "type": "NotFound",
+        }
+    )
     response.status_code = 404
     return response
 
@@ -114,7 +131,9 @@ def _configure_elsewhere() -> Response:
 def _newest() -> BackendRecord:
     record = orchestrator().manager.registry.newest_configured()
     if record is None:
-        raise NotConfigured("no model is configured yet", "POST /configure (or run ds.add_annotation_model from the dagshub client).")
+        raise NotConfigured(
+            "no model is configured yet", "POST /configure (or run ds.add_annotation_model from the dagshub client)."
+        )
     return record
 
 

@@ -28,7 +28,9 @@ def create_app(
 ) -> Flask:
     """Build an orchestrator; its supervisor re-adopts or restarts the backends its registry names."""
     settings = settings or OrchestratorSettings.from_env(env)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     manager = BackendManager(settings, Registry(settings.registry_path), driver or make_driver(settings), gpus)
@@ -41,6 +43,9 @@ def create_app(
     if supervise:
         supervisor.start()
     logging.getLogger(__name__).info(
-        "orchestrator: %s driver, state in %s, GPUs: %s", manager.driver.name, settings.state_dir, ", ".join(gpus) or "none"
+        "orchestrator: %s driver, state in %s, GPUs: %s",
+        manager.driver.name,
+        settings.state_dir,
+        ", ".join(gpus) or "none",
     )
     return app

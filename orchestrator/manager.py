@@ -108,8 +108,13 @@ class BackendManager:
                 gpu=assign_gpu(self.gpus, (r.gpu for r in existing)),
             )
             self.registry.put(record)
-        log.info("backend %s: new, for %s on port %s%s", backend_id, model.get("model_uri"), record.port,
-                 f", GPU {record.gpu}" if record.gpu else "")
+        log.info(
+            "backend %s: new, for %s on port %s%s",
+            backend_id,
+            model.get("model_uri"),
+            record.port,
+            f", GPU {record.gpu}" if record.gpu else "",
+        )
         self.start(record)
         return record
 
@@ -162,7 +167,9 @@ class BackendManager:
                 timeout=(2.0, CONFIGURE_ANSWER_S),
             )
         except requests.RequestException as exc:
-            raise UpstreamUnavailable(f"backend {record.id} did not take the configure: {exc}", "GET /backends/<id> shows its log.") from exc
+            raise UpstreamUnavailable(
+                f"backend {record.id} did not take the configure: {exc}", "GET /backends/<id> shows its log."
+            ) from exc
         try:
             answer = response.json()
         except ValueError:

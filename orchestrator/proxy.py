@@ -15,8 +15,16 @@ from backend.errors import DeadlineExceeded, UpstreamUnavailable
 from .registry import BackendRecord
 
 HOP_BY_HOP = {
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
 }
 CHUNK = 1 << 16
 
@@ -39,12 +47,18 @@ class Proxy:
             # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
             # the answer is streamed back as it arrives.
             upstream = self.session.request(
-                request.method, url, headers=headers, data=request.get_data(cache=False) or None,
-                stream=True, timeout=(2.0, self.timeout_s), allow_redirects=False,
+                request.method,
+                url,
+                headers=headers,
+                data=request.get_data(cache=False) or None,
+                stream=True,
+                timeout=(2.0, self.timeout_s),
+                allow_redirects=False,
             )
         except requests.Timeout as exc:
             raise DeadlineExceeded(
-                f"backend {record.id} did not answer within {self.timeout_s:g} s", "GET /backends/<id> shows its state and log."
+                f"backend {record.id} did not answer within {self.timeout_s:g} s",
+                "GET /backends/<id> shows its state and log.",
             ) from exc
         except requests.ConnectionError as exc:
             raise UpstreamUnavailable(

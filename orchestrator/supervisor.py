@@ -102,5 +102,7 @@ class Supervisor:
         backoff = min(self.settings.max_backoff_s, 0.5 * 2 ** (record.failures - 1))
         record.state, record.retry_at = "restarting", now + backoff
         last_lines = self.manager.driver.logs(record, 3)
-        log.warning("backend %s: %s; restarting in %.1f s. Last log: %s", record.id, record.last_error, backoff, last_lines)
+        log.warning(
+            "backend %s: %s; restarting in %.1f s. Last log: %s", record.id, record.last_error, backoff, last_lines
+        )
         self.manager.registry.put(record)

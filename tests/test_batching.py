@@ -55,7 +55,13 @@ def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
         answers = list(pool.map(one_request, ["a", "b", "c", "d"]))
     assert answers == [["prediction of a"], ["prediction of b"], ["prediction of c"], ["prediction of d"]]
     assert len(model.calls) == 1 and sorted(model.calls[0]) == ["a", "b", "c", "d"]
-    assert batcher.describe(8) == {"enabled": True, "max_latency_ms": 5000.0, "max_batch_size": 8, "model_calls": 1, "items": 4}
+    assert batcher.describe(8) == {
+        "enabled": True,
+        "max_latency_ms": 5000.0,
+        "max_batch_size": 8,
+        "model_calls": 1,
+        "items": 4,
+    }
 
 
 def test_batches_stop_at_the_models_batch_size():
@@ -64,7 +70,11 @@ def test_batches_stop_at_the_models_batch_size():
     with batcher.request(), batcher.request(), batcher.request():
         futures = [submit(batcher, model, v) for v in "abc"]
         model.release.set()
-        assert [f.result(timeout=10) for f in futures] == [["prediction of a"], ["prediction of b"], ["prediction of c"]]
+        assert [f.result(timeout=10) for f in futures] == [
+            ["prediction of a"],
+            ["prediction of b"],
+            ["prediction of c"],
+        ]
     assert all(len(call) <= 2 for call in model.calls)
 
 
@@ -80,8 +90,15 @@ def test_one_requests_failure_does_not_fail_the_others_in_its_batch():
 
 def test_a_real_backend_batches_concurrent_single_task_requests(start_backend, images):
     backend = start_backend(MAX_LATENCY_MS="50")
-    configured = requests.post(backend.url + "/configure", timeout=60, json={
-        "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+    configured = requests.post(
+        backend.url + "/configure",
+        timeout=60,
+        json={
+            "model_uri": "models:/brightness/1",
+            "pre_hook": encode(hooks.brightness_pre),
+            "post_hook": encode(hooks.choices_post),
+        },
+    )
     assert configured.status_code == 200
 
     def one(name):

@@ -34,25 +34,47 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
     registry_dir = registry.removeprefix("sqlite:///").rpartition("/")[0]
     images_dir = str(images["white"].parent)
     client = docker.DockerClient(base_url=podman.base_url)
-    orchestrator = OrchestratorProcess(tmp_path / "state", {
-        "ORCHESTRATOR_DRIVER": "docker", "DOCKER_HOST": podman.base_url, "DOCKER_IMAGE": image,
-        "DOCKER_MOUNTS": ",".join([*host_mounts(), f"{registry_dir}:{registry_dir}", f"{images_dir}:{images_dir}:ro"]),
-        "MLFLOW_TRACKING_URI": registry,
-    }).start()
+    orchestrator = OrchestratorProcess(
+        tmp_path / "state",
+        {
+            "ORCHESTRATOR_DRIVER": "docker",
+            "DOCKER_HOST": podman.base_url,
+            "DOCKER_IMAGE": image,
+            "DOCKER_MOUNTS": ",".join(
+                [*host_mounts(), f"{registry_dir}:{registry_dir}", f"{images_dir}:{images_dir}:ro"]
+            ),
+            "MLFLOW_TRACKING_URI": registry,
+        },
+    ).start()
     try:
-        configured = requests.post(orchestrator.url + "/configure", timeout=120, json={
-            "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+        configured = requests.post(
+            orchestrator.url + "/configure",
+            timeout=120,
+            json={
+                "model_uri": "models:/brightness/1",
+                "pre_hook": encode(hooks.brightness_pre),
+                "post_hook": encode(hooks.choices_post),
+            },
+        )
         assert configured.status_code in (200, 202), configured.text  # 202: still loading after CONFIGURE_WAIT_S
         backend_id = configured.json()["id"]
         health_url = configured.json()["url"] + "/health"
         wait_until(lambda: requests.get(health_url, timeout=1).json()["configured"], 90, "configured")
         [container] = client.containers.list(filters={"label": f"{LABEL}.id={backend_id}"})
-        assert container.name == f"lsbackend-{backend_id}" and container.labels[f"{LABEL}.model"] == "models:/brightness/1"
+        assert (
+            container.name == f"lsbackend-{backend_id}" and container.labels[f"{LABEL}.model"] == "models:/brightness/1"
+        )
 
         def labels():
-            tasks = [{"id": 1, "data": {"image": str(images["white"])}}, {"id": 2, "data": {"image": str(images["black"])}}]
-            answer = requests.post(configured.json()["label_studio_url"] + "predict", timeout=30,
-                                   json={"tasks": tasks, "label_config": IMAGE_CONFIG})
+            tasks = [
+                {"id": 1, "data": {"image": str(images["white"])}},
+                {"id": 2, "data": {"image": str(images["black"])}},
+            ]
+            answer = requests.post(
+                configured.json()["label_studio_url"] + "predict",
+                timeout=30,
+                json={"tasks": tasks, "label_config": IMAGE_CONFIG},
+            )
             assert answer.status_code == 200, answer.text
             return [p["result"][0]["value"]["choices"][0] for p in answer.json()["results"]]
 
@@ -61,8 +83,14 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
         # Killed: the supervisor starts a new container on the same volume, which restores the configuration.
         container.kill()
         wait_until(lambda: orchestrator.backends()[backend_id]["restarts"] == 1, 60, "restart")
-        wait_until(lambda: (orchestrator.backends()[backend_id]["state"] == "ready"
-                            and requests.get(health_url, timeout=1).json()["configured"]), 90, "restored")
+        wait_until(
+            lambda: (
+                orchestrator.backends()[backend_id]["state"] == "ready"
+                and requests.get(health_url, timeout=1).json()["configured"]
+            ),
+            90,
+            "restored",
+        )
         assert labels() == ["light", "dark"]
         assert "exit code" in orchestrator.backends()[backend_id]["last_error"]
 

@@ -25,11 +25,15 @@ DETECTION = f'<View>{IMAGE_OBJ}<RectangleLabels name="box" toName="image"><Label
 POLYGONS = f'<View>{IMAGE_OBJ}<PolygonLabels name="poly" toName="image"><Label value="cat"/><Label value="dog"/></PolygonLabels></View>'
 BRUSHES = f'<View>{IMAGE_OBJ}<BrushLabels name="mask" toName="image"><Label value="cat"/><Label value="dog"/></BrushLabels></View>'
 KEYPOINTS = f'<View>{IMAGE_OBJ}<KeyPointLabels name="kp" toName="image"><Label value="nose"/><Label value="tail"/></KeyPointLabels></View>'
-CLASSES = f'<View>{IMAGE_OBJ}<Choices name="cls" toName="image"><Choice value="cat"/><Choice value="dog"/></Choices></View>'
+CLASSES = (
+    f'<View>{IMAGE_OBJ}<Choices name="cls" toName="image"><Choice value="cat"/><Choice value="dog"/></Choices></View>'
+)
 MULTI = f'<View>{IMAGE_OBJ}<Choices name="tags" toName="image" choice="multiple"><Choice value="indoor"/><Choice value="pet"/></Choices></View>'
 NER = '<View><Text name="text" value="$text"/><Labels name="ner" toName="text"><Label value="PER"/><Label value="LOC"/></Labels></View>'
-OCR = (f'<View>{IMAGE_OBJ}<RectangleLabels name="bbox" toName="image"><Label value="Text"/></RectangleLabels>'
-       '<TextArea name="transcription" toName="image" perRegion="true"/></View>')
+OCR = (
+    f'<View>{IMAGE_OBJ}<RectangleLabels name="bbox" toName="image"><Label value="Text"/></RectangleLabels>'
+    '<TextArea name="transcription" toName="image" perRegion="true"/></View>'
+)
 ASR = '<View><Audio name="audio" value="$audio"/><TextArea name="transcription" toName="audio"/></View>'
 SCALES = f'<View>{IMAGE_OBJ}<Number name="count" toName="image"/><Rating name="quality" toName="image"/></View>'
 
@@ -57,24 +61,44 @@ def pictures(tmp_path):
 # --- builders ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("box,box_format,normalized", [
-    ((20, 10, 120, 60), "xyxy", False), ((20, 10, 100, 50), "xywh", False), ((70, 35, 100, 50), "cxcywh", False),
-    ((0.1, 0.1, 0.6, 0.6), "xyxy", True),
-])
+@pytest.mark.parametrize(
+    "box,box_format,normalized",
+    [
+        ((20, 10, 120, 60), "xyxy", False),
+        ((20, 10, 100, 50), "xywh", False),
+        ((70, 35, 100, 50), "cxcywh", False),
+        ((0.1, 0.1, 0.6, 0.6), "xyxy", True),
+    ],
+)
 def test_rectangle_in_every_box_format_lands_on_the_same_pixels(box, box_format, normalized):
-    result = hooks.rectangle(box, "cat", width=W, height=H, from_name="box", to_name="image", box_format=box_format,
-                             normalized=normalized, score=0.9)
+    result = hooks.rectangle(
+        box,
+        "cat",
+        width=W,
+        height=H,
+        from_name="box",
+        to_name="image",
+        box_format=box_format,
+        normalized=normalized,
+        score=0.9,
+    )
     assert pixels(result["value"]) == pytest.approx((20, 10, 100, 50))
     assert (result["original_width"], result["original_height"]) == (W, H)
     check([hooks.prediction([result])], DETECTION, 1)
 
 
 def test_rotation_ids_and_prediction_scores():
-    a = hooks.rectangle((0, 0, 10, 10), "cat", width=W, height=H, from_name="box", to_name="image", rotation=30, score=0.2)
+    a = hooks.rectangle(
+        (0, 0, 10, 10), "cat", width=W, height=H, from_name="box", to_name="image", rotation=30, score=0.2
+    )
     b = hooks.rectangle((0, 0, 10, 10), "dog", width=W, height=H, from_name="box", to_name="image", score=0.6)
     assert a["value"]["rotation"] == 30 and a["id"] != b["id"]
     assert hooks.prediction([a, b])["score"] == pytest.approx(0.4)
-    assert hooks.prediction([a, b], score="min", model_version="v7") == {"result": [a, b], "score": 0.2, "model_version": "v7"}
+    assert hooks.prediction([a, b], score="min", model_version="v7") == {
+        "result": [a, b],
+        "score": 0.2,
+        "model_version": "v7",
+    }
     assert hooks.prediction([])["score"] == 0.0
 
 
@@ -82,8 +106,15 @@ def test_polygon_keypoint_brush_span_textarea_number_rating():
     poly = hooks.polygon([(20, 10), (120, 10), (120, 60)], "dog", width=W, height=H, from_name="poly", to_name="image")
     assert poly["value"]["points"] == [[10.0, 10.0], [60.0, 10.0], [60.0, 60.0]]
     check([hooks.prediction([poly])], POLYGONS, 1)
-    normalized = hooks.polygon([(0.1, 0.1), (0.6, 0.1), (0.6, 0.6)], "dog", width=W, height=H, from_name="poly",
-                               to_name="image", normalized=True)
+    normalized = hooks.polygon(
+        [(0.1, 0.1), (0.6, 0.1), (0.6, 0.6)],
+        "dog",
+        width=W,
+        height=H,
+        from_name="poly",
+        to_name="image",
+        normalized=True,
+    )
     assert normalized["value"]["points"] == poly["value"]["points"]
 
     point = hooks.keypoint(50, 25, "nose", width=W, height=H, from_name="kp", to_name="image")
@@ -111,7 +142,10 @@ def test_polygon_keypoint_brush_span_textarea_number_rating():
     check([hooks.prediction([region, words])], OCR, 1)
     check([hooks.prediction([hooks.textarea("hello world", from_name="transcription", to_name="audio")])], ASR, 1)
 
-    scales = [hooks.number(3, from_name="count", to_name="image"), hooks.rating(4, from_name="quality", to_name="image")]
+    scales = [
+        hooks.number(3, from_name="count", to_name="image"),
+        hooks.rating(4, from_name="quality", to_name="image"),
+    ]
     check([hooks.prediction(scales)], SCALES, 1)
     check([hooks.prediction([hooks.choices(["indoor", "pet"], from_name="tags", to_name="image")])], MULTI, 1)
 
@@ -150,31 +184,41 @@ class Result:
 
 
 def test_ultralytics_boxes_one_prediction_per_image_never_merged():
-    output = [Result(Boxes([[20, 10, 120, 60], [0, 0, 5, 5]], [0, 1], [0.9, 0.1])),
-              Result(Boxes([[100, 50, 200, 100]], [1], [0.8]))]
+    output = [
+        Result(Boxes([[20, 10, 120, 60], [0, 0, 5, 5]], [0, 1], [0.9, 0.1])),
+        Result(Boxes([[100, 50, 200, 100]], [1], [0.8])),
+    ]
     predictions = hooks.ultralytics_post(threshold=0.25)(output, label_config=DETECTION)
     check(predictions, DETECTION, 2)
     [first], [second] = predictions[0]["result"], predictions[1]["result"]
     assert pixels(first["value"]) == pytest.approx((20, 10, 100, 50)) and first["value"]["rectanglelabels"] == ["cat"]
-    assert pixels(second["value"]) == pytest.approx((100, 50, 100, 50)) and second["value"]["rectanglelabels"] == ["dog"]
+    assert pixels(second["value"]) == pytest.approx((100, 50, 100, 50)) and second["value"]["rectanglelabels"] == [
+        "dog"
+    ]
     assert predictions[0]["score"] == pytest.approx(0.9)
 
 
 def test_ultralytics_masks_keypoints_and_classification():
     mask = np.zeros((1, H, W), dtype=float)
     mask[0, 10:60, 20:120] = 1.0
-    segmented = Result(Boxes([[20, 10, 120, 60]], [0], [0.9]),
-                       masks=type("Masks", (), {"xy": [np.array([[20, 10], [120, 10], [120, 60]])], "data": mask})())
+    segmented = Result(
+        Boxes([[20, 10, 120, 60]], [0], [0.9]),
+        masks=type("Masks", (), {"xy": [np.array([[20, 10], [120, 10], [120, 60]])], "data": mask})(),
+    )
     polygons = hooks.ultralytics_post()([segmented], label_config=POLYGONS)
     check(polygons, POLYGONS, 1)
     assert polygons[0]["result"][0]["value"]["points"][1] == [60.0, 10.0]
     brushes = hooks.ultralytics_post()([segmented], label_config=BRUSHES)
     check(brushes, BRUSHES, 1)
 
-    posed = Result(Boxes([[20, 10, 120, 60]], [0], [0.9]), keypoints=type("K", (), {"xy": np.array([[[50, 25], [0, 0]]])})())
+    posed = Result(
+        Boxes([[20, 10, 120, 60]], [0], [0.9]), keypoints=type("K", (), {"xy": np.array([[[50, 25], [0, 0]]])})()
+    )
     points = hooks.ultralytics_post(keypoint_names=["nose", "tail"])([posed], label_config=KEYPOINTS)
     check(points, KEYPOINTS, 1)
-    assert [(p["value"]["x"], p["value"]["y"], p["value"]["keypointlabels"]) for p in points[0]["result"]] == [(25.0, 25.0, ["nose"])]
+    assert [(p["value"]["x"], p["value"]["y"], p["value"]["keypointlabels"]) for p in points[0]["result"]] == [
+        (25.0, 25.0, ["nose"])
+    ]
 
     classified = Result(probs=type("P", (), {"data": np.array([0.2, 0.8])})())
     choices = hooks.ultralytics_post()([classified], label_config=CLASSES)
@@ -183,8 +227,10 @@ def test_ultralytics_masks_keypoints_and_classification():
 
 
 def test_torchvision_detections_with_sizes_from_the_files(pictures):
-    output = [{"boxes": np.array([[20, 10, 120, 60]]), "labels": np.array([2]), "scores": np.array([0.95])},
-              {"boxes": np.zeros((0, 4)), "labels": np.zeros(0), "scores": np.zeros(0)}]
+    output = [
+        {"boxes": np.array([[20, 10, 120, 60]]), "labels": np.array([2]), "scores": np.array([0.95])},
+        {"boxes": np.zeros((0, 4)), "labels": np.zeros(0), "scores": np.zeros(0)},
+    ]
     post = hooks.torchvision_detection_post(class_names={1: "cat", 2: "dog"})
     predictions = post(output, label_config=DETECTION, inputs=pictures)
     check(predictions, DETECTION, 2)
@@ -222,12 +268,19 @@ def test_transformers_classification_token_classification_and_speech(tmp_path):
     assert [p["result"][0]["value"]["choices"] for p in choices] == [["cat"], ["dog"]]
 
     text = "Ada Lovelace was born in London."
-    entities = [[{"entity_group": "PER", "start": 0, "end": 12, "score": 0.99, "word": "Ada Lovelace"},
-                 {"entity_group": "LOC", "start": 25, "end": 31, "score": 0.97, "word": "London"},
-                 {"entity_group": "MISC", "start": 0, "end": 3, "score": 0.5, "word": "Ada"}]]
+    entities = [
+        [
+            {"entity_group": "PER", "start": 0, "end": 12, "score": 0.99, "word": "Ada Lovelace"},
+            {"entity_group": "LOC", "start": 25, "end": 31, "score": 0.97, "word": "London"},
+            {"entity_group": "MISC", "start": 0, "end": 3, "score": 0.5, "word": "Ada"},
+        ]
+    ]
     spans = hooks.transformers_post()(entities, label_config=NER, inputs=[text])
     check(spans, NER, 1)
-    assert [(s["value"]["text"], s["value"]["labels"]) for s in spans[0]["result"]] == [("Ada Lovelace", ["PER"]), ("London", ["LOC"])]
+    assert [(s["value"]["text"], s["value"]["labels"]) for s in spans[0]["result"]] == [
+        ("Ada Lovelace", ["PER"]),
+        ("London", ["LOC"]),
+    ]
 
     speech = hooks.transformers_post()([{"text": " hello world "}], label_config=ASR)
     check(speech, ASR, 1)
@@ -282,7 +335,9 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
         f"print(__import__('json').dumps(post([R()], label_config={DETECTION!r})))\n"
     )
     env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", script, payload], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script, payload], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     [prediction] = json.loads(done.stdout)
     assert prediction["result"][0]["value"]["rectanglelabels"] == ["dog"]
@@ -291,16 +346,40 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
 def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
     from tests.support.hooks import IMAGE_CONFIG
 
-    base = [sys.executable, "-m", "hooks", "check", "--label-config", IMAGE_CONFIG, "--model", "models:/brightness/1",
-            "--tracking-uri", registry, "--pre-hook", "examples.hooks:brightness_pre"]
-    good = subprocess.run([*base, "--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"])],
-                          cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180)
+    base = [
+        sys.executable,
+        "-m",
+        "hooks",
+        "check",
+        "--label-config",
+        IMAGE_CONFIG,
+        "--model",
+        "models:/brightness/1",
+        "--tracking-uri",
+        registry,
+        "--pre-hook",
+        "examples.hooks:brightness_pre",
+    ]
+    good = subprocess.run(
+        [*base, "--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"])],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert good.returncode == 0, good.stderr
     shown = json.loads(good.stdout)
     assert [p["result"][0]["value"]["choices"] for p in shown["results"]] == [["light"], ["dark"]]
     assert "OK: 2 predictions" in good.stderr
 
-    bad = subprocess.run([*base, "--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"])],
-                         cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180)
+    bad = subprocess.run(
+        [*base, "--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"])],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert bad.returncode == 1
     assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr

@@ -6,10 +6,10 @@ orchestrator itself, and deletes one, checking what Label Studio would see at ev
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
-import json
 
 import pytest
 import requests
@@ -128,7 +128,9 @@ def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator
 def test_failed_configures_leave_nothing_behind_and_keep_what_served(start_orchestrator, images):
     orchestrator = start_orchestrator(MAX_BACKENDS="1")
 
-    malformed = requests.post(orchestrator.url + "/configure", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
+    malformed = requests.post(
+        orchestrator.url + "/configure", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10
+    )
     assert malformed.status_code == 400 and malformed.json()["type"] == "BadRequest"
     status, unknown = configure(orchestrator, model_uri="models:/no-such-model/1")
     assert status == 404 and unknown["backend_kept"] is False  # the backend's own error, passed through
@@ -146,11 +148,23 @@ def test_failed_configures_leave_nothing_behind_and_keep_what_served(start_orche
 
 def test_real_dagshub_client_against_the_orchestrator(start_orchestrator, images, dagshub_host, monkeypatch, capsys):
     orchestrator = start_orchestrator()
-    add_annotation_model(monkeypatch, dagshub_host.url, orchestrator.port, "brightness", version="1",
-                         pre_hook=hooks.brightness_pre, post_hook=hooks.choices_post)
+    add_annotation_model(
+        monkeypatch,
+        dagshub_host.url,
+        orchestrator.port,
+        "brightness",
+        version="1",
+        pre_hook=hooks.brightness_pre,
+        post_hook=hooks.choices_post,
+    )
     printed = f"http://127.0.0.1:{orchestrator.port}/"
     assert f"Add LS endpoint: {printed}" in capsys.readouterr().out
     # What Label Studio does with that URL: /health, /setup, then /predict.
     assert requests.get(printed + "health", timeout=1).json()["status"] == "UP"
-    assert requests.post(printed + "setup", json={"project": "1.1", "schema": IMAGE_CONFIG}, timeout=3).json()["model_version"] == "brightness:1"
+    assert (
+        requests.post(printed + "setup", json={"project": "1.1", "schema": IMAGE_CONFIG}, timeout=3).json()[
+            "model_version"
+        ]
+        == "brightness:1"
+    )
     assert predict(printed, images, "white", "dark") == (["light", "dark"], "brightness:1")

@@ -20,8 +20,14 @@ def make_client(tmp_path: Path, **settings):
 
 
 def record(**fields) -> BackendRecord:
-    defaults = dict(id="abc123", model={"model_uri": "models:/m/1"}, driver="docker", port=18001,
-                    model_dir="/state/backends/abc123/model_dir", token="secret-token")
+    defaults = dict(
+        id="abc123",
+        model={"model_uri": "models:/m/1"},
+        driver="docker",
+        port=18001,
+        model_dir="/state/backends/abc123/model_dir",
+        token="secret-token",
+    )
     return BackendRecord(**{**defaults, **fields})
 
 
@@ -45,7 +51,12 @@ def test_loopback_requests_to_a_dev_server_bound_everywhere_still_need_credentia
 
 def test_label_studio_routes_before_any_model_and_unknown_ids(tmp_path):
     client = make_client(tmp_path)
-    assert client.get("/health").json == {"status": "UP", "model_class": "orchestrator", "configured": False, "backends": 0}
+    assert client.get("/health").json == {
+        "status": "UP",
+        "model_class": "orchestrator",
+        "configured": False,
+        "backends": 0,
+    }
     setup = client.post("/setup", json={"project": "1.1", "schema": "<View/>"})
     assert setup.status_code == 503 and "POST /configure" in setup.json["detail"]
     assert client.post("/models/nope/predict", json={}).status_code == 404
@@ -89,12 +100,19 @@ def test_docker_container_spec():
     settings = OrchestratorSettings(docker_image="lsbackend:test", docker_mounts=("/opt/venv:/opt/venv:ro",))
     spec = DockerDriver(settings, client_factory=lambda: None).container_spec(record(gpu="2"))
     assert spec["image"] == "lsbackend:test" and spec["name"] == "lsbackend-abc123" and spec["detach"]
-    assert spec["labels"] == {"io.lsbackend": "backend", "io.lsbackend.id": "abc123", "io.lsbackend.model": "models:/m/1"}
+    assert spec["labels"] == {
+        "io.lsbackend": "backend",
+        "io.lsbackend.id": "abc123",
+        "io.lsbackend.model": "models:/m/1",
+    }
     assert spec["ports"] == {"9090/tcp": ("127.0.0.1", 18001)}  # published on the host's loopback only
     env = spec["environment"]
     assert env["HOST"] == "0.0.0.0" and env["PORT"] == "9090" and env["MODEL_DIR"] == "/data/model_dir"
     assert env["CONFIGURE_TOKEN"] == "secret-token"  # the container listens beyond its loopback: a token is a must
-    assert spec["volumes"] == {"lsbackend-abc123-data": {"bind": "/data", "mode": "rw"}, "/opt/venv": {"bind": "/opt/venv", "mode": "ro"}}
+    assert spec["volumes"] == {
+        "lsbackend-abc123-data": {"bind": "/data", "mode": "rw"},
+        "/opt/venv": {"bind": "/opt/venv", "mode": "ro"},
+    }
     [request] = spec["device_requests"]
     assert isinstance(request, DeviceRequest) and request["DeviceIDs"] == ["2"] and request["Capabilities"] == [["gpu"]]
     assert "device_requests" not in DockerDriver(settings, client_factory=lambda: None).container_spec(record())

@@ -17,8 +17,14 @@ from .base import BACKEND_PORT
 LABEL = "io.lsbackend"
 # Passed on from the orchestrator's environment when set (a process backend inherits them anyway).
 PASSED_ON = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOG_LEVEL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "LABEL_STUDIO_URL",
+    "LABEL_STUDIO_API_KEY",
+    "LOG_LEVEL",
 )
 CONTAINER_MODEL_DIR = "/data/model_dir"
 

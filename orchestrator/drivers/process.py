@@ -77,12 +77,24 @@ class ProcessDriver:
         log.parent.mkdir(parents=True, exist_ok=True)
         if log.exists() and log.stat().st_size > LOG_ROTATE_BYTES:
             log.replace(log.with_suffix(".log.1"))
-        command = [sys.executable, "-m", "gunicorn", "--config", str(PROJECT_ROOT / "gunicorn.conf.py"),
-                   "--chdir", str(PROJECT_ROOT), "wsgi:app"]
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--config",
+            str(PROJECT_ROOT / "gunicorn.conf.py"),
+            "--chdir",
+            str(PROJECT_ROOT),
+            "wsgi:app",
+        ]
         with log.open("ab") as output:
             child = subprocess.Popen(
-                command, env=self.environment(record), stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, start_new_session=True,  # survives the orchestrator; killed as a group
+                command,
+                env=self.environment(record),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # survives the orchestrator; killed as a group
             )
         self._children[child.pid] = child
         return f"{child.pid}:{_start_time(child.pid)}"

@@ -40,7 +40,9 @@ def label_studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orchestrator(tmp_path_factory, registry):
-    server = OrchestratorProcess(tmp_path_factory.mktemp("orchestrator") / "state", {"MLFLOW_TRACKING_URI": registry}).start()
+    server = OrchestratorProcess(
+        tmp_path_factory.mktemp("orchestrator") / "state", {"MLFLOW_TRACKING_URI": registry}
+    ).start()
     yield server
     server.remove_all()
     server.stop()
@@ -54,8 +56,11 @@ def served_images(images):
 
 
 def configure(orchestrator, model_uri, post_hook):
-    response = requests.post(orchestrator.url + "/configure", timeout=120, json={
-        "model_uri": model_uri, "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(post_hook)})
+    response = requests.post(
+        orchestrator.url + "/configure",
+        timeout=120,
+        json={"model_uri": model_uri, "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(post_hook)},
+    )
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -66,7 +71,9 @@ def new_project(label_studio, title, config, urls=(), uploads=()):
         label_studio.api("POST", f"/api/projects/{project}/import", json=[{"image": url} for url in urls])
     for path in uploads:  # stored by Label Studio: the backend must fetch them from it, with its token
         with open(path, "rb") as handle:
-            label_studio.api("POST", f"/api/projects/{project}/import", files={"file": (path.name, handle, "image/png")})
+            label_studio.api(
+                "POST", f"/api/projects/{project}/import", files={"file": (path.name, handle, "image/png")}
+            )
     return project
 
 
@@ -83,8 +90,11 @@ def connect(label_studio, project, url):
 
 
 def retrieve_predictions(label_studio, project):
-    label_studio.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-                     json={"selectedItems": {"all": True, "excluded": []}})
+    label_studio.api(
+        "POST",
+        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
 
 
 def stored(label_studio, task_id):
@@ -93,8 +103,13 @@ def stored(label_studio, task_id):
 
 def test_rectangle_project_through_its_model_url(label_studio, orchestrator, served_images, images):
     backend = configure(orchestrator, "models:/brightness/1", hooks.box_post)
-    project = new_project(label_studio, "boxes", BOXES_CONFIG,
-                          urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"], uploads=[images["light"]])
+    project = new_project(
+        label_studio,
+        "boxes",
+        BOXES_CONFIG,
+        urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"],
+        uploads=[images["light"]],
+    )
     tasks = tasks_of(label_studio, project)
     assert tasks[2]["data"]["image"].startswith("/data/upload/")
     ml_backend = connect(label_studio, project, backend["label_studio_url"])
@@ -107,7 +122,12 @@ def test_rectangle_project_through_its_model_url(label_studio, orchestrator, ser
         [region] = prediction["result"]
         assert region["value"]["rectanglelabels"] == [label]
         # The centred half of a 32 x 24 image, in percent of the real size.
-        assert (region["value"]["x"], region["value"]["y"], region["value"]["width"], region["value"]["height"]) == (25, 25, 50, 50)
+        assert (region["value"]["x"], region["value"]["y"], region["value"]["width"], region["value"]["height"]) == (
+            25,
+            25,
+            50,
+            50,
+        )
         assert (region["original_width"], region["original_height"]) == (32, 24)
     following = label_studio.api("GET", f"/api/projects/{project}/next")
     assert following["predictions"] and following["predictions"][0]["model_version"] == "brightness:1"
@@ -119,14 +139,20 @@ def test_rectangle_project_through_its_model_url(label_studio, orchestrator, ser
 
 
 def test_choices_project_through_the_root_url_recovers_from_a_bad_hook(label_studio, orchestrator, served_images):
-    broken = configure(orchestrator, "models:/brightness/2", hooks.wrong_label_post)  # now the newest: the root serves it
-    project = new_project(label_studio, "choices", IMAGE_CONFIG, urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"])
+    broken = configure(
+        orchestrator, "models:/brightness/2", hooks.wrong_label_post
+    )  # now the newest: the root serves it
+    project = new_project(
+        label_studio, "choices", IMAGE_CONFIG, urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"]
+    )
     tasks = tasks_of(label_studio, project)
     connect(label_studio, project, orchestrator.url + "/")
 
     retrieve_predictions(label_studio, project)
     assert all(stored(label_studio, task["id"]) == [] for task in tasks)  # nothing broken was stored
-    answer = requests.post(orchestrator.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
+    answer = requests.post(
+        orchestrator.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30
+    )
     assert answer.status_code == 422
     assert "purple" in answer.json()["error"] and "Fix the post_hook" in answer.json()["detail"]
     log = requests.get(f"{orchestrator.url}/backends/{broken['id']}?log_lines=200", timeout=5).json()["log"]

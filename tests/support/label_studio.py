@@ -36,7 +36,10 @@ def ensure_installed() -> Path:
         return executable
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    steps = [[sys.executable, "-m", "venv", str(venv)], [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={VERSION}"]]
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={VERSION}"],
+    ]
     for step in steps:
         try:
             result = subprocess.run(step, capture_output=True, text=True, timeout=900)
@@ -56,7 +59,10 @@ def _environment(data_dir: Path, port: int) -> dict[str, str]:
         LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",  # the fixed token below is refused otherwise
         ML_BLOCK_LOCAL_IP="false",  # a 127.0.0.1 backend is refused otherwise
         SSRF_PROTECTION_ENABLED="false",  # its webhook to 127.0.0.1 is refused otherwise
-        LATEST_VERSION_CHECK="false", COLLECT_ANALYTICS="false", SENTRY_DSN="", FRONTEND_SENTRY_DSN="",
+        LATEST_VERSION_CHECK="false",
+        COLLECT_ANALYTICS="false",
+        SENTRY_DSN="",
+        FRONTEND_SENTRY_DSN="",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -70,8 +76,21 @@ class LabelStudio(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = folder / "data"
-        args = [str(executable), "start", "--port", str(self.port), "--internal-host", "127.0.0.1", "--no-browser",
-                "--username", USER, "--password", PASSWORD, "--user-token", TOKEN]
+        args = [
+            str(executable),
+            "start",
+            "--port",
+            str(self.port),
+            "--internal-host",
+            "127.0.0.1",
+            "--no-browser",
+            "--username",
+            USER,
+            "--password",
+            PASSWORD,
+            "--user-token",
+            TOKEN,
+        ]
         super().__init__(args, _environment(self.data_dir, self.port), folder / "label-studio.log", cwd=folder)
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Token {TOKEN}"

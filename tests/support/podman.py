@@ -28,7 +28,9 @@ class EngineUnavailable(Exception):
 def host_mounts() -> list[str]:
     """What a host-built Python needs inside a bare container, read-only, at the same paths."""
     python_home = Path(os.path.realpath(sys.executable)).parents[1]  # e.g. /root/.pyenv/versions/3.11.7
-    paths = [p for p in ("/lib", "/lib64", "/usr/lib", "/usr/local/lib", str(python_home), str(ROOT)) if os.path.isdir(p)]
+    paths = [
+        p for p in ("/lib", "/lib64", "/usr/lib", "/usr/local/lib", str(python_home), str(ROOT)) if os.path.isdir(p)
+    ]
     return [f"{p}:{p}:ro" for p in dict.fromkeys(paths)]
 
 
@@ -51,7 +53,9 @@ class Podman(Process):
         if runc:  # crun fails here ("cgroups in hybrid mode not supported")
             self.global_args += ["--runtime", runc]
         env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        super().__init__([*self.global_args, "system", "service", "--time=0", self.base_url], env, folder / "podman.log")
+        super().__init__(
+            [*self.global_args, "system", "service", "--time=0", self.base_url], env, folder / "podman.log"
+        )
 
     def start(self) -> "Podman":
         import docker
@@ -89,7 +93,15 @@ class Podman(Process):
             tar.addfile(info, io.BytesIO(passwd))
         command = f'["{python}", "-m", "gunicorn", "wsgi:app"]'
         self.podman_cli(
-            "import", "--change", f"WORKDIR {ROOT}", "--change", f"CMD {command}",
-            "--change", "ENV HOME=/root", "-", IMAGE, data=buffer.getvalue(),
+            "import",
+            "--change",
+            f"WORKDIR {ROOT}",
+            "--change",
+            f"CMD {command}",
+            "--change",
+            "ENV HOME=/root",
+            "-",
+            IMAGE,
+            data=buffer.getvalue(),
         )
         return IMAGE

@@ -1,0 +1,247 @@
+"""The backend under load, each figure against a baseline run side by side in the same process.
+
+- overhead: /predict over HTTP vs the same pre_hook -> predict -> post_hook called in-process;
+- mlflow serve: the same pyfunc model behind ``mlflow models serve`` (/invocations) vs /predict;
+- task data: 64 image tasks from a server adding 20 ms per file, the backend vs one-by-one fetching;
+- batching: 16 concurrent single-task clients, model 20 ms + 1 ms per item, batching on vs off.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+from examples.hooks import encode
+from tests.support.servers import PYTHON_BIN, ROOT, Backend, Process, base_env, file_server, free_port, wait_until
+
+from . import models
+from .common import Row, Table, median, percentile
+
+REPEATS = 7
+
+
+def _configure(backend: Backend, model: str, post_hook=models.post_hook) -> None:
+    answer = requests.post(
+        backend.url + "/configure",
+        timeout=120,
+        json={
+            "model_uri": f"models:/{model}/1",
+            "pre_hook": encode(models.pre_hook),
+            "post_hook": encode(post_hook),
+            "batch_size": 64,
+        },
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def _text_tasks(count: int, salt: str = "") -> list[dict]:
+    return [{"id": i, "data": {"text": f"task {salt}{i} " + "x" * (i % 12)}} for i in range(count)]
+
+
+def _timed(call, repeats: int = REPEATS) -> float:
+    call()  # warm
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - started)
+    return median(samples)
+
+
+def overhead(table: Table, registry: str, backend: Backend) -> None:
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(registry)
+    model = mlflow.pyfunc.load_model("models:/per_item_1ms/1")
+    session = requests.Session()
+    for count in (1, 64):
+        tasks = _text_tasks(count)
+        texts = [t["data"]["text"] for t in tasks]
+        in_process = _timed(lambda: models.post_hook(model.predict(models.pre_hook(texts))))
+        over_http = _timed(
+            lambda: session.post(
+                backend.url + "/predict", json={"tasks": tasks, "label_config": models.TEXT_CONFIG}, timeout=60
+            ).raise_for_status()
+        )
+        table.add(
+            Row(
+                "overhead",
+                f"/predict over HTTP, {count} task(s), ~1 ms/task model",
+                over_http * 1000,
+                in_process * 1000,
+                "ms",
+                "hooks + model in-process",
+                target="within 10% at 64 tasks" if count == 64 else "",
+            )
+        )
+
+
+def against_mlflow_serve(table: Table, registry: str, backend: Backend, workdir: Path) -> None:
+    port = free_port()
+    server = Process(
+        [
+            str(PYTHON_BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/per_item_1ms/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        base_env(MLFLOW_TRACKING_URI=registry),
+        workdir / "mlflow-serve.log",
+    )
+    server.start()
+    try:
+        wait_until(
+            lambda: requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok, 120, "mlflow models serve", server.proc
+        )
+        session = requests.Session()
+        tasks = _text_tasks(64)
+        frame = {"dataframe_split": {"columns": ["n"], "data": [[len(t["data"]["text"])] for t in tasks]}}
+        theirs = _timed(
+            lambda: session.post(f"http://127.0.0.1:{port}/invocations", json=frame, timeout=60).raise_for_status()
+        )
+        ours = _timed(
+            lambda: session.post(
+                backend.url + "/predict", json={"tasks": tasks, "label_config": models.TEXT_CONFIG}, timeout=60
+            ).raise_for_status()
+        )
+        table.add(
+            Row(
+                "vs mlflow serve",
+                "64 rows: /predict (with hooks and validation) vs /invocations",
+                ours * 1000,
+                theirs * 1000,
+                "ms",
+                "mlflow models serve",
+                target="not slower",
+            )
+        )
+    finally:
+        server.stop()
+
+
+def task_data(table: Table, backend: Backend, workdir: Path) -> None:
+    folder = workdir / "served-images"
+    folder.mkdir()
+    for i in range(64):
+        Image.new("RGB", (64, 48), (i * 3, i * 3, i * 3)).save(folder / f"{i}.png")
+    server = file_server(folder, delay=0.02)
+    try:
+        session = requests.Session()
+        runs = iter(range(1000))
+
+        def urls() -> list[str]:
+            run = next(runs)  # a fresh query string each time: nothing comes from the backend's disk cache
+            return [f"{server.url}/{i}.png?run={run}" for i in range(64)]
+
+        def ours() -> None:
+            tasks = [{"id": i, "data": {"image": url}} for i, url in enumerate(urls())]
+            answer = session.post(
+                backend.url + "/predict", json={"tasks": tasks, "label_config": models.IMAGE_CONFIG}, timeout=60
+            )
+            assert answer.ok and "errors" not in answer.json(), answer.text[:500]
+
+        def one_by_one() -> None:
+            for url in urls():
+                session.get(url, timeout=10).raise_for_status()
+
+        table.add(
+            Row(
+                "task data",
+                "64 image tasks, server adds 20 ms per file",
+                _timed(ours, 3),
+                _timed(one_by_one, 3),
+                "s",
+                "fetching them one by one",
+                target=">= 8x",
+            )
+        )
+    finally:
+        server.close()
+
+
+def batching(table: Table, backends: dict[str, Backend]) -> None:
+    results = {}
+    for mode, backend in backends.items():
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def client(index: int) -> None:
+            session = requests.Session()
+            for n in range(12):
+                task = [{"id": n, "data": {"text": f"client {index} task {n}"}}]
+                started = time.perf_counter()
+                session.post(
+                    backend.url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
+                ).raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+
+        client(-1)  # warm
+        latencies.clear()
+        started = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(client, range(16)))
+        elapsed = time.perf_counter() - started
+        results[mode] = (len(latencies) / elapsed, percentile(latencies, 50), percentile(latencies, 95))
+    (on_rps, on_p50, on_p95), (off_rps, off_p50, off_p95) = results["on"], results["off"]
+    table.add(
+        Row(
+            "batching",
+            "16 concurrent 1-task clients, model 20 ms + 1 ms/item: throughput",
+            on_rps,
+            off_rps,
+            "req/s",
+            "batching off",
+            higher_is_better=True,
+            target=">= 5x",
+        )
+    )
+    table.add(Row("batching", "same: p50 latency", on_p50 * 1000, off_p50 * 1000, "ms", "batching off"))
+    table.add(Row("batching", "same: p95 latency", on_p95 * 1000, off_p95 * 1000, "ms", "batching off"))
+
+
+def run(table: Table, workdir: Path) -> None:
+    registry = f"sqlite:///{workdir / 'mlflow.db'}"
+    subprocess.run(
+        [sys.executable, "-m", "bench.models", registry], cwd=ROOT, env=base_env(), check=True, capture_output=True
+    )
+    started: list[Backend] = []
+
+    def backend(name: str, **env: str) -> Backend:
+        folder = workdir / name
+        folder.mkdir()
+        started.append(Backend(folder, {"MLFLOW_TRACKING_URI": registry, **env}).start())
+        return started[-1]
+
+    try:
+        plain = backend("plain")
+        _configure(plain, "per_item_1ms")
+        overhead(table, registry, plain)
+        against_mlflow_serve(table, registry, plain, workdir)
+        images = backend("images")
+        _configure(images, "free", models.image_post_hook)  # the fetching is what is measured
+        task_data(table, images, workdir)
+        modes = {
+            "on": backend("batching-on", BATCHING="on", THREADS="32"),
+            "off": backend("batching-off", BATCHING="off", THREADS="32"),
+        }
+        for each in modes.values():
+            _configure(each, "fixed_20ms")
+        batching(table, modes)
+    finally:
+        for each in started:
+            each.stop()
