@@ -158,6 +158,25 @@ def task_data(table: Table, backend: Backend, workdir: Path) -> None:
             for url in urls():
                 session.get(url, timeout=10).raise_for_status()
 
+        def retrieve_500() -> None:
+            run = next(runs)
+            tasks = [{"id": i, "data": {"image": f"{server.url}/{i % 64}.png?big={run}-{i}"}} for i in range(500)]
+            answer = session.post(
+                backend.url + "/predict", json={"tasks": tasks, "label_config": models.IMAGE_CONFIG}, timeout=120
+            )
+            assert answer.ok and len(answer.json()["results"]) == 500, answer.text[:500]
+
+        table.add(
+            Row(
+                "task data",
+                "500 image tasks in one /predict (Label Studio's 'retrieve predictions'), 20 ms per file",
+                _timed(retrieve_500, 1),
+                100.0,
+                "s",
+                "Label Studio's /predict timeout",
+                target="well inside it",
+            )
+        )
         table.add(
             Row(
                 "task data",
@@ -174,6 +193,27 @@ def task_data(table: Table, backend: Backend, workdir: Path) -> None:
 
 
 def batching(table: Table, backends: dict[str, Backend]) -> None:
+    alone = {}
+    for mode, backend in backends.items():  # a single client: batching must not make it wait
+        session = requests.Session()
+        task = [{"id": 1, "data": {"text": "alone"}}]
+        alone[mode] = _timed(
+            lambda: session.post(
+                backend.url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
+            ).raise_for_status(),
+            15,
+        )
+    table.add(
+        Row(
+            "batching",
+            "one client alone, 1 task: latency",
+            alone["on"] * 1000,
+            alone["off"] * 1000,
+            "ms",
+            "batching off",
+            target="no worse",
+        )
+    )
     results = {}
     for mode, backend in backends.items():
         latencies: list[float] = []
