@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 from typing import Mapping
 
 from flask import Flask
@@ -43,4 +45,17 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     app.register_blueprint(api)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
+    if settings.warm_imports:
+        threading.Thread(target=_warm_imports, args=(settings.warm_imports,), name="warm-imports", daemon=True).start()
     return app
+
+
+def _warm_imports(modules: tuple[str, ...]) -> None:
+    """Import what a configure will need before it comes: a warm spare then only loads the model."""
+    log = logging.getLogger(__name__)
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            log.warning("warm import of %s failed: %s", name, exc)
+    log.info("warm imports done: %s", ", ".join(modules))

@@ -68,6 +68,7 @@ class Settings:
     store_poll_s: float = 1.0
     batching: bool = True
     max_latency_ms: float = 10.0
+    warm_imports: tuple[str, ...] = ()  # modules imported in the background at start (the orchestrator's spares)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -92,6 +93,7 @@ class Settings:
             store_poll_s=_float(env, "STORE_POLL_S", 1.0),
             batching=(env.get("BATCHING") or "on").lower() not in ("off", "0", "false", "no"),
             max_latency_ms=_float(env, "MAX_LATENCY_MS", 10.0),
+            warm_imports=tuple(m.strip() for m in (env.get("WARM_IMPORTS") or "").split(",") if m.strip()),
         )
 
     @property

@@ -83,7 +83,8 @@ def list_backends():
     newest = o.manager.registry.newest_configured()
     return jsonify(
         {
-            "backends": [{**r.public(), **_urls(r)} for r in o.manager.registry.all()],
+            "backends": [{**r.public(), **_urls(r)} for r in o.manager.registry.backends()],
+            "spares": [{"id": r.id, "state": r.state, "port": r.port} for r in o.manager.registry.spares()],
             "newest": newest.id if newest else None,
             "driver": o.manager.driver.name,
             "max_backends": o.settings.max_backends,

@@ -53,10 +53,11 @@ class BackendManager:
         self.gpus = gpus
         self.http = requests.Session()
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._create_lock = threading.Lock()
+        self._locks_guard = threading.Lock()  # guards the dict of per-backend locks only
+        self._create_lock = threading.Lock()  # one creation (limit check, spare claim) at a time
 
     def lock_for(self, backend_id: str) -> threading.Lock:
-        with self._create_lock:
+        with self._locks_guard:
             return self._locks[backend_id]
 
     # --- configure -------------------------------------------------------------------------------
@@ -89,34 +90,65 @@ class BackendManager:
             return record, status, answer, created
 
     def _create(self, backend_id: str, model: dict[str, Any]) -> BackendRecord:
+        """A backend for a new model: a warm spare when one is ready, else a fresh start."""
         with self._create_lock:
-            existing = self.registry.all()
+            existing = self.registry.backends()
             if len(existing) >= self.settings.max_backends:
                 raise Conflict(
                     f"the limit of {self.settings.max_backends} backends is reached",
                     "DELETE /backends/<id> one you no longer need, or raise MAX_BACKENDS.",
                     backends=[r.id for r in existing],
                 )
-            folder = self.settings.backends_dir / backend_id
-            record = BackendRecord(
-                id=backend_id,
-                model=model,
-                driver=self.driver.name,
-                port=free_port(),
-                model_dir=str((folder / "model_dir").resolve()),
-                token=secrets.token_urlsafe(24),
-                gpu=assign_gpu(self.gpus, (r.gpu for r in existing)),
-            )
-            self.registry.put(record)
-        log.info(
-            "backend %s: new, for %s on port %s%s",
-            backend_id,
-            model.get("model_uri"),
-            record.port,
-            f", GPU {record.gpu}" if record.gpu else "",
-        )
+            record = self._claim_spare(backend_id, model)
+            if record is not None:
+                return record
+            record = self._new_record(backend_id, model, spare=False)
+        log.info("backend %s: new, for %s on port %s%s", backend_id, model.get("model_uri"), record.port,
+                 f", GPU {record.gpu}" if record.gpu else "")
         self.start(record)
         return record
+
+    def _new_record(self, backend_id: str, model: dict[str, Any], spare: bool) -> BackendRecord:
+        record = BackendRecord(
+            id=backend_id,
+            model=model,
+            driver=self.driver.name,
+            port=free_port(),
+            model_dir=str((self.settings.backends_dir / backend_id / "model_dir").resolve()),
+            token=secrets.token_urlsafe(24),
+            gpu=assign_gpu(self.gpus, (r.gpu for r in self.registry.all())),
+            spare=spare,
+        )
+        self.registry.put(record)
+        return record
+
+    def _claim_spare(self, backend_id: str, model: dict[str, Any]) -> BackendRecord | None:
+        """Turn a ready, answering spare into this model's backend (same process, port and folder)."""
+        for spare in self.registry.spares():
+            lock = self.lock_for(spare.id)
+            if not lock.acquire(blocking=False):
+                continue  # the supervisor is looking at it
+            try:
+                if spare.state != "ready" or not self.driver.is_running(spare) or not self.healthy(spare, timeout=0.5):
+                    continue
+                self.registry.delete(spare.id)
+                spare.id, spare.model, spare.spare = backend_id, model, False
+                self.registry.put(spare)
+                log.info("backend %s: a warm spare on port %s, for %s", backend_id, spare.port, model.get("model_uri"))
+                return spare
+            finally:
+                lock.release()
+        return None
+
+    def replenish_spares(self) -> None:
+        """Keep WARM_SPARES spares started, within MAX_BACKENDS counting them; the supervisor calls this."""
+        with self._create_lock:
+            spares, everything = self.registry.spares(), self.registry.all()
+            if len(spares) >= self.settings.warm_spares or len(everything) >= self.settings.max_backends:
+                return
+            record = self._new_record(f"spare-{secrets.token_hex(4)}", {}, spare=True)
+        log.info("spare %s: starting on port %s", record.id, record.port)
+        self.start(record)
 
     def start(self, record: BackendRecord) -> None:
         """Start (or restart) the backend; it restores its configuration from its MODEL_DIR itself."""

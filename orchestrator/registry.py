@@ -37,6 +37,7 @@ class BackendRecord:
     failures: int = 0  # consecutive failed starts or deaths; sets the backoff, cleared once ready
     retry_at: float = 0.0
     last_error: str = ""
+    spare: bool = False  # started ahead without a model; becomes a model's backend on its first configure
 
     @property
     def url(self) -> str:
@@ -84,6 +85,12 @@ class Registry:
         with self._lock, self._connect() as db:
             rows = db.execute("SELECT record FROM backends").fetchall()
         return sorted((_record(row[0]) for row in rows), key=lambda r: r.created_at)
+
+    def backends(self) -> list[BackendRecord]:
+        return [r for r in self.all() if not r.spare]
+
+    def spares(self) -> list[BackendRecord]:
+        return [r for r in self.all() if r.spare]
 
     def newest_configured(self) -> BackendRecord | None:
         """The backend Label Studio's root routes go to: the most recently configured one."""

@@ -73,6 +73,7 @@ class Supervisor:
                     self._check(current)
             finally:
                 lock.release()
+        self.manager.replenish_spares()
 
     def _check(self, record: BackendRecord) -> None:
         manager, now = self.manager, time.time()

@@ -6,10 +6,8 @@ orchestrator itself, and deletes one, checking what Label Studio would see at ev
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sqlite3
 
 import pytest
 import requests
@@ -40,22 +38,7 @@ def start_orchestrator(tmp_path, registry):
         started[-1].remove_all()
     for orchestrator in started:
         orchestrator.stop()
-    _kill_leftovers(state_dir)
-
-
-def _kill_leftovers(state_dir) -> None:
-    """Backends outlive their orchestrator by design; make sure none outlives the test."""
-    db = state_dir / "registry.db"
-    if not db.exists():
-        return
-    with sqlite3.connect(db) as connection:
-        for (raw,) in connection.execute("SELECT record FROM backends"):
-            pid = json.loads(raw)["handle"].partition(":")[0]
-            if pid.isdigit():
-                try:
-                    os.killpg(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        orchestrator.kill_leftovers()
 
 
 def configure(orchestrator, **body):
@@ -168,3 +151,18 @@ def test_real_dagshub_client_against_the_orchestrator(start_orchestrator, images
         == "brightness:1"
     )
     assert predict(printed, images, "white", "dark") == (["light", "dark"], "brightness:1")
+
+
+def test_a_warm_spare_becomes_the_new_models_backend_and_is_replaced(start_orchestrator, images):
+    orchestrator = start_orchestrator(WARM_SPARES="1")
+    spares = lambda: requests.get(orchestrator.url + "/backends", timeout=5).json()["spares"]  # noqa: E731
+    wait_until(lambda: [s["state"] for s in spares()] == ["ready"], 60, "a ready spare")
+    [spare] = spares()
+
+    status, configured = configure(orchestrator, model_uri="models:/brightness/1")
+    assert status == 200 and configured["created"]
+    backend = orchestrator.backends()[configured["id"]]
+    assert backend["port"] == spare["port"] and not backend["spare"]  # the spare's process took the model
+    assert predict(configured["label_studio_url"], images, "white") == (["light"], "brightness:1")
+    wait_until(lambda: len(spares()) == 1 and spares()[0]["id"] != spare["id"], 30, "a new spare")
+    assert list(orchestrator.backends()) == [configured["id"]]  # spares are not listed as backends

@@ -91,6 +91,8 @@ class DockerDriver:
             "ports": {f"{BACKEND_PORT}/tcp": ("127.0.0.1", record.port)},
             "volumes": volumes,
         }
+        if record.spare:
+            spec["environment"]["WARM_IMPORTS"] = self.settings.spare_warm_imports
         if record.gpu:
             spec["environment"]["NVIDIA_VISIBLE_DEVICES"] = record.gpu
             spec["device_requests"] = [DeviceRequest(device_ids=[record.gpu], capabilities=[["gpu"]])]

@@ -70,6 +70,8 @@ class ProcessDriver:
         )
         if record.gpu:
             env["CUDA_VISIBLE_DEVICES"] = record.gpu
+        if record.spare:
+            env["WARM_IMPORTS"] = self.settings.spare_warm_imports
         return env
 
     def start(self, record: BackendRecord) -> str:

@@ -5,8 +5,10 @@ Readiness is always polled with a deadline; nothing waits a fixed time.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -112,7 +114,8 @@ class OrchestratorProcess(Process):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
-        env = base_env(ORCHESTRATOR_DIR=str(state_dir), SUPERVISE_EVERY_S="0.2", MAX_BACKOFF_S="2", **env)
+        env = base_env(**{"ORCHESTRATOR_DIR": str(state_dir), "SUPERVISE_EVERY_S": "0.2", "MAX_BACKOFF_S": "2",
+                          "WARM_SPARES": "0", **env})  # spares only where a test asks for them
         args = [str(PYTHON_BIN / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
         super().__init__(args, env, state_dir.parent / f"orchestrator-{self.port}.log")
 
@@ -129,6 +132,21 @@ class OrchestratorProcess(Process):
         """Delete every backend it runs (they outlive the orchestrator process by design)."""
         for backend_id in self.backends():
             requests.delete(f"{self.url}/backends/{backend_id}", timeout=60)
+
+    def kill_leftovers(self) -> None:
+        """After ``stop``: kill every process backend its registry still names (spares included)."""
+        db = self.state_dir / "registry.db"
+        if not db.exists():
+            return
+        with closing(sqlite3.connect(db)) as connection:
+            rows = connection.execute("SELECT record FROM backends").fetchall()
+        for (raw,) in rows:
+            pid = json.loads(raw)["handle"].partition(":")[0]
+            if pid.isdigit():
+                try:
+                    os.killpg(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 class MlflowServer(Process):
