@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -39,6 +40,7 @@ class Services:
     runtime: Runtime
     fetcher: TaskDataFetcher
     batcher: DynamicBatcher
+    warming: threading.Event = field(default_factory=threading.Event)  # set while WARM_IMPORTS run
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
 
@@ -115,6 +117,7 @@ def _status() -> dict[str, Any]:
         "model_class": "MLflowBackend",
         "configured": active is not None,
         "loading": runtime.loading,
+        "warming": services().warming.is_set(),
         "uptime_s": round(time.time() - runtime.started_at, 1),
     }
     if active is not None:

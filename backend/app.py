@@ -46,16 +46,21 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
     if settings.warm_imports:
-        threading.Thread(target=_warm_imports, args=(settings.warm_imports,), name="warm-imports", daemon=True).start()
+        services.warming.set()
+        threading.Thread(target=_warm_imports, args=(settings.warm_imports, services.warming), name="warm-imports",
+                         daemon=True).start()
     return app
 
 
-def _warm_imports(modules: tuple[str, ...]) -> None:
+def _warm_imports(modules: tuple[str, ...], warming: threading.Event) -> None:
     """Import what a configure will need before it comes: a warm spare then only loads the model."""
     log = logging.getLogger(__name__)
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            log.warning("warm import of %s failed: %s", name, exc)
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                log.info("warm import of %s skipped: %s", name, exc)
+    finally:
+        warming.clear()
     log.info("warm imports done: %s", ", ".join(modules))

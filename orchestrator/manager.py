@@ -161,9 +161,11 @@ class BackendManager:
         self.registry.put(record)
 
     def healthy(self, record: BackendRecord, timeout: float = 1.0) -> bool:
+        """It answers /health; a spare must also have finished its warm imports."""
         try:
-            return self.http.get(f"{record.url}/health", timeout=timeout).status_code == 200
-        except requests.RequestException:
+            response = self.http.get(f"{record.url}/health", timeout=timeout)
+            return response.status_code == 200 and not (record.spare and response.json().get("warming"))
+        except (requests.RequestException, ValueError):
             return False
 
     def wait_ready(self, record: BackendRecord) -> None:

@@ -38,7 +38,7 @@ class OrchestratorSettings:
     gpus: tuple[str, ...] | None = None  # None: detect; () : none
     backend_threads: int = 8
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
-    spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn"
+    spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
@@ -68,7 +68,7 @@ class OrchestratorSettings:
             gpus=None if gpus is None else _gpus(gpus),
             backend_threads=_int(env, "BACKEND_THREADS", 8, 1),
             warm_spares=_int(env, "WARM_SPARES", 1, 0),
-            spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn"),
+            spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=tuple(m for m in (env.get("DOCKER_MOUNTS") or "").split(",") if m),
