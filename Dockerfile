@@ -4,7 +4,8 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-ENV PYTHONUNBUFFERED=1 \
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     MLFLOW_DISABLE_TELEMETRY=true \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
@@ -14,7 +15,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 COPY requirements.txt .
-RUN pip install -r requirements.txt
+# A virtual environment: works on the slim image and on a distribution's Python (PEP 668) alike.
+RUN python3 -m venv /opt/venv && pip install --upgrade pip && pip install -r requirements.txt
 
 COPY backend/ backend/
 COPY hooks/ hooks/
