@@ -10,6 +10,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MLFLOW_DISABLE_TELEMETRY=true \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
     MODEL_DIR=/data/model_dir \
+    MLFLOW_TRACKING_URI=sqlite:////data/mlflow.db \
     HOST=0.0.0.0 \
     PORT=9090
 

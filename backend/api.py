@@ -43,9 +43,15 @@ class Services:
     warming: threading.Event = field(default_factory=threading.Event)  # set while WARM_IMPORTS run
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
+    _label_studio_checked: float = float("-inf")
 
     def _stored_label_studio(self) -> dict[str, Any]:
-        """label_studio.json, re-read only when its stamp changes (a stat per request, not a parse)."""
+        """label_studio.json, re-read only when its stamp changes, and stat'ed at most every STORE_POLL_S
+        (a stat costs ~0.4 ms on sandboxed file systems: too much for every request)."""
+        now = time.monotonic()
+        if now - self._label_studio_checked < self.settings.store_poll_s:
+            return self._label_studio_cache[1]
+        self._label_studio_checked = now
         stamp = self.store.label_studio.stamp()
         cached_stamp, document = self._label_studio_cache
         if stamp != cached_stamp:
@@ -67,6 +73,7 @@ class Services:
         document = {"hostname": hostname.rstrip("/"), "access_token": token}
         if self._stored_label_studio() != document:
             self.store.label_studio.save(document)
+            self._label_studio_checked = float("-inf")  # this worker reads its own write at once
 
 
 def services() -> Services:

@@ -95,7 +95,7 @@ def mlflow_scope(spec: ModelSpec) -> Iterator[Any]:
             registry = spec.registry_uri or spec.tracking_uri or saved_registry
             mlflow.set_tracking_uri(tracking)
             mlflow.set_registry_uri(registry)
-            yield MlflowClient(tracking_uri=tracking, registry_uri=registry)
+            yield _LazyClient(lambda: MlflowClient(tracking_uri=tracking, registry_uri=registry))
         finally:
             mlflow.set_tracking_uri(saved_tracking)
             mlflow.set_registry_uri(saved_registry)
@@ -104,6 +104,18 @@ def mlflow_scope(spec: ModelSpec) -> Iterator[Any]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+class _LazyClient:
+    """An MlflowClient made on first use: a local model folder never touches a tracking store."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make, self._client = make, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            self._client = self._make()
+        return getattr(self._client, name)
 
 
 def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
