@@ -44,8 +44,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def basic_auth_from(env: Mapping[str, str]) -> tuple[str, str]:
+    """BASIC_AUTH_USER and BASIC_AUTH_PASS: both, or neither."""
+    user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
+    if bool(user) != bool(password):
+        raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+    return user, password
+
+
+def comma_list(raw: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (raw or "").split(",") if part.strip())
+
+
+class AccessSettings:
+    """What the auth rules read, shared by the backend's and the orchestrator's settings."""
+
+    host: str
+    basic_auth_user: str
+
+    @property
+    def basic_auth_enabled(self) -> bool:
+        return bool(self.basic_auth_user)
+
+    @property
+    def open_bind(self) -> bool:
+        """Listening beyond loopback: configure then needs a token or basic auth."""
+        return not is_loopback(self.host)
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(AccessSettings):
     """Everything the backend reads from its environment.
 
     ``HOST``/``PORT`` are the bind (gunicorn.conf.py reads the same variables), so the backend
@@ -73,9 +101,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if env is None else env
-        user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
-        if bool(user) != bool(password):
-            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        user, password = basic_auth_from(env)
         return cls(
             model_dir=Path(env.get("MODEL_DIR") or "model_dir"),
             host=env.get("HOST") or "127.0.0.1",
@@ -93,14 +119,5 @@ class Settings:
             store_poll_s=_float(env, "STORE_POLL_S", 1.0),
             batching=(env.get("BATCHING") or "on").lower() not in ("off", "0", "false", "no"),
             max_latency_ms=_float(env, "MAX_LATENCY_MS", 10.0),
-            warm_imports=tuple(m.strip() for m in (env.get("WARM_IMPORTS") or "").split(",") if m.strip()),
+            warm_imports=comma_list(env.get("WARM_IMPORTS")),
         )
-
-    @property
-    def basic_auth_enabled(self) -> bool:
-        return bool(self.basic_auth_user)
-
-    @property
-    def open_bind(self) -> bool:
-        """Listening beyond loopback: configure then needs a token or basic auth."""
-        return not is_loopback(self.host)

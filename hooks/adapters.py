@@ -126,25 +126,31 @@ def ultralytics_post(
                     )
                 else:
                     control = _control(label_config, "RectangleLabels", options)
-                    xyxy = _array(boxes.xyxy)
-                    for i in keep:
-                        label = control.label(int(classes[i]), class_names)
-                        if label is not None:
-                            found.append(
-                                r.rectangle(
-                                    xyxy[i],
-                                    label,
-                                    width=width,
-                                    height=height,
-                                    from_name=control.from_name,
-                                    to_name=control.to_name,
-                                    score=scores[i],
-                                )
-                            )
+                    found += _rectangles(control, _array(boxes.xyxy), classes, scores, keep, class_names, width, height)
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 
     return post
+
+
+def _rectangles(control, xyxy, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
+    """Pixel xyxy boxes above the threshold to RectangleLabels results; unmapped classes skipped."""
+    found = []
+    for i in keep:
+        label = control.label(classes[i].item() if hasattr(classes[i], "item") else classes[i], class_names)
+        if label is not None:
+            found.append(
+                r.rectangle(
+                    xyxy[i],
+                    label,
+                    width=width,
+                    height=height,
+                    from_name=control.from_name,
+                    to_name=control.to_name,
+                    score=scores[i],
+                )
+            )
+    return found
 
 
 def _masks(masks, keep, classes, scores, class_names, width, height, label_config, options) -> list[dict[str, Any]]:
@@ -251,20 +257,7 @@ def torchvision_detection_post(
                         )
             else:
                 control = _control(label_config, "RectangleLabels", options)
-                for i in keep:
-                    label = control.label(labels[i].item(), class_names)
-                    if label is not None:
-                        found.append(
-                            r.rectangle(
-                                boxes[i],
-                                label,
-                                width=width,
-                                height=height,
-                                from_name=control.from_name,
-                                to_name=control.to_name,
-                                score=scores[i],
-                            )
-                        )
+                found += _rectangles(control, boxes, labels, scores, keep, class_names, width, height)
             predictions.append(r.prediction(found, model_version=model_version))
         return predictions
 

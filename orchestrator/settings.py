@@ -7,17 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from backend.settings import _float, _int, is_loopback
+from backend.settings import AccessSettings, _float, _int, basic_auth_from, comma_list
 
 DRIVERS = ("process", "docker")
 
 
-def _gpus(raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
 @dataclass(frozen=True)
-class OrchestratorSettings:
+class OrchestratorSettings(AccessSettings):
     """Where state lives, how backends run, and who may configure them.
 
     ``HOST`` is the address the orchestrator is served on (``flask run --host`` or gunicorn's bind):
@@ -46,9 +42,7 @@ class OrchestratorSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OrchestratorSettings":
         env = os.environ if env is None else env
-        user, password = env.get("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
-        if bool(user) != bool(password):
-            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        user, password = basic_auth_from(env)
         driver = env.get("ORCHESTRATOR_DRIVER") or "process"
         if driver not in DRIVERS:
             raise ValueError(f"ORCHESTRATOR_DRIVER must be one of {', '.join(DRIVERS)}, got {driver!r}")
@@ -65,22 +59,14 @@ class OrchestratorSettings:
             basic_auth_user=user,
             basic_auth_pass=password,
             configure_token=env.get("CONFIGURE_TOKEN", ""),
-            gpus=None if gpus is None else _gpus(gpus),
+            gpus=None if gpus is None else comma_list(gpus),
             backend_threads=_int(env, "BACKEND_THREADS", 8, 1),
             warm_spares=_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
-            docker_mounts=tuple(m for m in (env.get("DOCKER_MOUNTS") or "").split(",") if m),
+            docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
         )
-
-    @property
-    def basic_auth_enabled(self) -> bool:
-        return bool(self.basic_auth_user)
-
-    @property
-    def open_bind(self) -> bool:
-        return not is_loopback(self.host)
 
     @property
     def registry_path(self) -> Path:
