@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from backend.auth import require_basic_auth, require_configure_rights
-from backend.errors import NotConfigured
+from backend.errors import BadRequest, NotConfigured, NotFound
 
 from .manager import BackendManager
 from .proxy import Proxy
@@ -96,7 +96,10 @@ def list_backends():
 def get_backend(backend_id: str):
     o = orchestrator()
     record = o.manager.get(backend_id)
-    return jsonify({**o.manager.describe(record, int(request.args.get("log_lines", 20))), **_urls(record)})
+    lines = request.args.get("log_lines", "20")
+    if not lines.isdigit():
+        raise BadRequest("log_lines must be a whole number", f"got {lines!r}")
+    return jsonify({**o.manager.describe(record, min(int(lines), 1000)), **_urls(record)})
 
 
 @api.delete("/backends/<backend_id>")
@@ -113,20 +116,8 @@ def model_route(backend_id: str, path: str) -> Response:
     o = orchestrator()
     record = o.manager.get(backend_id)
     if path.strip("/").startswith("configure"):
-        return _configure_elsewhere()
+        raise NotFound("configure goes through the orchestrator", "POST /configure; the model picks the backend.")
     return o.proxy.forward(record, path, request)
-
-
-def _configure_elsewhere() -> Response:
-    response = jsonify(
-        {
-            "error": "configure goes through the orchestrator",
-            "detail": "POST /configure; the model picks the backend.",
-            "type": "NotFound",
-        }
-    )
-    response.status_code = 404
-    return response
 
 
 def _newest() -> BackendRecord:

@@ -69,6 +69,7 @@ def test_configure_goes_through_the_front_door_only(tmp_path):
     registry.put(record(driver="process"))
     response = client.post("/models/abc123/configure", json={"model_uri": "models:/x/1"})
     assert response.status_code == 404 and "POST /configure" in response.json["detail"]
+    assert client.get("/backends/abc123?log_lines=lots").status_code == 400
 
 
 def test_basic_auth_guards_routes_but_not_label_studios_webhook(tmp_path):
