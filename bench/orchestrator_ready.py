@@ -32,6 +32,16 @@ for i in range(int(sys.argv[2])):
 """
 
 
+def configure_seconds(orchestrator: OrchestratorProcess, model_uri: str) -> float:
+    """From POST /configure to the answer that the backend is ready with the model loaded."""
+    hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
+    started = time.perf_counter()
+    answer = requests.post(orchestrator.url + "/configure", json={"model_uri": model_uri, **hooks}, timeout=120)
+    seconds = time.perf_counter() - started
+    assert answer.status_code == 200 and answer.json()["state"] == "ready", answer.text
+    return seconds
+
+
 def run(table: Table, workdir: Path) -> None:
     registry = f"sqlite:///{workdir / 'mlflow.db'}"
     register_models(registry, with_torch=False)
@@ -41,15 +51,7 @@ def run(table: Table, workdir: Path) -> None:
     )
     orchestrator.start()
     try:
-        hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
-        seconds = []
-        for i in range(BACKENDS):
-            started = time.perf_counter()
-            answer = requests.post(
-                orchestrator.url + "/configure", json={"model_uri": f"models:/brightness@b{i}", **hooks}, timeout=120
-            )
-            seconds.append(time.perf_counter() - started)
-            assert answer.status_code == 200 and answer.json()["state"] == "ready", answer.text
+        seconds = [configure_seconds(orchestrator, f"models:/brightness@b{i}") for i in range(BACKENDS)]
         table.add(
             Row(
                 "orchestrator",
@@ -61,13 +63,11 @@ def run(table: Table, workdir: Path) -> None:
                 target="a few seconds",
             )
         )
-        started = time.perf_counter()
-        requests.post(orchestrator.url + "/configure", json={"model_uri": "models:/brightness@b0", **hooks}, timeout=60)
         table.add(
             Row(
                 "orchestrator",
                 "configure again, same model (hooks only)",
-                time.perf_counter() - started,
+                configure_seconds(orchestrator, "models:/brightness@b0"),
                 OLD_FIXED_WAIT_S,
                 "s",
                 "old design's fixed wait alone",
@@ -95,21 +95,17 @@ def with_spares(table: Table, workdir: Path, registry: str, models: int = 5) -> 
     orchestrator = OrchestratorProcess(workdir / "state-spares", {"MLFLOW_TRACKING_URI": registry, "WARM_SPARES": "1"})
     orchestrator.start()
     try:
-        hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
         seconds = []
         for i in range(models):
             wait_until(
-                lambda: [s["state"] for s in requests.get(orchestrator.url + "/backends", timeout=5).json()["spares"]]
-                == ["ready"],
+                lambda: (
+                    [s["state"] for s in requests.get(orchestrator.url + "/backends", timeout=5).json()["spares"]]
+                    == ["ready"]
+                ),
                 120,
                 "a ready spare",
             )
-            started = time.perf_counter()
-            answer = requests.post(
-                orchestrator.url + "/configure", json={"model_uri": f"models:/brightness@b{i}", **hooks}, timeout=120
-            )
-            seconds.append(time.perf_counter() - started)
-            assert answer.status_code == 200 and answer.json()["state"] == "ready", answer.text
+            seconds.append(configure_seconds(orchestrator, f"models:/brightness@b{i}"))
         table.add(
             Row(
                 "orchestrator",

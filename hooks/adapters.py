@@ -133,55 +133,47 @@ def ultralytics_post(
     return post
 
 
-def _rectangles(control, xyxy, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
-    """Pixel xyxy boxes above the threshold to RectangleLabels results; unmapped classes skipped."""
+def _regions(control: Control, keep, classes, scores, class_names, build) -> list[dict[str, Any]]:
+    """One result per kept detection whose class maps to a config label: ``build(i, label, names)``
+    makes it (``names``: the control's from/to names and the score), or returns None to drop it."""
     found = []
     for i in keep:
         label = control.label(classes[i].item() if hasattr(classes[i], "item") else classes[i], class_names)
-        if label is not None:
-            found.append(
-                r.rectangle(
-                    xyxy[i],
-                    label,
-                    width=width,
-                    height=height,
-                    from_name=control.from_name,
-                    to_name=control.to_name,
-                    score=scores[i],
-                )
-            )
+        if label is None:
+            continue
+        region = build(i, label, {"from_name": control.from_name, "to_name": control.to_name, "score": scores[i]})
+        if region is not None:
+            found.append(region)
     return found
+
+
+def _rectangles(control, xyxy, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
+    """Pixel xyxy boxes to RectangleLabels results."""
+    build = lambda i, label, names: r.rectangle(xyxy[i], label, width=width, height=height, **names)  # noqa: E731
+    return _regions(control, keep, classes, scores, class_names, build)
+
+
+def _brushes(control, masks, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
+    """Per-detection masks (any size; resized to the image) to BrushLabels results."""
+
+    def build(i, label, names):
+        mask = masks[i].reshape(masks.shape[-2:])
+        return r.brush(mask if mask.shape == (height, width) else _resize_mask(mask, width, height), label, **names)
+
+    return _regions(control, keep, classes, scores, class_names, build)
 
 
 def _masks(masks, keep, classes, scores, class_names, width, height, label_config, options) -> list[dict[str, Any]]:
-    found = []
     if has_control(label_config, "PolygonLabels") and getattr(masks, "xy", None) is not None:
         control = _control(label_config, "PolygonLabels", options)
-        for i in keep:
-            label = control.label(int(classes[i]), class_names)
-            if label is not None and len(masks.xy[i]) >= 3:
-                found.append(
-                    r.polygon(
-                        _array(masks.xy[i]),
-                        label,
-                        width=width,
-                        height=height,
-                        from_name=control.from_name,
-                        to_name=control.to_name,
-                        score=scores[i],
-                    )
-                )
-        return found
+
+        def build(i, label, names):
+            points = _array(masks.xy[i])
+            return r.polygon(points, label, width=width, height=height, **names) if len(points) >= 3 else None
+
+        return _regions(control, keep, classes, scores, class_names, build)
     control = _control(label_config, "BrushLabels", options)
-    data = _array(masks.data)
-    for i in keep:
-        label = control.label(int(classes[i]), class_names)
-        if label is not None:
-            mask = data[i]
-            if mask.shape != (height, width):
-                mask = _resize_mask(mask, width, height)
-            found.append(r.brush(mask, label, from_name=control.from_name, to_name=control.to_name, score=scores[i]))
-    return found
+    return _brushes(control, _array(masks.data), classes, scores, keep, class_names, width, height)
 
 
 def _resize_mask(mask: Any, width: int, height: int) -> Any:
@@ -246,15 +238,7 @@ def torchvision_detection_post(
             found = []
             if "masks" in item and label_config and has_control(label_config, "BrushLabels"):
                 control = _control(label_config, "BrushLabels", options)
-                masks = _array(item["masks"])
-                for i in keep:
-                    label = control.label(labels[i].item(), class_names)
-                    if label is not None:
-                        mask = masks[i].reshape(masks.shape[-2:])
-                        mask = mask if mask.shape == (height, width) else _resize_mask(mask, width, height)
-                        found.append(
-                            r.brush(mask, label, from_name=control.from_name, to_name=control.to_name, score=scores[i])
-                        )
+                found += _brushes(control, _array(item["masks"]), labels, scores, keep, class_names, width, height)
             else:
                 control = _control(label_config, "RectangleLabels", options)
                 found += _rectangles(control, boxes, labels, scores, keep, class_names, width, height)

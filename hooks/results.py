@@ -38,6 +38,11 @@ def _image_sized(result: dict[str, Any], width: int, height: int) -> dict[str, A
     return result
 
 
+def _scale(width: int, height: int, normalized: bool) -> tuple[float, float]:
+    """Multipliers from pixel (or 0..1) coordinates to Label Studio's percentages."""
+    return (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+
+
 def _clip(value: float) -> float:
     return min(100.0, max(0.0, float(value)))
 
@@ -74,7 +79,7 @@ def rectangle(
         x, y, w, h = a, b, c, d
     else:
         x, y, w, h = a - c / 2, b - d / 2, c, d
-    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    sx, sy = _scale(width, height, normalized)
     value = {
         "x": _clip(x * sx),
         "y": _clip(y * sy),
@@ -99,7 +104,7 @@ def polygon(
     rid: str | None = None,
 ) -> dict[str, Any]:
     """A PolygonLabels result from pixel (or 0..1) points."""
-    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    sx, sy = _scale(width, height, normalized)
     value = {"points": [[_clip(float(x) * sx), _clip(float(y) * sy)] for x, y in points], "polygonlabels": [label]}
     return _image_sized(_base(from_name, to_name, "polygonlabels", value, score, rid), width, height)
 
@@ -135,7 +140,7 @@ def keypoint(
     rid: str | None = None,
 ) -> dict[str, Any]:
     """A KeyPointLabels result at a pixel (or 0..1) point; ``size`` is the drawn point's width in percent."""
-    sx, sy = (100.0, 100.0) if normalized else (100.0 / width, 100.0 / height)
+    sx, sy = _scale(width, height, normalized)
     value = {"x": _clip(x * sx), "y": _clip(y * sy), "width": float(size), "keypointlabels": [label]}
     return _image_sized(_base(from_name, to_name, "keypointlabels", value, score, rid), width, height)
 
