@@ -20,7 +20,7 @@ from backend.hookcodec import Hook
 from backend.loading import LoadedModel
 from backend.spec import ModelSpec
 from backend.taskdata import TaskInput
-from backend.validation import complete_prediction, task_ref
+from backend.validation import complete_prediction
 
 
 @dataclass
@@ -74,15 +74,17 @@ class ConfiguredModel:
         try:
             for start in range(0, len(tasks), self.batch_size):
                 self._check_deadline(deadline, start, len(tasks))
-                chunk = []
+                chunk, values = [], []
                 for i in range(start, min(len(tasks), start + self.batch_size)):
-                    if inputs[i].error:  # waits for this task's files only
+                    task_input = inputs[i]  # waits for this task's files only
+                    if task_input.error:
                         predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
                     else:
                         chunk.append(i)
+                        values.append(task_input.value)
                 if not chunk:
                     continue
-                values, chunk_tasks = [inputs[i].value for i in chunk], [tasks[i] for i in chunk]
+                chunk_tasks = [tasks[i] for i in chunk]
                 if batched:
                     sent.append((chunk, batcher.submit(Chunk(self, values, chunk_tasks, label_config, timer))))
                 else:
@@ -90,7 +92,7 @@ class ConfiguredModel:
             for chunk, outcome in sent:
                 outputs = self._wait(outcome, deadline, len(tasks)) if isinstance(outcome, Future) else outcome
                 for i, prediction in zip(chunk, outputs):
-                    predictions[i] = complete_prediction(prediction, self.model_version, task_ref(tasks[i], i))
+                    predictions[i] = complete_prediction(prediction, self.model_version, tasks[i], i)
         except BaseException:
             for _, outcome in sent:
                 if isinstance(outcome, Future):

@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,12 +83,19 @@ class TaskInput:
     error: str = ""
 
 
+def _input_value(values: dict[str, Any], objects: tuple[DataObject, ...]) -> Any:
+    """One object's value as is; several as a dict by task data key, in config order."""
+    return values[objects[0].key] if len(objects) == 1 else {obj.key: values[obj.key] for obj in objects}
+
+
 class PendingInputs(Sequence[TaskInput]):
     """Tasks' inputs whose downloads may still run: indexing one waits for that task's files only."""
 
-    def __init__(self, inputs: list[TaskInput], jobs: dict[tuple[int, str], Any], objects: tuple[DataObject, ...]) -> None:
-        self._inputs, self._jobs, self._objects = inputs, jobs, objects
-        self._resolved = [bool(item.error) for item in inputs]
+    def __init__(
+        self, inputs: list[TaskInput], downloads: dict[int, dict[str, Any]], objects: tuple[DataObject, ...]
+    ) -> None:
+        """``downloads``: for each task still downloading, its values by key, a Future where one is pending."""
+        self._inputs, self._downloads, self._objects = inputs, downloads, objects
         self.started = self.last_ready = time.perf_counter()
 
     def __len__(self) -> int:
@@ -97,22 +104,20 @@ class PendingInputs(Sequence[TaskInput]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if not self._resolved[index]:
+        if index in self._downloads:
             self._resolve(index)
         return self._inputs[index]
 
     def _resolve(self, index: int) -> None:
-        task_input, values = self._inputs[index], {}
-        for obj in self._objects:
-            job = self._jobs[(index, obj.key)]
-            try:
-                values[obj.key] = job.result() if hasattr(job, "result") else job
-            except FetchError as exc:
-                task_input.error = str(exc)
-                break
+        task_input, values = self._inputs[index], self._downloads.pop(index)
+        try:
+            for key, value in values.items():
+                if isinstance(value, Future):
+                    values[key] = value.result()
+        except FetchError as exc:
+            task_input.error = str(exc)
         else:
-            task_input.value = next(iter(values.values())) if len(self._objects) == 1 else values
-        self._resolved[index] = True
+            task_input.value = _input_value(values, self._objects)
         self.last_ready = time.perf_counter()
 
     @property
@@ -165,7 +170,7 @@ class TaskDataFetcher:
     ) -> "PendingInputs":
         """Start every task's downloads at once; each task's input is ready as soon as its own files are,
         so the model can work on the first chunk while the rest still download."""
-        jobs: dict[tuple[int, str], Any] = {}
+        downloads: dict[int, dict[str, Any]] = {}
         inputs = [TaskInput() for _ in tasks]
         for index, task in enumerate(tasks):
             data = task.get("data") if isinstance(task, dict) else None
@@ -173,19 +178,26 @@ class TaskDataFetcher:
                 inputs[index].error = "task has no 'data' object"
                 continue
             by_datapoint = dagshub is not None and dagshub.datasource is not None and _datapoint_id(task) is not None
+            values: dict[str, Any] = {}
+            pending = False
             for obj in objects:
-                missing = f"task data has no {obj.key!r} (the config's {obj.tag} {obj.name!r} reads ${obj.key})"
                 if obj.key not in data and (obj.is_text or not by_datapoint):
-                    inputs[index].error = missing
+                    inputs[index].error = obj.missing_message
                     break
                 raw = data.get(obj.key)
                 if obj.is_text or (raw is not None and not isinstance(raw, str)):
-                    jobs[(index, obj.key)] = raw
+                    values[obj.key] = raw
                 else:
-                    jobs[(index, obj.key)] = self.pool.submit(
-                        self._fetch_task_object, raw, missing, task, label_studio, dagshub
+                    values[obj.key] = self.pool.submit(
+                        self._fetch_task_object, raw, obj.missing_message, task, label_studio, dagshub
                     )
-        return PendingInputs(inputs, jobs, objects)
+                    pending = True
+            else:
+                if pending:
+                    downloads[index] = values
+                else:
+                    inputs[index].value = _input_value(values, objects)
+        return PendingInputs(inputs, downloads, objects)
 
     def _fetch_task_object(
         self,

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from tests.support.servers import PYTHON_BIN, ROOT, Backend, Process, base_env, 
 from . import models
 from .common import Row, Table, median, percentile
 
-REPEATS = 7
+REPEATS = 15
 
 
 def _configure(backend: Backend, model: str, post_hook=models.post_hook) -> None:
@@ -46,13 +47,34 @@ def _text_tasks(count: int, salt: str = "") -> list[dict]:
 
 
 def _timed(call, repeats: int = REPEATS) -> float:
-    call()  # warm
+    """Median seconds of ``call`` after one warm-up call."""
+    call()
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
         call()
         samples.append(time.perf_counter() - started)
     return median(samples)
+
+
+def _poster(session: requests.Session, url: str, body: dict):
+    """A call that POSTs ``body``, encoded once: the client's own JSON encoding is not what is measured."""
+    data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+    return lambda: session.post(url, data=data, headers=headers, timeout=60).raise_for_status()
+
+
+def _side_by_side(ours, theirs, repeats: int = REPEATS) -> tuple[float, float]:
+    """Median seconds of each, their calls interleaved (ABBA order) so drift on a noisy machine
+    lands on both alike."""
+    for _ in range(3):  # warm both: first calls import, connect and fill caches
+        ours(), theirs()
+    samples: dict[object, list[float]] = {ours: [], theirs: []}
+    for round_ in range(repeats):
+        for call in (ours, theirs) if round_ % 2 == 0 else (theirs, ours):
+            started = time.perf_counter()
+            call()
+            samples[call].append(time.perf_counter() - started)
+    return median(samples[ours]), median(samples[theirs])
 
 
 def overhead(table: Table, registry: str, backend: Backend) -> None:
@@ -64,11 +86,9 @@ def overhead(table: Table, registry: str, backend: Backend) -> None:
     for count in (1, 64):
         tasks = _text_tasks(count)
         texts = [t["data"]["text"] for t in tasks]
-        in_process = _timed(lambda: models.post_hook(model.predict(models.pre_hook(texts))))
-        over_http = _timed(
-            lambda: session.post(
-                backend.url + "/predict", json={"tasks": tasks, "label_config": models.TEXT_CONFIG}, timeout=60
-            ).raise_for_status()
+        over_http, in_process = _side_by_side(
+            _poster(session, backend.url + "/predict", {"tasks": tasks, "label_config": models.TEXT_CONFIG}),
+            lambda: models.post_hook(model.predict(models.pre_hook(texts))),
         )
         table.add(
             Row(
@@ -110,13 +130,10 @@ def against_mlflow_serve(table: Table, registry: str, backend: Backend, workdir:
         session = requests.Session()
         tasks = _text_tasks(64)
         frame = {"dataframe_split": {"columns": ["n"], "data": [[len(t["data"]["text"])] for t in tasks]}}
-        theirs = _timed(
-            lambda: session.post(f"http://127.0.0.1:{port}/invocations", json=frame, timeout=60).raise_for_status()
-        )
-        ours = _timed(
-            lambda: session.post(
-                backend.url + "/predict", json={"tasks": tasks, "label_config": models.TEXT_CONFIG}, timeout=60
-            ).raise_for_status()
+        ours, theirs = _side_by_side(
+            _poster(session, backend.url + "/predict", {"tasks": tasks, "label_config": models.TEXT_CONFIG}),
+            _poster(session, f"http://127.0.0.1:{port}/invocations", frame),
+            repeats=25,
         )
         table.add(
             Row(
@@ -181,8 +198,7 @@ def task_data(table: Table, backend: Backend, workdir: Path) -> None:
             Row(
                 "task data",
                 "64 image tasks, server adds 20 ms per file",
-                _timed(ours, 3),
-                _timed(one_by_one, 3),
+                *_side_by_side(ours, one_by_one, 3),
                 "s",
                 "fetching them one by one",
                 target=">= 8x",
@@ -193,22 +209,17 @@ def task_data(table: Table, backend: Backend, workdir: Path) -> None:
 
 
 def batching(table: Table, backends: dict[str, Backend]) -> None:
-    alone = {}
-    for mode, backend in backends.items():  # a single client: batching must not make it wait
-        session = requests.Session()
-        task = [{"id": 1, "data": {"text": "alone"}}]
-        alone[mode] = _timed(
-            lambda: session.post(
-                backend.url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
-            ).raise_for_status(),
-            15,
-        )
+    session = requests.Session()
+    body = {"tasks": [{"id": 1, "data": {"text": "alone"}}], "label_config": models.TEXT_CONFIG}
+    alone_on, alone_off = _side_by_side(  # a single client: batching must not make it wait
+        _poster(session, backends["on"].url + "/predict", body), _poster(session, backends["off"].url + "/predict", body)
+    )
     table.add(
         Row(
             "batching",
             "one client alone, 1 task: latency",
-            alone["on"] * 1000,
-            alone["off"] * 1000,
+            alone_on * 1000,
+            alone_off * 1000,
             "ms",
             "batching off",
             target="no worse",

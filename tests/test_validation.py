@@ -19,7 +19,7 @@ def test_data_objects_name_the_task_keys():
 
 
 def test_complete_fills_version_ids_and_score():
-    done = complete_prediction([dict(REGION, score=0.5), dict(REGION, score=0.7)], "m:1", "task 1")
+    done = complete_prediction([dict(REGION, score=0.5), dict(REGION, score=0.7)], "m:1")
     assert done["model_version"] == "m:1"
     assert done["score"] == pytest.approx(0.6)
     ids = [r["id"] for r in done["result"]]
@@ -27,18 +27,18 @@ def test_complete_fills_version_ids_and_score():
 
 
 def test_complete_keeps_given_ids_and_score():
-    done = complete_prediction({"result": [dict(REGION, id="r1")], "score": 0.9}, "m:1", "task 1")
+    done = complete_prediction({"result": [dict(REGION, id="r1")], "score": 0.9}, "m:1")
     assert done["result"][0]["id"] == "r1" and done["score"] == 0.9
 
 
 @pytest.mark.parametrize("bad", [None, "text", {"results": []}, {"result": "x"}])
 def test_complete_refuses_shapes_label_studio_cannot_store(bad):
-    with pytest.raises(PredictionsInvalid, match="task 9"):
-        complete_prediction(bad, "m:1", "task 9")
+    with pytest.raises(PredictionsInvalid, match=r"task 9 \(#4\)"):
+        complete_prediction(bad, "m:1", {"id": 9}, 4)
 
 
 def test_valid_prediction_passes():
-    validate_predictions([complete_prediction([REGION], "v", "t")], [{"id": 1}], IMAGE_CONFIG)
+    validate_predictions([complete_prediction([REGION], "v")], [{"id": 1}], IMAGE_CONFIG)
 
 
 @pytest.mark.parametrize(
@@ -51,9 +51,41 @@ def test_valid_prediction_passes():
     ],
 )
 def test_mismatch_names_task_region_and_fix(region, message):
-    predictions = [complete_prediction([REGION], "v", "t"), complete_prediction([region], "v", "t")]
+    predictions = [complete_prediction([REGION], "v"), complete_prediction([region], "v")]
     with pytest.raises(PredictionsInvalid, match=message) as info:
         validate_predictions(predictions, [{"id": 1}, {"id": 2}], IMAGE_CONFIG)
     assert "task 2 (#1)" in info.value.error
     assert "task 1" not in info.value.error
     assert "brightness (Choices: dark, light)" in info.value.detail
+
+
+def test_identical_predictions_are_checked_once_but_each_task_is_named():
+    bad = dict(REGION, value={"choices": ["purple"]})
+    predictions = [complete_prediction([bad], "v") for _ in range(3)]  # ids differ, shape is the same
+    with pytest.raises(PredictionsInvalid, match="3 prediction region") as info:
+        validate_predictions(predictions, [{"id": 1}, {"id": 2}, {"id": 3}], IMAGE_CONFIG)
+    assert all(f"task {n} (#{n - 1})" in info.value.error for n in (1, 2, 3))
+
+
+RELATIONS_CONFIG = (
+    '<View><Image name="image" value="$image"/>'
+    '<RectangleLabels name="box" toName="image"><Label value="cat"/></RectangleLabels>'
+    '<Relations><Relation value="near"/></Relations></View>'
+)
+
+
+def _box(region_id: str) -> dict:
+    value = {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["cat"]}
+    return {"id": region_id, "from_name": "box", "to_name": "image", "type": "rectanglelabels", "value": value}
+
+
+def test_predictions_alike_but_for_which_ids_a_relation_joins_are_told_apart():
+    def with_relation(first: str, second: str, to: str) -> dict:
+        relation = {"type": "relation", "from_id": first, "to_id": to, "direction": "right"}
+        return complete_prediction([_box(first), _box(second), relation], "v")
+
+    predictions = [with_relation("r1", "r2", "r2"), with_relation("a", "b", "b"), with_relation("r1", "r2", "r9")]
+    with pytest.raises(PredictionsInvalid, match="r9") as info:
+        validate_predictions(predictions, [{"id": 1}, {"id": 2}, {"id": 3}], RELATIONS_CONFIG)
+    assert "task 3 (#2)" in info.value.error
+    assert "task 1 " not in info.value.error and "task 2 " not in info.value.error
