@@ -115,12 +115,12 @@ def task_ref(task: Any, index: int) -> str:
 
 
 def validation_key(prediction: dict[str, Any]) -> bytes | None:
-    """What label-studio-sdk's verdict on a prediction depends on, with region ids numbered by first
-    appearance: predictions with equal keys validate alike, so a batch of 64 "cat"s is checked once.
+    """What label-studio-sdk's verdict on a prediction depends on: all of it but ``model_version``, with
+    region ids numbered by first appearance. Equal keys validate alike, so 64 "cat"s are checked once.
     Pickled (only dumped, never loaded): equal bytes mean equal content, whatever the values' types,
     at a third of JSON's cost. None when it cannot be pickled; the prediction is then checked alone."""
     numbers: dict[Any, int] = {}
-    parts: list[Any] = [prediction.get("score")]
+    parts: list[Any] = [{k: v for k, v in prediction.items() if k not in ("result", "model_version")}]
     for region in prediction.get("result") or ():
         if isinstance(region, dict):
             region = {
