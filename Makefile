@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: setup run test serve orchestrator bench clean
+.PHONY: setup run test lint serve orchestrator bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: setup
 
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf .demo model_dir orchestrator_state .pytest_cache

@@ -9,10 +9,11 @@ hooks (the DagsHub form) work as is.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from backend.batching import Chunk, DynamicBatcher, StageTimer
 from backend.errors import DeadlineExceeded, HookFailed, PredictionsInvalid

@@ -197,7 +197,7 @@ def predict():
     if not tasks:
         return jsonify({"results": [], "model_version": model.model_version})
 
-    timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)  # noqa: E731
+    timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)
     inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
     with s.batcher.request():
         predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer, s.batcher)

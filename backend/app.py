@@ -6,7 +6,7 @@ import importlib
 import logging
 import os
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 from flask import Flask
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 
 class DatapointLike(Protocol):
@@ -79,7 +80,7 @@ class DatapointDirectory:
             if refresh or time.monotonic() - loaded_at > self._ttl_s:
                 try:
                     points = self._list(source)
-                except Exception as exc:  # noqa: BLE001 - the client raises many kinds; report them all alike
+                except Exception as exc:
                     raise DatapointNotFound(
                         f"could not list DagsHub datasource {source.repo}/{source.name}: {type(exc).__name__}: {exc}"
                     ) from exc

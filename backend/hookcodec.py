@@ -19,8 +19,9 @@ import opcode
 import pickletools
 import platform
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
@@ -149,7 +150,7 @@ def describe_pickle(data: bytes) -> str:
             if op.name in ("GLOBAL", "STACK_GLOBAL", "INST"):
                 modules.update(s for s in strings[-2:] if s.startswith("cloudpickle"))
         code_fields = _code_field_count(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever the scan trips on, the bytes are not a pickle we can read
         return "the payload is not a readable pickle"
     made_by = []
     if any(m.endswith("cloudpickle_fast") for m in modules):
@@ -202,7 +203,9 @@ def foreign_bytecode(fn: Callable[..., Any]) -> str | None:
     """
     seen: set[int] = set()
     pending: list[types.CodeType] = []
-    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    code = getattr(fn, "__code__", None)
+    if code is None and callable(fn):  # a callable object: its class's __call__
+        code = getattr(type(fn).__call__, "__code__", None)
     if code is not None:
         pending.append(code)
     for cell in getattr(fn, "__closure__", None) or ():

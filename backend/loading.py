@@ -21,9 +21,10 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import BackendError, NotFound, UpstreamUnavailable
 from .spec import ModelSpec

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T", int, float)
 
@@ -99,7 +100,7 @@ class Settings(AccessSettings):
     warm_imports: tuple[str, ...] = ()  # modules imported in the background at start (the orchestrator's spares)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         user, password = basic_auth_from(env)
         return cls(

@@ -91,13 +91,13 @@ class ModelSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         """Rebuild a stored spec."""
         data = dict(data)
         source = data.pop("dagshub", None)
         return cls(**data, dagshub=DagshubSource(**source) if source else None)
 
-    def with_hooks_of(self, other: "ModelSpec") -> "ModelSpec":
+    def with_hooks_of(self, other: ModelSpec) -> ModelSpec:
         return replace(self, pre_hook=other.pre_hook, post_hook=other.post_hook)
 
 

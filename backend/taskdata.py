@@ -18,10 +18,11 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import requests
@@ -167,7 +168,7 @@ class TaskDataFetcher:
         objects: tuple[DataObject, ...],
         label_studio: LabelStudioAccess,
         dagshub: DagshubAccess | None = None,
-    ) -> "PendingInputs":
+    ) -> PendingInputs:
         """Start every task's downloads at once; each task's input is ready as soon as its own files are,
         so the model can work on the first chunk while the rest still download."""
         downloads: dict[int, dict[str, Any]] = {}

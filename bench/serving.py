@@ -88,7 +88,7 @@ def overhead(table: Table, registry: str, backend: Backend) -> None:
         texts = [t["data"]["text"] for t in tasks]
         over_http, in_process = _side_by_side(
             _poster(session, backend.url + "/predict", {"tasks": tasks, "label_config": models.TEXT_CONFIG}),
-            lambda: models.post_hook(model.predict(models.pre_hook(texts))),
+            lambda texts=texts: models.post_hook(model.predict(models.pre_hook(texts))),
         )
         table.add(
             Row(
@@ -230,13 +230,13 @@ def batching(table: Table, backends: dict[str, Backend]) -> None:
         latencies: list[float] = []
         lock = threading.Lock()
 
-        def client(index: int) -> None:
+        def client(index: int, url: str = backend.url, latencies: list[float] = latencies, lock=lock) -> None:
             session = requests.Session()
             for n in range(12):
                 task = [{"id": n, "data": {"text": f"client {index} task {n}"}}]
                 started = time.perf_counter()
                 session.post(
-                    backend.url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
+                    url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
                 ).raise_for_status()
                 with lock:
                     latencies.append(time.perf_counter() - started)

@@ -8,7 +8,8 @@ files, whose real size sets the percentages).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from . import results as r
 from .labelconfig import Control, find_control, has_control
@@ -149,7 +150,7 @@ def _regions(control: Control, keep, classes, scores, class_names, build) -> lis
 
 def _rectangles(control, xyxy, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
     """Pixel xyxy boxes to RectangleLabels results."""
-    build = lambda i, label, names: r.rectangle(xyxy[i], label, width=width, height=height, **names)  # noqa: E731
+    build = lambda i, label, names: r.rectangle(xyxy[i], label, width=width, height=height, **names)
     return _regions(control, keep, classes, scores, class_names, build)
 
 

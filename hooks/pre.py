@@ -3,7 +3,8 @@ post hook from the original size), as numpy batches or a pandas DataFrame, and t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 PreHook = Callable[[Sequence[Any]], Any]
 

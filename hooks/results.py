@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 

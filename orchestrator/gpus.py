@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def detect_gpus() -> tuple[str, ...]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from backend.settings import AccessSettings, _float, _int, basic_auth_from, comma_list
 
@@ -40,7 +40,7 @@ class OrchestratorSettings(AccessSettings):
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "OrchestratorSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
         env = os.environ if env is None else env
         user, password = basic_auth_from(env)
         driver = env.get("ORCHESTRATOR_DRIVER") or "process"

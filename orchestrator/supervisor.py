@@ -42,7 +42,7 @@ class Supervisor:
     def _elected(self) -> bool:
         if self._lock_file is None:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(self.settings.state_dir / "supervisor.lock", "w")
+            handle = open(self.settings.state_dir / "supervisor.lock", "w")  # noqa: SIM115 - held while elected
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -58,7 +58,7 @@ class Supervisor:
                 continue
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - one bad pass must not end supervision
+            except Exception:
                 log.exception("supervisor pass failed")
 
     def tick(self) -> None:

@@ -336,7 +336,7 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
     )
     env = {k: v for k, v in base_env().items() if k != "PYTHONPATH"}
     done = subprocess.run(
-        [sys.executable, "-c", script, payload], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, payload], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
     [prediction] = json.loads(done.stdout)
@@ -367,6 +367,7 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
         capture_output=True,
         text=True,
         timeout=180,
+        check=False,
     )
     assert good.returncode == 0, good.stderr
     shown = json.loads(good.stdout)
@@ -380,6 +381,7 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
         capture_output=True,
         text=True,
         timeout=180,
+        check=False,
     )
     assert bad.returncode == 1
     assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr

@@ -155,7 +155,7 @@ def test_real_dagshub_client_against_the_orchestrator(start_orchestrator, images
 
 def test_a_warm_spare_becomes_the_new_models_backend_and_is_replaced(start_orchestrator, images):
     orchestrator = start_orchestrator(WARM_SPARES="1")
-    spares = lambda: requests.get(orchestrator.url + "/backends", timeout=5).json()["spares"]  # noqa: E731
+    spares = lambda: requests.get(orchestrator.url + "/backends", timeout=5).json()["spares"]
     wait_until(lambda: [s["state"] for s in spares()] == ["ready"], 60, "a ready spare")
     [spare] = spares()
 

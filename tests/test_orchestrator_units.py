@@ -20,14 +20,14 @@ def make_client(tmp_path: Path, **settings):
 
 
 def record(**fields) -> BackendRecord:
-    defaults = dict(
-        id="abc123",
-        model={"model_uri": "models:/m/1"},
-        driver="docker",
-        port=18001,
-        model_dir="/state/backends/abc123/model_dir",
-        token="secret-token",
-    )
+    defaults = {
+        "id": "abc123",
+        "model": {"model_uri": "models:/m/1"},
+        "driver": "docker",
+        "port": 18001,
+        "model_dir": "/state/backends/abc123/model_dir",
+        "token": "secret-token",
+    }
     return BackendRecord(**{**defaults, **fields})
 
 

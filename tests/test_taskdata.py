@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,7 +37,7 @@ def test_urls_download_once_and_in_order(fetcher, served, images):
     server, seen = served
     tasks = [{"id": i, "data": {"image": f"{server.url}/{name}.png"}} for i, name in enumerate(["white", "black", "white"])]
     inputs = fetcher.fetch_tasks(tasks, IMAGES, NO_LS)
-    assert [open(i.value, "rb").read() for i in inputs] == [images[n].read_bytes() for n in ("white", "black", "white")]
+    assert [Path(i.value).read_bytes() for i in inputs] == [images[n].read_bytes() for n in ("white", "black", "white")]
     assert sorted(path for path, _ in seen) == ["/black.png", "/white.png"]  # the repeated URL was fetched once
     fetcher.fetch_tasks(tasks, IMAGES, NO_LS)
     assert len(seen) == 2  # and everything came from the disk cache the second time
@@ -73,7 +74,7 @@ def test_cloud_uris_go_through_label_studio_presign(fetcher, served):
 def test_data_uris_and_text(fetcher, images):
     uri = "data:image/png;base64," + base64.b64encode(images["black"].read_bytes()).decode()
     (ok,) = fetcher.fetch_tasks([{"data": {"image": uri}}], IMAGES, NO_LS)
-    assert open(ok.value, "rb").read() == images["black"].read_bytes() and ok.value.endswith(".png")
+    assert Path(ok.value).read_bytes() == images["black"].read_bytes() and ok.value.endswith(".png")
     (bad,) = fetcher.fetch_tasks([{"data": {"image": "data:image/png;base64,@@@"}}], IMAGES, NO_LS)
     assert "bad base64" in bad.error
     (text,) = fetcher.fetch_tasks([{"data": {"text": "http://not-fetched.example/x"}}], data_objects(TEXT_CONFIG), NO_LS)
@@ -110,8 +111,8 @@ def test_dagshub_datapoints_by_id_when_the_task_reference_fails(tmp_path, served
         inputs = fetcher.fetch_tasks(tasks, IMAGES, NO_LS, access)
     finally:
         fetcher.close()
-    assert open(inputs[0].value, "rb").read() == images["black"].read_bytes()
-    assert open(inputs[1].value, "rb").read() == images["white"].read_bytes()
+    assert Path(inputs[0].value).read_bytes() == images["black"].read_bytes()
+    assert Path(inputs[1].value).read_bytes() == images["white"].read_bytes()
     assert "datapoint 99 is not in DagsHub datasource alice/data/images" in inputs[2].error
     assert "no such local file" in inputs[2].error and "no such local file" in inputs[3].error
     assert all(headers["Authorization"] == "Bearer dh-token" for _, headers in seen)

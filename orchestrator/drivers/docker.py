@@ -8,7 +8,8 @@ GPU device request when it was assigned one. The spec is a plain dict, testable 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings

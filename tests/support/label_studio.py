@@ -42,7 +42,7 @@ def ensure_installed() -> Path:
     ]
     for step in steps:
         try:
-            result = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            result = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise LabelStudioUnavailable(f"installing label-studio failed: {exc}") from exc
         if result.returncode != 0:
@@ -95,7 +95,7 @@ class LabelStudio(Process):
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Token {TOKEN}"
 
-    def start(self, timeout: float = 180) -> "LabelStudio":
+    def start(self, timeout: float = 180) -> LabelStudio:
         super().start()
         try:
             # It moves to another port when its own is taken: only an answer on ours counts.

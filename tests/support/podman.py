@@ -57,7 +57,7 @@ class Podman(Process):
             [*self.global_args, "system", "service", "--time=0", self.base_url], env, folder / "podman.log"
         )
 
-    def start(self) -> "Podman":
+    def start(self) -> Podman:
         import docker
 
         def answers() -> bool:
@@ -74,7 +74,7 @@ class Podman(Process):
         return self
 
     def podman_cli(self, *args: str, data: bytes | None = None) -> str:
-        done = subprocess.run([*self.global_args, *args], input=data, env=self.env, capture_output=True, timeout=300)
+        done = subprocess.run([*self.global_args, *args], input=data, env=self.env, capture_output=True, timeout=300, check=False)
         if done.returncode != 0:
             raise EngineUnavailable(f"podman {args[0]} failed: {done.stderr.decode(errors='replace')[-2000:]}")
         return done.stdout.decode()

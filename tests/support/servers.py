@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 import requests
 
@@ -54,7 +54,7 @@ class Process:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the child's output, closed in stop()
         self.proc = subprocess.Popen(self.args, env=self.env, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
@@ -97,7 +97,7 @@ class Backend(Process):
         env = base_env(MODEL_DIR=str(self.model_dir), PORT=str(self.port), HOST="127.0.0.1", **env)
         super().__init__([str(PYTHON_BIN / "gunicorn"), "wsgi:app"], env, tmp / f"backend-{self.port}.log")
 
-    def start(self) -> "Backend":
+    def start(self) -> Backend:
         super().start()
         wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 30, "backend", self.proc)
         return self
@@ -119,7 +119,7 @@ class OrchestratorProcess(Process):
         args = [str(PYTHON_BIN / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
         super().__init__(args, env, state_dir.parent / f"orchestrator-{self.port}.log")
 
-    def start(self) -> "OrchestratorProcess":
+    def start(self) -> OrchestratorProcess:
         super().start()
         wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 30, "orchestrator", self.proc)
         return self
@@ -161,7 +161,7 @@ class MlflowServer(Process):
         ]
         super().__init__(args, base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), tmp / "mlflow-server.log")
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         super().start()
         wait_until(lambda: requests.get(self.url + "/health", timeout=1).ok, 60, "mlflow server", self.proc)
         return self
