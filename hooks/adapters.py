@@ -393,27 +393,12 @@ def easyocr_post(
                 if float(confidence) < threshold:
                     continue
                 points = _array(corners).reshape(-1, 2).astype(float)
+                where = {"width": width, "height": height, "from_name": regions.from_name, "to_name": regions.to_name}
                 if polygons:
-                    region = r.polygon(
-                        points,
-                        region_label,
-                        width=width,
-                        height=height,
-                        from_name=regions.from_name,
-                        to_name=regions.to_name,
-                        score=float(confidence),
-                    )
+                    region = r.polygon(points, region_label, **where, score=float(confidence))
                 else:
                     box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
-                    region = r.rectangle(
-                        box,
-                        region_label,
-                        width=width,
-                        height=height,
-                        from_name=regions.from_name,
-                        to_name=regions.to_name,
-                        score=float(confidence),
-                    )
+                    region = r.rectangle(box, region_label, **where, score=float(confidence))
                 found += [
                     region,
                     r.textarea(

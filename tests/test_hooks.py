@@ -360,28 +360,18 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
         "--pre-hook",
         "examples.hooks:brightness_pre",
     ]
-    good = subprocess.run(
-        [*base, "--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"])],
-        cwd=ROOT,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+
+    def check(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*base, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180, check=False
+        )
+
+    good = check("--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"]))
     assert good.returncode == 0, good.stderr
     shown = json.loads(good.stdout)
     assert [p["result"][0]["value"]["choices"] for p in shown["results"]] == [["light"], ["dark"]]
     assert "OK: 2 predictions" in good.stderr
 
-    bad = subprocess.run(
-        [*base, "--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"])],
-        cwd=ROOT,
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    bad = check("--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"]))
     assert bad.returncode == 1
     assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr
