@@ -18,8 +18,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,33 @@ class PendingInputs(Sequence[TaskInput]):
         return self.last_ready - self.started
 
 
+class KeyedLocks:
+    """A lock per key, kept only while someone holds or waits for it. Striped locks would bound memory
+    too, but make different URLs wait for each other on a hash collision: with 16 downloads in flight
+    over 64 stripes, most batches have one."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [users])
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class TaskDataFetcher:
     """Fetches many tasks' data at once through one pooled session and an on-disk cache."""
 
@@ -146,7 +174,7 @@ class TaskDataFetcher:
         self.session.mount("https://", adapter)
         self.session.headers["User-Agent"] = "label-studio-mlflow-backend"
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
-        self._url_locks = [threading.Lock() for _ in range(64)]  # striped: bounded memory, same URL same lock
+        self._url_locks = KeyedLocks()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -291,7 +319,7 @@ class TaskDataFetcher:
         target = self._cache_path(url, suffix)
         if target.exists():
             return str(target)
-        with self._url_lock(url):  # two tasks with one URL download it once
+        with self._url_locks.hold(url):  # two tasks with one URL download it once
             if target.exists():
                 return str(target)
             headers = {**label_studio.headers_for(url), **(dagshub.headers_for(url) if dagshub else {})}
@@ -303,6 +331,3 @@ class TaskDataFetcher:
                     return self._write(target, response.iter_content(chunk_size=1 << 16))
             except requests.RequestException as exc:
                 raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
-
-    def _url_lock(self, url: str) -> threading.Lock:
-        return self._url_locks[hash(url) % len(self._url_locks)]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from backend.datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
-from backend.taskdata import DagshubAccess, LabelStudioAccess, TaskDataFetcher
+from backend.taskdata import DagshubAccess, KeyedLocks, LabelStudioAccess, TaskDataFetcher
 from backend.validation import data_objects
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 from tests.support.servers import file_server
@@ -41,6 +42,25 @@ def test_urls_download_once_and_in_order(fetcher, served, images):
     assert sorted(path for path, _ in seen) == ["/black.png", "/white.png"]  # the repeated URL was fetched once
     fetcher.fetch_tasks(tasks, IMAGES, NO_LS)
     assert len(seen) == 2  # and everything came from the disk cache the second time
+
+
+def test_a_url_lock_holds_back_that_url_only_and_is_dropped_after_use():
+    locks, second_in = KeyedLocks(), threading.Event()
+
+    def others_and_the_same_url():
+        for n in range(500):  # striped locks would collide with the held one and deadlock here
+            with locks.hold(f"http://files/{n}.png"):
+                pass
+        with locks.hold("http://files/held.png"):
+            second_in.set()
+
+    with locks.hold("http://files/held.png"):
+        worker = threading.Thread(target=others_and_the_same_url, daemon=True)
+        worker.start()
+        assert not second_in.wait(0.3)  # the same URL waits for the download under way
+    worker.join(5)
+    assert second_in.is_set() and not worker.is_alive()
+    assert len(locks) == 0
 
 
 def test_one_failure_fails_one_task(fetcher, served):

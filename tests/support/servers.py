@@ -174,11 +174,16 @@ class _Quiet(SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connects from 16 parallel downloads: 1 s SYN retries
+    daemon_threads = True
+
+
 class ThreadedServer:
     """A ThreadingHTTPServer on a free loopback port in a daemon thread."""
 
     def __init__(self, handler) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -192,6 +197,9 @@ def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -
     """Serve ``directory``; optionally add ``delay`` per file and record request headers."""
 
     class Handler(_Quiet):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Label Studio's and cloud storage's file servers
+        disable_nagle_algorithm = True  # headers and body go in two writes: Nagle would hold the body 40 ms
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(directory), **kwargs)
 
