@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from backend.hookcodec import Hook
 from backend.loading import LoadedModel
 from backend.spec import ModelSpec
 from backend.taskdata import TaskInput
-from backend.validation import complete_prediction
+from backend.validation import PredictionCompleter
 
 
 @dataclass
@@ -72,28 +73,31 @@ class ConfiguredModel:
         predictions: list[dict[str, Any] | None] = [None] * len(tasks)
         batched = batcher is not None and batcher.enabled and context is None
         sent: list[tuple[list[int], Any]] = []
+        complete = PredictionCompleter(self.model_version)
         try:
-            for start in range(0, len(tasks), self.batch_size):
-                self._check_deadline(deadline, start, len(tasks))
-                chunk, values = [], []
-                for i in range(start, min(len(tasks), start + self.batch_size)):
-                    task_input = inputs[i]  # waits for this task's files only
-                    if task_input.error:
-                        predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
+            with batcher.request() if batched else nullcontext() as request:
+                for start in range(0, len(tasks), self.batch_size):
+                    self._check_deadline(deadline, start, len(tasks))
+                    chunk, values = [], []
+                    for i in range(start, min(len(tasks), start + self.batch_size)):
+                        task_input = inputs[i]  # waits for this task's files only
+                        if task_input.error:
+                            predictions[i] = {"result": [], "score": 0.0, "model_version": self.model_version}
+                        else:
+                            chunk.append(i)
+                            values.append(task_input.value)
+                    if not chunk:
+                        continue
+                    chunk_tasks = [tasks[i] for i in chunk]
+                    if batched:
+                        submitted = batcher.submit(Chunk(self, values, chunk_tasks, label_config, timer, request))
+                        sent.append((chunk, submitted))
                     else:
-                        chunk.append(i)
-                        values.append(task_input.value)
-                if not chunk:
-                    continue
-                chunk_tasks = [tasks[i] for i in chunk]
-                if batched:
-                    sent.append((chunk, batcher.submit(Chunk(self, values, chunk_tasks, label_config, timer))))
-                else:
-                    sent.append((chunk, self.run_batch(values, chunk_tasks, context, label_config, timer)))
+                        sent.append((chunk, self.run_batch(values, chunk_tasks, context, label_config, timer)))
             for chunk, outcome in sent:
                 outputs = self._wait(outcome, deadline, len(tasks)) if isinstance(outcome, Future) else outcome
                 for i, prediction in zip(chunk, outputs):
-                    predictions[i] = complete_prediction(prediction, self.model_version, tasks[i], i)
+                    predictions[i] = complete(prediction, tasks[i], i)
         except BaseException:
             for _, outcome in sent:
                 if isinstance(outcome, Future):

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
+from .answers import predictions_answer
 from .auth import require_basic_auth, require_configure_rights
 from .batching import DynamicBatcher
 from .datapoints import DatasourceRef
@@ -199,8 +200,7 @@ def predict():
 
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)
     inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
-    with s.batcher.request():
-        predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer, s.batcher)
+    predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer, s.batcher)
     timer("fetch", inputs.fetch_seconds)
     started = time.perf_counter()
     validate_predictions(predictions, tasks, label_config)
@@ -209,10 +209,7 @@ def predict():
     failed = [{"task": t.get("id"), "error": i.error} for t, i in zip(tasks, inputs) if i.error]
     s.metrics.predictions.inc(len(predictions))
     s.metrics.failed_tasks.inc(len(failed))
-    answer: dict[str, Any] = {"results": predictions, "model_version": model.model_version}
-    if failed:
-        answer["errors"] = failed
-    return jsonify(answer)
+    return predictions_answer(predictions, tasks, model.model_version, failed)
 
 
 @api.post("/webhook")

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from flask import Flask
 
+from .answers import PlainValuesJSONProvider
 from .api import Services, api
 from .batching import DynamicBatcher
 from .errors import register_error_handlers
@@ -25,7 +26,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     settings = settings or Settings.from_env(env)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json = PlainValuesJSONProvider(app)
     metrics = BackendMetrics()
     store = ConfigurationStore(settings.model_dir)
 

@@ -3,8 +3,9 @@
 Label Studio's interactive labeling sends one task per request, from many annotators at once; a
 model called once per request wastes most of each call's fixed cost. Requests hand their chunks to
 one batching thread, which gathers chunks with the same model and labeling config up to the model's
-``batch_size`` items, waiting at most ``max_latency_ms`` for more, but only while other requests are
-in flight: a lone request never waits. One model call serves the batch, and its output is split
+``batch_size`` items, waiting at most ``max_latency_ms`` for more, but only for requests that are
+still submitting: a lone request never waits, nor does a batch for requests that only wait for
+their answers. One model call serves the batch, and its output is split
 back per request. If a gathered batch fails, each request's chunk is run again on its own, so one
 request's bad input fails that request only.
 """
@@ -37,6 +38,7 @@ class Chunk:
     tasks: list[dict[str, Any]]
     label_config: str
     timer: StageTimer | None
+    request: object = None  # the token of the request it came from (DynamicBatcher.request)
     future: Future = field(default_factory=Future)
 
     @property
@@ -52,7 +54,7 @@ class DynamicBatcher:
         self.enabled = enabled
         self._queue: deque[Chunk] = deque()
         self._cond = threading.Condition()
-        self._in_flight = 0  # requests inside predict: more may be about to submit
+        self._submitting: set[object] = set()  # requests that may still submit a chunk
         self._thread: threading.Thread | None = None
         self.batches = 0  # model calls made, for /health and the benchmarks
         self.items = 0
@@ -65,15 +67,17 @@ class DynamicBatcher:
         return shown
 
     @contextmanager
-    def request(self) -> Iterator[None]:
-        """Around one /predict: tells the batcher another request may be about to submit."""
+    def request(self) -> Iterator[object]:
+        """Around the part of one /predict that submits chunks (pass the token to its Chunks): while it
+        lasts, a batch may wait for this request's chunk; once it only waits for answers, none does."""
+        token = object()
         with self._cond:
-            self._in_flight += 1
+            self._submitting.add(token)
         try:
-            yield
+            yield token
         finally:
             with self._cond:
-                self._in_flight -= 1
+                self._submitting.discard(token)
                 self._cond.notify_all()
 
     def submit(self, chunk: Chunk) -> Future:
@@ -85,8 +89,9 @@ class DynamicBatcher:
             self._cond.notify_all()
         return chunk.future
 
-    def _requests_queued(self) -> int:
-        return len({id(c.future) for c in self._queue})
+    def _others_may_come(self) -> bool:
+        """Some request is still submitting and has no chunk queued yet."""
+        return bool(self._submitting.difference(c.request for c in self._queue))
 
     def _gather(self) -> list[Chunk]:
         """Wait for work; then take chunks of the first one's kind, up to its model's batch size."""
@@ -98,9 +103,8 @@ class DynamicBatcher:
             deadline = time.monotonic() + self.max_latency_s
             while True:
                 same = sum(len(c.values) for c in self._queue if c.key == first.key)
-                others_may_come = self._in_flight > self._requests_queued()
                 remaining = deadline - time.monotonic()
-                if same >= limit or not others_may_come or remaining <= 0:
+                if same >= limit or not self._others_may_come() or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             taken, size = [], 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 import pickle
 import secrets
 from dataclasses import dataclass
@@ -101,12 +102,45 @@ def complete_prediction(prediction: Any, model_version: str, task: Any = None, i
     prediction["result"] = completed
     prediction["model_version"] = model_version
     if prediction.get("score") is None:
-        scores = [r["score"] for r in completed if isinstance(r, dict) and isinstance(r.get("score"), (int, float))]
+        scores = [r["score"] for r in completed if isinstance(r, dict) and _is_number(r.get("score"))]
         prediction["score"] = float(sum(scores) / len(scores)) if scores else 0.0
     score = prediction["score"]
-    if isinstance(score, (int, float)) and not isinstance(score, bool) and not math.isfinite(score):
+    if _is_number(score) and not math.isfinite(score):
         prediction["score"] = 0.0
     return prediction
+
+
+class PredictionCompleter:
+    """One request's predictions completed, each distinct one once. A post hook that gives 64 tasks the
+    same "cat" gets one completed dict shared by them (region ids need only be unique within a task),
+    which validation, going by identity first, also checks once."""
+
+    def __init__(self, model_version: str) -> None:
+        self.model_version = model_version
+        self._completed: dict[bytes, dict[str, Any]] = {}
+
+    def __call__(self, prediction: Any, task: Any = None, index: int = 0) -> dict[str, Any]:
+        key = _pickled(prediction)
+        completed = self._completed.get(key) if key is not None else None
+        if completed is None:
+            completed = complete_prediction(prediction, self.model_version, task, index)
+            if key is not None:
+                self._completed[key] = completed
+        return completed
+
+
+def _pickled(value: Any) -> bytes | None:
+    """Equal bytes mean equal content, whatever the types (1 and 1.0 differ, as they do in JSON), at a
+    third of JSON's cost; only ever dumped, never loaded. None for what cannot be pickled."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except Exception:  # noqa: BLE001 - anything unpicklable is simply handled on its own
+        return None
+
+
+def _is_number(value: Any) -> bool:
+    """Python's and numpy's (which registers its scalars as numbers.Real); not a bool."""
+    return isinstance(value, (int, float, numbers.Real)) and not isinstance(value, bool)
 
 
 def task_ref(task: Any, index: int) -> str:
@@ -116,9 +150,8 @@ def task_ref(task: Any, index: int) -> str:
 
 def validation_key(prediction: dict[str, Any]) -> bytes | None:
     """What label-studio-sdk's verdict on a prediction depends on: all of it but ``model_version``, with
-    region ids numbered by first appearance. Equal keys validate alike, so 64 "cat"s are checked once.
-    Pickled (only dumped, never loaded): equal bytes mean equal content, whatever the values' types,
-    at a third of JSON's cost. None when it cannot be pickled; the prediction is then checked alone."""
+    region ids numbered by first appearance. Equal keys validate alike, so 64 "cat"s with ids of their
+    own are checked once. None when it cannot be pickled; the prediction is then checked alone."""
     numbers: dict[Any, int] = {}
     parts: list[Any] = [{k: v for k, v in prediction.items() if k not in ("result", "model_version")}]
     for region in prediction.get("result") or ():
@@ -128,10 +161,7 @@ def validation_key(prediction: dict[str, Any]) -> bytes | None:
                 for k, v in region.items()
             }
         parts.append(region)
-    try:
-        return pickle.dumps(parts, protocol=5)
-    except Exception:  # noqa: BLE001 - anything unpicklable is simply validated on its own
-        return None
+    return _pickled(parts)
 
 
 def validate_predictions(predictions: list[dict[str, Any]], tasks: list[Any], config: str) -> None:
@@ -139,13 +169,17 @@ def validate_predictions(predictions: list[dict[str, Any]], tasks: list[Any], co
     interface = parse_label_config(config)
     problems: list[str] = []
     verdicts: dict[bytes, list[str]] = {}
+    by_object: dict[int, list[str]] = {}  # a completed prediction shared by several tasks
     for index, (prediction, task) in enumerate(zip(predictions, tasks)):
-        key = validation_key(prediction)
-        messages = verdicts.get(key) if key is not None else None
+        messages = by_object.get(id(prediction))
         if messages is None:
-            messages = interface.validate_prediction(prediction, return_errors=True)
-            if key is not None:
-                verdicts[key] = messages
+            key = validation_key(prediction)
+            messages = verdicts.get(key) if key is not None else None
+            if messages is None:
+                messages = interface.validate_prediction(prediction, return_errors=True)
+                if key is not None:
+                    verdicts[key] = messages
+            by_object[id(prediction)] = messages
         problems.extend(f"{task_ref(task, index)}: {message}" for message in messages)
     if problems:
         controls = ", ".join(

@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from backend.answers import plain_value, prediction_json
     from backend.errors import BackendError
     from backend.hookcodec import decode_hook
     from backend.loading import load_model
@@ -89,7 +90,9 @@ def run_check(args: argparse.Namespace) -> int:
             finally:
                 fetcher.close()
             predictions = model.predict_tasks(tasks, inputs, None, config)
-            print(json.dumps({"model_version": model.model_version, "results": predictions}, indent=2))
+            for index, (prediction, task) in enumerate(zip(predictions, tasks)):
+                prediction_json(prediction, task, index)  # what the backend would refuse to send
+            print(json.dumps({"model_version": model.model_version, "results": predictions}, indent=2, default=plain_value))
             failed = [(task.get("id"), item.error) for task, item in zip(tasks, inputs) if item.error]
             validate_predictions(predictions, tasks, config)
     except BackendError as exc:

@@ -186,6 +186,7 @@ def test_bad_requests_answer_json_and_lose_nothing(client, images, send, status,
         (hooks.wrong_label_post, 422, "do not fit the labeling config"),
         (hooks.short_post, 422, "returned 1 predictions for 2 tasks"),
         (lambda labels: None, 422, "returned a NoneType predictions"),
+        (hooks.set_post, 422, "the prediction for task 1 (#0) cannot be sent as JSON: Object of type set"),
     ],
 )
 def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, images, post_hook, status, message):
@@ -195,6 +196,15 @@ def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, 
     assert message in response.get_json()["error"]
     assert configure(client).status_code == 200
     assert_still_serving(client, images)
+
+
+def test_numpy_values_in_predictions_go_out_as_plain_numbers(client, images):
+    assert configure(client, post_hook=encode(hooks.numpy_post)).status_code == 200
+    response = predict(client, image_tasks(images, "white", "black"))
+    assert response.status_code == 200, response.get_json()
+    first, second = response.get_json()["results"]
+    assert first["result"][0]["value"] == {"choices": ["light"]} and first["meta"] == {"logits": [0.25, 0.75]}
+    assert (first["score"], second["score"]) == (0.25, 0.75)  # the mean of the numpy region scores
 
 
 def test_a_raising_hook_is_a_500_naming_the_stage(client, images):

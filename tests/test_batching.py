@@ -13,6 +13,7 @@ from backend.batching import Chunk, DynamicBatcher
 from backend.errors import HookFailed
 from tests.support import hooks
 from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.servers import wait_until
 
 
 class CountingModel:
@@ -32,14 +33,14 @@ class CountingModel:
         return [f"prediction of {v}" for v in values]
 
 
-def submit(batcher, model, *values):
-    return batcher.submit(Chunk(model, list(values), [{"id": v} for v in values], "<View/>", None))
+def submit(batcher, model, *values, request=None):
+    return batcher.submit(Chunk(model, list(values), [{"id": v} for v in values], "<View/>", None, request))
 
 
 def test_a_lone_request_does_not_wait_for_company():
     batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
-    with batcher.request():
-        assert submit(batcher, model, "a").result(timeout=5) == ["prediction of a"]  # not 60 s
+    with batcher.request() as request:
+        assert submit(batcher, model, "a", request=request).result(timeout=5) == ["prediction of a"]  # not 60 s
 
 
 def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
@@ -47,9 +48,9 @@ def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
     gate = threading.Barrier(4)
 
     def one_request(value):
-        with batcher.request():
+        with batcher.request() as request:
             gate.wait(5)
-            return submit(batcher, model, value).result(timeout=10)
+            return submit(batcher, model, value, request=request).result(timeout=10)
 
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(one_request, ["a", "b", "c", "d"]))
@@ -67,8 +68,8 @@ def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
 def test_batches_stop_at_the_models_batch_size():
     batcher, model = DynamicBatcher(max_latency_ms=5_000), CountingModel(batch_size=2)
     model.release.clear()  # hold the first call so the rest queue up
-    with batcher.request(), batcher.request(), batcher.request():
-        futures = [submit(batcher, model, v) for v in "abc"]
+    with batcher.request() as a, batcher.request() as b, batcher.request() as c:
+        futures = [submit(batcher, model, v, request=r) for v, r in zip("abc", (a, b, c))]
         model.release.set()
         assert [f.result(timeout=10) for f in futures] == [
             ["prediction of a"],
@@ -78,10 +79,44 @@ def test_batches_stop_at_the_models_batch_size():
     assert all(len(call) <= 2 for call in model.calls)
 
 
+def _hold_the_model_with_a_running_batch(batcher, model):
+    """A first request's chunk, running and held; that request now only awaits its answer."""
+    model.release.clear()
+    with batcher.request() as first:
+        running = submit(batcher, model, "a", request=first)
+    wait_until(running.running, 5, "the first batch to start")
+    return running
+
+
+def test_a_batch_waits_for_a_request_still_submitting():
+    batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
+    running = _hold_the_model_with_a_running_batch(batcher, model)
+    with batcher.request() as second, batcher.request() as late:
+        queued = submit(batcher, model, "b", request=second)
+        model.release.set()
+        assert running.result(timeout=5) == ["prediction of a"]
+        joined = submit(batcher, model, "c", request=late)  # the batch after "a" waited for it
+        assert queued.result(timeout=5) == ["prediction of b"] and joined.result(timeout=5) == ["prediction of c"]
+    assert model.calls == [["a"], ["b", "c"]]
+
+
+def test_a_batch_does_not_wait_for_requests_that_only_await_answers():
+    """Under steady load, requests finishing their predictions are always about; waiting for them
+    would add max_latency_ms to every batch."""
+    batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
+    running = _hold_the_model_with_a_running_batch(batcher, model)
+    with batcher.request() as second:
+        queued = submit(batcher, model, "b", request=second)
+    model.release.set()
+    assert running.result(timeout=5) == ["prediction of a"]
+    assert queued.result(timeout=5) == ["prediction of b"]  # not after 60 s
+    assert model.calls == [["a"], ["b"]]
+
+
 def test_one_requests_failure_does_not_fail_the_others_in_its_batch():
     batcher, model = DynamicBatcher(max_latency_ms=5_000), CountingModel()
-    with batcher.request(), batcher.request(), batcher.request():
-        good, bad, other = submit(batcher, model, "a"), submit(batcher, model, "bad"), submit(batcher, model, "b")
+    with batcher.request() as a, batcher.request() as b, batcher.request() as c:
+        good, bad, other = (submit(batcher, model, v, request=r) for v, r in (("a", a), ("bad", b), ("b", c)))
         assert good.result(timeout=10) == ["prediction of a"] and other.result(timeout=10) == ["prediction of b"]
         with pytest.raises(HookFailed, match="bad input"):
             bad.result(timeout=10)

@@ -375,3 +375,11 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
     bad = check("--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"]))
     assert bad.returncode == 1
     assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr
+
+    plain = check("--post-hook", "tests.support.hooks:numpy_post", str(images["white"]))
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads(plain.stdout)["results"][0]["meta"] == {"logits": [0.25, 0.75]}  # as the backend sends it
+
+    unsendable = check("--post-hook", "tests.support.hooks:set_post", str(images["white"]))
+    assert unsendable.returncode == 1
+    assert "FAILED: the prediction for task 1 (#0) cannot be sent as JSON" in unsendable.stderr

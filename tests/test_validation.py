@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.errors import PredictionsInvalid
-from backend.validation import complete_prediction, data_objects, validate_predictions
+from backend.validation import PredictionCompleter, complete_prediction, data_objects, validate_predictions
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 
 REGION = {"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": ["dark"]}}
@@ -35,6 +35,30 @@ def test_complete_keeps_given_ids_and_score():
 def test_complete_refuses_shapes_label_studio_cannot_store(bad):
     with pytest.raises(PredictionsInvalid, match=r"task 9 \(#4\)"):
         complete_prediction(bad, "m:1", {"id": 9}, 4)
+
+
+def test_completer_completes_each_distinct_prediction_once():
+    complete = PredictionCompleter("m:1")
+    dark, light = [dict(REGION)], [dict(REGION, value={"choices": ["light"]})]
+    first, again, other = complete(dark), complete([dict(REGION)]), complete(light)
+    assert again is first and other is not first  # equal content, new objects: one completion shared
+    assert first["result"][0]["id"] and first["model_version"] == "m:1"
+    assert other["result"][0]["value"] == {"choices": ["light"]}
+    assert complete([dict(REGION, score=1)]) is not complete([dict(REGION, score=1.0)])  # 1 and 1.0 differ in JSON
+    assert complete({"result": [REGION, REGION]})["result"][0]["id"] != complete({"result": [REGION, REGION]})["result"][1]["id"]
+    unpicklable = {"result": [dict(REGION)], "note": lambda: None}
+    assert complete(unpicklable) is not complete(unpicklable)  # completed each time, never merged
+    with pytest.raises(PredictionsInvalid, match=r"task 9 \(#4\)"):
+        complete("text", {"id": 9}, 4)
+
+
+def test_a_shared_bad_prediction_names_every_task():
+    complete = PredictionCompleter("v")
+    predictions = [complete([dict(REGION, value={"choices": ["purple"]})]) for _ in range(3)]
+    assert predictions[0] is predictions[2]
+    with pytest.raises(PredictionsInvalid, match="3 prediction region") as info:
+        validate_predictions(predictions, [{"id": 1}, {"id": 2}, {"id": 3}], IMAGE_CONFIG)
+    assert all(f"task {n} (#{n - 1})" in info.value.error for n in (1, 2, 3))
 
 
 def test_valid_prediction_passes():

@@ -41,6 +41,27 @@ def wrong_label_post(labels):
     ]
 
 
+def numpy_post(labels):
+    """Scores and labels as numpy leaves them."""
+    import numpy as np
+
+    return [
+        {
+            "result": [
+                {"from_name": "brightness", "to_name": "image", "type": "choices",
+                 "value": {"choices": [np.str_(label)]}, "score": np.float32(0.25) + i / 2}
+            ],
+            "meta": {"logits": np.array([0.25, 0.75])},
+        }
+        for i, label in enumerate(labels)
+    ]
+
+
+def set_post(labels):
+    """A value JSON cannot carry."""
+    return [dict(prediction, meta={"labels": {str(label)}}) for prediction, label in zip(choices_post(labels), labels)]
+
+
 def short_post(labels):
     """One prediction too few."""
     return choices_post(labels)[:-1]
