@@ -31,10 +31,13 @@ class PlainValuesJSONProvider(DefaultJSONProvider):
     default = staticmethod(plain_value)
 
 
+_ENCODER = json.JSONEncoder(default=plain_value, separators=(",", ":"))  # keeps no state between calls
+
+
 def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
     """One prediction, compact; a value JSON cannot carry is the post hook's error."""
     try:
-        return json.dumps(prediction, default=plain_value, separators=(",", ":"))
+        return _ENCODER.encode(prediction)
     except (TypeError, ValueError) as exc:
         raise PredictionsInvalid(
             f"the prediction for {task_ref(task, index)} cannot be sent as JSON: {exc}",
@@ -52,8 +55,8 @@ def predictions_answer(
     for index, (prediction, task) in enumerate(zip(predictions, tasks)):
         if id(prediction) not in encoded:
             encoded[id(prediction)] = prediction_json(prediction, task, index)
-    parts = ['{"results":[', ",".join([encoded[id(p)] for p in predictions]), '],"model_version":', json.dumps(model_version)]
+    parts = ['{"results":[', ",".join([encoded[id(p)] for p in predictions]), '],"model_version":', _ENCODER.encode(model_version)]
     if errors:
-        parts += [',"errors":', json.dumps(errors, default=plain_value, separators=(",", ":"))]
+        parts += [',"errors":', _ENCODER.encode(errors)]
     parts.append("}")
     return current_app.response_class("".join(parts), mimetype="application/json")
