@@ -1,8 +1,8 @@
 """Predictions as JSON: what hooks leave in them is sent as plain values, each distinct one encoded once.
 
 Post hooks often return numpy or torch values (an ``np.float32`` score, a tensor of points); they go
-out as the numbers and lists they hold. Anything else JSON cannot carry is the post hook's error,
-named as such, not an internal one.
+out as the numbers and lists they hold. Anything else JSON cannot carry (a set, a NaN) is the post
+hook's error, named as such, not an internal one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ class PlainValuesJSONProvider(DefaultJSONProvider):
     default = staticmethod(plain_value)
 
 
-_ENCODER = json.JSONEncoder(default=plain_value, separators=(",", ":"))  # keeps no state between calls
+# NaN and Infinity are not JSON: Label Studio could not store them. Keeps no state between calls.
+_ENCODER = json.JSONEncoder(default=plain_value, separators=(",", ":"), allow_nan=False)
 
 
 def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
@@ -41,7 +42,7 @@ def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
     except (TypeError, ValueError) as exc:
         raise PredictionsInvalid(
             f"the prediction for {task_ref(task, index)} cannot be sent as JSON: {exc}",
-            "Return plain numbers, strings, lists and dicts from the post_hook "
+            "Return plain, finite numbers, strings, lists and dicts from the post_hook "
             "(numpy and torch values are converted; convert other types yourself).",
         ) from exc
 

@@ -187,6 +187,7 @@ def test_bad_requests_answer_json_and_lose_nothing(client, images, send, status,
         (hooks.short_post, 422, "returned 1 predictions for 2 tasks"),
         (lambda labels: None, 422, "returned a NoneType predictions"),
         (hooks.set_post, 422, "the prediction for task 1 (#0) cannot be sent as JSON: Object of type set"),
+        (hooks.nan_score_post, 422, "the prediction for task 2 (#1) cannot be sent as JSON: Out of range float"),
     ],
 )
 def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, images, post_hook, status, message):

@@ -62,6 +62,13 @@ def set_post(labels):
     return [dict(prediction, meta={"labels": {str(label)}}) for prediction, label in zip(choices_post(labels), labels)]
 
 
+def nan_score_post(labels):
+    """A region score JSON cannot carry."""
+    predictions = choices_post(labels)
+    predictions[-1]["result"][0]["score"] = float("nan")
+    return predictions
+
+
 def short_post(labels):
     """One prediction too few."""
     return choices_post(labels)[:-1]
