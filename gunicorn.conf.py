@@ -1,7 +1,8 @@
 """gunicorn settings for the backend, from the same environment variables the app reads.
 
-One worker with threads by default: a model is loaded once per process, and Label Studio's
-/health and /setup get a free thread while a long /predict runs.
+One worker with threads by default: a model is loaded once per process. The worker class
+(backend/worker.py) reads each request whole before it takes a thread, and gives Label Studio's
+/health, /setup and /webhook threads of their own, so they answer while predictions run or clients stall.
 """
 
 import os
@@ -9,7 +10,7 @@ import os
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '9090')}"
 workers = int(os.environ.get("WORKERS", "1"))
 threads = int(os.environ.get("THREADS", "8"))
-worker_class = "gthread"
+worker_class = "backend.worker.GuardedThreadWorker"
 # Longer than Label Studio's 100 s predict timeout, so the backend's own 504 answers first.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "130"))
 # gthread in gunicorn 26 can wait the whole grace period on an idle client connection at shutdown.

@@ -39,7 +39,7 @@ def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
     """One prediction, compact; a value JSON cannot carry is the post hook's error."""
     try:
         return _ENCODER.encode(prediction)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise PredictionsInvalid(
             f"the prediction for {task_ref(task, index)} cannot be sent as JSON: {exc}",
             "Return plain, finite numbers, strings, lists and dicts from the post_hook "
@@ -47,17 +47,31 @@ def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
         ) from exc
 
 
-def predictions_answer(
-    predictions: list[dict[str, Any]], tasks: list[dict[str, Any]], model_version: str, errors: list[dict[str, Any]]
-) -> Response:
-    """The /predict answer. Tasks sharing a completed prediction (see PredictionCompleter) share its
-    JSON too, which is most of the answer."""
+def answer_json(
+    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any]
+) -> str:
+    """The /predict answer: per task a prediction, an already encoded one (from the background's cache),
+    or ``[]`` where there is none (which Label Studio stores nothing for, so it asks again next round).
+    Tasks sharing a completed prediction (see PredictionCompleter) share its JSON too."""
     encoded: dict[int, str] = {}
-    for index, (prediction, task) in enumerate(zip(predictions, tasks)):
-        if id(prediction) not in encoded:
-            encoded[id(prediction)] = prediction_json(prediction, task, index)
-    parts = ['{"results":[', ",".join([encoded[id(p)] for p in predictions]), '],"model_version":', _ENCODER.encode(model_version)]
-    if errors:
-        parts += [',"errors":', _ENCODER.encode(errors)]
-    parts.append("}")
-    return current_app.response_class("".join(parts), mimetype="application/json")
+    parts = []
+    for index, (item, task) in enumerate(zip(items, tasks)):
+        if item is None:
+            parts.append("[]")
+        elif isinstance(item, str):
+            parts.append(item)
+        else:
+            if id(item) not in encoded:
+                encoded[id(item)] = prediction_json(item, task, index)
+            parts.append(encoded[id(item)])
+    head = ['{"results":[', ",".join(parts), '],"model_version":', _ENCODER.encode(model_version)]
+    for key, value in extra.items():
+        head += [",", _ENCODER.encode(key), ":", _ENCODER.encode(value)]
+    head.append("}")
+    return "".join(head)
+
+
+def predictions_answer(
+    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any]
+) -> Response:
+    return current_app.response_class(answer_json(items, tasks, model_version, extra), mimetype="application/json")

@@ -1,31 +1,41 @@
 """Label Studio's ML backend routes, plus configure, readiness and metrics, as one blueprint.
 
-``/health`` and ``/setup`` never load or wait for a model: Label Studio gives them 1 s and 3 s.
+``/health``, ``/setup`` and ``/webhook`` never load or wait for a model: Label Studio gives them 1 s
+and 3 s (and drops webhooks after about one), and the gunicorn worker (``worker``) serves them from
+threads of their own, so a busy or stalled request never holds them up.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import logging
+import math
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .answers import predictions_answer
 from .auth import require_basic_auth, require_configure_rights
-from .batching import DynamicBatcher
+from .continuation import PredictionCache
 from .datapoints import DatasourceRef
 from .errors import BadRequest, NotFound
+from .labelstudio import LabelStudioAccess, access_for
 from .metrics import BackendMetrics
+from .prediction import predict_tasks
+from .redact import redact
 from .runtime import Runtime
 from .settings import Settings
 from .spec import ModelSpec, decode_configure_body, parse_model_spec
-from .store import ConfigurationStore
-from .taskdata import DagshubAccess, LabelStudioAccess, TaskDataFetcher
-from .validation import data_objects, validate_predictions
+from .store import ConfigurationStore, StoredFileBroken
+from .taskdata import DagshubAccess, TaskDataFetcher
+from .validation import data_objects
+from .webhooks import WebhookLog
+from .zygote import Zygote
 
+log = logging.getLogger(__name__)
 api = Blueprint("backend", __name__)
 
 OPEN_ENDPOINTS = {"backend.health", "backend.livez", "backend.readyz", "backend.webhook", "backend.configure"}
@@ -40,8 +50,10 @@ class Services:
     metrics: BackendMetrics
     runtime: Runtime
     fetcher: TaskDataFetcher
-    batcher: DynamicBatcher
-    warming: threading.Event = field(default_factory=threading.Event)  # set while WARM_IMPORTS run
+    cache: PredictionCache
+    webhooks: WebhookLog
+    zygote: Zygote
+    owns_zygote: bool = True
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
     _label_studio_checked: float = float("-inf")
@@ -56,25 +68,39 @@ class Services:
         stamp = self.store.label_studio.stamp()
         cached_stamp, document = self._label_studio_cache
         if stamp != cached_stamp:
-            document = self.store.label_studio.load() or {}
+            try:
+                document = self.store.label_studio.load() or {}
+            except StoredFileBroken as exc:
+                log.error("%s; %s", exc, exc.fix)
+                document = {}
             self._label_studio_cache = (stamp, document)
         return document
 
     def label_studio_access(self) -> LabelStudioAccess:
-        """The environment wins (it may know a better address than Label Studio's own); else /setup's."""
         stored = self._stored_label_studio()
-        return LabelStudioAccess(
-            url=self.settings.label_studio_url or str(stored.get("hostname") or "").rstrip("/"),
-            token=self.settings.label_studio_api_key or str(stored.get("access_token") or ""),
+        return access_for(
+            self.settings.label_studio_url,
+            self.settings.label_studio_api_key,
+            str(stored.get("hostname") or "").rstrip("/"),
+            str(stored.get("access_token") or ""),
         )
 
     def remember_label_studio(self, hostname: Any, token: Any) -> None:
         if not isinstance(hostname, str) or not isinstance(token, str) or not hostname or not token:
             return
+        if not hostname.startswith(("http://", "https://")):
+            return
         document = {"hostname": hostname.rstrip("/"), "access_token": token}
         if self._stored_label_studio() != document:
             self.store.label_studio.save(document)
             self._label_studio_checked = float("-inf")  # this worker reads its own write at once
+
+    def close(self) -> None:
+        """Stop the model processes (and the zygote, if this app started it)."""
+        self.runtime.close()
+        self.fetcher.close()
+        if self.owns_zygote:
+            self.zygote.close()
 
 
 def services() -> Services:
@@ -92,6 +118,8 @@ def json_body(*, required: bool = True) -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("the request body is not valid JSON", str(exc)) from exc
+    except RecursionError:
+        raise BadRequest("the request body nests too deeply", "Send JSON nested a few hundred levels at most.") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", f"got {type(body).__name__}")
     return body
@@ -103,7 +131,7 @@ def _before() -> None:
     s = services()
     if request.endpoint not in OPEN_ENDPOINTS:
         require_basic_auth(request, s.settings)
-    if request.endpoint not in ("backend.health", "backend.livez", "backend.metrics"):
+    if request.endpoint not in ("backend.health", "backend.livez", "backend.metrics", "backend.webhook"):
         s.runtime.follow_store()
 
 
@@ -118,19 +146,30 @@ def _after(response: Response) -> Response:
 
 
 def _status() -> dict[str, Any]:
-    runtime = services().runtime
+    s = services()
+    runtime = s.runtime
     active = runtime.active
     body: dict[str, Any] = {
         "status": "UP",
         "model_class": "MLflowBackend",
         "configured": active is not None,
         "loading": runtime.loading,
-        "warming": services().warming.is_set(),
+        "warming": not s.zygote.warmed.is_set(),
         "uptime_s": round(time.time() - runtime.started_at, 1),
+        "pid": os.getpid(),
     }
     if active is not None:
         body.update(active.describe())
-    body["batching"] = services().batcher.describe(active.batch_size if active else None)
+        body["batching"] = active.batcher.describe(active.batch_size)
+        body["background"] = active.continuation.describe()
+    else:
+        body["batching"] = {"enabled": s.settings.batching, "max_latency_ms": s.settings.max_latency_ms}
+    body["prediction_cache"] = s.cache.describe()
+    body["task_data_cache"] = s.fetcher.cache.describe()
+    body["label_studio"] = s.label_studio_access().describe()
+    body["webhooks"] = s.webhooks.describe()
+    if runtime.stored_error:
+        body["stored_configuration_error"] = runtime.stored_error
     if runtime.last_error:
         body["last_error"] = runtime.last_error
     return body
@@ -194,29 +233,51 @@ def predict():
     objects = data_objects(label_config)
     if not objects:
         raise BadRequest("the labeling config reads no task data", "Its object tags need value=\"$key\" attributes.")
-    model = s.runtime.require_model(wait_s=min(s.settings.configure_wait_s, s.settings.predict_timeout_s))
+    serving = s.runtime.require_model(wait_s=min(s.settings.configure_wait_s, s.settings.predict_timeout_s))
     if not tasks:
-        return jsonify({"results": [], "model_version": model.model_version})
+        return jsonify({"results": [], "model_version": serving.model_version})
 
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)
-    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(model.spec))
-    predictions = model.predict_tasks(tasks, inputs, params.get("context"), label_config, deadline, timer, s.batcher)
+    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec))
+    outcome = predict_tasks(serving, tasks, inputs, label_config, deadline, s.cache, params.get("context"), timer,
+                            background=s.settings.background)
     timer("fetch", inputs.fetch_seconds)
-    started = time.perf_counter()
-    validate_predictions(predictions, tasks, label_config)
-    timer("validate", time.perf_counter() - started)
 
-    failed = [{"task": t.get("id"), "error": i.error} for t, i in zip(tasks, inputs) if i.error]
-    s.metrics.predictions.inc(len(predictions))
-    s.metrics.failed_tasks.inc(len(failed))
-    return predictions_answer(predictions, tasks, model.model_version, failed)
+    extra: dict[str, Any] = {}
+    if outcome.errors:
+        extra["errors"] = [{"task": tasks[i].get("id"), "error": redact(message)} for i, message in sorted(outcome.errors.items())]
+    if outcome.left:
+        extra["pending"] = _pending(serving, len(tasks), outcome.left)
+        s.metrics.partial_answers.inc()
+    s.metrics.predictions.inc(sum(1 for item in outcome.items if item is not None))
+    s.metrics.failed_tasks.inc(len(outcome.errors))
+    s.metrics.cached_predictions.inc(outcome.from_cache)
+    return predictions_answer(outcome.items, tasks, serving.model_version, extra)
+
+
+def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:
+    """What an answer at the deadline says about the rest, and the log line that tells the user."""
+    progress = serving.continuation.describe()
+    rate, timeout = progress["rate_per_s"], services().settings.predict_timeout_s
+    rounds = math.ceil(progress["queued"] / (rate * timeout)) if rate else None
+    eta = progress.get("eta_s")
+    log.warning(
+        "answered %d of %d tasks before the %g s deadline; %d go on in the background%s. Press 'Retrieve predictions' "
+        "again to store them%s",
+        total - left, total, timeout, left,
+        f" (~{rate:.1f} tasks/s, done in ~{eta:.0f} s)" if eta else "",
+        f": about {rounds} more round(s) if pressed now, one if pressed after that" if rounds else "",
+    )
+    return {"tasks": left, "eta_s": eta, "rounds_if_pressed_now": rounds,
+            "detail": "These tasks go on in the background; retrieve predictions again to store them."}
 
 
 @api.post("/webhook")
 def webhook():
-    body = json_body(required=False)
-    action = body.get("action")
-    return jsonify({"status": "ok", "action": action}), 201
+    s = services()
+    noted = s.webhooks.record(json_body(required=False))
+    s.metrics.webhook_events.labels(noted["action"]).inc()
+    return jsonify({"status": "ok", **noted}), 201
 
 
 @api.post("/configure")
@@ -257,5 +318,15 @@ def configure_status():
 
 @api.get("/metrics")
 def metrics():
-    m = services().metrics
+    s = services()
+    m = s.metrics
+    active = s.runtime.active
+    if active is not None:
+        progress = active.continuation.describe()
+        m.background_tasks.labels("queued").set(progress["queued"])
+        m.background_tasks.labels("done").set(progress["done"])
+        m.background_tasks.labels("failed").set(progress["failed"])
+        m.background_eta_seconds.set(progress.get("eta_s") or 0)
+        m.model_process_restarts.set(active.process.restarts)
     return Response(m.render(), mimetype=m.content_type)
+

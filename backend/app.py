@@ -2,66 +2,83 @@
 
 from __future__ import annotations
 
-import importlib
+import atexit
 import logging
 import os
-import threading
 from collections.abc import Mapping
 
 from flask import Flask
 
 from .answers import PlainValuesJSONProvider
 from .api import Services, api
-from .batching import DynamicBatcher
+from .continuation import Continuation, PredictionCache
 from .errors import register_error_handlers
+from .labelstudio import LabelStudioAuth
 from .metrics import BackendMetrics
-from .runtime import Runtime
+from .outbound import AddressPolicy
+from .prediction import finish_outputs
+from .redact import SECRETS, install_log_redaction
+from .runtime import Runtime, Serving
 from .settings import Settings
 from .store import ConfigurationStore
-from .taskdata import TaskDataFetcher
+from .taskdata import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
+from .webhooks import WebhookLog
+from .zygote import Zygote
 
 
-def create_app(settings: Settings | None = None, env: Mapping[str, str] | None = None) -> Flask:
-    """Build a backend; restores the configuration stored under MODEL_DIR in the background."""
+def create_app(settings: Settings | None = None, env: Mapping[str, str] | None = None, zygote: Zygote | None = None) -> Flask:
+    """Build a backend; restores the configuration stored under MODEL_DIR in the background.
+
+    ``zygote``: the fork server model processes come from; by default the app starts its own (tests
+    share one across apps, which is what keeps an in-process test from importing MLflow again).
+    """
     settings = settings or Settings.from_env(env)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    SECRETS.add(*settings.secrets)
+    install_log_redaction()
     app = Flask(__name__)
     app.json = PlainValuesJSONProvider(app)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     metrics = BackendMetrics()
     store = ConfigurationStore(settings.model_dir)
+    cache = PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s)
+    owns_zygote = zygote is None
+    zygote = zygote or Zygote(settings.warm_imports).start()
 
-    def on_loaded(configured) -> None:
+    def on_loaded(serving: Serving) -> None:
         metrics.model_loaded.set(1)
-        metrics.model_load_seconds.set(configured.loaded.load_seconds)
+        metrics.model_load_seconds.set(float(serving.info.get("load_seconds", 0.0)))
 
+    def make_continuation(serving: Serving) -> Continuation:
+        cache.keep_only(serving.identity)
+        return Continuation(
+            serving.batcher, cache, serving.hooks_id, serving.batch_size, finish_outputs(serving.model_version),
+            settings.background_max_tasks, on_progress=lambda state, n: metrics.background_tasks.labels(state).set(n),
+        )
+
+    limits = FetchLimits(
+        local=LocalFiles(settings.local_files_roots, NEVER_READ + (str(settings.model_dir),)),
+        addresses=AddressPolicy(settings.fetch_allow_private),
+        max_file_bytes=settings.fetch_max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+    )
     services = Services(
         settings=settings,
         store=store,
         metrics=metrics,
-        runtime=Runtime(settings, store, on_loaded=on_loaded),
-        fetcher=TaskDataFetcher(store.cache_dir, settings.fetch_concurrency, settings.fetch_timeout_s),
-        batcher=DynamicBatcher(settings.max_latency_ms, enabled=settings.batching),
+        runtime=Runtime(settings, store, zygote, make_continuation, on_loaded=on_loaded),
+        fetcher=TaskDataFetcher(
+            store.cache_dir, settings.fetch_concurrency, limits, cache_max_bytes=settings.cache_max_bytes,
+            label_studio_auth=LabelStudioAuth(),
+        ),
+        cache=cache,
+        webhooks=WebhookLog(),
+        zygote=zygote,
+        owns_zygote=owns_zygote,
     )
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
-    if settings.warm_imports:
-        services.warming.set()
-        threading.Thread(target=_warm_imports, args=(settings.warm_imports, services.warming), name="warm-imports",
-                         daemon=True).start()
+    atexit.register(services.close)
     return app
-
-
-def _warm_imports(modules: tuple[str, ...], warming: threading.Event) -> None:
-    """Import what a configure will need before it comes: a warm spare then only loads the model."""
-    log = logging.getLogger(__name__)
-    try:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
-                log.info("warm import of %s skipped: %s", name, exc)
-    finally:
-        warming.clear()
-    log.info("warm imports done: %s", ", ".join(modules))

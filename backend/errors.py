@@ -8,6 +8,7 @@ Every failure a client can cause or should know about is one of these::
     ├── Forbidden                   403  an action refused by policy (configure on an open bind)
     ├── NotFound                    404  unknown model, version, run, path or route
     ├── Conflict                    409  a limit reached, or a newer request won
+    ├── PayloadTooLarge             413  a request body over MAX_REQUEST_MB
     ├── NotConfigured               503  predict before any model was configured (or while it loads)
     ├── HookUnusable                422  a hook that cannot be decoded or would not run here
     ├── PredictionsInvalid          422  predictions that do not fit the task count or labeling config
@@ -15,8 +16,10 @@ Every failure a client can cause or should know about is one of these::
     ├── UpstreamUnavailable         502  the MLflow tracking server (or another upstream) is unreachable
     └── DeadlineExceeded            504  a prediction could not finish within the deadline
 
-Responses are ``{"error": <summary>, "detail": <cause and fix>, "type": <class name>}``.
-Tracebacks go to the log, never to the client.
+Responses are ``{"error": <summary>, "detail": <cause and fix>, "type": <class name>}``, with any
+credential they would quote masked (``redact``). Tracebacks go to the log, never to the client.
+Errors raised in the model process travel to the worker as ``to_dict()`` and come back to life with
+``error_from_dict``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import logging
 from typing import Any
 
 from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from .redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +47,10 @@ class BackendError(Exception):
         self.extra = extra
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON body: every string in it redacted."""
         body: dict[str, Any] = {"error": self.error, "detail": self.detail, "type": type(self).__name__}
         body.update(self.extra)
-        return body
+        return redact_value(body)
 
 
 class BadRequest(BackendError):
@@ -75,6 +81,12 @@ class Conflict(BackendError):
     """409: the request clashes with the current state (a limit reached, a newer request won)."""
 
     status = 409
+
+
+class PayloadTooLarge(BackendError):
+    """413: the request body is larger than MAX_REQUEST_MB."""
+
+    status = 413
 
 
 class NotConfigured(BackendError):
@@ -113,6 +125,21 @@ class DeadlineExceeded(BackendError):
     status = 504
 
 
+def error_from_dict(body: dict[str, Any]) -> BackendError:
+    """Rebuild an error that ``to_dict`` sent from another process; unknown types become a BackendError."""
+    kinds = {cls.__name__: cls for cls in _subclasses(BackendError)}
+    kind = kinds.get(str(body.get("type")), BackendError)
+    extra = {k: v for k, v in body.items() if k not in ("error", "detail", "type")}
+    return kind(str(body.get("error", "")), str(body.get("detail", "")), **extra)
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found.extend(_subclasses(sub))
+    return found
+
+
 def error_response(exc: BackendError):
     """The JSON response for one of our errors."""
     response = jsonify(exc.to_dict())
@@ -139,10 +166,22 @@ def register_error_handlers(app: Flask, on_error=None) -> None:
         log.log(level, "%s %s: %s", exc.status, exc.error, exc.detail)
         return error_response(exc)
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge):
+        limit = app.config.get("MAX_CONTENT_LENGTH") or 0
+        return _backend_error(
+            PayloadTooLarge(
+                f"the request body is larger than the {limit / (1 << 20):g} MB limit",
+                "Send fewer tasks per request, or raise MAX_REQUEST_MB for this backend.",
+            )
+        )
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         note(exc)
-        response = jsonify({"error": exc.name, "detail": exc.description or "", "type": type(exc).__name__})
+        response = jsonify(
+            {"error": exc.name, "detail": redact(exc.description or ""), "type": type(exc).__name__}
+        )
         response.status_code = exc.code or 500
         return response
 

@@ -20,7 +20,28 @@ class BackendMetrics:
         self.requests = Counter("lsbackend_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r)
         self.errors = Counter("lsbackend_errors", "Errors answered, by error type.", ["type"], registry=r)
         self.predictions = Counter("lsbackend_predictions", "Predictions returned (one per task).", registry=r)
-        self.failed_tasks = Counter("lsbackend_failed_tasks", "Tasks whose data could not be fetched.", registry=r)
+        self.failed_tasks = Counter(
+            "lsbackend_failed_tasks", "Tasks answered with no prediction: data missing, of the wrong type or not fetched.",
+            registry=r,
+        )
+        self.partial_answers = Counter(
+            "lsbackend_partial_answers", "Answers given at the deadline with part of the tasks left to the background.",
+            registry=r,
+        )
+        self.background_tasks = Gauge(
+            "lsbackend_background_tasks", "Tasks of big requests being predicted in the background, by state.", ["state"],
+            registry=r,
+        )
+        self.background_eta_seconds = Gauge(
+            "lsbackend_background_eta_seconds", "Estimated seconds until the background queue is done.", registry=r
+        )
+        self.cached_predictions = Counter(
+            "lsbackend_cached_predictions", "Predictions answered from the background's cache.", registry=r
+        )
+        self.model_process_restarts = Gauge(
+            "lsbackend_model_process_restarts", "Times the serving model process was restarted after it ended.", registry=r
+        )
+        self.webhook_events = Counter("lsbackend_webhook_events", "Webhook events recorded, by action.", ["action"], registry=r)
         self.request_seconds = Histogram(
             "lsbackend_request_seconds", "Request latency by endpoint.", ["endpoint"], buckets=STAGE_BUCKETS, registry=r
         )

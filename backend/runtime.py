@@ -1,10 +1,13 @@
-"""The backend's live state: which ConfiguredModel serves, and the load that may replace it.
+"""The backend's live state: which configuration serves, and the load that may replace it.
 
-A configure decodes the hooks at once (a bad hook fails fast), then loads the model in a background
-thread; the old configuration serves until the new one is completely ready, then one assignment
-swaps it in. Repeating a configure that is loading or serving is idempotent; changing only the hooks
-of the serving model swaps them without reloading. The serving spec is persisted under MODEL_DIR,
-restored on start, and followed by sibling gunicorn workers through the file's stamp.
+A configure goes to a model process (``modelprocess``): a new model gets a new process, forked
+from the zygote, which decodes the hooks first (a bad hook fails fast) and then loads the model;
+the old configuration serves until the new one is completely ready, then one assignment swaps it
+in and the old process is retired. Repeating a configure that is loading or serving is idempotent;
+changing only the hooks of the serving model swaps them inside its process without reloading,
+unless that process is busy (then a new one loads, so a hung call never holds up the new hooks).
+The serving spec is persisted under MODEL_DIR, restored on start, and followed by sibling gunicorn
+workers through the file's stamp.
 """
 
 from __future__ import annotations
@@ -18,16 +21,61 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from model import ConfiguredModel
-
+from .batching import DynamicBatcher
+from .continuation import Continuation
 from .errors import BackendError, NotConfigured
-from .hookcodec import decode_hook
-from .loading import load_model
+from .modelprocess import ModelProcess
+from .redact import SECRETS
 from .settings import Settings
 from .spec import ModelSpec
-from .store import ConfigurationStore
+from .store import ConfigurationStore, StoredFileBroken
+from .zygote import Zygote
 
 log = logging.getLogger(__name__)
+
+HOOK_SWAP_WAIT_S = 1.0  # how long a hooks-only configure waits for a busy process before loading a new one
+
+
+@dataclass
+class Serving:
+    """One configuration as this worker serves it; immutable, a reconfigure makes a new one."""
+
+    spec: ModelSpec
+    info: dict[str, Any]  # what the model process reported of the loaded model
+    hooks: dict[str, str]  # the hooks' sources, as shown on /health
+    process: ModelProcess
+    batcher: DynamicBatcher
+    batch_size: int
+    configured_at: float = field(default_factory=time.time)
+    continuation: Continuation = field(init=False, repr=False)
+
+    @property
+    def hooks_id(self) -> str:
+        return self.spec.digest
+
+    @property
+    def identity(self) -> str:
+        """Model, hooks and the version the URI resolved to: what a cached prediction depends on."""
+        return f"{self.spec.digest}:{self.info.get('uri', '')}"
+
+    @property
+    def model_version(self) -> str:
+        """Stable for a configuration: Label Studio skips tasks already predicted with this version."""
+        return self.spec.model_version or str(self.info.get("label", ""))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_version": self.model_version,
+            "model_uri": self.info.get("uri"),
+            "flavor": self.info.get("flavor"),
+            "device": self.info.get("device"),
+            "batch_size": self.batch_size,
+            "pre_hook": self.hooks.get("pre_hook"),
+            "post_hook": self.hooks.get("post_hook"),
+            "load_seconds": round(float(self.info.get("load_seconds", 0.0)), 3),
+            "configured_at": self.configured_at,
+            "model_process": self.process.describe(),
+        }
 
 
 @dataclass
@@ -36,6 +84,7 @@ class LoadJob:
 
     spec: ModelSpec
     seq: int
+    process: ModelProcess | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
@@ -53,14 +102,24 @@ class LoadJob:
 
 
 class Runtime:
-    """Owns the serving ConfiguredModel and the jobs that replace it."""
+    """Owns the serving configuration, its model process, and the jobs that replace them."""
 
-    def __init__(self, settings: Settings, store: ConfigurationStore, on_loaded: Callable[[ConfiguredModel], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ConfigurationStore,
+        zygote: Zygote,
+        make_continuation: Callable[[Serving], Continuation],
+        on_loaded: Callable[[Serving], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.zygote = zygote
+        self.make_continuation = make_continuation
         self.on_loaded = on_loaded
-        self.active: ConfiguredModel | None = None
+        self.active: Serving | None = None
         self.last_error: dict[str, Any] | None = None
+        self.stored_error: dict[str, Any] | None = None  # a stored configuration that cannot be read
         self.job: LoadJob | None = None
         self._seq = itertools.count(1)
         self._swapped_seq = 0
@@ -73,33 +132,56 @@ class Runtime:
 
     def configure(self, spec: ModelSpec) -> LoadJob | None:
         """Apply a spec. Returns None when it took effect at once, else the job loading it."""
-        pre_hook = decode_hook(spec.pre_hook, "pre_hook")
-        post_hook = decode_hook(spec.post_hook, "post_hook")
+        SECRETS.add(*spec.secrets())
         with self._lock:
             active = self.active
             if active is not None and active.spec.digest == spec.digest:
                 return None  # an idempotent repeat (old dagshub clients re-send configure)
             if self.job is not None and not self.job.done.is_set() and self.job.spec.digest == spec.digest:
                 return self.job
-            if active is not None and active.spec.model_key == spec.model_key:
-                swapped = ConfiguredModel(spec, active.loaded, pre_hook, post_hook, self._batch_size(spec))
-                self._swap(swapped, next(self._seq))
-                return None
-            job = LoadJob(spec, next(self._seq))
+        if active is not None and active.spec.model_key == spec.model_key and self._swap_hooks(active, spec):
+            return None
+        with self._lock:
+            previous = self.job
+            job = LoadJob(spec, next(self._seq), self._new_process())
             self.job = job
-        threading.Thread(target=self._load, args=(job, pre_hook, post_hook), name=f"load-{job.id}", daemon=True).start()
+        if previous is not None and not previous.done.is_set() and previous.process is not None:
+            previous.process.stop()  # a newer configure wins; its load need not finish
+        threading.Thread(target=self._load, args=(job,), name=f"load-{job.id}", daemon=True).start()
         return job
+
+    def _new_process(self) -> ModelProcess:
+        return ModelProcess(self.zygote, self.store.artifacts_dir, self.settings.call_timeout_s)
 
     def _batch_size(self, spec: ModelSpec) -> int:
         return spec.batch_size or self.settings.default_batch_size
 
-    def _load(self, job: LoadJob, pre_hook, post_hook) -> None:
+    def _swap_hooks(self, active: Serving, spec: ModelSpec) -> bool:
+        """New hooks for the serving model, in its own process; False when that process is busy."""
+        sources = active.process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook, spec.secrets(), HOOK_SWAP_WAIT_S)
+        if sources is None:
+            log.info("the model process is busy: loading the new hooks in a new one")
+            return False
+        with self._lock:
+            if self.active is not active:
+                return False
+            self._swap(Serving(spec, active.info, sources, active.process, active.batcher, self._batch_size(spec)),
+                       next(self._seq))
+        return True
+
+    def _load(self, job: LoadJob) -> None:
+        process = job.process
+        assert process is not None
         try:
-            loaded = load_model(job.spec, self.store.artifacts_dir)
-            configured = ConfiguredModel(job.spec, loaded, pre_hook, post_hook, self._batch_size(job.spec))
+            sources = process.set_hooks(job.spec.digest, job.spec.pre_hook, job.spec.post_hook, job.spec.secrets())
+            assert sources is not None
+            info = process.load(job.spec)
+            batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)
+            serving = Serving(job.spec, info, sources, process, batcher, self._batch_size(job.spec))
             with self._lock:
                 if job.seq > self._swapped_seq:
-                    self._swap(configured, job.seq)
+                    self._swap(serving, job.seq)
+                    process = None  # serving now
                 else:
                     log.info("discarding load %s: a newer configuration is already serving", job.id)
         except BackendError as exc:
@@ -108,33 +190,56 @@ class Runtime:
             log.exception("loading %s failed", job.spec.model_uri)
             job.error = BackendError(f"loading failed: {type(exc).__name__}: {exc}", "See the backend's log.")
         finally:
+            if process is not None:
+                process.stop()
             if job.error is not None:
                 self.last_error = {**job.error.to_dict(), "at": time.time(), "model_uri": job.spec.model_uri}
                 log.error("configure of %s failed: %s", job.spec.model_uri, job.error.error)
             job.finished_at = time.time()
             job.done.set()
 
-    def _swap(self, configured: ConfiguredModel, seq: int) -> None:
-        """Persist, then serve. Caller holds the lock."""
-        self._stamp = self.store.configuration.save({"spec": configured.spec.to_dict(), "saved_at": time.time()})
-        self.active = configured
+    def _swap(self, serving: Serving, seq: int) -> None:
+        """Persist, then serve; the previous configuration's background work and process retire. Caller holds the lock."""
+        self._stamp = self.store.configuration.save({"spec": serving.spec.to_dict(), "saved_at": time.time()})
+        serving.continuation = self.make_continuation(serving)
+        old, self.active = self.active, serving
         self._swapped_seq = seq
         self.last_error = None
+        self.stored_error = None
+        if old is not None:
+            old.continuation.stop()
+            if old.process is not serving.process:
+                old.batcher.retire(then=old.process.stop)
         if self.on_loaded is not None:
-            self.on_loaded(configured)
+            self.on_loaded(serving)
+
+    def close(self) -> None:
+        """Stop every model process this runtime started (the app is going away)."""
+        with self._lock:
+            active, job = self.active, self.job
+        for process in {p for p in (active.process if active else None, job.process if job else None) if p}:
+            process.stop()
+        if active is not None:
+            active.continuation.stop()
 
     # -- restore and follow the store ----------------------------------------------------------
 
     def restore(self) -> LoadJob | None:
         """Start loading the stored configuration, if any (process start, or a sibling worker changed it)."""
-        document = self.store.configuration.load()
         self._stamp = self.store.configuration.stamp()
-        if not document or "spec" not in document:
-            return None
         try:
-            spec = ModelSpec.from_dict(document["spec"])
-        except TypeError as exc:
-            log.error("stored configuration is not usable: %s", exc)
+            document = self.store.configuration.load()
+            if not document:
+                return None
+            if "spec" not in document or not isinstance(document["spec"], dict):
+                raise StoredFileBroken(self.store.configuration.path, "it has no 'spec' object")
+            try:
+                spec = ModelSpec.from_dict(document["spec"])
+            except (TypeError, ValueError) as exc:
+                raise StoredFileBroken(self.store.configuration.path, f"its spec does not fit this version: {exc}") from exc
+        except StoredFileBroken as exc:
+            self.stored_error = {"error": str(exc), "detail": exc.fix, "file": str(exc.path)}
+            log.error("%s; %s", exc, exc.fix)
             return None
         log.info("restoring configuration of %s from %s", spec.model_uri, self.store.configuration.path)
         try:
@@ -155,8 +260,8 @@ class Runtime:
 
     # -- serving -------------------------------------------------------------------------------
 
-    def require_model(self, wait_s: float) -> ConfiguredModel:
-        """The serving model; waits up to ``wait_s`` for a first load in progress."""
+    def require_model(self, wait_s: float) -> Serving:
+        """The serving configuration; waits up to ``wait_s`` for a first load in progress."""
         active = self.active
         if active is not None:
             return active
@@ -170,7 +275,9 @@ class Runtime:
                 f"Retry shortly; /configure/status shows progress of {job.spec.model_uri!r}.",
             )
         detail = "POST /configure first (or run ds.add_annotation_model from the dagshub client)."
-        if self.last_error:
+        if self.stored_error:
+            detail = f"The stored configuration is unusable: {self.stored_error['error']} {self.stored_error['detail']} " + detail
+        elif self.last_error:
             detail = f"The last configure failed: {self.last_error['error']}. " + detail
         raise NotConfigured("no model is configured", detail)
 

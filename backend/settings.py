@@ -57,6 +57,34 @@ def comma_list(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (raw or "").split(",") if part.strip())
 
 
+def _megabytes(env: Mapping[str, str], name: str, default_mb: float) -> int:
+    """A size setting given in MB (``MAX_REQUEST_MB=100``), as bytes."""
+    return int(_float(env, name, default_mb, 0.001) * (1 << 20))
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be on or off, got {raw!r}")
+
+
+# The backend settings an orchestrator passes on to every backend it starts in a container (a process
+# backend inherits its environment anyway). Credentials for configure are the orchestrator's own.
+BACKEND_ENVIRONMENT = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOG_LEVEL",
+    "LOCAL_FILES_ROOTS", "LOCAL_FILES_DOCUMENT_ROOT", "FETCH_ALLOW_PRIVATE", "FETCH_MAX_MB", "FETCH_TIMEOUT_S",
+    "FETCH_CONCURRENCY", "CACHE_MAX_MB", "MAX_REQUEST_MB", "REQUEST_READ_TIMEOUT_S", "QUICK_THREADS",
+    "PREDICT_TIMEOUT_S", "MODEL_CALL_TIMEOUT_S", "CONFIGURE_WAIT_S", "BATCH_SIZE", "BATCHING", "MAX_LATENCY_MS",
+    "BACKGROUND", "BACKGROUND_MAX_TASKS", "PREDICTION_CACHE_MB", "PREDICTION_CACHE_TTL_S",
+)
+
+
 class AccessSettings:
     """What the auth rules read, shared by the backend's and the orchestrator's settings."""
 
@@ -91,6 +119,7 @@ class Settings(AccessSettings):
     label_studio_api_key: str = ""
     configure_wait_s: float = 20.0
     predict_timeout_s: float = 90.0
+    model_call_timeout_s: float | None = None  # one model call longer than this is hung; default PREDICT_TIMEOUT_S
     fetch_concurrency: int = 16
     fetch_timeout_s: float = 30.0
     default_batch_size: int = 32
@@ -98,6 +127,17 @@ class Settings(AccessSettings):
     batching: bool = True
     max_latency_ms: float = 10.0
     warm_imports: tuple[str, ...] = ()  # modules imported in the background at start (the orchestrator's spares)
+    # What task data may reach (see taskdata and addresses): local folders, private addresses, sizes.
+    local_files_roots: tuple[str, ...] = ()
+    fetch_allow_private: tuple[str, ...] = ()
+    fetch_max_bytes: int = 100 << 20
+    cache_max_bytes: int = 2 << 30
+    max_request_bytes: int = 100 << 20
+    # Big projects: what does not fit before the deadline goes on in the background into this cache.
+    background: bool = True
+    background_max_tasks: int = 50_000
+    prediction_cache_bytes: int = 256 << 20
+    prediction_cache_ttl_s: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,11 +154,32 @@ class Settings(AccessSettings):
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
             configure_wait_s=_float(env, "CONFIGURE_WAIT_S", 20.0),
             predict_timeout_s=_float(env, "PREDICT_TIMEOUT_S", 90.0, 1.0),
+            model_call_timeout_s=_float(env, "MODEL_CALL_TIMEOUT_S", 0.0) or None,
             fetch_concurrency=_int(env, "FETCH_CONCURRENCY", 16, 1),
             fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", 30.0, 0.1),
             default_batch_size=_int(env, "BATCH_SIZE", 32, 1),
             store_poll_s=_float(env, "STORE_POLL_S", 1.0),
-            batching=(env.get("BATCHING") or "on").lower() not in ("off", "0", "false", "no"),
+            batching=_switch(env, "BATCHING", True),
             max_latency_ms=_float(env, "MAX_LATENCY_MS", 10.0),
             warm_imports=comma_list(env.get("WARM_IMPORTS")),
+            local_files_roots=comma_list(env.get("LOCAL_FILES_ROOTS"))
+            + comma_list(env.get("LOCAL_FILES_DOCUMENT_ROOT")),  # Label Studio's local-files storage root
+            fetch_allow_private=comma_list(env.get("FETCH_ALLOW_PRIVATE")),
+            fetch_max_bytes=_megabytes(env, "FETCH_MAX_MB", 100),
+            cache_max_bytes=_megabytes(env, "CACHE_MAX_MB", 2048),
+            max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
+            background=_switch(env, "BACKGROUND", True),
+            background_max_tasks=_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
+            prediction_cache_bytes=_megabytes(env, "PREDICTION_CACHE_MB", 256),
+            prediction_cache_ttl_s=_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
         )
+
+    @property
+    def call_timeout_s(self) -> float:
+        """How long one model call (a batch) may run before it counts as hung and its process is restarted."""
+        return self.model_call_timeout_s or self.predict_timeout_s
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never appear in an answer or a log line."""
+        return tuple(s for s in (self.basic_auth_pass, self.configure_token, self.label_studio_api_key) if s)

@@ -78,6 +78,10 @@ class ModelSpec:
         """Everything, secrets included: what the store persists."""
         return asdict(self)
 
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials this spec carries, to be masked wherever they could show."""
+        return tuple(s for s in (self.tracking_password, self.tracking_token) if s)
+
     def public(self) -> dict[str, Any]:
         """What /configure and /health may show: no credentials, hooks by fingerprint only."""
         data = self.to_dict()
@@ -112,6 +116,8 @@ def decode_configure_body(body: bytes) -> dict[str, Any]:
             "configure body is not valid JSON",
             f"{exc}. Send a JSON object (or, as the dagshub client does, a JSON string holding one).",
         ) from exc
+    except RecursionError:
+        raise BadRequest("configure body nests too deeply", "Send a flat JSON object.") from None
     if not isinstance(data, dict):
         raise BadRequest("configure body must be a JSON object", f"got {type(data).__name__}")
     return data

@@ -12,6 +12,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class StoredFileBroken(Exception):
+    """A stored file exists but cannot be used; says which file, why, and what to do."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} cannot be used: {reason}")
+        self.path = path
+        self.fix = f"Fix or delete {path}, or POST /configure again (which replaces it)."
+
+
 class JsonFile:
     """One JSON document on disk, replaced atomically and readable only by its owner (it holds tokens)."""
 
@@ -33,15 +42,17 @@ class JsonFile:
         return self.stamp() or 0
 
     def load(self) -> dict[str, Any] | None:
+        """The document; None when there is none; StoredFileBroken when it is there and unusable."""
         try:
             with self.path.open() as handle:
                 document = json.load(handle)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            log.error("ignoring unreadable %s: %s", self.path, exc)
-            return None
-        return document if isinstance(document, dict) else None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise StoredFileBroken(self.path, f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(document, dict):
+            raise StoredFileBroken(self.path, f"it holds a {type(document).__name__}, not a JSON object")
+        return document
 
     def stamp(self) -> int | None:
         """Changes whenever the file is replaced; a stat, cheap enough to poll per request."""

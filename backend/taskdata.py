@@ -1,64 +1,57 @@
 """Task data to what the pre hook gets: local files for media, the text itself for text.
 
-Sources: http(s) URLs (Label Studio's own ``/data/...`` URLs with its token), cloud URIs (s3://,
-gs://, azure-blob://) through Label Studio's presign endpoint, local paths and ``file://``,
-``data:`` URIs, DagsHub URLs with the DagsHub token, and DagsHub datapoints by ``meta.datapoint_id``
-when the task's own reference fails (see ``datapoints``). Downloads share one HTTP session, run
-concurrently with a bound, and are cached on disk by URL; one failing download fails its task only.
+Sources: http(s) URLs (Label Studio's own ``/data/...`` URLs with its token, see ``labelstudio``),
+cloud URIs (s3://, gs://, azure-blob://) through Label Studio's presign endpoint, ``data:`` URIs,
+DagsHub URLs with the DagsHub token, DagsHub datapoints by ``meta.datapoint_id`` when the task's own
+reference fails (see ``datapoints``), and local files under the folders the operator allows.
+Downloads share one pooled session, run concurrently with a bound, and are cached on disk by URL;
+one failing download fails its task only, and a task whose data is of the wrong type fails alone.
+
+Tasks are written by whoever can add one to a connected project, so what they may reach is bounded
+(``outbound`` for addresses; here: which local folders, how large a file, how long a download) and
+what a failure says stays at "could not fetch" plus, for a refusal, the setting that allows it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import mimetypes
 import os
-import tempfile
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from .datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
+from .diskcache import DiskCache, TooLarge
+from .labelstudio import LabelStudioAccess, LabelStudioAuth, LabelStudioRefused, token_kind
+from .outbound import AddressPolicy, AddressRefused, GuardedSession
+from .redact import redact
 from .validation import DataObject
 
 log = logging.getLogger(__name__)
 
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/", "/data/")
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
+CONNECT_TIMEOUT_S = 5.0
+NEVER_READ = ("/proc", "/sys", "/dev")  # whatever LOCAL_FILES_ROOTS says
 
 
 def _datapoint_id(task: dict[str, Any]) -> Any:
     meta = task.get("meta")
     return meta.get("datapoint_id") if isinstance(meta, dict) else None
-
-
-def _same_host(url: str, base: str) -> bool:
-    return bool(base) and urlparse(url).netloc == urlparse(base).netloc
-
-
-@dataclass(frozen=True)
-class LabelStudioAccess:
-    """Where Label Studio is and the token to fetch its files with (from /setup or the environment)."""
-
-    url: str = ""
-    token: str = field(default="", repr=False)
-
-    def headers_for(self, url: str) -> dict[str, str]:
-        if not self.token or not _same_host(url, self.url):
-            return {}
-        scheme = "Bearer" if self.token.count(".") == 2 else "Token"  # JWTs are Bearer, legacy tokens Token
-        return {"Authorization": f"{scheme} {self.token}"}
 
 
 @dataclass(frozen=True)
@@ -69,12 +62,50 @@ class DagshubAccess:
     token: str = field(default="", repr=False)
     datasource: DatasourceRef | None = None  # where tasks' meta.datapoint_id can be looked up
 
+    def owns(self, url: str) -> bool:
+        return bool(self.host) and urlparse(url).netloc == urlparse(self.host).netloc
+
     def headers_for(self, url: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"} if self.token and _same_host(url, self.host) else {}
+        return {"Authorization": f"Bearer {self.token}"} if self.token and self.owns(url) else {}
 
 
 class FetchError(Exception):
     """One item could not be fetched; fails its task only."""
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Which local files task data may name: only under ``roots``, never under ``never``, symlinks followed."""
+
+    roots: tuple[str, ...] = ()
+    never: tuple[str, ...] = NEVER_READ
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_roots", tuple(os.path.realpath(r) for r in self.roots))
+        object.__setattr__(self, "_never", tuple(os.path.realpath(n) for n in self.never))
+
+    def allows(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return not _under(real, self._never) and _under(real, self._roots)  # type: ignore[attr-defined]
+
+    def check(self, path: str) -> str:
+        """``path`` when task data may read it; otherwise a FetchError naming the setting that allows it."""
+        real = os.path.realpath(path)
+        if _under(real, self._never):  # type: ignore[attr-defined]
+            raise FetchError(f"local file {path!r} is in a folder task data may never read")
+        if not _under(real, self._roots):  # type: ignore[attr-defined]
+            allowed = f" (allowed now: {', '.join(self.roots)})" if self.roots else ""
+            raise FetchError(
+                f"local file {path!r} is outside the folders task data may read{allowed}: "
+                f"set LOCAL_FILES_ROOTS to a folder that holds it, e.g. LOCAL_FILES_ROOTS={os.path.dirname(real)}"
+            )
+        if not os.path.isfile(real):
+            raise FetchError(f"no such local file: {path!r}")
+        return path
+
+
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
 @dataclass
@@ -91,14 +122,55 @@ def _input_value(values: dict[str, Any], objects: tuple[DataObject, ...]) -> Any
 
 
 class PendingInputs(Sequence[TaskInput]):
-    """Tasks' inputs whose downloads may still run: indexing one waits for that task's files only."""
+    """Tasks' inputs whose downloads may still run: getting one waits for that task's files only."""
 
     def __init__(
         self, inputs: list[TaskInput], downloads: dict[int, dict[str, Any]], objects: tuple[DataObject, ...]
     ) -> None:
         """``downloads``: for each task still downloading, its values by key, a Future where one is pending."""
         self._inputs, self._downloads, self._objects = inputs, downloads, objects
+        self._lock = threading.Lock()
+        self._finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # tasks whose downloads all ended
         self.started = self.last_ready = time.perf_counter()
+        for index, values in downloads.items():
+            futures = [v for v in values.values() if isinstance(v, Future)]
+            left = [len(futures)]
+            for future in futures:
+                future.add_done_callback(partial(self._one_ended, index, left))
+
+    def _one_ended(self, index: int, left: list[int], _: Future) -> None:
+        with self._lock:
+            left[0] -= 1
+            ended = left[0] == 0
+        if ended:
+            self._finished.put(index)
+
+    def ready_batches(self, indices: Sequence[int], size: int, deadline: float) -> Iterator[list[int]]:
+        """``indices`` in batches of at most ``size`` whose data is in: those with nothing to download first,
+        in order, then the others as their downloads end. A batch goes out as soon as nothing more is
+        ready at once (a slow download never holds up the tasks that are in); stops at ``deadline``."""
+        waiting = {i for i in indices if i in self._downloads}
+        batch = [i for i in indices if i not in waiting]
+        while len(batch) >= size:
+            yield batch[:size]
+            batch = batch[size:]
+        while waiting:
+            try:
+                index = self._finished.get(timeout=0 if batch else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                if not batch:
+                    return
+                yield batch
+                batch = []
+                continue
+            if index in waiting:
+                waiting.discard(index)
+                batch.append(index)
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
 
     def __len__(self) -> int:
         return len(self._inputs)
@@ -106,21 +178,33 @@ class PendingInputs(Sequence[TaskInput]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index in self._downloads:
-            self._resolve(index)
-        return self._inputs[index]
+        return self.wait(index, None)
 
-    def _resolve(self, index: int) -> None:
-        task_input, values = self._inputs[index], self._downloads.pop(index)
+    def wait(self, index: int, deadline: float | None) -> TaskInput | None:
+        """Task ``index``'s input once its files are in; None if ``deadline`` (monotonic) passes first."""
+        with self._lock:
+            values = self._downloads.get(index)
+        if values is None:
+            return self._inputs[index]
+        task_input = self._inputs[index]
         try:
-            for key, value in values.items():
+            for key, value in list(values.items()):
                 if isinstance(value, Future):
-                    values[key] = value.result()
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    values[key] = value.result(timeout=timeout)
+        except FutureTimeout:
+            return None
         except FetchError as exc:
             task_input.error = str(exc)
+        except Exception as exc:
+            log.exception("fetching task data failed")
+            task_input.error = f"could not fetch its data ({type(exc).__name__})"
         else:
             task_input.value = _input_value(values, self._objects)
+        with self._lock:
+            self._downloads.pop(index, None)
         self.last_ready = time.perf_counter()
+        return task_input
 
     @property
     def fetch_seconds(self) -> float:
@@ -155,6 +239,16 @@ class KeyedLocks:
         return len(self._locks)
 
 
+@dataclass(frozen=True)
+class FetchLimits:
+    """How far task data may reach: local folders, private addresses, file size, time per download."""
+
+    local: LocalFiles = field(default_factory=LocalFiles)
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
+    max_file_bytes: int = 100 << 20
+    timeout_s: float = 30.0
+
+
 class TaskDataFetcher:
     """Fetches many tasks' data at once through one pooled session and an on-disk cache."""
 
@@ -162,23 +256,22 @@ class TaskDataFetcher:
         self,
         cache_dir: Path,
         concurrency: int = 16,
-        timeout: float = 30.0,
+        limits: FetchLimits | None = None,
         datapoints: DatapointDirectory | None = None,
+        cache_max_bytes: int = 2 << 30,
+        label_studio_auth: LabelStudioAuth | None = None,
     ) -> None:
-        self.cache_dir = cache_dir
+        self.limits = limits or FetchLimits()
+        self.cache = DiskCache(cache_dir, cache_max_bytes)
         self.datapoints = datapoints or DatapointDirectory()
-        self.timeout = timeout
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=concurrency, pool_maxsize=concurrency)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers["User-Agent"] = "label-studio-mlflow-backend"
+        self.auth = label_studio_auth or LabelStudioAuth()
+        self.http = GuardedSession(self.limits.addresses, concurrency)
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
         self._url_locks = KeyedLocks()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.session.close()
+        self.http.close()
 
     def fetch_tasks(
         self,
@@ -214,8 +307,18 @@ class TaskDataFetcher:
                     inputs[index].error = obj.missing_message
                     break
                 raw = data.get(obj.key)
-                if obj.is_text or (raw is not None and not isinstance(raw, str)):
+                problem = None if (raw is None and by_datapoint) else obj.wrong_type(raw)
+                if problem:
+                    inputs[index].error = problem
+                    break
+                if obj.is_text or not isinstance(raw, (str, type(None))):
                     values[obj.key] = raw
+                elif isinstance(raw, str) and not by_datapoint and self._is_local(raw):
+                    try:  # a local file: checked here and now, no download to wait for
+                        values[obj.key] = self.fetch_one(raw, task.get("id"), label_studio, dagshub)
+                    except FetchError as exc:
+                        inputs[index].error = str(exc)
+                        break
                 else:
                     values[obj.key] = self.pool.submit(
                         self._fetch_task_object, raw, obj.missing_message, task, label_studio, dagshub
@@ -227,6 +330,12 @@ class TaskDataFetcher:
                 else:
                     inputs[index].value = _input_value(values, objects)
         return PendingInputs(inputs, downloads, objects)
+
+    def _is_local(self, raw: str) -> bool:
+        """A plain path or file:// (not a URL, a data: URI, a cloud URI or a path Label Studio serves)."""
+        if raw.startswith(("data:", "http://", "https://") + CLOUD_SCHEMES):
+            return False
+        return not raw.startswith(LABEL_STUDIO_PATHS) or self.limits.local.allows(raw)
 
     def _fetch_task_object(
         self,
@@ -270,64 +379,95 @@ class TaskDataFetcher:
         if raw.startswith(("http://", "https://")):
             return self._download(raw, label_studio, dagshub)
         if raw.startswith("file://"):
-            return self._local(unquote(urlparse(raw).path))
-        if raw.startswith(LABEL_STUDIO_PATHS) and not Path(raw).exists():
+            return self.limits.local.check(unquote(urlparse(raw).path))
+        if raw.startswith(LABEL_STUDIO_PATHS) and not self.limits.local.allows(raw):
             if not label_studio.url:
                 raise FetchError(
                     f"{raw!r} is a Label Studio path and Label Studio's address is unknown: "
                     "connect the backend from Label Studio or set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
                 )
             return self._download(label_studio.url + raw, label_studio, dagshub)
-        return self._local(raw)
-
-    def _local(self, path: str) -> str:
-        if not os.path.isfile(path):
-            raise FetchError(f"no such local file: {path!r}")
-        return path
-
-    def _cache_path(self, key: str, suffix: str) -> Path:
-        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
-        return self.cache_dir / digest[:2] / f"{digest}{suffix}"
-
-    def _write(self, target: Path, chunks: Any) -> str:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
-                    handle.write(chunk)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return str(target)
+        return self.limits.local.check(raw)
 
     def _from_data_uri(self, raw: str) -> str:
         header, sep, payload = raw.partition(",")
         if not sep:
             raise FetchError("data: URI has no ',' before its payload")
+        limit = self.limits.max_file_bytes
+        if len(payload) * 3 // 4 > limit:
+            raise FetchError(f"data: URI is larger than {limit / (1 << 20):g} MB: raise FETCH_MAX_MB to allow it")
         mime = header[5:].split(";")[0] or "application/octet-stream"
         try:
             content = base64.b64decode(payload, validate=True) if header.endswith(";base64") else unquote(payload).encode()
         except (binascii.Error, ValueError) as exc:
             raise FetchError(f"data: URI has bad base64: {exc}") from exc
-        target = self._cache_path(raw, mimetypes.guess_extension(mime) or "")
-        return str(target) if target.exists() else self._write(target, [content])
+        suffix = mimetypes.guess_extension(mime) or ""
+        cached = self.cache.lookup(raw, suffix)
+        return cached or self.cache.store(raw, suffix, [content], limit, "FETCH_MAX_MB")
 
     def _download(self, url: str, label_studio: LabelStudioAccess, dagshub: DagshubAccess | None) -> str:
         suffix = Path(urlparse(url).path).suffix[:10]
-        target = self._cache_path(url, suffix)
-        if target.exists():
-            return str(target)
+        cached = self.cache.lookup(url, suffix)
+        if cached:
+            return cached
         with self._url_locks.hold(url):  # two tasks with one URL download it once
-            if target.exists():
-                return str(target)
-            headers = {**label_studio.headers_for(url), **(dagshub.headers_for(url) if dagshub else {})}
+            return self.cache.lookup(url, suffix) or self._get(url, suffix, label_studio, dagshub)
+
+    def _get(self, url: str, suffix: str, label_studio: LabelStudioAccess, dagshub: DagshubAccess | None) -> str:
+        trusted = frozenset(h for h in (label_studio.host, urlparse(dagshub.host).hostname if dagshub else "") if h)
+        for_label_studio = label_studio.owns(url)
+        for attempt in (1, 2):
             try:
-                with self.session.get(url, headers=headers, timeout=self.timeout, stream=True) as response:
-                    if response.status_code != 200:
-                        hint = " (check Label Studio's token)" if response.status_code in (401, 403) else ""
-                        raise FetchError(f"GET {url} answered {response.status_code}{hint}")
-                    return self._write(target, response.iter_content(chunk_size=1 << 16))
-            except requests.RequestException as exc:
-                raise FetchError(f"GET {url} failed: {type(exc).__name__}: {exc}") from exc
+                headers = self.auth.headers(label_studio, fresh=attempt > 1) if for_label_studio else {}
+            except LabelStudioRefused as exc:
+                raise FetchError(f"could not fetch {url}: {exc}") from None
+            if dagshub is not None:
+                headers.update(dagshub.headers_for(url))
+            with self.http.guarded(url, trusted, self.limits.timeout_s) as download:
+                try:
+                    return self._read(url, suffix, headers, download, label_studio if for_label_studio else None,
+                                      retry_on_401=attempt == 1 and token_kind(label_studio.token) == "personal access token")
+                except _Retry:
+                    continue
+                except (requests.RequestException, OSError) as exc:
+                    log.info("GET %s failed: %s: %s", redact(url), type(exc).__name__, redact(str(exc)))
+                    if download.refused:
+                        raise FetchError(f"could not fetch {url}: {download.refused}") from None
+                    raise FetchError(f"could not fetch {url}") from None
+                except AddressRefused as exc:
+                    raise FetchError(f"could not fetch {url}: {exc}") from None
+                except TooLarge as exc:
+                    raise FetchError(f"could not fetch {url}: {exc}") from None
+        raise FetchError(f"could not fetch {url}")
+
+    def _read(self, url: str, suffix: str, headers: dict[str, str], download: Any,
+              label_studio: LabelStudioAccess | None, retry_on_401: bool) -> str:
+        timeout = (min(CONNECT_TIMEOUT_S, self.limits.timeout_s), self.limits.timeout_s)
+        with self.http.session.get(url, headers=headers, timeout=timeout, stream=True) as response:
+            status = response.status_code
+            if status == 401 and retry_on_401:
+                raise _Retry
+            if status != 200:
+                detail = ""
+                if label_studio is not None and status in (401, 403):
+                    detail = ": " + label_studio.refused(status, response.text[:500])
+                raise FetchError(f"could not fetch {url}: it answered {status}{detail}")
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > self.limits.max_file_bytes:
+                raise TooLarge(
+                    f"it is larger than {self.limits.max_file_bytes / (1 << 20):g} MB: raise FETCH_MAX_MB to allow it"
+                )
+            path = self.cache.store(url, suffix, _body(response, download), self.limits.max_file_bytes, "FETCH_MAX_MB")
+            download.finish()
+            return path
+
+
+def _body(response: requests.Response, download: Any) -> Iterator[bytes]:
+    """The body's chunks; a download the watchdog cut short fails here (a shut socket reads as the end)."""
+    yield from response.iter_content(chunk_size=1 << 16)
+    if download.expired:
+        raise TimeoutError("the download passed FETCH_TIMEOUT_S")
+
+
+class _Retry(Exception):
+    """Label Studio said 401 to an exchanged token: exchange the PAT again and retry once."""

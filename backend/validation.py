@@ -20,8 +20,19 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from .errors import BadRequest, PredictionsInvalid
 
-# Object tags whose data Label Studio shows inline: their task value is passed to hooks as text.
-TEXT_OBJECTS = frozenset({"text", "hypertext", "paragraphs", "table", "list", "ranker"})
+# Object tags whose data Label Studio shows inline (passed to hooks as it is), and what that data is.
+INLINE_TYPES: dict[str, tuple[type, ...]] = {
+    "text": (str,),
+    "hypertext": (str,),
+    "paragraphs": (list,),
+    "table": (dict, list),
+    "list": (list,),
+    "ranker": (list,),
+}
+TEXT_OBJECTS = frozenset(INLINE_TYPES)
+# Media objects read a URL or path; these may also hold their data inline.
+MEDIA_INLINE_TYPES: dict[str, tuple[type, ...]] = {"timeseries": (dict,)}
+_TYPE_NAMES = {str: "text", list: "a list", dict: "an object"}
 
 
 # Region ids only need to be unique within a task's result: a random prefix per process and a counter
@@ -53,6 +64,21 @@ class DataObject:
     def missing_message(self) -> str:
         return f"task data has no {self.key!r} (the config's {self.tag} {self.name!r} reads ${self.key})"
 
+    def wrong_type(self, raw: Any) -> str | None:
+        """Why ``raw`` cannot be this object's data (a number where a URL belongs), or None when it can."""
+        tag = self.tag.lower()
+        if self.is_text:
+            accepted = INLINE_TYPES[tag]
+            if isinstance(raw, accepted):
+                return None
+            expected = " or ".join(_TYPE_NAMES[t] for t in accepted)
+        else:
+            if (isinstance(raw, str) and raw.strip()) or isinstance(raw, MEDIA_INLINE_TYPES.get(tag, ())):
+                return None
+            expected = "a URL or file path"
+        got = "null" if raw is None else ("empty text" if raw == "" else f"{type(raw).__name__} {str(raw)[:40]!r}")
+        return f"task data {self.key!r} is {got}, not {expected} (the config's {self.tag} {self.name!r} reads ${self.key})"
+
 
 @functools.lru_cache(maxsize=64)
 def parse_label_config(config: str) -> LabelInterface:
@@ -76,7 +102,8 @@ def data_objects(config: str) -> tuple[DataObject, ...]:
 
 
 def complete_prediction(prediction: Any, model_version: str, task: Any = None, index: int = 0) -> dict[str, Any]:
-    """Accept a dict with ``result`` or a bare list of results; fill version, ids and score.
+    """Accept a dict with ``result`` or a bare list of results; fill version, ids and score (the mean of
+    the regions' scores; none at all when no region has one).
     ``task`` and ``index`` only name the task in an error."""
     if isinstance(prediction, list):
         prediction = {"result": prediction}
@@ -103,10 +130,11 @@ def complete_prediction(prediction: Any, model_version: str, task: Any = None, i
     prediction["model_version"] = model_version
     if prediction.get("score") is None:
         scores = [r["score"] for r in completed if isinstance(r, dict) and _is_number(r.get("score"))]
-        prediction["score"] = float(sum(scores) / len(scores)) if scores else 0.0
+        prediction["score"] = float(sum(scores) / len(scores)) if scores else None
     score = prediction["score"]
-    if _is_number(score) and not math.isfinite(score):
-        prediction["score"] = 0.0
+    if score is None or (_is_number(score) and not math.isfinite(score)):
+        # Unknown: Label Studio sorts and filters tasks by score, so never a made-up 0.
+        del prediction["score"]
     return prediction
 
 
@@ -164,6 +192,14 @@ def validation_key(prediction: dict[str, Any]) -> bytes | None:
     return _pickled(parts)
 
 
+def _verdict(interface: LabelInterface, prediction: dict[str, Any]) -> list[str]:
+    """label-studio-sdk's list of problems; a prediction it cannot even read is one problem, not a crash."""
+    try:
+        return interface.validate_prediction(prediction, return_errors=True) or []
+    except Exception as exc:  # noqa: BLE001 - whatever the hook returned, it is the hook's error
+        return [f"the prediction cannot be read as Label Studio results ({type(exc).__name__}: {exc})"]
+
+
 def validate_predictions(predictions: list[dict[str, Any]], tasks: list[Any], config: str) -> None:
     """Raise PredictionsInvalid listing every region that would not render, with the config's options."""
     interface = parse_label_config(config)
@@ -176,7 +212,7 @@ def validate_predictions(predictions: list[dict[str, Any]], tasks: list[Any], co
             key = validation_key(prediction)
             messages = verdicts.get(key) if key is not None else None
             if messages is None:
-                messages = interface.validate_prediction(prediction, return_errors=True)
+                messages = _verdict(interface, prediction)
                 if key is not None:
                     verdicts[key] = messages
             by_object[id(prediction)] = messages

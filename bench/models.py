@@ -58,7 +58,9 @@ def image_post_hook(labels):
 
 def register(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
-    for name, fixed, per_item in (("per_item_1ms", 0.0, 1.0), ("fixed_20ms", 20.0, 1.0), ("free", 0.0, 0.0)):
+    for name, fixed, per_item in (
+        ("per_item_1ms", 0.0, 1.0), ("fixed_20ms", 20.0, 1.0), ("free", 0.0, 0.0), ("per_item_1_5ms", 0.0, 1.5)
+    ):
         with mlflow.start_run():
             mlflow.pyfunc.log_model(
                 name="model", python_model=CostModel(fixed, per_item), registered_model_name=name, code_paths=None

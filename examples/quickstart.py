@@ -39,6 +39,8 @@ def main() -> int:
         "PORT": port,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        # Task data may name local files only under folders allowed here; the demo's images live in one.
+        "LOCAL_FILES_ROOTS": ",".join(filter(None, [os.environ.get("LOCAL_FILES_ROOTS"), str(DEMO / "images")])),
     }
     if not (DEMO / "registered").exists():
         print("1. registering the demo models in", env["MLFLOW_TRACKING_URI"])
@@ -71,8 +73,9 @@ def main() -> int:
         answer.raise_for_status()
 
         images = []
+        (DEMO / "images").mkdir(exist_ok=True)
         for name, grey in (("white", 235), ("black", 20)):
-            path = DEMO / f"{name}.png"
+            path = DEMO / "images" / f"{name}.png"
             Image.new("RGB", (64, 48), (grey, grey, grey)).save(path)
             images.append(path)
         tasks = [{"id": i + 1, "data": {"image": str(path)}} for i, path in enumerate(images)]

@@ -201,10 +201,12 @@ def prediction(
     if isinstance(score, str):
         if score not in ("mean", "min", "max"):
             raise ValueError("score must be 'mean', 'min', 'max' or a number")
-        combined = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}[score](scores) if scores else 0.0
+        combined = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}[score](scores) if scores else None
     else:
         combined = float(score)
-    out: dict[str, Any] = {"result": results, "score": float(combined) if math.isfinite(combined) else 0.0}
+    out: dict[str, Any] = {"result": results}
+    if combined is not None and math.isfinite(combined):  # unknown stays unknown: Label Studio sorts by it
+        out["score"] = float(combined)
     if model_version:
         out["model_version"] = model_version
     return out

@@ -10,7 +10,8 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.settings import Settings
-from tests.support.servers import Backend, MlflowServer, prefix_proxy, register_models
+from backend.zygote import Zygote
+from tests.support.servers import Backend, MlflowServer, base_env, prefix_proxy, register_models
 
 # No test reaches the internet: MLflow's telemetry stays off in this process and every child.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -38,14 +39,29 @@ def images(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
+@pytest.fixture(scope="session")
+def zygote(registry):
+    """One fork server for every in-process app of the session, MLflow and the fixture models' flavors
+    imported once: each app's model processes are forked from it, as a backend's are from its own."""
+    warm = ("mlflow.pyfunc", "mlflow.sklearn", "mlflow.pytorch", "skops.io", "sklearn", "torch")
+    started = Zygote(warm, env=base_env(MLFLOW_TRACKING_URI=registry)).start()
+    yield started
+    started.close()
+
+
+def make_app(tmp_path, zygote, images, **settings):
+    """An in-process backend on the fixture registry, allowed to read the fixture images."""
+    settings.setdefault("model_dir", tmp_path / "model_dir")
+    settings.setdefault("configure_wait_s", 60)
+    settings.setdefault("local_files_roots", (str(images["white"].parent),))
+    return create_app(Settings(**settings), zygote=zygote)
+
+
 @pytest.fixture
-def app(tmp_path, registry, monkeypatch):
-    """An in-process backend on the fixture registry."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    app = create_app(Settings(model_dir=tmp_path / "model_dir", configure_wait_s=60))
+def app(tmp_path, zygote, images):
+    app = make_app(tmp_path, zygote, images)
     yield app
-    app.extensions["lsbackend"].fetcher.close()
+    app.extensions["lsbackend"].close()
 
 
 @pytest.fixture
@@ -54,12 +70,29 @@ def client(app):
 
 
 @pytest.fixture
-def start_backend(tmp_path, registry):
-    """Start real gunicorn backends on the fixture registry; all are stopped at teardown."""
+def app_with(tmp_path, zygote, images):
+    """``app_with(**settings)``: test clients of in-process backends with other settings, closed at teardown."""
+    made = []
+
+    def make(**settings):
+        app = make_app(tmp_path / f"app-{len(made)}", zygote, images, **settings)
+        made.append(app)
+        return app.test_client()
+
+    yield make
+    for app in made:
+        app.extensions["lsbackend"].close()
+
+
+@pytest.fixture
+def start_backend(tmp_path, registry, images):
+    """Start real gunicorn backends on the fixture registry, allowed to read the fixture images; all
+    are stopped at teardown."""
     started: list[Backend] = []
 
     def start(**env: str) -> Backend:
         env.setdefault("MLFLOW_TRACKING_URI", registry)
+        env.setdefault("LOCAL_FILES_ROOTS", str(images["white"].parent))
         backend = Backend(tmp_path, env).start()
         started.append(backend)
         return backend

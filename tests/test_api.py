@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.app import create_app
-from backend.settings import Settings
 from tests.support import hooks
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, encode
+from tests.support.servers import wait_until
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -31,8 +30,12 @@ def predict(client, tasks, config=IMAGE_CONFIG, **extra):
     return client.post("/predict", json={"tasks": tasks, "label_config": config, **extra})
 
 
+def choices_of(body):
+    return [p["result"][0]["value"]["choices"][0] if p and p["result"] else None for p in body["results"]]
+
+
 def choices(response):
-    return [p["result"][0]["value"]["choices"][0] if p["result"] else None for p in response.get_json()["results"]]
+    return choices_of(response.get_json())
 
 
 def test_health_before_configure(client):
@@ -104,21 +107,46 @@ def test_torch_model_with_native_loader(client, images):
     assert 0.5 < response.get_json()["results"][0]["score"] <= 1.0
 
 
-def test_local_model_path(client, images, tmp_path, registry):
+def test_local_model_path(client, images, tmp_path, registry, monkeypatch):
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
     path = mlflow.artifacts.download_artifacts(artifact_uri="models:/brightness/1", dst_path=str(tmp_path / "m"), tracking_uri=registry)
     assert configure(client, model_uri=path).status_code == 200
     assert choices(predict(client, image_tasks(images, "black"))) == ["dark"]
 
 
-def test_a_failing_task_fails_alone(client, images):
+def test_a_failing_task_fails_alone_and_stores_nothing(client, images):
     configure(client)
-    tasks = image_tasks(images, "white") + [{"id": 9, "data": {"image": "/no/such/file.png"}}, {"id": 10, "data": {}}]
+    missing = str(images["white"].parent / "missing.png")
+    tasks = image_tasks(images, "white") + [
+        {"id": 9, "data": {"image": missing}},
+        {"id": 10, "data": {}},
+        {"id": 11, "data": {"image": 42}},
+        {"id": 12, "data": {"image": ["a.png"]}},
+        {"id": 13, "data": {"image": None}},
+    ]
     body = predict(client, tasks).get_json()
-    assert [len(p["result"]) for p in body["results"]] == [1, 0, 0]
-    assert {e["task"] for e in body["errors"]} == {9, 10}
-    assert "no such local file" in body["errors"][0]["error"]
+    assert body["results"][0]["result"][0]["value"]["choices"] == ["light"]
+    # An empty list, not an empty prediction: Label Studio stores nothing, so the next round asks again.
+    assert body["results"][1:] == [[], [], [], [], []]
+    errors = {e["task"]: e["error"] for e in body["errors"]}
+    assert "no such local file" in errors[9]
+    assert "task data has no 'image'" in errors[10]
+    assert "task data 'image' is int '42', not a URL or file path" in errors[11]
+    assert "task data 'image' is list" in errors[12] and "task data 'image' is null" in errors[13]
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "lsbackend_failed_tasks_total 5.0" in metrics and "lsbackend_predictions_total 1.0" in metrics
+
+
+def test_text_of_the_wrong_type_fails_its_task_not_the_model(client):
+    configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode(hooks.sentiment_post))
+    tasks = [{"id": 1, "data": {"text": "great lovely good"}}, {"id": 2, "data": {"text": 17}},
+             {"id": 3, "data": {"text": {"nested": "x"}}}, {"id": 4, "data": {"text": "awful bad"}}]
+    body = predict(client, tasks, TEXT_CONFIG).get_json()
+    assert choices_of(body) == ["positive", None, None, "negative"]
+    assert {e["task"] for e in body["errors"]} == {2, 3}
+    assert "task data 'text' is int '17', not text" in body["errors"][0]["error"]
 
 
 def test_data_uri_tasks(client, images):
@@ -221,11 +249,14 @@ def test_a_raising_hook_is_a_500_naming_the_stage(client, images):
 
 def test_hook_only_reconfigure_keeps_the_loaded_model(client, app, images):
     configure(client)
-    loaded = app.extensions["lsbackend"].runtime.active.loaded
+    runtime = app.extensions["lsbackend"].runtime
+    first = runtime.active
     configure(client, post_hook=encode(hooks.wrong_label_post))
-    assert app.extensions["lsbackend"].runtime.active.loaded is loaded
+    assert runtime.active is not first and runtime.active.process is first.process  # same process, model not reloaded
+    assert runtime.active.info == first.info and first.process.restarts == 0
     configure(client)
-    assert app.extensions["lsbackend"].runtime.active.loaded is loaded
+    assert runtime.active.process is first.process
+    assert_still_serving(client, images)
 
 
 def test_repeated_configure_is_idempotent(client, app):
@@ -257,17 +288,12 @@ def test_webhook_and_metrics(client, images):
 
 # -- auth ---------------------------------------------------------------------------------------------
 
-def make_client(tmp_path, registry, monkeypatch, **settings):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
-    return create_app(Settings(model_dir=tmp_path / "auth", **settings)).test_client()
-
-
 def basic(user, password):
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-def test_basic_auth(tmp_path, registry, monkeypatch):
-    client = make_client(tmp_path, registry, monkeypatch, basic_auth_user="ls", basic_auth_pass="pw")
+def test_basic_auth(app_with):
+    client = app_with(basic_auth_user="ls", basic_auth_pass="pw")
     assert client.post("/setup", json={}).status_code == 401
     assert client.post("/setup", json={}, headers=basic("ls", "wrong")).status_code == 401
     assert client.post("/setup", json={}, headers=basic("ls", "pw")).status_code == 200
@@ -277,8 +303,8 @@ def test_basic_auth(tmp_path, registry, monkeypatch):
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 201
 
 
-def test_configure_refused_on_open_bind_without_credentials(tmp_path, registry, monkeypatch):
-    client = make_client(tmp_path, registry, monkeypatch, host="0.0.0.0")
+def test_configure_refused_on_open_bind_without_credentials(app_with):
+    client = app_with(host="0.0.0.0")
     response = client.post("/configure", json={"model_uri": "models:/brightness/1"})
     assert response.status_code == 403
     assert "CONFIGURE_TOKEN" in response.get_json()["detail"]
@@ -289,19 +315,42 @@ def test_configure_refused_from_a_remote_client_without_credentials(client):
     assert response.status_code == 403
 
 
-def test_configure_token_on_open_bind(tmp_path, registry, monkeypatch):
-    client = make_client(tmp_path, registry, monkeypatch, host="0.0.0.0", configure_token="tok")
+def test_configure_token_on_open_bind(app_with):
+    client = app_with(host="0.0.0.0", configure_token="tok")
     spec = {"model_uri": "models:/brightness/1"}
     assert client.post("/configure", json=spec).status_code == 401
     assert client.post("/configure", json=spec, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.post("/configure", json=spec, headers={"Authorization": "Bearer tok"}).status_code == 200
 
 
-@pytest.mark.parametrize("batching,message", [(True, "3 tasks did not finish before the deadline"), (False, "stopped after 1 of 3 tasks")])
-def test_a_prediction_past_the_deadline_is_cut_off_with_504(tmp_path, registry, monkeypatch, images, batching, message):
-    client = make_client(tmp_path, registry, monkeypatch, predict_timeout_s=1.0, configure_wait_s=60, batching=batching)
-    configure(client, post_hook=encode(hooks.slow_post), batch_size=1)
-    response = predict(client, image_tasks(images, "white", "black", "white"))
+@pytest.mark.parametrize("batching", [True, False])
+def test_past_the_deadline_a_request_answers_what_is_done_and_the_rest_goes_on(app_with, images, batching):
+    client = app_with(predict_timeout_s=1.0, batching=batching)
+    configure(client, post_hook=encode(hooks.sleeping_post(0.4)), batch_size=1)
+    tasks = image_tasks(images, "white", "black", "white", "dark", "light")  # 2 s of work, a 1 s deadline
+    first = predict(client, tasks)
+    assert first.status_code == 200, first.get_json()
+    body = first.get_json()
+    answered = [label for label in choices_of(body) if label is not None]
+    assert body["results"].count([]) == body["pending"]["tasks"] >= 2  # the rest: nothing stored, not lost
+    assert "retrieve predictions again" in body["pending"]["detail"]
+    assert all(body["results"][i] == [] or label == expected for i, (label, expected) in
+               enumerate(zip(choices_of(body), ["light", "dark", "light", "dark", "light"])))
+    wait_until(lambda: client.get("/health").get_json()["background"]["queued"] == 0, 30, "the background to finish")
+    # The next round, as Label Studio sends it: only the tasks that have no prediction yet.
+    rest = [task for task, result in zip(tasks, body["results"]) if result == []]
+    second = predict(client, rest)
+    assert len(answered) + len(choices(second)) == 5 and None not in choices(second)
+    assert "pending" not in second.get_json()
+    health = client.get("/health").get_json()
+    assert health["batching"]["items"] == 5  # every task went through the model exactly once
+    assert health["prediction_cache"]["hits"] == len(rest)
+
+
+def test_an_interactive_prediction_past_the_deadline_is_a_504(app_with, images):
+    client = app_with(predict_timeout_s=1.0)
+    configure(client, post_hook=encode(hooks.slow_post))
+    response = predict(client, image_tasks(images, "white"), params={"context": {"result": []}})
     assert response.status_code == 504
-    assert message in response.get_json()["error"]
+    assert "interactive prediction did not finish" in response.get_json()["error"]
     assert "PREDICT_TIMEOUT_S" in response.get_json()["detail"]

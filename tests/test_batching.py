@@ -17,7 +17,7 @@ from tests.support.servers import wait_until
 
 
 class CountingModel:
-    """Stands in for a ConfiguredModel: records each call; a value of 'bad' makes its batch fail."""
+    """Stands in for a model process: records each call; a value of 'bad' makes its batch fail."""
 
     def __init__(self, batch_size: int = 8) -> None:
         self.batch_size = batch_size
@@ -25,26 +25,30 @@ class CountingModel:
         self.release = threading.Event()
         self.release.set()
 
-    def run_batch(self, values, tasks, context, label_config, timer):
+    def call(self, hooks_id, values, tasks, context, label_config):
         self.release.wait(10)
         self.calls.append(list(values))
         if "bad" in values:
             raise HookFailed("pre_hook raised ValueError: bad input", "Fix the pre_hook.")
-        return [f"prediction of {v}" for v in values]
+        return [f"prediction of {v}" for v in values], {}
 
 
-def submit(batcher, model, *values, request=None):
-    return batcher.submit(Chunk(model, list(values), [{"id": v} for v in values], "<View/>", None, request))
+def submit(batcher, model, *values, request=None, background=False):
+    chunk = Chunk("hooks", model.batch_size, list(values), [{"id": v} for v in values], "<View/>", request=request,
+                  background=background)
+    return batcher.submit(chunk)
 
 
 def test_a_lone_request_does_not_wait_for_company():
-    batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
+    model = CountingModel()
+    batcher = DynamicBatcher(model, max_latency_ms=60_000)
     with batcher.request() as request:
         assert submit(batcher, model, "a", request=request).result(timeout=5) == ["prediction of a"]  # not 60 s
 
 
 def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
-    batcher, model = DynamicBatcher(max_latency_ms=5_000), CountingModel(batch_size=8)
+    model = CountingModel(batch_size=8)
+    batcher = DynamicBatcher(model, max_latency_ms=5_000)
     gate = threading.Barrier(4)
 
     def one_request(value):
@@ -62,11 +66,13 @@ def test_concurrent_requests_share_one_model_call_and_get_their_own_answers():
         "max_batch_size": 8,
         "model_calls": 1,
         "items": 4,
+        "queued": 0,
     }
 
 
 def test_batches_stop_at_the_models_batch_size():
-    batcher, model = DynamicBatcher(max_latency_ms=5_000), CountingModel(batch_size=2)
+    model = CountingModel(batch_size=2)
+    batcher = DynamicBatcher(model, max_latency_ms=5_000)
     model.release.clear()  # hold the first call so the rest queue up
     with batcher.request() as a, batcher.request() as b, batcher.request() as c:
         futures = [submit(batcher, model, v, request=r) for v, r in zip("abc", (a, b, c))]
@@ -89,7 +95,8 @@ def _hold_the_model_with_a_running_batch(batcher, model):
 
 
 def test_a_batch_waits_for_a_request_still_submitting():
-    batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
+    model = CountingModel()
+    batcher = DynamicBatcher(model, max_latency_ms=60_000)
     running = _hold_the_model_with_a_running_batch(batcher, model)
     with batcher.request() as second, batcher.request() as late:
         queued = submit(batcher, model, "b", request=second)
@@ -103,7 +110,8 @@ def test_a_batch_waits_for_a_request_still_submitting():
 def test_a_batch_does_not_wait_for_requests_that_only_await_answers():
     """Under steady load, requests finishing their predictions are always about; waiting for them
     would add max_latency_ms to every batch."""
-    batcher, model = DynamicBatcher(max_latency_ms=60_000), CountingModel()
+    model = CountingModel()
+    batcher = DynamicBatcher(model, max_latency_ms=60_000)
     running = _hold_the_model_with_a_running_batch(batcher, model)
     with batcher.request() as second:
         queued = submit(batcher, model, "b", request=second)
@@ -113,8 +121,22 @@ def test_a_batch_does_not_wait_for_requests_that_only_await_answers():
     assert model.calls == [["a"], ["b"]]
 
 
+def test_a_requests_chunk_goes_before_background_work_queued_earlier():
+    model = CountingModel(batch_size=1)
+    batcher = DynamicBatcher(model, max_latency_ms=0)
+    running = _hold_the_model_with_a_running_batch(batcher, model)
+    later = [submit(batcher, model, f"background {n}", background=True) for n in range(3)]
+    with batcher.request() as request:
+        urgent = submit(batcher, model, "request", request=request)
+    model.release.set()
+    assert urgent.result(timeout=5) == ["prediction of request"]
+    assert [f.result(timeout=5) for f in later] and running.result(timeout=5)
+    assert model.calls[:2] == [["a"], ["request"]]  # the request overtook the queued background chunks
+
+
 def test_one_requests_failure_does_not_fail_the_others_in_its_batch():
-    batcher, model = DynamicBatcher(max_latency_ms=5_000), CountingModel()
+    model = CountingModel()
+    batcher = DynamicBatcher(model, max_latency_ms=5_000)
     with batcher.request() as a, batcher.request() as b, batcher.request() as c:
         good, bad, other = (submit(batcher, model, v, request=r) for v, r in (("a", a), ("bad", b), ("b", c)))
         assert good.result(timeout=10) == ["prediction of a"] and other.result(timeout=10) == ["prediction of b"]

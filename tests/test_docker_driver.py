@@ -44,6 +44,7 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
                 [*host_mounts(), f"{registry_dir}:{registry_dir}", f"{images_dir}:{images_dir}:ro"]
             ),
             "MLFLOW_TRACKING_URI": registry,
+            "LOCAL_FILES_ROOTS": images_dir,  # passed on to the containers, where the folder is mounted
         },
     ).start()
     try:

@@ -22,13 +22,15 @@ HOOKS = {"pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.cho
 
 
 @pytest.fixture
-def start_orchestrator(tmp_path, registry):
-    """Start orchestrators on one state folder; at teardown every backend they started is removed."""
+def start_orchestrator(tmp_path, registry, images):
+    """Start orchestrators on one state folder (their backends may read the fixture images); at teardown
+    every backend they started is removed."""
     started: list[OrchestratorProcess] = []
     state_dir = tmp_path / "state"
 
     def start(**env: str) -> OrchestratorProcess:
         env.setdefault("MLFLOW_TRACKING_URI", registry)
+        env.setdefault("LOCAL_FILES_ROOTS", str(images["white"].parent))
         orchestrator = OrchestratorProcess(state_dir, env).start()
         started.append(orchestrator)
         return orchestrator

@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from backend.datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
-from backend.taskdata import DagshubAccess, KeyedLocks, LabelStudioAccess, TaskDataFetcher
+from backend.labelstudio import LabelStudioAccess
+from backend.outbound import AddressPolicy
+from backend.taskdata import DagshubAccess, FetchLimits, KeyedLocks, LocalFiles, TaskDataFetcher
 from backend.validation import data_objects
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 from tests.support.servers import file_server
@@ -19,9 +21,15 @@ IMAGES = data_objects(IMAGE_CONFIG)
 NO_LS = LabelStudioAccess()
 
 
+def loopback_limits(images, **extra):
+    """What these tests' servers need: loopback addresses and the fixture images' folder allowed."""
+    return FetchLimits(local=LocalFiles((str(images["white"].parent),)), addresses=AddressPolicy(("127.0.0.1",)),
+                       **{"timeout_s": 5.0, **extra})
+
+
 @pytest.fixture
-def fetcher(tmp_path):
-    fetcher = TaskDataFetcher(tmp_path / "cache", concurrency=8, timeout=5)
+def fetcher(tmp_path, images):
+    fetcher = TaskDataFetcher(tmp_path / "cache", concurrency=8, limits=loopback_limits(images))
     yield fetcher
     fetcher.close()
 
@@ -69,8 +77,8 @@ def test_one_failure_fails_one_task(fetcher, served):
              {"id": 3, "data": {"image": "http://127.0.0.1:9/unreachable.png"}}, {"id": 4, "data": {"other": 1}}]
     inputs = fetcher.fetch_tasks(tasks, IMAGES, NO_LS)
     assert inputs[0].value and not inputs[0].error
-    assert "answered 404" in inputs[1].error
-    assert "ConnectionError" in inputs[2].error
+    assert inputs[1].error == f"could not fetch {server.url}/missing.png: it answered 404"
+    assert inputs[2].error == "could not fetch http://127.0.0.1:9/unreachable.png"  # and nothing about why
     assert "task data has no 'image'" in inputs[3].error
 
 
@@ -134,7 +142,7 @@ def test_dagshub_datapoints_by_id_when_the_task_reference_fails(tmp_path, served
     assert Path(inputs[0].value).read_bytes() == images["black"].read_bytes()
     assert Path(inputs[1].value).read_bytes() == images["white"].read_bytes()
     assert "datapoint 99 is not in DagsHub datasource alice/data/images" in inputs[2].error
-    assert "no such local file" in inputs[2].error and "no such local file" in inputs[3].error
+    assert "outside the folders task data may read" in inputs[2].error and "LOCAL_FILES_ROOTS" in inputs[3].error
     assert all(headers["Authorization"] == "Bearer dh-token" for _, headers in seen)
     assert listings == [source, source]  # one listing for the batch, one fresh listing for the unknown id
     with pytest.raises(DatapointNotFound, match="could not list"):

@@ -11,22 +11,15 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from backend.settings import BACKEND_ENVIRONMENT
+
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
 from .base import BACKEND_PORT
 
 LABEL = "io.lsbackend"
 # Passed on from the orchestrator's environment when set (a process backend inherits them anyway).
-PASSED_ON = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "LABEL_STUDIO_URL",
-    "LABEL_STUDIO_API_KEY",
-    "LOG_LEVEL",
-)
+PASSED_ON = BACKEND_ENVIRONMENT
 CONTAINER_MODEL_DIR = "/data/model_dir"
 
 

@@ -1,5 +1,8 @@
-"""End to end with the real Label Studio: projects connected to the orchestrator through Label
-Studio's own API, "retrieve predictions" run by Label Studio, predictions read back from it.
+"""End to end with the real Label Studio, as people run it: its default token mode (legacy tokens
+refused, a Personal Access Token for the backend), images uploaded to it, projects connected to the
+orchestrator through Label Studio's own API, "retrieve predictions" run by Label Studio, predictions
+read back from it. A second Label Studio keeps the legacy mode, where only the token ``/setup`` sends
+is at hand.
 
 Label Studio is installed once per machine (tests/support/label_studio.py). Under CI a Label Studio
 that cannot be installed or started fails the run; elsewhere these tests are skipped, saying why.
@@ -8,15 +11,15 @@ that cannot be installed or started fails the run; elsewhere these tests are ski
 from __future__ import annotations
 
 import os
-import re
+import shutil
 
 import pytest
 import requests
 
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, encode
 from tests.support.label_studio import LabelStudioUnavailable, start_label_studio
-from tests.support.servers import OrchestratorProcess, file_server
+from tests.support.servers import OrchestratorProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,59 +29,60 @@ BOXES_CONFIG = (
 )
 
 
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
+def _start(folder):
     try:
-        server = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+        return start_label_studio(folder)
     except LabelStudioUnavailable as exc:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"Label Studio is required under CI and is unavailable: {exc}")
         pytest.skip(f"no Label Studio here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    """Label Studio in its default token mode, and the Personal Access Token a user would make."""
+    server = _start(tmp_path_factory.mktemp("label-studio"))
+    server.default_token_mode()
     yield server
     server.stop()
 
 
+def start_orchestrator(folder, registry, **env):
+    return OrchestratorProcess(folder / "state", {"MLFLOW_TRACKING_URI": registry, **env}).start()
+
+
 @pytest.fixture(scope="module")
-def orchestrator(tmp_path_factory, registry):
-    server = OrchestratorProcess(
-        tmp_path_factory.mktemp("orchestrator") / "state", {"MLFLOW_TRACKING_URI": registry}
-    ).start()
+def orchestrator(tmp_path_factory, registry, label_studio):
+    """Set up as the README says for a default Label Studio: its address and a PAT, nothing else."""
+    server = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), registry,
+                                LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
     yield server
     server.remove_all()
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def served_images(images):
-    server = file_server(images["white"].parent)
-    yield server
-    server.close()
-
-
-def configure(orchestrator, model_uri, post_hook):
+def configure(orchestrator, model_uri, post_hook, pre_hook=hooks.brightness_pre):
     response = requests.post(
         orchestrator.url + "/configure",
         timeout=120,
-        json={"model_uri": model_uri, "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(post_hook)},
+        json={"model_uri": model_uri, "pre_hook": encode(pre_hook) if pre_hook else "", "post_hook": encode(post_hook)},
     )
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def new_project(label_studio, title, config, urls=(), uploads=()):
+def new_project(label_studio, title, config, uploads=(), tasks=()):
     project = label_studio.api("POST", "/api/projects", json={"title": title, "label_config": config})["id"]
-    if urls:
-        label_studio.api("POST", f"/api/projects/{project}/import", json=[{"image": url} for url in urls])
-    for path in uploads:  # stored by Label Studio: the backend must fetch them from it, with its token
+    if tasks:
+        label_studio.api("POST", f"/api/projects/{project}/import", json=list(tasks))
+    for path in uploads:  # stored by Label Studio: the backend must fetch them from it, with a token it accepts
         with open(path, "rb") as handle:
-            label_studio.api(
-                "POST", f"/api/projects/{project}/import", files={"file": (path.name, handle, "image/png")}
-            )
+            label_studio.api("POST", f"/api/projects/{project}/import", files={"file": (path.name, handle, "image/png")})
     return project
 
 
 def tasks_of(label_studio, project):
-    listed = label_studio.api("GET", f"/api/tasks?project={project}&page_size=100")
+    listed = label_studio.api("GET", f"/api/tasks?project={project}&page_size=5000")
     tasks = listed["tasks"] if isinstance(listed, dict) else listed
     return sorted(tasks, key=lambda t: t["id"])
 
@@ -101,58 +105,54 @@ def stored(label_studio, task_id):
     return label_studio.api("GET", f"/api/predictions?task={task_id}")
 
 
-def test_rectangle_project_through_its_model_url(label_studio, orchestrator, served_images, images):
+def backend_health(url):
+    return requests.get(url + "health", timeout=5).json()
+
+
+def test_rectangles_on_uploaded_images_with_a_personal_access_token(label_studio, orchestrator, images):
     backend = configure(orchestrator, "models:/brightness/1", hooks.box_post)
-    project = new_project(
-        label_studio,
-        "boxes",
-        BOXES_CONFIG,
-        urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"],
-        uploads=[images["light"]],
-    )
+    project = new_project(label_studio, "boxes", BOXES_CONFIG, uploads=[images["white"], images["black"], images["light"]])
     tasks = tasks_of(label_studio, project)
-    assert tasks[2]["data"]["image"].startswith("/data/upload/")
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)
     ml_backend = connect(label_studio, project, backend["label_studio_url"])
 
     retrieve_predictions(label_studio, project)
-    expected = ["light", "dark", "light"]
-    for task, label in zip(tasks, expected):
+    for task, label in zip(tasks, ["light", "dark", "light"]):
         [prediction] = stored(label_studio, task["id"])
         assert prediction["model_version"] == "brightness:1"
         [region] = prediction["result"]
         assert region["value"]["rectanglelabels"] == [label]
         # The centred half of a 32 x 24 image, in percent of the real size.
         assert (region["value"]["x"], region["value"]["y"], region["value"]["width"], region["value"]["height"]) == (
-            25,
-            25,
-            50,
-            50,
+            25, 25, 50, 50,
         )
         assert (region["original_width"], region["original_height"]) == (32, 24)
+        assert prediction["score"] == pytest.approx(0.9)
     following = label_studio.api("GET", f"/api/projects/{project}/next")
     assert following["predictions"] and following["predictions"][0]["model_version"] == "brightness:1"
+    assert backend_health(backend["label_studio_url"])["label_studio"]["token"] == "personal access token"
 
-    # "Start training" reaches the backend's /webhook, which answers 201.
+    # Training events reach /webhook and are recorded there: "start training", and a new annotation.
     label_studio.api("POST", f"/api/ml/{ml_backend}/train", json={})
-    metrics = requests.get(backend["label_studio_url"] + "metrics", timeout=5).text
-    assert re.search(r'lsbackend_requests_total\{endpoint="/webhook",status="201"\} [1-9]', metrics), metrics[-2000:]
+    result = [{"from_name": "box", "to_name": "image", "type": "rectanglelabels",
+               "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rotation": 0, "rectanglelabels": ["dark"]}}]
+    label_studio.api("POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": result})
+
+    def recorded():
+        return backend_health(backend["label_studio_url"])["webhooks"]["projects"].get(str(project), {}).get("events", {})
+
+    wait_until(lambda: {"START_TRAINING", "ANNOTATION_CREATED"} <= set(recorded()), 30, "the webhook events")
 
 
-def test_choices_project_through_the_root_url_recovers_from_a_bad_hook(label_studio, orchestrator, served_images):
-    broken = configure(
-        orchestrator, "models:/brightness/2", hooks.wrong_label_post
-    )  # now the newest: the root serves it
-    project = new_project(
-        label_studio, "choices", IMAGE_CONFIG, urls=[f"{served_images.url}/white.png", f"{served_images.url}/black.png"]
-    )
+def test_choices_through_the_root_url_recover_from_a_bad_hook(label_studio, orchestrator, images):
+    broken = configure(orchestrator, "models:/brightness/2", hooks.wrong_label_post)  # the newest: the root serves it
+    project = new_project(label_studio, "choices", IMAGE_CONFIG, uploads=[images["white"], images["black"]])
     tasks = tasks_of(label_studio, project)
     connect(label_studio, project, orchestrator.url + "/")
 
     retrieve_predictions(label_studio, project)
     assert all(stored(label_studio, task["id"]) == [] for task in tasks)  # nothing broken was stored
-    answer = requests.post(
-        orchestrator.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30
-    )
+    answer = requests.post(orchestrator.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
     assert answer.status_code == 422
     assert "purple" in answer.json()["error"] and "Fix the post_hook" in answer.json()["detail"]
     log = requests.get(f"{orchestrator.url}/backends/{broken['id']}?log_lines=200", timeout=5).json()["log"]
@@ -162,3 +162,73 @@ def test_choices_project_through_the_root_url_recovers_from_a_bad_hook(label_stu
     retrieve_predictions(label_studio, project)
     labels = [stored(label_studio, task["id"])[0]["result"][0]["value"]["choices"] for task in tasks]
     assert labels == [["dark"], ["light"]]  # version 2 says the opposite of version 1
+
+
+def test_a_missing_image_stores_nothing_until_it_is_back(label_studio, orchestrator, images, tmp_path):
+    backend = configure(orchestrator, "models:/brightness/1", hooks.choices_post)
+    project = new_project(label_studio, "missing", IMAGE_CONFIG, uploads=[images["white"], images["dark"]])
+    present, missing = tasks_of(label_studio, project)
+    connect(label_studio, project, backend["label_studio_url"])
+    kept = label_studio.uploaded_file(project, "dark.png")
+    shutil.move(kept, tmp_path / "away.png")
+
+    retrieve_predictions(label_studio, project)
+    assert [p["result"][0]["value"]["choices"] for p in stored(label_studio, present["id"])] == [["light"]]
+    assert stored(label_studio, missing["id"]) == []  # not an empty prediction that would hide it for good
+
+    shutil.move(tmp_path / "away.png", kept)
+    retrieve_predictions(label_studio, project)
+    assert [p["result"][0]["value"]["choices"] for p in stored(label_studio, missing["id"])] == [["dark"]]
+    assert len(stored(label_studio, present["id"])) == 1  # predicted once, not again
+
+
+def test_legacy_token_mode_with_only_the_token_setup_sends(tmp_path_factory, registry, images):
+    legacy = _start(tmp_path_factory.mktemp("label-studio-legacy"))
+    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-legacy"), registry)  # no LABEL_STUDIO_*
+    try:
+        backend = configure(orchestrator, "models:/brightness/1", hooks.choices_post)
+        project = new_project(legacy, "legacy", IMAGE_CONFIG, uploads=[images["white"], images["black"]])
+        tasks = tasks_of(legacy, project)
+        connect(legacy, project, backend["label_studio_url"])
+        retrieve_predictions(legacy, project)
+        labels = [stored(legacy, task["id"])[0]["result"][0]["value"]["choices"] for task in tasks]
+        assert labels == [["light"], ["dark"]]
+        shown = backend_health(backend["label_studio_url"])["label_studio"]
+        assert shown == {"url": legacy.url, "token": "legacy token", "from": "setup"}
+    finally:
+        orchestrator.remove_all()
+        orchestrator.stop()
+        legacy.stop()
+
+
+def test_a_big_project_is_stored_over_two_rounds_without_losing_or_repeating_work(
+    tmp_path_factory, registry, label_studio
+):
+    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-big"), registry, PREDICT_TIMEOUT_S="4",
+                                      LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
+    try:
+        count = 1500  # 4 ms each: 6 s of work against a 4 s deadline
+        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.004), pre_hook=None)
+        words = ["great lovely good", "awful bad terrible"]
+        project = new_project(label_studio, "big", TEXT_CONFIG,
+                              tasks=[{"text": f"{words[i % 2]} {i}"} for i in range(count)])
+        connect(label_studio, project, backend["label_studio_url"])
+
+        retrieve_predictions(label_studio, project)
+        first = label_studio.api("GET", f"/api/predictions?project={project}")
+        assert 0 < len(first) < count  # a part stored, the rest left for the next round, none of it lost
+        wait_until(lambda: backend_health(backend["label_studio_url"])["background"]["queued"] == 0, 120,
+                   "the background to finish the rest")
+
+        retrieve_predictions(label_studio, project)
+        predictions = label_studio.api("GET", f"/api/predictions?project={project}")
+        by_task = {}
+        for prediction in predictions:
+            by_task.setdefault(prediction["task"], []).append(prediction["result"][0]["value"]["choices"])
+        assert len(by_task) == count and all(len(p) == 1 for p in by_task.values())  # each exactly once
+        health = backend_health(backend["label_studio_url"])
+        assert health["batching"]["items"] == count  # no task went through the model twice
+        assert health["prediction_cache"]["hits"] == count - len(first)
+    finally:
+        orchestrator.remove_all()
+        orchestrator.stop()

@@ -85,6 +85,18 @@ def slow_post(labels):
     return choices_post(labels)
 
 
+def sleeping_post(seconds):
+    """A post hook that takes ``seconds`` per call."""
+
+    def post(labels):
+        import time
+
+        time.sleep(seconds)
+        return choices_post(labels)
+
+    return post
+
+
 def box_post(labels, inputs):
     """For a RectangleLabels project: a centred box over half of each image, labelled by the model."""
     import hooks as ready
@@ -96,3 +108,47 @@ def box_post(labels, inputs):
         region = ready.rectangle(box, str(label), width=width, height=height, from_name="box", to_name="image", score=0.9)
         predictions.append(ready.prediction([region]))
     return predictions
+
+
+def ending_pre(how):
+    """A pre hook that, for images named black, ends its process the careless way ``how`` names."""
+
+    def pre(paths):
+        if any("black" in str(p) for p in paths):
+            import os
+            import sys
+
+            if how == "sys.exit":
+                sys.exit(3)
+            if how == "exit":
+                exit()  # noqa: PLR1722 - the careless way is the point
+            if how == "KeyboardInterrupt":
+                raise KeyboardInterrupt
+            if how.startswith("os._exit"):
+                os._exit(int(how[-2]))  # os._exit(3) is gunicorn's own "worker failed to boot" code
+            if how == "segfault":
+                import ctypes
+
+                ctypes.string_at(0)
+        return brightness_pre(paths)
+
+    return pre
+
+
+def hanging_post(labels):
+    """A post hook that never comes back (as far as anyone waiting can tell)."""
+    import time
+
+    time.sleep(3600)
+
+
+def sleeping_sentiment_post(per_item_s):
+    """The sentiment post hook of a model that costs ``per_item_s`` a task."""
+
+    def post(labels):
+        import time
+
+        time.sleep(per_item_s * len(labels))
+        return sentiment_post(labels)
+
+    return post

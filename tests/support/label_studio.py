@@ -56,7 +56,8 @@ def _environment(data_dir: Path, port: int) -> dict[str, str]:
     env.update(
         LABEL_STUDIO_BASE_DATA_DIR=str(data_dir),
         LABEL_STUDIO_HOST=f"http://127.0.0.1:{port}",
-        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",  # the fixed token below is refused otherwise
+        # Only so that the fixed token below can set things up; default_token_mode() turns legacy tokens off.
+        LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN="true",
         ML_BLOCK_LOCAL_IP="false",  # a 127.0.0.1 backend is refused otherwise
         SSRF_PROTECTION_ENABLED="false",  # its webhook to 127.0.0.1 is refused otherwise
         LATEST_VERSION_CHECK="false",
@@ -94,6 +95,8 @@ class LabelStudio(Process):
         super().__init__(args, _environment(self.data_dir, self.port), folder / "label-studio.log", cwd=folder)
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Token {TOKEN}"
+        self.pat = ""
+        self._sdk: Any = None
 
     def start(self, timeout: float = 180) -> LabelStudio:
         super().start()
@@ -104,11 +107,37 @@ class LabelStudio(Process):
             raise LabelStudioUnavailable(f"label-studio did not start: {exc}\n{self.output()[-3000:]}") from exc
         return self
 
+    def default_token_mode(self) -> str:
+        """Label Studio as it is installed: legacy tokens refused. Returns a Personal Access Token (a JWT
+        refresh token, made as a user makes one), which this client uses from now on, exchanged for
+        access tokens as Label Studio requires."""
+        pat = self.api("POST", "/api/token/")["token"]
+        self.api("POST", "/api/jwt/settings", json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": False})
+        legacy = requests.get(self.url + "/api/projects", headers={"Authorization": f"Token {TOKEN}"}, timeout=30)
+        assert legacy.status_code == 401, "legacy tokens should be refused now"
+        self.pat = pat
+        self._use_pat(fresh=True)
+        return pat
+
+    def _use_pat(self, fresh: bool = False) -> None:
+        from label_studio_sdk.client import LabelStudio as SDK
+
+        if fresh or self._sdk is None:
+            self._sdk = SDK(base_url=self.url + "/", api_key=self.pat)
+        self.session.headers["Authorization"] = self._sdk._client_wrapper.get_headers()["Authorization"]
+
     def api(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
-        response = self.session.request(method, self.url + path, timeout=120, **kwargs)
+        if self.pat:
+            self._use_pat()  # the SDK refreshes the access token when it expires
+        response = self.session.request(method, self.url + path, timeout=180, **kwargs)
         expected = (expect,) if isinstance(expect, int) else expect
         assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
         return response.json() if response.content else None
+
+    def uploaded_file(self, project: int, name: str) -> Path:
+        """Where Label Studio keeps an uploaded file (its name gets a prefix)."""
+        [path] = list((self.data_dir / "media" / "upload" / str(project)).glob(f"*{name}"))
+        return path
 
 
 def start_label_studio(folder: Path) -> LabelStudio:

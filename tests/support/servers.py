@@ -193,6 +193,39 @@ class ThreadedServer:
         self.server.server_close()
 
 
+class RawServer:
+    """A TCP server on a free loopback port whose ``respond(connection)`` writes whatever bytes it likes,
+    as slowly as it likes: for servers that misbehave (trickling, never answering). Each connection
+    runs in its own daemon thread."""
+
+    def __init__(self, respond: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(32)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.respond = respond
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                connection.recv(65536)
+                self.respond(connection)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -> ThreadedServer:
     """Serve ``directory``; optionally add ``delay`` per file and record request headers."""
 

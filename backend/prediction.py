@@ -1,0 +1,203 @@
+"""One /predict: tasks in, one answer item per task out, by the deadline.
+
+Tasks go in chunks of ``batch_size``, each sent as soon as its own data is in, to the serving model's
+batcher. What earlier rounds left to the background is answered from the prediction cache, or waited
+for where it still runs. At the deadline the request answers with what is done; what is not goes on
+in the background (``continuation``), except for an interactive request, which is a 504: one task,
+and nobody will ask for it again.
+
+An answer item is a completed prediction (a dict), an encoded one from the cache (a str), or None:
+nothing to store for that task (its data failed, or it is not finished yet); the answer carries ``[]``
+there, which Label Studio stores nothing for, so the task is predicted again in the next round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .answers import prediction_json
+from .batching import Chunk, DynamicBatcher
+from .continuation import Continuation, Leftover, PredictionCache, task_keys
+from .errors import BackendError, DeadlineExceeded
+from .taskdata import PendingInputs
+from .validation import PredictionCompleter, validate_predictions
+
+Item = dict[str, Any] | str | None
+StageTimer = Callable[[str, float], None]
+
+
+class Serving(Protocol):
+    """What a prediction needs of the serving configuration (runtime.Serving)."""
+
+    hooks_id: str
+    identity: str
+    batch_size: int
+    batcher: DynamicBatcher
+    continuation: Continuation
+
+    @property
+    def model_version(self) -> str: ...
+
+
+@dataclass
+class Outcome:
+    items: list[Item]
+    errors: dict[int, str] = field(default_factory=dict)  # task index -> why it has no prediction
+    left: int = 0  # tasks handed to the background
+    from_cache: int = 0
+
+
+def finish_outputs(model_version: str) -> Callable[[list[Any], list[dict[str, Any]], str], list[str | Exception]]:
+    """For the background: post hook outputs to encoded, validated predictions, one by one (a bad one
+    fails its task only: there is no request left to fail)."""
+
+    def finish(outputs: list[Any], tasks: list[dict[str, Any]], label_config: str) -> list[str | Exception]:
+        complete = PredictionCompleter(model_version)
+        finished: list[str | Exception] = []
+        for index, (output, task) in enumerate(zip(outputs, tasks)):
+            try:
+                prediction = complete(output, task, index)
+                validate_predictions([prediction], [task], label_config)
+                finished.append(prediction_json(prediction, task, index))
+            except BackendError as exc:
+                finished.append(RuntimeError(exc.error))
+        return finished
+
+    return finish
+
+
+def predict_tasks(
+    serving: Serving,
+    tasks: list[dict[str, Any]],
+    inputs: PendingInputs,
+    label_config: str,
+    deadline: float,
+    cache: PredictionCache,
+    context: Any = None,
+    timer: StageTimer | None = None,
+    background: bool = True,
+) -> Outcome:
+    """Everything one request can answer by its deadline; see the module docstring."""
+    outcome = Outcome([None] * len(tasks))
+    continuation = serving.continuation
+    keys = None
+    waiting_for: list[tuple[int, Future]] = []  # tasks the background already works on
+    if context is None and (continuation.active or cache.holds(serving.identity)):
+        keys = task_keys(serving.identity, label_config, tasks)
+        for index, key in enumerate(keys):
+            hit = cache.get(key)
+            if hit is not None:
+                outcome.items[index] = hit
+                outcome.from_cache += 1
+                continue
+            future = continuation.pending(key)
+            if future is not None:
+                waiting_for.append((index, future))
+    skipped = {index for index, _ in waiting_for}
+    todo = [i for i in range(len(tasks)) if outcome.items[i] is None and i not in skipped]
+
+    sent, not_started = _submit(serving, tasks, inputs, todo, label_config, deadline, context, timer, outcome)
+    complete = PredictionCompleter(serving.model_version)
+    running: list[tuple[list[int], Future]] = []
+    try:
+        for indices, future in sent:
+            try:
+                outputs = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                running.append((indices, future))
+                continue
+            for index, output in zip(indices, outputs):
+                outcome.items[index] = complete(output, tasks[index], index)
+    except BaseException:
+        for _, future in sent:
+            future.cancel()  # chunks not yet started are dropped by the batcher
+        raise
+    still_waiting = []
+    for index, future in waiting_for:
+        try:
+            outcome.items[index] = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            outcome.from_cache += 1
+        except FutureTimeout:
+            still_waiting.append(index)
+        except Exception as exc:  # noqa: BLE001 - the background's failure is this task's error
+            outcome.errors[index] = f"predicted in the background, and that failed: {exc}"
+
+    if running or not_started:
+        unfinished = [i for indices, _ in running for i in indices] + not_started
+        if context is not None or not background:
+            for _, future in running:
+                future.cancel()
+            if context is not None:
+                raise DeadlineExceeded(
+                    "the interactive prediction did not finish before the deadline",
+                    "Make the hooks or the model faster, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
+                )
+            for index in unfinished:
+                outcome.errors[index] = "not finished before the deadline (PREDICT_TIMEOUT_S), and BACKGROUND is off"
+        else:
+            keys = keys or task_keys(serving.identity, label_config, tasks)
+            leftovers = [
+                Leftover(keys[i], tasks[i], label_config, running=(future, position))
+                for indices, future in running
+                for position, i in enumerate(indices)
+            ] + [Leftover(keys[i], tasks[i], label_config, resolve=_resolver(inputs, i)) for i in not_started]
+            outcome.left = continuation.adopt(leftovers)
+            if outcome.left < len(leftovers):
+                for index in unfinished:
+                    if continuation.pending(keys[index]) is None:
+                        outcome.errors[index] = (
+                            "not finished before the deadline, and the background queue is full "
+                            "(BACKGROUND_MAX_TASKS) or was replaced by a new configuration: retrieve predictions again"
+                        )
+    outcome.left += len(still_waiting)
+
+    started = time.perf_counter()
+    finished = [i for i, item in enumerate(outcome.items) if isinstance(item, dict)]
+    validate_predictions([outcome.items[i] for i in finished], [tasks[i] for i in finished], label_config)
+    if timer is not None:
+        timer("validate", time.perf_counter() - started)
+    return outcome
+
+
+def _resolver(inputs: PendingInputs, index: int) -> Callable[[], Any]:
+    return lambda: inputs.wait(index, None)
+
+
+def _submit(
+    serving: Serving,
+    tasks: list[dict[str, Any]],
+    inputs: PendingInputs,
+    todo: list[int],
+    label_config: str,
+    deadline: float,
+    context: Any,
+    timer: StageTimer | None,
+    outcome: Outcome,
+) -> tuple[list[tuple[list[int], Future]], list[int]]:
+    """Send chunks as their data comes in; stop at the deadline. Returns what was sent and what was not."""
+    batcher = serving.batcher
+    sent: list[tuple[list[int], Future]] = []
+    handled: set[int] = set()
+    with batcher.request() as token:
+        for batch in inputs.ready_batches(todo, serving.batch_size, deadline):
+            chunk, values = [], []
+            for index in batch:
+                handled.add(index)
+                task_input = inputs.wait(index, None)  # its downloads have ended: no wait
+                if task_input.error:
+                    outcome.errors[index] = task_input.error
+                else:
+                    chunk.append(index)
+                    values.append(task_input.value)
+            if chunk:
+                submitted = batcher.submit(
+                    Chunk(serving.hooks_id, serving.batch_size, values, [tasks[i] for i in chunk], label_config,
+                          context, timer, token)
+                )
+                sent.append((chunk, submitted))
+    return sent, [i for i in todo if i not in handled]
