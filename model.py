@@ -34,24 +34,25 @@ class Pipeline:
     def run_batch(
         self,
         values: list[Any],
-        tasks: list[dict[str, Any]],
+        tasks: list[dict[str, Any]] | None,
         context: Any = None,
         label_config: str = "",
         timer: StageTimer | None = None,
         mark: Callable[[str], None] | None = None,
     ) -> list[Any]:
         """pre_hook -> predict -> post_hook on one batch. Whatever a stage raises, ``SystemExit`` and
-        ``KeyboardInterrupt`` included, becomes a HookFailed naming the stage."""
+        ``KeyboardInterrupt`` included, becomes a HookFailed naming the stage. ``tasks`` may be None
+        when no hook asks for them (they are the bulk of what a model process would be sent)."""
         extras = {"tasks": tasks, "context": context, "device": self.loaded.device, "label_config": label_config, "inputs": values}
         model_input = _stage("pre_hook", lambda: self.pre_hook(values, **extras), timer, mark)
         model_output = _stage("model.predict", lambda: self.loaded.predict(model_input), timer, mark)
         outputs = _stage("post_hook", lambda: self.post_hook(model_output, **extras), timer, mark)
         if hasattr(outputs, "tolist") and not isinstance(outputs, (list, dict)):
             outputs = outputs.tolist()
-        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(tasks):
+        if not isinstance(outputs, (list, tuple)) or len(outputs) != len(values):
             got = len(outputs) if isinstance(outputs, (list, tuple)) else f"a {type(outputs).__name__}"
             raise PredictionsInvalid(
-                f"post_hook returned {got} predictions for {len(tasks)} tasks",
+                f"post_hook returned {got} predictions for {len(values)} tasks",
                 "Return a list with exactly one prediction per task, in task order "
                 "(an empty {'result': []} for a task with nothing found).",
             )

@@ -72,8 +72,13 @@ class DynamicBatcher:
         self._submitting: set[object] = set()  # requests that may still submit a chunk
         self._thread: threading.Thread | None = None
         self._retired: Callable[[], None] | None = None
+        self._calling = False
         self.batches = 0  # model calls made, for /health and the benchmarks
         self.items = 0
+
+    def idle(self) -> bool:
+        """No call running and none waiting: a part-filled chunk may as well go now."""
+        return not self._calling and not self._queue
 
     def describe(self, max_batch_size: int | None = None) -> dict[str, Any]:
         shown: dict[str, Any] = {"enabled": self.enabled, "max_latency_ms": self.max_latency_s * 1000.0}
@@ -174,6 +179,13 @@ class DynamicBatcher:
         return outputs
 
     def _run(self, chunks: list[Chunk]) -> None:
+        self._calling = True
+        try:
+            self._run_calls(chunks)
+        finally:
+            self._calling = False
+
+    def _run_calls(self, chunks: list[Chunk]) -> None:
         try:
             outputs = self._call(chunks)
         except (DeadlineExceeded, NotConfigured) as exc:  # a hang or a retirement: running each again would too

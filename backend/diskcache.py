@@ -101,15 +101,19 @@ class DiskCache:
 
     def _evict(self) -> None:
         """Remove the least recently used files until under the cap, sparing those used lately."""
+        if self._bytes <= self.max_bytes:
+            return
         removed = []
         with self._lock:
-            now = time.monotonic()
-            for path, (size, used) in list(self._files.items()):
-                if self._bytes <= self.max_bytes or now - used < self.protect_s:
+            now, freed = time.monotonic(), 0
+            for path, (size, used) in self._files.items():  # oldest first
+                if self._bytes - freed <= self.max_bytes or now - used < self.protect_s:
                     break
-                del self._files[path]
-                self._bytes -= size
                 removed.append(path)
+                freed += size
+            for path in removed:
+                del self._files[path]
+            self._bytes -= freed
         for path in removed:
             path.unlink(missing_ok=True)
         if removed:

@@ -66,18 +66,15 @@ class LoadedModel:
     local_path: str
     device: str
     load_seconds: float
-    modules: tuple[str, ...] = ()  # installed packages the load imported
 
     def info(self) -> dict[str, Any]:
         """What the worker needs to know of a model loaded in the model process."""
-        modules = list(dict.fromkeys((self.flavor, *self.modules)))
         return {
             "label": self.resolved.label,
             "uri": self.resolved.uri,
             "flavor": self.flavor,
             "device": self.device,
             "load_seconds": self.load_seconds,
-            "modules": modules,  # for the zygote to import, so a restart loads faster
         }
 
 
@@ -204,7 +201,6 @@ def choose_device(flavor: str) -> str:
 def load_model(spec: ModelSpec, artifacts_dir: Path) -> LoadedModel:
     """Resolve, download once into ``artifacts_dir``, load with the chosen loader."""
     started = time.perf_counter()
-    before = set(sys.modules)
     try:
         with mlflow_scope(spec) as client:
             resolved = resolve_model_uri(client, spec.model_uri)
@@ -222,19 +218,9 @@ def load_model(spec: ModelSpec, artifacts_dir: Path) -> LoadedModel:
         raise BackendError(f"loading {resolved.uri!r} failed: {type(exc).__name__}: {exc}", "See the backend's log.") from exc
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.2fs", resolved.uri, flavor, device, seconds)
-    return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds, _installed_imports(before))
+    return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds)
 
 
-def _installed_imports(before: set[str]) -> tuple[str, ...]:
-    """The installed modules a load imported (MLflow's tracking store, the flavor, its libraries): the
-    zygote imports them too, so a restarted or next model process has them already. The model's own
-    code (not under site-packages) is left out."""
-    found = []
-    for name in set(sys.modules) - before:
-        path = getattr(sys.modules.get(name), "__file__", None) or ""
-        if "site-packages" in path and not name.startswith("_"):
-            found.append(name)
-    return tuple(sorted(found))
 def _download(resolved: ResolvedModel, artifacts_dir: Path) -> str:
     if Path(resolved.uri).is_dir():
         return resolved.uri

@@ -3,10 +3,12 @@ the gunicorn worker (``modelprocess`` is the worker's side and says why).
 
 One request at a time on a stream socket, each a pickled tuple, each answered::
 
-    ("hooks", hooks_id, pre_hook, post_hook, secrets)   -> ("ok", {"pre_hook": source, "post_hook": source})
+    ("hooks", hooks_id, pre_hook, post_hook, secrets)   -> ("ok", {"pre_hook": source, "post_hook": source,
+                                                                "wants": the keywords the hooks take})
     ("load", spec, artifacts_dir)                        -> ("ok", model info)
     ("call", hooks_id, values, tasks, context, label_config)
                                                          -> ("ok", outputs, {stage: seconds})
+                                                            (tasks and label_config only if a hook wants them)
     ("forget", hooks_id)                                 -> ("ok",)
     anything that fails                                  -> ("error", BackendError.to_dict())
 
@@ -104,7 +106,8 @@ class ModelHost:
         self.hooks.move_to_end(hooks_id)
         while len(self.hooks) > MAX_HOOK_SETS:
             self.hooks.popitem(last=False)
-        return {"pre_hook": pre.source, "post_hook": post.source}
+        # What the worker need send with each call: the keywords these hooks take.
+        return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}
 
     def _load(self, spec_dict: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
         from .loading import load_model
@@ -116,7 +119,7 @@ class ModelHost:
         self.loaded = load_model(spec, Path(artifacts_dir))
         return self.loaded.info()
 
-    def _call(self, hooks_id: str, values: list, tasks: list, context: Any, label_config: str) -> tuple:
+    def _call(self, hooks_id: str, values: list, tasks: list | None, context: Any, label_config: str) -> tuple:
         from model import Pipeline
 
         if self.loaded is None:

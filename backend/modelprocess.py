@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import pickle
+import select
 import signal
 import socket
 import tempfile
@@ -104,6 +105,7 @@ class ModelProcess:
         self._conn: Connection | None = None
         self._stage: mmap.mmap | None = None
         self._hook_sets: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
+        self._wants: dict[str, frozenset[str]] = {}  # by hook set: the keywords its hooks take
         self._crashes: deque[float] = deque(maxlen=16)
         self._exits: dict[int, int] = {}
         self._exited = threading.Condition()
@@ -119,10 +121,11 @@ class ModelProcess:
         try:
             self._ensure_running()
             sources = self._exchange(("hooks", hooks_id, pre_hook, post_hook, list(secrets)), None)[1]
+            self._wants[hooks_id] = frozenset(sources.pop("wants", ()))
             self._hook_sets[hooks_id] = (pre_hook, post_hook, tuple(secrets))
             self._hook_sets.move_to_end(hooks_id)
             while len(self._hook_sets) > MAX_HOOK_SETS:
-                self._hook_sets.popitem(last=False)
+                self._wants.pop(self._hook_sets.popitem(last=False)[0], None)
             return sources
         finally:
             self._lock.release()
@@ -138,12 +141,17 @@ class ModelProcess:
                 if self.state == "loading":
                     self.state = "idle"
             self.model_spec, self.info = spec, info
-        self.zygote.warm(info.get("modules", []))
         return info
 
-    def call(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]], context: Any,
+    def call(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]] | None, context: Any,
              label_config: str) -> tuple[list[Any], dict[str, float]]:
-        """One batch through the pipeline; the outputs and the seconds of each stage."""
+        """One batch through the pipeline; the outputs and the seconds of each stage. Tasks and the
+        labeling config go only to hooks that take them: tasks are most of what there is to send."""
+        wants = self._wants.get(hooks_id, frozenset({"tasks", "label_config"}))
+        if "tasks" not in wants:
+            tasks = None  # type: ignore[assignment]
+        if "label_config" not in wants:
+            label_config = ""
         with self._lock:
             self._ensure_running()
             if self.model_spec is not None and self.info == {}:
@@ -223,6 +231,8 @@ class ModelProcess:
         if self._conn is not None:
             self._conn.close()
         self._conn, self._stage, self.pid = Connection(mine.detach()), stage, pid
+        self._poller = select.poll()
+        self._poller.register(self._conn.fileno(), select.POLLIN)
         self.state = "idle"
         self.zygote.on_exit(pid, lambda status, pid=pid: self._on_exit(pid, status))
 
@@ -249,7 +259,7 @@ class ModelProcess:
         assert conn is not None
         try:
             conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-            if not conn.poll(timeout):
+            if not self._readable(timeout):
                 self._kill()
                 self._lost(f"ran past {timeout:g} s (PREDICT_TIMEOUT_S)")
                 raise DeadlineExceeded(
@@ -273,6 +283,10 @@ class ModelProcess:
         if reply[0] == "error":
             raise error_from_dict(reply[1])
         return reply
+
+    def _readable(self, timeout: float | None) -> bool:
+        """An answer (or the end of the process) is there to read; one poll object, not a selector per call."""
+        return bool(self._poller.poll(None if timeout is None else timeout * 1000))
 
     def _lost(self, how: str) -> None:
         """The process is gone (or killed): the next exchange forks a new one, after a backoff if it keeps happening."""

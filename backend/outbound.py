@@ -198,7 +198,8 @@ class Watchdog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is download:  # only an earlier deadline than the one it sleeps for wakes it
+                self._cond.notify()
 
     def _run(self) -> None:
         while True:

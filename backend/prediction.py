@@ -184,7 +184,7 @@ def _submit(
     sent: list[tuple[list[int], Future]] = []
     handled: set[int] = set()
     with batcher.request() as token:
-        for batch in inputs.ready_batches(todo, serving.batch_size, deadline):
+        for batch in inputs.ready_batches(todo, serving.batch_size, deadline, batcher.idle):
             chunk, values = [], []
             for index in batch:
                 handled.add(index)

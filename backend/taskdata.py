@@ -22,7 +22,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 LABEL_STUDIO_PATHS = ("/data/upload/", "/data/local-files/", "/storage-data/", "/tasks/", "/data/")
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 CONNECT_TIMEOUT_S = 5.0
+QUIET_S = 0.05  # no download ended for this long: the rest are slow, send what is in
+READY_POLL_S = 0.001  # how often a part-filled batch looks whether the model became idle
 NEVER_READ = ("/proc", "/sys", "/dev")  # whatever LOCAL_FILES_ROOTS says
 
 
@@ -145,24 +147,36 @@ class PendingInputs(Sequence[TaskInput]):
         if ended:
             self._finished.put(index)
 
-    def ready_batches(self, indices: Sequence[int], size: int, deadline: float) -> Iterator[list[int]]:
+    def ready_batches(
+        self, indices: Sequence[int], size: int, deadline: float, model_idle: Callable[[], bool] = lambda: True
+    ) -> Iterator[list[int]]:
         """``indices`` in batches of at most ``size`` whose data is in: those with nothing to download first,
-        in order, then the others as their downloads end. A batch goes out as soon as nothing more is
-        ready at once (a slow download never holds up the tasks that are in); stops at ``deadline``."""
+        in order, then the others as their downloads end. A full batch goes out at once; a part-filled one
+        when no download has ended for QUIET_S and the model is idle. So a slow or hung download never
+        holds up the tasks that are in, and downloads that keep ending fill a batch instead of becoming
+        many small calls (each costs a hop, and on a small machine the CPU the downloads need). Stops at
+        ``deadline``."""
         waiting = {i for i in indices if i in self._downloads}
         batch = [i for i in indices if i not in waiting]
         while len(batch) >= size:
             yield batch[:size]
             batch = batch[size:]
+        flush_at = time.monotonic()  # the instantly ready ones go as soon as the model is idle
         while waiting:
+            now = time.monotonic()
+            until = min(flush_at, deadline) if batch else deadline
             try:
-                index = self._finished.get(timeout=0 if batch else max(0.0, deadline - time.monotonic()))
+                index = self._finished.get(timeout=max(0.0, until - now))
             except queue.Empty:
                 if not batch:
-                    return
-                yield batch
-                batch = []
+                    return  # the deadline
+                if time.monotonic() >= deadline or model_idle():
+                    yield batch
+                    batch = []
+                else:
+                    flush_at = time.monotonic() + READY_POLL_S  # look again once the model may be idle
                 continue
+            flush_at = time.monotonic() + QUIET_S
             if index in waiting:
                 waiting.discard(index)
                 batch.append(index)

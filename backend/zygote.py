@@ -3,16 +3,18 @@
 Hooks and the model run in a model process, not in the gunicorn worker (see ``modelprocess``). One
 is started for every new model and after every crash, and starting Python plus importing MLflow
 takes seconds; forking a process that has already done so takes milliseconds, and the forks share
-the imported modules' memory. The zygote imports MLflow and, as models load, their flavors'
-modules; it never initialises CUDA (importing torch does not), so its forks may.
+the imported modules' memory. The zygote imports MLflow (and ``WARM_IMPORTS``, such as a flavor's
+modules, for faster starts at the price of their memory in the zygote); it never initialises CUDA
+(importing torch does not), so its forks may.
 
 The zygote lives in its own process group with its forks. It ends, taking them with it, when the
 worker that started it goes away (its socket closes, or its parent changes).
 
 Protocol: one pickled message per packet on a SOCK_SEQPACKET socket pair::
 
-    worker -> zygote   ("fork", n) + fds [model process socket, stage page]     ("warm", [module, ...])
-    zygote -> worker   ("forked", n, pid) | ("fork-failed", n, reason)          ("warmed", {module: error|None})
+    worker -> zygote   ("fork", n) + fds [model process socket, stage page]
+    zygote -> worker   ("warmed", {module: error or None})     once, when the initial imports are done
+                       ("forked", n, pid) | ("fork-failed", n, reason)
                        ("exited", pid, wait status)
 """
 
@@ -34,7 +36,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PACKET = 1 << 16
-WARM_BATCH = 400  # module names per "warm" message
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BASE_IMPORTS = ("mlflow.pyfunc",)  # what every model load needs
 
@@ -74,7 +75,6 @@ class Zygote:
         self._exits: dict[int, int] = {}
         self._exit_listeners: dict[int, Callable[[int], None]] = {}
         self._counter = 0
-        self._imported: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -139,14 +139,6 @@ class Zygote:
             raise ZygoteUnavailable(f"the model zygote could not fork: {reply[2]}")
         return int(reply[2])
 
-    def warm(self, modules: list[str] | tuple[str, ...]) -> None:
-        """Import more modules in the zygote (a loaded model's flavor), so the next fork has them."""
-        fresh = [m for m in modules if m not in self._imported]
-        if fresh and self.alive:
-            self._imported.update(fresh)
-            for start in range(0, len(fresh), WARM_BATCH):  # each message well inside one packet
-                self._send(("warm", fresh[start : start + WARM_BATCH]), [])
-
     def on_exit(self, pid: int, listener: Callable[[int], None]) -> None:
         """Call ``listener(wait status)`` once the forked ``pid`` has ended (at once if it already has)."""
         with self._reply_ready:
@@ -196,7 +188,6 @@ class Zygote:
                 if kind in ("forked", "fork-failed"):
                     self._replies[message[1]] = message
                 elif kind == "warmed":
-                    self._imported.update(message[1])
                     self.warm_errors.update({m: e for m, e in message[1].items() if e})
                     self.warmed.set()
                 elif kind == "exited":
@@ -323,8 +314,6 @@ def zygote_main(fd: int, modules: list[str]) -> None:
                     os.close(received)
                 if pid > 0:
                     send(("forked", message[1], pid))
-            elif message[0] == "warm":
-                send(("warmed", _import_all(message[1])))
     finally:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 

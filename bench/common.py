@@ -73,16 +73,34 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB (from /proc)."""
-    tree, total, todo = _children(), 0, [pid]
+def _tree(pid: int) -> list[int]:
+    tree, found, todo = _children(), [], [pid]
     while todo:
         current = todo.pop()
+        found.append(current)
         todo.extend(tree.get(current, []))
+    return found
+
+
+def _sum_field(pids: list[int], filename: str, field: str) -> float:
+    total = 0
+    for pid in pids:
         try:
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in Path(f"/proc/{pid}/{filename}").read_text().splitlines():
+                if line.startswith(field):
                     total += int(line.split()[1])
         except OSError:
             pass
     return total / 1024
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB (from /proc); pages shared between
+    them (a fork's, a library's) count once per process."""
+    return _sum_field(_tree(pid), "status", "VmRSS:")
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Proportional memory of a process and its descendants, in MiB: each shared page split between the
+    processes sharing it, so sums over backends add up to what they really take."""
+    return _sum_field(_tree(pid), "smaps_rollup", "Pss:")

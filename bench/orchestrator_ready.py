@@ -18,7 +18,7 @@ import requests
 from examples.hooks import brightness_pre, choices_post, encode
 from tests.support.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
 
-from .common import Row, Table, median, tree_rss_mib
+from .common import Row, Table, median, tree_pss_mib, tree_rss_mib
 
 OLD_FIXED_WAIT_S = 10.0
 BACKENDS = 10
@@ -75,9 +75,11 @@ def run(table: Table, workdir: Path) -> None:
         )
         pids = [int(b["handle"].partition(":")[0]) for b in orchestrator.backends().values()]
         one, ten = tree_rss_mib(pids[0]), sum(tree_rss_mib(pid) for pid in pids)
+        pss_one, pss_ten = tree_pss_mib(pids[0]), sum(tree_pss_mib(pid) for pid in pids)
         table.notes.append(
-            f"memory (RSS) of one idle configured backend: {one:.0f} MiB; of ten: {ten:.0f} MiB "
-            f"(gunicorn master + one worker each; the model is a small scikit-learn one)"
+            f"memory of one idle configured backend: {one:.0f} MiB RSS, {pss_one:.0f} MiB PSS; of ten: {ten:.0f} MiB RSS, "
+            f"{pss_ten:.0f} MiB PSS (gunicorn master, worker, zygote and model process each; the model is a small "
+            "scikit-learn one; RSS counts the pages a fork shares with its zygote twice, PSS splits them)"
         )
         table.notes.append(
             "MLflow 3.17 saves scikit-learn models with skops by default; loading one runs scikit-learn's estimator "
