@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 PACKET = 1 << 16
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BASE_IMPORTS = ("mlflow.pyfunc",)  # what every model load needs
+# The worker's own credentials: hooks run in the zygote's forks and have no use for them.
+NOT_FOR_HOOKS = frozenset({"CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"})
 
 
 class ZygoteUnavailable(Exception):
@@ -83,7 +85,7 @@ class Zygote:
             if self._proc is not None and self._proc.poll() is None:
                 return self
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            env = dict(os.environ if self.env is None else self.env)
+            env = {k: v for k, v in (os.environ if self.env is None else self.env).items() if k not in NOT_FOR_HOOKS}
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
             try:
                 self._proc = subprocess.Popen(

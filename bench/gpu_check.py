@@ -1,7 +1,8 @@
-"""On a machine with a CUDA GPU: the backend's device choice and torch call, and the hooks' tensor
-handling, with real CUDA tensors. Run by hand where a GPU is lent (it needs only torch and flask).
+"""On a machine with a CUDA GPU: the backend's device choice and torch call, the hooks' tensor
+handling with real CUDA tensors, and a model process forked from a zygote that imported torch
+(without touching CUDA) running its model on the GPU. Run by hand where a GPU is lent.
 
-    python -m bench.gpu_check
+    python -m bench.gpu_check            (on a machine without a GPU: --cpu runs the same path on the CPU)
 """
 
 from __future__ import annotations
@@ -53,9 +54,45 @@ def main() -> int:
     value = prediction["result"][0]["value"]
     report["box_percent"] = [value["x"], value["y"], value["width"], value["height"]]
     assert np.allclose(report["box_percent"], [10, 10, 50, 50])
+    report["model_process_device"] = model_process_device()
+    assert report["model_process_device"].startswith("cuda")
     print(json.dumps(report, indent=2))
     return 0
 
 
+def model_process_device() -> str:
+    """Where a torch model runs in a model process forked from a zygote: the path every backend takes."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pytorch
+    import torch
+
+    from backend.modelprocess import ModelProcess
+    from backend.spec import ModelSpec
+    from backend.zygote import Zygote
+    from examples.hooks import encode
+
+    folder = Path(tempfile.mkdtemp())
+    model = torch.nn.Sequential(torch.nn.Linear(1, 2))
+    mlflow.pytorch.save_model(model, str(folder / "model"), serialization_format="pickle")
+    pre = encode(lambda values: __import__("torch").tensor(values, dtype=__import__("torch").float32))
+    post = encode(lambda output: [str(output.device)] * len(output))
+    spec = ModelSpec(model_uri=str(folder / "model"), loader="native", pre_hook=pre, post_hook=post)
+    zygote = Zygote(("mlflow.pytorch", "torch")).start()
+    process = ModelProcess(zygote, folder / "artifacts", 120)
+    try:
+        process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook)
+        process.load(spec)
+        outputs, _ = process.call(spec.digest, [[0.1], [0.9]], None, None, "")
+        return outputs[0]
+    finally:
+        process.stop()
+        zygote.close()
+
+
 if __name__ == "__main__":
+    if "--cpu" in sys.argv:
+        print(json.dumps({"model_process_device": model_process_device()}))
+        sys.exit(0)
     sys.exit(main())

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from flask import Flask
 
 from backend.errors import register_error_handlers
+from backend.redact import SECRETS, install_log_redaction
 
 from .api import Orchestrator, api
 from .drivers import BackendDriver, make_driver
@@ -31,12 +32,15 @@ def create_app(
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    SECRETS.add(settings.basic_auth_pass, settings.configure_token, os.environ.get("LABEL_STUDIO_API_KEY"))
+    install_log_redaction()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     manager = BackendManager(settings, Registry(settings.registry_path), driver or make_driver(settings), gpus)
     supervisor = Supervisor(manager)
     app = Flask(__name__)
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s), supervisor)
     app.register_blueprint(api)
     register_error_handlers(app)

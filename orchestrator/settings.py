@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.settings import AccessSettings, _float, _int, basic_auth_from, comma_list
+from backend.settings import AccessSettings, _float, _int, _megabytes, basic_auth_from, comma_list
 
 DRIVERS = ("process", "docker")
 
@@ -38,6 +38,7 @@ class OrchestratorSettings(AccessSettings):
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
+    max_request_bytes: int = 100 << 20  # the backends' MAX_REQUEST_MB: a larger body is refused here already
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -66,6 +67,7 @@ class OrchestratorSettings(AccessSettings):
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
+            max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
         )
 
     @property

@@ -169,6 +169,10 @@ def test_secrets_stay_out_of_answers_health_and_logs(start_backend, images):
         requests.post(backend.url + "/predict", json={"tasks": task, "label_config": IMAGE_CONFIG}, timeout=30)
         assert seen and all("envkey" not in json.dumps(headers) for _, headers in seen)
         assert seen[-1][1].get("Authorization") == "Token setup-token-12345"  # the token that came with it
+        # Hooks run where the backend's own credentials are not: nothing to read, nothing to leak.
+        assert configure(backend, post_hook=encode(hooks.environment_peeking_post)).status_code == 200
+        peeked = predict(backend, images, "white").json()["results"][0]["meta"]
+        assert peeked == {"key": None, "token": None}
         shown = json.dumps(health(backend)) + requests.get(backend.url + "/configure", timeout=5).text
         shown += requests.get(backend.url + "/metrics", timeout=5).text
         assert health(backend)["label_studio"]["warning"].startswith("LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL")
