@@ -11,7 +11,7 @@ from PIL import Image
 from backend.app import create_app
 from backend.settings import Settings
 from backend.zygote import Zygote
-from tests.support.servers import Backend, MlflowServer, base_env, prefix_proxy, register_models
+from tests.support.servers import Backend, MlflowServer, base_env, file_server, prefix_proxy, register_models
 
 # No test reaches the internet: MLflow's telemetry stays off in this process and every child.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -55,6 +55,15 @@ def make_app(tmp_path, zygote, images, **settings):
     settings.setdefault("configure_wait_s", 60)
     settings.setdefault("local_files_roots", (str(images["white"].parent),))
     return create_app(Settings(**settings), zygote=zygote)
+
+
+@pytest.fixture
+def served(images):
+    """The fixture images over HTTP on loopback, and the path and headers of each request it got."""
+    seen: list = []
+    server = file_server(images["white"].parent, seen=seen)
+    yield server, seen
+    server.close()
 
 
 @pytest.fixture

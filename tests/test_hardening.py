@@ -14,7 +14,7 @@ import requests
 
 from tests.support import hooks
 from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import RawServer, file_server, free_port, wait_until
+from tests.support.servers import RawServer, file_server, free_port, trickling, wait_until
 
 
 def configure(backend, **fields):
@@ -131,13 +131,8 @@ def test_hung_downloads_of_allowed_hosts_keep_the_deadline(start_backend, images
     backend = start_backend(PREDICT_TIMEOUT_S="3", FETCH_ALLOW_PRIVATE="127.0.0.1", FETCH_TIMEOUT_S="30")
     assert configure(backend).status_code == 200
 
-    def trickle(connection):
-        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-        for _ in range(300):
-            connection.sendall(b"x")
-            time.sleep(1)
-
-    never, slow = RawServer(lambda connection: time.sleep(120)), RawServer(trickle)
+    never = RawServer(lambda connection: time.sleep(120))  # answers nothing, ever
+    slow = RawServer(trickling(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", 1.0))
     try:
         tasks = [{"id": 1, "data": {"image": str(images["white"])}}, {"id": 2, "data": {"image": never.url + "/a.png"}},
                  {"id": 3, "data": {"image": slow.url + "/b.png"}}]

@@ -18,7 +18,7 @@ from backend.outbound import AddressPolicy
 from backend.taskdata import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
 from backend.validation import data_objects
 from tests.support.hooks import IMAGE_CONFIG
-from tests.support.servers import RawServer, file_server
+from tests.support.servers import RawServer, trickling
 
 IMAGES = data_objects(IMAGE_CONFIG)
 NO_LS = LabelStudioAccess()
@@ -80,14 +80,6 @@ def test_escapes_from_an_allowed_folder_are_refused(make_fetcher, tmp_path, imag
 
 # -- addresses ------------------------------------------------------------------------------------
 
-@pytest.fixture
-def served(images):
-    seen = []
-    server = file_server(images["white"].parent, seen=seen)
-    yield server, seen
-    server.close()
-
-
 def test_private_addresses_need_allowing_and_metadata_never_gets_any(make_fetcher, served):
     server, seen = served
     port = server.url.rsplit(":", 1)[1]
@@ -144,19 +136,9 @@ def test_errors_do_not_tell_an_open_port_from_a_closed_one(make_fetcher):
 
 # -- time and size --------------------------------------------------------------------------------
 
-def trickle(head: bytes, every_s: float):
-    def respond(connection):
-        connection.sendall(head)
-        for _ in range(600):
-            connection.sendall(b"x")
-            time.sleep(every_s)  # the server's behaviour under test: one byte at a time, forever
-
-    return respond
-
-
 @pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"HTTP/1.1 200 OK\r\nX-Slow: "])
 def test_a_trickling_server_is_cut_off_at_the_fetch_timeout(make_fetcher, head):
-    server = RawServer(trickle(head, 0.2))
+    server = RawServer(trickling(head, 0.2))
     try:
         fetcher = make_fetcher(addresses=AddressPolicy(("127.0.0.1",)), timeout_s=1.5)
         started = time.monotonic()

@@ -34,14 +34,6 @@ def fetcher(tmp_path, images):
     fetcher.close()
 
 
-@pytest.fixture
-def served(images):
-    seen = []
-    server = file_server(images["white"].parent, seen=seen)
-    yield server, seen
-    server.close()
-
-
 def test_urls_download_once_and_in_order(fetcher, served, images):
     server, seen = served
     tasks = [{"id": i, "data": {"image": f"{server.url}/{name}.png"}} for i, name in enumerate(["white", "black", "white"])]

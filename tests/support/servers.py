@@ -226,6 +226,18 @@ class RawServer:
         self.listener.close()
 
 
+def trickling(head: bytes, every_s: float) -> Callable[[socket.socket], None]:
+    """A RawServer answer: ``head``, then one byte every ``every_s``, for minutes."""
+
+    def respond(connection: socket.socket) -> None:
+        connection.sendall(head)
+        for _ in range(600):
+            connection.sendall(b"x")
+            time.sleep(every_s)  # the server's behaviour under test, not a wait for it
+
+    return respond
+
+
 def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -> ThreadedServer:
     """Serve ``directory``; optionally add ``delay`` per file and record request headers."""
 
