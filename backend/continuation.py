@@ -245,7 +245,8 @@ class Continuation:
         for left in batch:
             task_input = left.resolve() if left.resolve is not None else None
             if task_input is None or task_input.error:
-                self._fail([left], task_input.error if task_input is not None else "its data was not fetched")
+                self._fail([left], task_input.error if task_input is not None else "its data was not fetched",
+                           model_failed=False)
                 continue
             ready.append(left)
             values.append(task_input.value)
@@ -270,18 +271,18 @@ class Continuation:
         except BaseException as exc:  # noqa: BLE001 - a failed batch fails its tasks, not the queue
             self._fail(leftovers, getattr(exc, "error", None) or f"{type(exc).__name__}: {exc}")
             return
-        mine = [(left, outputs[left.running[1]]) for left in leftovers if left.running is not None]
-        by_config: dict[str, list[tuple[Leftover, Any]]] = {}
-        for left, output in mine:
-            by_config.setdefault(left.label_config, []).append((left, output))
-        for config, pairs in by_config.items():
-            finished = self.finish([o for _, o in pairs], [left.task for left, _ in pairs], config)
-            for (left, _), result in zip(pairs, finished):
-                if isinstance(result, Exception):
-                    self._fail([left], str(result))
-                else:
-                    self.cache.put(left.key, result)
-                    self._done(left, result)
+        mine = [left for left in leftovers if left.running is not None]  # one chunk: one labeling config
+        outputs = [outputs[left.running[1]] for left in mine]  # type: ignore[index]
+        finished = self.finish(outputs, [left.task for left in mine], mine[0].label_config)
+        if mine and all(isinstance(result, Exception) for result in finished):
+            self._fail(mine, str(finished[0]))  # not one prediction fits: the hook, not the tasks
+            return
+        for left, result in zip(mine, finished):
+            if isinstance(result, Exception):
+                self._fail([left], str(result), model_failed=False)
+            else:
+                self.cache.put(left.key, result)
+                self._done(left, result)
         with self._cond:
             self.progress.recent.append((time.monotonic(), len(mine)))
             self.progress.failed_in_a_row = 0
@@ -294,7 +295,9 @@ class Continuation:
         if not left.done.done():
             left.done.set_result(encoded)
 
-    def _fail(self, leftovers: list[Leftover], reason: str) -> None:
+    def _fail(self, leftovers: list[Leftover], reason: str, model_failed: bool = True) -> None:
+        """These tasks get no prediction. Model calls that fail MAX_FAILED_IN_A_ROW times in a row (a broken
+        hook, a hang) stop the queue; a task whose data failed counts for itself only."""
         with self._cond:
             for left in leftovers:
                 self._waiting.pop(left.key, None)
@@ -302,7 +305,8 @@ class Continuation:
                     left.done.set_exception(RuntimeError(reason))
             self.progress.failed += len(leftovers)
             self.progress.last_error = reason
-            self.progress.failed_in_a_row += 1
+            if model_failed:
+                self.progress.failed_in_a_row += 1
             give_up = self.progress.failed_in_a_row >= MAX_FAILED_IN_A_ROW and bool(self._queue)
             dropped = list(self._queue) if give_up else []
             if give_up:
@@ -311,7 +315,8 @@ class Continuation:
         if dropped:
             log.error("background work stopped after %d failures in a row; %d queued task(s) dropped",
                       MAX_FAILED_IN_A_ROW, len(dropped))
-            self._fail(dropped, f"dropped after {MAX_FAILED_IN_A_ROW} failures in a row (last: {reason})")
+            self._fail(dropped, f"dropped after {MAX_FAILED_IN_A_ROW} failures in a row (last: {reason})",
+                       model_failed=False)
         self._report()
 
     def _report(self) -> None:

@@ -104,3 +104,14 @@ def test_a_new_configuration_drops_the_queue():
     release.set()
     assert all(left.done.cancelled() for left in leftovers) and not queue.active
     assert queue.adopt([leftover(7, "late")]) == 0
+
+
+def test_tasks_whose_data_failed_fail_alone_and_do_not_stop_the_queue():
+    cache, runner = PredictionCache(1 << 20, 3600), Runner()
+    queue = make_queue(cache, runner)
+    missing = [Leftover(("config", "labels", n, "data"), {"id": n}, "<View/>",
+                        resolve=lambda: TaskInput(error="could not fetch it")) for n in range(5)]
+    good = leftover(9, "task 9")
+    queue.adopt(missing + [good])
+    assert good.done.result(timeout=10) == '"prediction of task 9"'
+    assert queue.describe()["failed"] == 5 and cache.get(good.key)
