@@ -30,14 +30,24 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 PACKET = 1 << 16
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-BASE_IMPORTS = ("mlflow.pyfunc",)  # what every model load needs
+# What every model process needs: our side of it, MLflow's loader, and the store the default tracking URI names
+# (importing MLflow's SQLAlchemy store alone takes seconds; a fork should not pay it each time).
+BASE_IMPORTS = ("backend.modelhost", "model", "backend.loading", "mlflow.pyfunc")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
+
+
+def default_imports(env: Mapping[str, str]) -> tuple[str, ...]:
+    """BASE_IMPORTS, and MLflow's database stores when the default tracking URI is a database."""
+    scheme = (env.get("MLFLOW_TRACKING_URI") or "").split(":", 1)[0].split("+", 1)[0]
+    return BASE_IMPORTS + (SQL_STORES if scheme in DATABASE_SCHEMES else ())
 # The worker's own credentials: hooks run in the zygote's forks and have no use for them.
 NOT_FOR_HOOKS = frozenset({"CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"})
 
@@ -64,7 +74,7 @@ class Zygote:
 
     def __init__(self, warm_imports: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         """``env``: the zygote's environment (and its forks'), by default this process's."""
-        self.initial_imports = tuple(dict.fromkeys(BASE_IMPORTS + tuple(warm_imports)))
+        self.initial_imports = tuple(dict.fromkeys(default_imports(os.environ if env is None else env) + warm_imports))
         self.env = env
         self.warm_errors: dict[str, str] = {}
         self.warmed = threading.Event()  # the initial imports are done (spares report it on /health)

@@ -87,6 +87,8 @@ def main() -> int:
         if "--once" in sys.argv:
             return 0
         print(f"5. serving on {url}: in Label Studio, Settings > Model > Connect model, URL {url}  (Ctrl-C stops)")
+        print("   For images uploaded to Label Studio, run with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a Personal")
+        print("   Access Token, from Account & Settings); for your own image folders, LOCAL_FILES_ROOTS.")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         backend.wait()
         return backend.returncode

@@ -78,6 +78,23 @@ def test_a_hook_that_ends_its_process_costs_that_request_only(backend, images, h
     assert configure(backend).status_code == 200
 
 
+def test_what_a_task_may_not_read_or_reach_through_a_real_backend(backend, images, served):
+    server, seen = served
+    stored = backend.model_dir / "configuration.json"
+    hostile = ["/etc/passwd", "file:///proc/self/environ", str(stored), f"{images['white'].parent}/../../../etc/passwd",
+               "http://169.254.169.254/latest/meta-data/", f"{server.url}/white.png"]
+    tasks = [{"id": i, "data": {"image": ref}} for i, ref in enumerate(hostile)]
+    tasks.append({"id": 99, "data": {"image": str(images["white"])}})
+    answer = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=60)
+    body = answer.json()
+    assert body["results"][:-1] == [[]] * len(hostile) and labels(answer)[-1] == "light"
+    errors = {e["task"]: e["error"] for e in body["errors"]}
+    assert "set LOCAL_FILES_ROOTS" in errors[0] and "set LOCAL_FILES_ROOTS" in errors[3]
+    assert "task data may never read" in errors[1] and "task data may never read" in errors[2]
+    assert "cloud metadata address" in errors[4] and "FETCH_ALLOW_PRIVATE" in errors[5]
+    assert seen == []  # the loopback server was never contacted
+
+
 def test_quick_routes_answer_while_every_thread_is_busy_and_clients_stall(backend, images):
     assert configure(backend, post_hook=encode(hooks.sleeping_post(4))).status_code == 200
     stalled = []

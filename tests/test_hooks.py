@@ -343,7 +343,7 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
     assert prediction["result"][0]["value"]["rectanglelabels"] == ["dog"]
 
 
-def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
+def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, tmp_path):
     from tests.support.hooks import IMAGE_CONFIG
 
     base = [
@@ -366,18 +366,24 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images):
             [*base, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180, check=False
         )
 
-    good = check("--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"]))
-    assert good.returncode == 0, good.stderr
-    shown = json.loads(good.stdout)
-    assert [p["result"][0]["value"]["choices"] for p in shown["results"]] == [["light"], ["dark"]]
-    assert "OK: 2 predictions" in good.stderr
+    # Two images, and two tasks without data: [] at their place and the reason, as the backend answers.
+    tasks = tmp_path / "tasks.json"
+    tasks.write_text(json.dumps([{"data": {"image": "/no/such.png"}}, {"data": {"image": 5}}]))
+    partly = check("--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"]), str(tasks))
+    assert partly.returncode == 1, partly.stderr
+    shown = json.loads(partly.stdout)
+    assert [p["result"][0]["value"]["choices"] for p in shown["results"][:2]] == [["light"], ["dark"]]
+    assert shown["results"][2:] == [[], []] and [e["task"] for e in shown["errors"]] == [3, 4]
+    assert "no such local file: '/no/such.png'" in shown["errors"][0]["error"]
+    assert "task 4: no prediction: task data 'image' is int '5'" in partly.stderr
+    assert "PARTLY: 2 predictions" in partly.stderr
 
     bad = check("--post-hook", "tests.support.hooks:wrong_label_post", str(images["white"]))
     assert bad.returncode == 1
     assert "FAILED: 1 prediction region(s) do not fit the labeling config" in bad.stderr and "purple" in bad.stderr
 
     plain = check("--post-hook", "tests.support.hooks:numpy_post", str(images["white"]))
-    assert plain.returncode == 0, plain.stderr
+    assert plain.returncode == 0 and "OK: 1 predictions" in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["results"][0]["meta"] == {"logits": [0.25, 0.75]}  # as the backend sends it
 
     unsendable = check("--post-hook", "tests.support.hooks:set_post", str(images["white"]))

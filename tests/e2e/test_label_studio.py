@@ -204,11 +204,11 @@ def test_legacy_token_mode_with_only_the_token_setup_sends(tmp_path_factory, reg
 def test_a_big_project_is_stored_over_two_rounds_without_losing_or_repeating_work(
     tmp_path_factory, registry, label_studio
 ):
-    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-big"), registry, PREDICT_TIMEOUT_S="4",
+    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-big"), registry, PREDICT_TIMEOUT_S="3",
                                       LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
     try:
-        count = 1500  # 4 ms each: 6 s of work against a 4 s deadline
-        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.004), pre_hook=None)
+        count = 400  # 14 ms each: 5.6 s of work against a 3 s deadline (Label Studio itself takes ~20 ms a task)
+        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.014), pre_hook=None)
         words = ["great lovely good", "awful bad terrible"]
         project = new_project(label_studio, "big", TEXT_CONFIG,
                               tasks=[{"text": f"{words[i % 2]} {i}"} for i in range(count)])
