@@ -24,7 +24,7 @@ from .datapoints import DatasourceRef
 from .errors import BadRequest, NotFound
 from .labelstudio import LabelStudioAccess, access_for
 from .metrics import BackendMetrics
-from .prediction import predict_tasks
+from .prediction import predict_tasks, recall
 from .redact import redact
 from .runtime import Runtime
 from .settings import Settings
@@ -168,6 +168,8 @@ def _status() -> dict[str, Any]:
     body["task_data_cache"] = s.fetcher.cache.describe()
     body["label_studio"] = s.label_studio_access().describe()
     body["webhooks"] = s.webhooks.describe()
+    if s.zygote.warm_errors:  # WARM_IMPORTS that failed: those model processes import them on their own
+        body["warm_import_errors"] = s.zygote.warm_errors
     if runtime.stored_error:
         body["stored_configuration_error"] = runtime.stored_error
     if runtime.last_error:
@@ -238,8 +240,11 @@ def predict():
         return jsonify({"results": [], "model_version": serving.model_version})
 
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)
-    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec))
-    outcome = predict_tasks(serving, tasks, inputs, label_config, deadline, s.cache, params.get("context"), timer,
+    context = params.get("context")
+    recalled = recall(serving, s.cache, tasks, label_config, context)  # what earlier rounds left
+    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec),
+                                   skip=recalled.known if recalled else frozenset())
+    outcome = predict_tasks(serving, tasks, inputs, label_config, deadline, s.cache, recalled, context, timer,
                             background=s.settings.background)
     timer("fetch", inputs.fetch_seconds)
 

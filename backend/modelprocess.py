@@ -166,9 +166,6 @@ class ModelProcess:
                     self.state = "idle"
             return reply[1], reply[2]
 
-    def forget(self, hooks_id: str) -> None:
-        self._hook_sets.pop(hooks_id, None)
-
     def stop(self) -> None:
         """End the process at once, whatever it is doing (a retired configuration, a hung call)."""
         self.state = "stopped"
@@ -176,10 +173,6 @@ class ModelProcess:
         conn = self._conn
         if conn is not None:
             conn.close()
-
-    @property
-    def busy(self) -> bool:
-        return self.state in ("busy", "loading") or self._lock.locked()
 
     def describe(self) -> dict[str, Any]:
         shown: dict[str, Any] = {"pid": self.pid, "state": self.state, "restarts": self.restarts}

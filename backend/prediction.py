@@ -71,6 +71,38 @@ def finish_outputs(model_version: str) -> Callable[[list[Any], list[dict[str, An
     return finish
 
 
+@dataclass
+class Recalled:
+    """What earlier rounds did or are doing for a request's tasks: answers to give and work to wait for."""
+
+    keys: list[Any]
+    answers: dict[int, str] = field(default_factory=dict)  # task index -> encoded prediction
+    waiting: dict[int, Future] = field(default_factory=dict)  # task index -> the background's future
+
+    @property
+    def known(self) -> set[int]:
+        """The tasks this request need not fetch data for."""
+        return set(self.answers) | set(self.waiting)
+
+
+def recall(serving: Serving, cache: PredictionCache, tasks: list[dict[str, Any]], label_config: str,
+           context: Any = None) -> Recalled | None:
+    """Look up the tasks in the cache and the background queue; None, at no cost, when both are empty."""
+    continuation = serving.continuation
+    if context is not None or not (continuation.active or cache.holds(serving.identity)):
+        return None
+    recalled = Recalled(task_keys(serving.identity, label_config, tasks))
+    for index, key in enumerate(recalled.keys):
+        hit = cache.get(key)
+        if hit is not None:
+            recalled.answers[index] = hit
+            continue
+        future = continuation.pending(key)
+        if future is not None:
+            recalled.waiting[index] = future
+    return recalled
+
+
 def predict_tasks(
     serving: Serving,
     tasks: list[dict[str, Any]],
@@ -78,28 +110,23 @@ def predict_tasks(
     label_config: str,
     deadline: float,
     cache: PredictionCache,
+    recalled: Recalled | None = None,
     context: Any = None,
     timer: StageTimer | None = None,
     background: bool = True,
 ) -> Outcome:
-    """Everything one request can answer by its deadline; see the module docstring."""
+    """Everything one request can answer by its deadline; see the module docstring. ``recalled``: what
+    ``recall`` found (its tasks' data need not have been fetched)."""
     outcome = Outcome([None] * len(tasks))
     continuation = serving.continuation
-    keys = None
-    waiting_for: list[tuple[int, Future]] = []  # tasks the background already works on
-    if context is None and (continuation.active or cache.holds(serving.identity)):
-        keys = task_keys(serving.identity, label_config, tasks)
-        for index, key in enumerate(keys):
-            hit = cache.get(key)
-            if hit is not None:
-                outcome.items[index] = hit
-                outcome.from_cache += 1
-                continue
-            future = continuation.pending(key)
-            if future is not None:
-                waiting_for.append((index, future))
-    skipped = {index for index, _ in waiting_for}
-    todo = [i for i in range(len(tasks)) if outcome.items[i] is None and i not in skipped]
+    keys = recalled.keys if recalled else None
+    waiting_for = list(recalled.waiting.items()) if recalled else []  # tasks the background already works on
+    if recalled:
+        for index, encoded in recalled.answers.items():
+            outcome.items[index] = encoded
+        outcome.from_cache += len(recalled.answers)
+    known = recalled.known if recalled else set()
+    todo = [i for i in range(len(tasks)) if i not in known]
 
     sent, not_started = _submit(serving, tasks, inputs, todo, label_config, deadline, context, timer, outcome)
     complete = PredictionCompleter(serving.model_version)

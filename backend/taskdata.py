@@ -303,12 +303,16 @@ class TaskDataFetcher:
         objects: tuple[DataObject, ...],
         label_studio: LabelStudioAccess,
         dagshub: DagshubAccess | None = None,
+        skip: set[int] | frozenset[int] = frozenset(),
     ) -> PendingInputs:
         """Start every task's downloads at once; each task's input is ready as soon as its own files are,
-        so the model can work on the first chunk while the rest still download."""
+        so the model can work on the first chunk while the rest still download. Tasks in ``skip`` (already
+        answered or being predicted) are left alone."""
         downloads: dict[int, dict[str, Any]] = {}
         inputs = [TaskInput() for _ in tasks]
         for index, task in enumerate(tasks):
+            if index in skip:
+                continue
             data = task.get("data") if isinstance(task, dict) else None
             if not isinstance(data, dict):
                 inputs[index].error = "task has no 'data' object"

@@ -63,6 +63,7 @@ class WebhookLog:
         return {"project": project_id, **event}
 
     def events(self, project_id: Any) -> list[dict[str, Any]]:
+        """A project's recorded events, oldest first: what training reads to know what changed."""
         with self._lock:
             project = self._projects.get(project_id)
             return list(project.events) if project else []

@@ -116,10 +116,6 @@ class Zygote:
             return self
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
