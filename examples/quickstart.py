@@ -59,7 +59,7 @@ def main() -> int:
             try:
                 if requests.get(url + "/health", timeout=1).ok:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the worker still booting
                 pass
             if backend.poll() is not None or time.monotonic() > deadline:
                 print(f"   the backend did not start; see {DEMO / 'backend.log'}")
