@@ -20,17 +20,20 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from .answers import predictions_answer
 from .auth import require_basic_auth, require_configure_rights
 from .continuation import PredictionCache
-from .datapoints import DatasourceRef
-from .errors import BadRequest, NotFound
+from .errors import BackendError, BadRequest, NotFound
+from .follower import RegistryFollower
 from .labelstudio import LabelStudioAccess, access_for
 from .metrics import BackendMetrics
 from .prediction import predict_tasks, recall
+from .quality import QualityLedger
 from .redact import redact
 from .runtime import Runtime
 from .settings import Settings
-from .spec import ModelSpec, decode_configure_body, parse_model_spec
+from .spec import decode_configure_body, parse_model_spec
 from .store import ConfigurationStore, StoredFileBroken
-from .taskdata import DagshubAccess, TaskDataFetcher
+from .taskdata import TaskDataFetcher, dagshub_access
+from .ticker import Ticker
+from .training.trainer import Trainer
 from .validation import data_objects
 from .webhooks import WebhookLog
 from .zygote import Zygote
@@ -54,6 +57,10 @@ class Services:
     webhooks: WebhookLog
     zygote: Zygote
     owns_zygote: bool = True
+    quality: QualityLedger | None = None
+    follower: RegistryFollower | None = None
+    trainer: Trainer | None = None
+    ticker: Ticker | None = None
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
     _label_studio_checked: float = float("-inf")
@@ -96,7 +103,11 @@ class Services:
             self._label_studio_checked = float("-inf")  # this worker reads its own write at once
 
     def close(self) -> None:
-        """Stop the model processes (and the zygote, if this app started it)."""
+        """Stop the ticker, the trainings this worker started, the model processes (and the zygote, if this app started it)."""
+        if self.ticker is not None:
+            self.ticker.stop()
+        if self.trainer is not None:
+            self.trainer.close()
         self.runtime.close()
         self.fetcher.close()
         if self.owns_zygote:
@@ -168,6 +179,15 @@ def _status() -> dict[str, Any]:
     body["task_data_cache"] = s.fetcher.cache.describe()
     body["label_studio"] = s.label_studio_access().describe()
     body["webhooks"] = s.webhooks.describe()
+    training = s.trainer.describe() if s.trainer else None
+    if training is not None:
+        body["training"] = training
+    registry = s.follower.describe() if s.follower else None
+    if registry is not None:
+        body["registry"] = registry
+    quality = s.quality.summary() if s.quality else {}
+    if quality:
+        body["prediction_quality"] = quality
     if s.zygote.warm_errors:  # WARM_IMPORTS that failed: those model processes import them on their own
         body["warm_import_errors"] = s.zygote.warm_errors
     if runtime.stored_error:
@@ -209,17 +229,6 @@ def versions():
     return jsonify({"versions": [active.model_version] if active else []})
 
 
-def dagshub_access(spec: ModelSpec) -> DagshubAccess | None:
-    """DagsHub's host and token for a dagshub-form configure, with its datasource for datapoint lookups."""
-    source = spec.dagshub
-    if source is None:
-        return None
-    datasource = None
-    if source.datasource_repo and source.datasource_name:
-        datasource = DatasourceRef(source.host, source.datasource_repo, source.datasource_name, spec.tracking_password)
-    return DagshubAccess(source.host, spec.tracking_password, datasource)
-
-
 @api.post("/predict")
 def predict():
     s = services()
@@ -257,6 +266,8 @@ def predict():
     s.metrics.predictions.inc(sum(1 for item in outcome.items if item is not None))
     s.metrics.failed_tasks.inc(len(outcome.errors))
     s.metrics.cached_predictions.inc(outcome.from_cache)
+    if s.quality is not None:
+        s.quality.note_predictions(tasks, outcome.items, serving.model_version)
     return predictions_answer(outcome.items, tasks, serving.model_version, extra)
 
 
@@ -280,9 +291,49 @@ def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:
 @api.post("/webhook")
 def webhook():
     s = services()
-    noted = s.webhooks.record(json_body(required=False))
+    body = json_body(required=False)
+    noted = s.webhooks.record(body)
     s.metrics.webhook_events.labels(noted["action"]).inc()
-    return jsonify({"status": "ok", **noted}), 201
+    answer: dict[str, Any] = {"status": "ok", **noted}
+    try:  # a few file writes at most: Label Studio drops the event after about a second
+        if s.quality is not None:
+            s.quality.on_annotation(body)
+        if s.trainer is not None:
+            answer.update(s.trainer.on_webhook(body))
+    except BackendError as exc:  # never a 5xx: Label Studio would mark the backend as failed
+        answer["training_error"] = exc.to_dict()
+    except Exception as exc:
+        log.exception("handling %s for training failed", noted["action"])
+        answer["training_error"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return jsonify(answer), 201
+
+
+@api.post("/train")
+def train():
+    """Start a training by hand; also takes Label Studio's legacy /train body, which carries the annotated tasks."""
+    s = services()
+    require_configure_rights(request, s.settings)
+    body = json_body(required=False)
+    tasks = body.get("annotations", body.get("tasks"))
+    if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks)):
+        raise BadRequest("'tasks' must be a list of Label Studio tasks with their annotations", f"got {type(tasks).__name__}")
+    project = body.get("project")
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, str) and "." in project:  # Label Studio's "<id>.<created timestamp>"
+        project = project.split(".", 1)[0]
+    if project is None:
+        raise BadRequest("'project' is missing", "Name the Label Studio project whose annotations to train on: {\"project\": 7}.")
+    label_config = body.get("label_config") if isinstance(body.get("label_config"), str) else ""
+    answer = s.trainer.request("POST /train", str(project), label_config, tasks=tasks)
+    return jsonify({"status": answer.get("training"), **answer}), 201
+
+
+@api.get("/train/status")
+def train_status():
+    s = services()
+    require_configure_rights(request, s.settings)
+    return jsonify(s.trainer.status())
 
 
 @api.post("/configure")

@@ -13,15 +13,19 @@ from .answers import PlainValuesJSONProvider
 from .api import Services, api
 from .continuation import Continuation, PredictionCache
 from .errors import register_error_handlers
+from .follower import RegistryFollower
 from .labelstudio import LabelStudioAuth
 from .metrics import BackendMetrics
-from .outbound import AddressPolicy
 from .prediction import finish_outputs
+from .quality import QualityLedger
 from .redact import SECRETS, install_log_redaction
 from .runtime import Runtime, Serving
 from .settings import Settings
 from .store import ConfigurationStore
-from .taskdata import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
+from .taskdata import TaskDataFetcher, fetch_limits
+from .ticker import Ticker
+from .training.records import TrainingRecords
+from .training.trainer import Trainer
 from .webhooks import WebhookLog
 from .zygote import Zygote
 
@@ -56,17 +60,15 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
             settings.background_max_tasks, on_progress=lambda state, n: metrics.background_tasks.labels(state).set(n),
         )
 
-    limits = FetchLimits(
-        local=LocalFiles(settings.local_files_roots, NEVER_READ + (str(settings.model_dir),)),
-        addresses=AddressPolicy(settings.fetch_allow_private),
-        max_file_bytes=settings.fetch_max_bytes,
-        timeout_s=settings.fetch_timeout_s,
-    )
+    limits = fetch_limits(settings)
+    runtime = Runtime(settings, store, zygote, make_continuation, on_loaded=on_loaded)
+    records = TrainingRecords(settings.model_dir)
+    quality = QualityLedger(settings.model_dir / "quality.sqlite")
     services = Services(
         settings=settings,
         store=store,
         metrics=metrics,
-        runtime=Runtime(settings, store, zygote, make_continuation, on_loaded=on_loaded),
+        runtime=runtime,
         fetcher=TaskDataFetcher(
             store.cache_dir, settings.fetch_concurrency, limits, cache_max_bytes=settings.cache_max_bytes,
             label_studio_auth=LabelStudioAuth(),
@@ -75,10 +77,14 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         webhooks=WebhookLog(),
         zygote=zygote,
         owns_zygote=owns_zygote,
+        quality=quality,
+        follower=RegistryFollower(settings, runtime, records, metrics),
     )
+    services.trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
+    services.ticker = Ticker(1.0, [services.trainer.tick, services.follower.tick, quality.flush]).start()
     atexit.register(services.close)
     return app

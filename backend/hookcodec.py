@@ -47,38 +47,41 @@ class Hook:
     source: str  # "identity", "module:function" or "pickle:<sha256 prefix>"
     accepts: frozenset[str] = field(default_factory=frozenset)
 
-    def __call__(self, value: Any, **available: Any) -> Any:
+    def __call__(self, *values: Any, **available: Any) -> Any:
         kwargs = {name: available[name] for name in self.accepts if name in available}
-        return self.fn(value, **kwargs)
+        return self.fn(*values, **kwargs)
 
 
 # inputs: what the pre hook got (file paths or texts), so a post hook can read image sizes.
 OPTIONAL_ARGUMENTS = ("tasks", "context", "device", "label_config", "inputs")
+# A train_hook(inputs, annotations, ...) may also take these (see backend/training/job.py).
+TRAIN_ARGUMENTS = ("tasks", "label_config", "current_model", "params", "device")
 
 
-def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str]:
+def _accepted_keywords(fn: Callable[..., Any], optional: tuple[str, ...] = OPTIONAL_ARGUMENTS) -> frozenset[str]:
     """The optional keywords a hook takes: one-argument hooks (the DagsHub form) get none."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return frozenset()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return frozenset(OPTIONAL_ARGUMENTS)
-    return frozenset(name for name in OPTIONAL_ARGUMENTS if name in params)
+        return frozenset(optional)
+    return frozenset(name for name in optional if name in params)
 
 
-def decode_hook(raw: str | None, role: str) -> Hook:
-    """Decode one hook; ``role`` ("pre_hook"/"post_hook") names it in errors."""
+def decode_hook(raw: str | None, role: str, optional: tuple[str, ...] = OPTIONAL_ARGUMENTS) -> Hook:
+    """Decode one hook; ``role`` ("pre_hook"/"post_hook"/"train_hook") names it in errors, ``optional``
+    lists the keywords it gets when its signature takes them."""
     if raw is None or raw == "":
         return Hook(identity, "identity")
     if not isinstance(raw, str):
         raise BadRequest(f"{role} must be a string", f"got {type(raw).__name__}; send base64 cloudpickle or 'module:function'")
     if _looks_like_reference(raw):
         fn = _import_reference(raw, role)
-        return Hook(fn, raw, _accepted_keywords(fn))
+        return Hook(fn, raw, _accepted_keywords(fn, optional))
     fn = _unpickle(raw, role)
     digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
-    return Hook(fn, f"pickle:{digest}", _accepted_keywords(fn))
+    return Hook(fn, f"pickle:{digest}", _accepted_keywords(fn, optional))
 
 
 def _looks_like_reference(raw: str) -> bool:

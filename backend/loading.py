@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, NotFound, UpstreamUnavailable
-from .spec import ModelSpec
+from .spec import MODELS_URI, ModelSpec
 
 log = logging.getLogger(__name__)
 
 _MLFLOW_LOCK = threading.Lock()  # guards MLflow's process-wide URI and credential state
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 _RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 
 
@@ -131,7 +130,7 @@ class _LazyClient:
 
 def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
     """Check the model exists and pin ``latest``/aliases to a concrete version."""
-    models = _MODELS_URI.match(uri)
+    models = MODELS_URI.match(uri)
     if models:
         name, version, alias = models["name"], models["version"], models["alias"]
         if alias:

@@ -50,6 +50,19 @@ class BackendMetrics:
         )
         self.model_load_seconds = Gauge("lsbackend_model_load_seconds", "How long the current model took to load.", registry=r)
         self.model_loaded = Gauge("lsbackend_model_loaded", "1 when a model is configured and loaded.", registry=r)
+        self.training_runs = Counter(
+            "lsbackend_training_runs", "Trainings that ended, by result (promoted, candidate, rejected, failed).", ["result"],
+            registry=r,
+        )
+        self.training_seconds = Histogram(
+            "lsbackend_training_seconds", "How long trainings ran, start to outcome.",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200), registry=r,
+        )
+        self.training_in_progress = Gauge("lsbackend_training_in_progress", "1 while a training runs.", registry=r)
+        self.model_swaps = Counter(
+            "lsbackend_model_swaps", "Served model versions replaced by a new registry version, by reason.", ["reason"],
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 

@@ -10,6 +10,8 @@ One request at a time on a stream socket, each a pickled tuple, each answered::
                                                          -> ("ok", outputs, {stage: seconds})
                                                             (tasks and label_config only if a hook wants them)
     ("forget", hooks_id)                                 -> ("ok",)
+    ("resolve", spec)                                    -> ("ok", {"uri", "label"}): the version the spec's
+                                                            alias or "latest" names in the registry now
     anything that fails                                  -> ("error", BackendError.to_dict())
 
 Before each stage the process writes the stage's number to a shared page, so that if a hook ends
@@ -81,6 +83,8 @@ class ModelHost:
                 return ("ok", self._load(*message[1:]))
             if kind == "call":
                 return self._call(*message[1:])
+            if kind == "resolve":
+                return ("ok", self._resolve(*message[1:]))
             if kind == "forget":
                 self.hooks.pop(message[1], None)
                 return ("ok",)
@@ -118,6 +122,19 @@ class ModelHost:
         self.mark("loading the model")
         self.loaded = load_model(spec, Path(artifacts_dir))
         return self.loaded.info()
+
+    def _resolve(self, spec_dict: dict[str, Any]) -> dict[str, str]:
+        """Ask the registry which version the spec names now; MLflow is imported here already, never in the worker."""
+        from .loading import mlflow_scope, resolve_model_uri, translate_mlflow_error
+        from .spec import ModelSpec
+
+        spec = ModelSpec.from_dict(spec_dict)
+        try:
+            with mlflow_scope(spec) as client:
+                resolved = resolve_model_uri(client, spec.model_uri)
+        except Exception as exc:  # noqa: BLE001 - MLflow's and the network's, named by translate_mlflow_error
+            raise translate_mlflow_error(exc, spec) from None
+        return {"uri": resolved.uri, "label": resolved.label}
 
     def _call(self, hooks_id: str, values: list, tasks: list | None, context: Any, label_config: str) -> tuple:
         from model import Pipeline

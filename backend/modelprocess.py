@@ -143,6 +143,17 @@ class ModelProcess:
             self.model_spec, self.info = spec, info
         return info
 
+    def resolve(self, spec: ModelSpec, wait_s: float) -> dict[str, str] | None:
+        """Which version the spec's alias (or "latest") names now, asked in the process (which has MLflow
+        imported); None when the process stayed busy for ``wait_s``."""
+        if not self._lock.acquire(timeout=wait_s):
+            return None
+        try:
+            self._ensure_running()
+            return self._exchange(("resolve", spec.to_dict()), self.call_timeout_s)[1]
+        finally:
+            self._lock.release()
+
     def call(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]] | None, context: Any,
              label_config: str) -> tuple[list[Any], dict[str, float]]:
         """One batch through the pipeline; the outputs and the seconds of each stage. Tasks and the

@@ -150,6 +150,19 @@ class Runtime:
         threading.Thread(target=self._load, args=(job,), name=f"load-{job.id}", daemon=True).start()
         return job
 
+    def reload(self) -> LoadJob | None:
+        """Load the serving spec again in a new process (its alias moved): the old one serves until it is ready."""
+        with self._lock:
+            active = self.active
+            if active is None:
+                return None
+            if self.job is not None and not self.job.done.is_set():
+                return self.job
+            job = LoadJob(active.spec, next(self._seq), self._new_process())
+            self.job = job
+        threading.Thread(target=self._load, args=(job,), name=f"reload-{job.id}", daemon=True).start()
+        return job
+
     def _new_process(self) -> ModelProcess:
         return ModelProcess(self.zygote, self.store.artifacts_dir, self.settings.call_timeout_s)
 

@@ -82,6 +82,7 @@ BACKEND_ENVIRONMENT = (
     "FETCH_CONCURRENCY", "CACHE_MAX_MB", "MAX_REQUEST_MB", "REQUEST_READ_TIMEOUT_S", "QUICK_THREADS",
     "PREDICT_TIMEOUT_S", "MODEL_CALL_TIMEOUT_S", "CONFIGURE_WAIT_S", "BATCH_SIZE", "BATCHING", "MAX_LATENCY_MS",
     "BACKGROUND", "BACKGROUND_MAX_TASKS", "PREDICTION_CACHE_MB", "PREDICTION_CACHE_TTL_S",
+    "TRAIN_TIMEOUT_S", "TRAIN_CUDA_VISIBLE_DEVICES", "ALIAS_POLL_S",
 )
 
 
@@ -138,6 +139,10 @@ class Settings(AccessSettings):
     background_max_tasks: int = 50_000
     prediction_cache_bytes: int = 256 << 20
     prediction_cache_ttl_s: float = 3600.0
+    # Training (backend/training) and following the registry (backend/follower.py).
+    train_timeout_s: float = 3600.0
+    train_cuda_visible_devices: str | None = None  # the training's own GPUs; by default the backend's
+    alias_poll_s: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -172,6 +177,9 @@ class Settings(AccessSettings):
             background_max_tasks=_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
             prediction_cache_bytes=_megabytes(env, "PREDICTION_CACHE_MB", 256),
             prediction_cache_ttl_s=_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
+            train_timeout_s=_float(env, "TRAIN_TIMEOUT_S", 3600.0, 1.0),
+            train_cuda_visible_devices=env.get("TRAIN_CUDA_VISIBLE_DEVICES"),
+            alias_poll_s=_float(env, "ALIAS_POLL_S", 30.0, 0.1),
         )
 
     @property

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import BadRequest
 
 LOADERS = ("pyfunc", "native")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 DAGSHUB_KEYS = ("host", "repo", "model")
 PLAIN_KEYS = frozenset(
     {
@@ -30,8 +32,11 @@ PLAIN_KEYS = frozenset(
         "loader",
         "batch_size",
         "model_version",
+        "train_hook",
+        "training",
     }
 )
+DAGSHUB_EXTRA_KEYS = ("train_hook", "training")  # what a dagshub-form configure may add to what the client sends
 SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
 
 
@@ -62,12 +67,27 @@ class ModelSpec:
     batch_size: int | None = None
     model_version: str = ""
     dagshub: DagshubSource | None = None
+    train_hook: str = field(default="", repr=False)
+    training: dict[str, Any] = field(default_factory=dict)  # the policy, checked by training.policy
 
     @property
     def model_key(self) -> str:
         """The model's identity: same key, same loaded model (hooks may differ)."""
         parts = [self.tracking_uri, self.registry_uri, self.model_uri, self.loader, self.tracking_username]
         return "|".join(parts)
+
+    @property
+    def registry_target(self) -> tuple[str, str, str] | None:
+        """(name, alias, "") for ``models:/name@alias``, (name, "", "latest") for ``models:/name/latest``:
+        the specs whose served version can move in the registry (and that the backend follows)."""
+        match = MODELS_URI.match(self.model_uri)
+        if not match:
+            return None
+        if match["alias"]:
+            return match["name"], match["alias"], ""
+        if (match["version"] or "").lower() == "latest":
+            return match["name"], "", "latest"
+        return None
 
     @property
     def digest(self) -> str:
@@ -87,11 +107,9 @@ class ModelSpec:
         data = self.to_dict()
         for name in SECRET_FIELDS:
             data[name] = "***" if data[name] else ""
-        for name in ("pre_hook", "post_hook"):
+        for name in ("pre_hook", "post_hook", "train_hook"):
             raw = data[name]
-            data[name] = raw if ":" in raw and len(raw) < 200 else (
-                f"pickle:{hashlib.sha256(raw.encode()).hexdigest()[:12]}" if raw else "identity"
-            )
+            data[name] = hook_fingerprint(raw) if raw or name != "train_hook" else None
         return data
 
     @classmethod
@@ -101,8 +119,21 @@ class ModelSpec:
         source = data.pop("dagshub", None)
         return cls(**data, dagshub=DagshubSource(**source) if source else None)
 
-    def with_hooks_of(self, other: ModelSpec) -> ModelSpec:
-        return replace(self, pre_hook=other.pre_hook, post_hook=other.post_hook)
+    def pinned_to(self, version: str) -> ModelSpec:
+        """This spec with its registered model pinned to one version (what a gate loads)."""
+        target = self.registry_target
+        if target is None:
+            return self
+        return replace(self, model_uri=f"models:/{target[0]}/{version}")
+
+
+def hook_fingerprint(raw: str) -> str:
+    """How a hook is shown: an import reference as it is, a pickled one by a digest of its bytes."""
+    if not raw:
+        return "identity"
+    if ":" in raw and len(raw) < 200:
+        return raw
+    return f"pickle:{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
 
 
 def decode_configure_body(body: bytes) -> dict[str, Any]:
@@ -173,6 +204,7 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
         loader=loader,
         batch_size=batch_size,
         model_version=_text(data, "model_version"),
+        **_training_fields(data, model_uri),
     )
 
 
@@ -181,13 +213,15 @@ def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
     repo = _text(data, "repo").strip("/")
     model = _text(data, "model")
     version = str(data.get("version") or "latest")
+    # A version that is neither a number nor "latest" names an alias (what a trainable configure follows).
+    model_uri = f"models:/{model}/{version}" if version.isdigit() or version.lower() == "latest" else f"models:/{model}@{version.lstrip('@')}"
     token = _text(data, "authtoken")
     if not host.startswith(("http://", "https://")):
         raise BadRequest(f"'host' must be an http(s) URL, got {host!r}", "The dagshub client sends e.g. https://dagshub.com.")
     if repo.count("/") != 1 or not model:
         raise BadRequest(f"'repo' must be 'owner/name' and 'model' non-empty, got repo={repo!r} model={model!r}", "")
     return ModelSpec(
-        model_uri=f"models:/{model}/{version}",
+        model_uri=model_uri,
         tracking_uri=f"{host}/{repo}.mlflow",
         # DagsHub accepts the token as both MLflow username and password.
         tracking_username=token,
@@ -202,4 +236,28 @@ def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
             datasource_repo=_text(data, "datasource_repo"),
             datasource_name=_text(data, "datasource_name"),
         ),
+        **_training_fields(data, model_uri),
     )
+
+
+def _training_fields(data: dict[str, Any], model_uri: str) -> dict[str, Any]:
+    """``train_hook`` and the ``training`` policy, checked: training needs a model an alias can move."""
+    from .training.policy import TrainingPolicy
+
+    train_hook = _text(data, "train_hook")
+    training = data.get("training") or {}
+    if not isinstance(training, dict):
+        raise BadRequest("'training' must be a JSON object", f"got {type(training).__name__}")
+    if not train_hook:
+        if training:
+            raise BadRequest("'training' needs a 'train_hook'", "Send the function that trains a model as 'train_hook'.")
+        return {}
+    match = MODELS_URI.match(model_uri)
+    if not match or not match["alias"]:
+        raise BadRequest(
+            f"a trainable configuration needs a registered model with an alias, got {model_uri!r}",
+            "Configure models:/<name>@<alias> (e.g. models:/my-model@champion): each training registers a new "
+            "version of <name> and moves the alias to it when it passes the gate, and the backend follows the alias.",
+        )
+    TrainingPolicy.parse(training, default_alias=match["alias"])  # a 400 naming the bad field, now rather than later
+    return {"train_hook": train_hook, "training": training}

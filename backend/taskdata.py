@@ -39,6 +39,8 @@ from .diskcache import DiskCache, TooLarge
 from .labelstudio import LabelStudioAccess, LabelStudioAuth, LabelStudioRefused, token_kind
 from .outbound import AddressPolicy, AddressRefused, GuardedSession
 from .redact import redact
+from .settings import Settings
+from .spec import ModelSpec
 from .validation import DataObject
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,17 @@ class DagshubAccess:
 
     def headers_for(self, url: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token and self.owns(url) else {}
+
+
+def dagshub_access(spec: ModelSpec) -> DagshubAccess | None:
+    """DagsHub's host and token for a dagshub-form configure, with its datasource for datapoint lookups."""
+    source = spec.dagshub
+    if source is None:
+        return None
+    datasource = None
+    if source.datasource_repo and source.datasource_name:
+        datasource = DatasourceRef(source.host, source.datasource_repo, source.datasource_name, spec.tracking_password)
+    return DagshubAccess(source.host, spec.tracking_password, datasource)
 
 
 class FetchError(Exception):
@@ -261,6 +274,16 @@ class FetchLimits:
     addresses: AddressPolicy = field(default_factory=AddressPolicy)
     max_file_bytes: int = 100 << 20
     timeout_s: float = 30.0
+
+
+def fetch_limits(settings: Settings) -> FetchLimits:
+    """What task data may reach under these settings (the serving worker's and a training's alike)."""
+    return FetchLimits(
+        local=LocalFiles(settings.local_files_roots, NEVER_READ + (str(settings.model_dir),)),
+        addresses=AddressPolicy(settings.fetch_allow_private),
+        max_file_bytes=settings.fetch_max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+    )
 
 
 class TaskDataFetcher:

@@ -45,3 +45,23 @@ def choices_post(labels):
         {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}]}
         for label in labels
     ]
+
+
+def sentiment_post(labels):
+    return [
+        {"result": [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [str(label)]}}]}
+        for label in labels
+    ]
+
+
+def sentiment_train(texts, annotations, params=None):
+    """A train_hook: a text classifier fitted to what annotators chose; it improves as you label."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    from hooks import choice_labels
+
+    params = params or {}
+    model = make_pipeline(CountVectorizer(), LogisticRegression(C=float(params.get("C", 10.0))))
+    return model.fit(texts, choice_labels(annotations))

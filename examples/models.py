@@ -52,6 +52,30 @@ def make_tiny_torch():
     return Brightness()
 
 
+def train_wrong_sentiment():
+    """A sentiment model that has it backwards: what a first, badly trained version looks like."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    texts = ["great good lovely", "good fine great", "wonderful great", "bad awful", "terrible bad", "awful horrid bad"]
+    labels = ["negative", "negative", "negative", "positive", "positive", "positive"]
+    return make_pipeline(CountVectorizer(), LogisticRegression()).fit(texts, labels)
+
+
+def register_trainable(tracking_uri: str, names: list[str], alias: str = "champion") -> None:
+    """Version 1 of each name, a sentiment model that has it backwards, with ``alias`` on it: where training starts."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("fixtures")
+    model = train_wrong_sentiment()
+    for name in names:
+        with mlflow.start_run():
+            mlflow.sklearn.log_model(model, name="model", registered_model_name=name, pip_requirements=["scikit-learn"])
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, "1")
+
+
 def register_all(tracking_uri: str, with_torch: bool = True) -> None:
     import mlflow
 
@@ -77,4 +101,7 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    register_all(sys.argv[1], with_torch="--no-torch" not in sys.argv)
+    if "--trainable" in sys.argv:  # python -m examples.models <uri> --trainable <name>[,<name>...]
+        register_trainable(sys.argv[1], sys.argv[sys.argv.index("--trainable") + 1].split(","))
+    else:
+        register_all(sys.argv[1], with_torch="--no-torch" not in sys.argv)

@@ -38,13 +38,19 @@ from .pre import (
     texts_frame,
 )
 from .results import brush, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
+from .targets import Box, Polygon, Span, boxes, choice_labels, multi_choice_labels, polygons, spans
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 __all__ = [
+    "Box",
     "Control",
     "HookConfigError",
+    "Polygon",
+    "Span",
+    "boxes",
     "brush",
+    "choice_labels",
     "choices",
     "easyocr_post",
     "find_control",
@@ -54,15 +60,18 @@ __all__ = [
     "keypoint",
     "letterbox",
     "letterbox_geometry",
+    "multi_choice_labels",
     "number",
     "open_images",
     "polygon",
+    "polygons",
     "prediction",
     "rating",
     "read_texts",
     "rectangle",
     "sklearn_post",
     "span",
+    "spans",
     "textarea",
     "texts_frame",
     "torchvision_detection_post",

@@ -31,6 +31,8 @@ LABEL_STUDIO_ROUTES = (
     "delete",
     "duplicate_model",
 )
+# A backend's routes that need configure rights, reachable through the orchestrator with its own.
+CONFIGURE_RIGHTS_ROUTES = ("train", "train/status")
 # Label Studio sends no credentials to the webhook it creates; the backend's own health is public too.
 OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health"}
 
@@ -117,6 +119,16 @@ def model_route(backend_id: str, path: str) -> Response:
     record = o.manager.get(backend_id)
     if path.strip("/").startswith("configure"):
         raise NotFound("configure goes through the orchestrator", "POST /configure; the model picks the backend.")
+    return _forward(record, path)
+
+
+def _forward(record: BackendRecord, path: str) -> Response:
+    """To the backend; its routes that need configure rights (training) need the orchestrator's, and then
+    carry the backend's own token, which only the orchestrator knows."""
+    o = orchestrator()
+    if path.strip("/") in CONFIGURE_RIGHTS_ROUTES:
+        require_configure_rights(request, o.settings)
+        return o.proxy.forward(record, path, request, authorization=f"Bearer {record.token}" if record.token else None)
     return o.proxy.forward(record, path, request)
 
 
@@ -142,4 +154,4 @@ def root_health():
 
 @api.route(f"/<any({', '.join(LABEL_STUDIO_ROUTES)}):route>", methods=["GET", "POST"])
 def root_route(route: str) -> Response:
-    return orchestrator().proxy.forward(_newest(), route, request)
+    return _forward(_newest(), route)

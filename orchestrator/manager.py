@@ -225,6 +225,8 @@ class BackendManager:
             body["health"] = self.http.get(f"{record.url}/health", timeout=1.0).json()
         except (requests.RequestException, ValueError):
             body["health"] = None
+        if body["health"] and body["health"].get("training"):
+            body["training"] = body["health"]["training"]  # its state and last outcome, at a glance
         body["log"] = self.driver.logs(record, log_lines)
         return body
 

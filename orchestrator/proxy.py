@@ -38,11 +38,15 @@ class Proxy:
         adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64)
         self.session.mount("http://", adapter)
 
-    def forward(self, record: BackendRecord, path: str, request: Request) -> Response:
+    def forward(self, record: BackendRecord, path: str, request: Request, authorization: str | None = None) -> Response:
+        """``authorization``: what the backend is sent instead of the client's own (its configure token)."""
         url = f"{record.url}/{path.lstrip('/')}"
         if request.query_string:
             url += "?" + request.query_string.decode("latin-1")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        if authorization is not None:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers["Authorization"] = authorization
         try:
             # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
             # the answer is streamed back as it arrives.

@@ -232,3 +232,57 @@ def test_a_big_project_is_stored_over_two_rounds_without_losing_or_repeating_wor
     finally:
         orchestrator.remove_all()
         orchestrator.stop()
+
+
+def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_annotators_chose(label_studio, orchestrator, mlflow_server):
+    """The loop closed through MLflow: annotate in Label Studio, press Start Training (its API), a new registered
+    version with its lineage, the alias moved, the backend swapped, and retrieved predictions that changed."""
+    from mlflow import MlflowClient
+
+    from tests.support.servers import register_trainable
+
+    name = "e2e-sentiment"
+    register_trainable(mlflow_server.url, name)  # version 1 @champion has it backwards
+    response = requests.post(orchestrator.url + "/configure", timeout=120, json={
+        "model_uri": f"models:/{name}@champion", "tracking_uri": mlflow_server.url, "post_hook": encode(hooks.sentiment_post),
+        "train_hook": encode(hooks.sentiment_train), "training": {"gate_tasks": 50},
+    })
+    assert response.status_code == 200, response.text
+    url = response.json()["label_studio_url"]
+    texts = {"great good": "positive", "lovely fine": "positive", "wonderful great": "positive", "good lovely": "positive",
+             "bad awful": "negative", "terrible bad": "negative", "awful horrid": "negative", "horrid terrible": "negative"}
+    project = new_project(label_studio, "learning", TEXT_CONFIG, tasks=[{"text": t} for t in texts])
+    tasks = tasks_of(label_studio, project)
+    ml_backend = connect(label_studio, project, url)
+    retrieve_predictions(label_studio, project)
+    before = {t["data"]["text"]: stored(label_studio, t["id"])[0] for t in tasks}
+    assert {p["model_version"] for p in before.values()} == {f"{name}:1"}
+    assert all(p["result"][0]["value"]["choices"] != [texts[text]] for text, p in before.items())
+
+    for task in tasks:  # the annotators correct every prediction
+        result = [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [texts[task["data"]["text"]]]}}]
+        label_studio.api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
+    quality = lambda: backend_health(url).get("prediction_quality", {}).get(f"{name}:1", {})
+    wait_until(lambda: quality().get("tasks") == len(tasks), 30, "the annotations compared with the predictions")
+    assert quality()["choices_kept"] == 0.0
+
+    label_studio.api("POST", f"/api/ml/{ml_backend}/train", json={})  # the "Start Training" button
+    status = lambda: requests.get(url + "train/status", timeout=10).json()
+    wait_until(lambda: status()["jobs"] and status()["current"] is None, 240, "the training")
+    job = status()["jobs"][0]
+    assert (job["state"], job["outcome"], job["trigger"]) == ("succeeded", "promoted", "START_TRAINING"), job
+
+    mlflow = MlflowClient(tracking_uri=mlflow_server.url)
+    version = mlflow.get_model_version(name, job["version"])
+    assert version.tags["ls.project_id"] == str(project) and version.tags["ls.annotation_count"] == str(len(tasks))
+    assert version.tags["ls.host"] == label_studio.url and version.tags["lsbackend.parent_version"] == f"{name}:1"
+    assert str(mlflow.get_model_version_by_alias(name, "champion").version) == job["version"]
+    first_run = mlflow.get_run(mlflow.get_model_version(name, "1").run_id)
+    assert first_run.data.metrics["annotators.choices_kept"] == 0.0  # what annotators kept of version 1, in MLflow
+
+    new_version = f"{name}:{job['version']}"
+    wait_until(lambda: requests.post(url + "setup", json={}, timeout=5).json()["model_version"] == new_version, 60, "the swap")
+    retrieve_predictions(label_studio, project)
+    for task in tasks:
+        latest = [p for p in stored(label_studio, task["id"]) if p["model_version"] == new_version]
+        assert latest and latest[0]["result"][0]["value"]["choices"] == [texts[task["data"]["text"]]]

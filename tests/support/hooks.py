@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from examples.hooks import IMAGE_CONFIG, TEXT_CONFIG, brightness_pre, choices_post, encode  # noqa: F401
+from examples.hooks import (  # noqa: F401
+    IMAGE_CONFIG,
+    TEXT_CONFIG,
+    brightness_pre,
+    choices_post,
+    encode,
+    sentiment_post,
+    sentiment_train,
+)
 
 
 def torch_brightness_pre(paths):
@@ -23,13 +31,6 @@ def torch_choices_post(logits):
             "score": float(p.max()),
         }
         for p in probs
-    ]
-
-
-def sentiment_post(labels):
-    return [
-        {"result": [{"from_name": "sentiment", "to_name": "text", "type": "choices", "value": {"choices": [str(label)]}}]}
-        for label in labels
     ]
 
 

@@ -283,6 +283,12 @@ def prefix_proxy(prefix: str, upstream: str) -> ThreadedServer:
     return ThreadedServer(Handler)
 
 
+def register_trainable(tracking_uri: str, *names: str) -> None:
+    """Version 1 of a sentiment model that has it backwards, @champion, under each name (in one child process)."""
+    args = [sys.executable, "-m", "examples.models", tracking_uri, "--trainable", ",".join(names)]
+    subprocess.run(args, cwd=ROOT, env=base_env(), check=True, capture_output=True)
+
+
 def register_models(tracking_uri: str, with_torch: bool = True) -> None:
     """Train and register the fixture models in a child process (MLflow state stays out of ours)."""
     args = [sys.executable, "-m", "examples.models", tracking_uri] + ([] if with_torch else ["--no-torch"])

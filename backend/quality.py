@@ -1,0 +1,131 @@
+"""Prediction quality per model version: how much of each prediction annotators kept.
+
+``/predict`` notes what it answered for each task (in memory; the ticker writes it to
+MODEL_DIR/quality.sqlite, shared by the workers). When Label Studio reports an annotation of a task
+this backend predicted, the two are compared (``agreement``) and the figures are kept per annotation,
+so an updated annotation replaces its earlier figures instead of counting twice. ``/health`` shows the
+sums per model version, and each training logs them on the version's MLflow run, so whether version 4
+saved annotators more work than version 3 is a number in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .agreement import Agreement, compare
+from .answers import prediction_json
+
+log = logging.getLogger(__name__)
+
+MAX_PREDICTIONS = 200_000  # tasks remembered; the oldest go first
+SUMMARY_EVERY_S = 5.0
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (task_id INTEGER PRIMARY KEY, model_version TEXT, prediction TEXT, at REAL);
+CREATE TABLE IF NOT EXISTS comparisons (annotation_id INTEGER PRIMARY KEY, task_id INTEGER, model_version TEXT,
+                                        figures TEXT, at REAL);
+"""
+
+
+class QualityLedger:
+    """What this backend predicted per task, and what annotators kept of it, per model version."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pending: list[tuple[Any, str, Any]] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._summary: tuple[float, dict[str, Any]] = (float("-inf"), {})
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(SCHEMA)
+            self._local.db = db
+        return db
+
+    def note_predictions(self, tasks: list[dict[str, Any]], items: list[Any], model_version: str) -> None:
+        """Called by /predict with what it answered; costs an append (the ticker writes them)."""
+        noted = [(t.get("id"), model_version, item) for t, item in zip(tasks, items)
+                 if item is not None and isinstance(t.get("id"), int)]
+        with self._lock:
+            self._pending.extend(noted)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        rows = []
+        for index, (task_id, version, item) in enumerate(pending):
+            try:
+                rows.append((task_id, version, item if isinstance(item, str) else prediction_json(item, None, index), time.time()))
+            except Exception:  # noqa: BLE001, S112 - what cannot be encoded was not answered either
+                continue
+        db = self._db()
+        db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
+        count = db.execute("SELECT count(*) FROM predictions").fetchone()[0]
+        if count > MAX_PREDICTIONS:
+            db.execute("DELETE FROM predictions WHERE task_id IN (SELECT task_id FROM predictions ORDER BY at LIMIT ?)",
+                       (count - MAX_PREDICTIONS,))
+
+    def on_annotation(self, body: dict[str, Any]) -> int:
+        """Compare the annotation(s) of a webhook with what was predicted for their tasks; how many were compared."""
+        action = body.get("action")
+        if action == "ANNOTATIONS_DELETED":
+            ids = [a.get("id") for a in body.get("annotations") or () if isinstance(a, dict)]
+            self.flush()
+            self._db().executemany("DELETE FROM comparisons WHERE annotation_id = ?", [(i,) for i in ids])
+            return 0
+        if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            return 0
+        annotations = body.get("annotation")
+        annotations = annotations if isinstance(annotations, list) else [annotations]
+        compared = 0
+        self.flush()
+        db = self._db()
+        for annotation in annotations:
+            if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+                continue
+            task_id = annotation.get("task")
+            task_id = task_id.get("id") if isinstance(task_id, dict) else task_id
+            if annotation.get("was_cancelled") or annotation.get("ground_truth") or not isinstance(task_id, int):
+                continue
+            row = db.execute("SELECT model_version, prediction FROM predictions WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                continue
+            try:
+                predicted = json.loads(row[1]).get("result") or []
+            except (ValueError, AttributeError):
+                continue
+            figures = compare(predicted, annotation.get("result") or [])
+            db.execute("INSERT OR REPLACE INTO comparisons VALUES (?, ?, ?, ?, ?)",
+                       (annotation["id"], task_id, row[0], json.dumps(figures.to_dict()), time.time()))
+            compared += 1
+        if compared:
+            self._summary = (float("-inf"), {})
+        return compared
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per model version: tasks compared, agreement, choices kept, region precision and recall."""
+        checked, shown = self._summary
+        if time.monotonic() - checked < SUMMARY_EVERY_S:
+            return shown
+        totals: dict[str, Agreement] = {}
+        try:
+            for version, figures in self._db().execute("SELECT model_version, figures FROM comparisons"):
+                totals.setdefault(version, Agreement()).add(Agreement.from_dict(json.loads(figures)))
+        except sqlite3.Error as exc:
+            log.warning("reading %s failed: %s", self.path, exc)
+        shown = {version: agreement.summary() for version, agreement in totals.items()}
+        self._summary = (time.monotonic(), shown)
+        return shown
