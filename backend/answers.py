@@ -8,6 +8,7 @@ hook's error, named as such, not an internal one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app
@@ -48,11 +49,13 @@ def prediction_json(prediction: dict[str, Any], task: Any, index: int) -> str:
 
 
 def answer_json(
-    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any]
+    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any],
+    on_encoded: Callable[[list[str | None]], None] | None = None,
 ) -> str:
     """The /predict answer: per task a prediction, an already encoded one (from the background's cache),
     or ``[]`` where there is none (which Label Studio stores nothing for, so it asks again next round).
-    Tasks sharing a completed prediction (see PredictionCompleter) share its JSON too."""
+    Tasks sharing a completed prediction (see PredictionCompleter) share its JSON too. ``on_encoded`` gets
+    each task's prediction as encoded here (None where there is none), for whoever keeps them."""
     encoded: dict[int, str] = {}
     parts = []
     for index, (item, task) in enumerate(zip(items, tasks)):
@@ -64,6 +67,8 @@ def answer_json(
             if id(item) not in encoded:
                 encoded[id(item)] = prediction_json(item, task, index)
             parts.append(encoded[id(item)])
+    if on_encoded is not None:
+        on_encoded([None if item is None else part for item, part in zip(items, parts)])
     head = ['{"results":[', ",".join(parts), '],"model_version":', _ENCODER.encode(model_version)]
     for key, value in extra.items():
         head += [",", _ENCODER.encode(key), ":", _ENCODER.encode(value)]
@@ -72,6 +77,7 @@ def answer_json(
 
 
 def predictions_answer(
-    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any]
+    items: list[dict[str, Any] | str | None], tasks: list[dict[str, Any]], model_version: str, extra: dict[str, Any],
+    on_encoded: Callable[[list[str | None]], None] | None = None,
 ) -> Response:
-    return current_app.response_class(answer_json(items, tasks, model_version, extra), mimetype="application/json")
+    return current_app.response_class(answer_json(items, tasks, model_version, extra, on_encoded), mimetype="application/json")

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
@@ -266,9 +267,8 @@ def predict():
     s.metrics.predictions.inc(sum(1 for item in outcome.items if item is not None))
     s.metrics.failed_tasks.inc(len(outcome.errors))
     s.metrics.cached_predictions.inc(outcome.from_cache)
-    if s.quality is not None:
-        s.quality.note_predictions(tasks, outcome.items, serving.model_version)
-    return predictions_answer(outcome.items, tasks, serving.model_version, extra)
+    keep = None if s.quality is None else partial(s.quality.note_predictions, tasks, model_version=serving.model_version)
+    return predictions_answer(outcome.items, tasks, serving.model_version, extra, on_encoded=keep)
 
 
 def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from .agreement import Agreement, compare
-from .answers import prediction_json
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class QualityLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._pending: list[tuple[Any, str, Any]] = []
+        self._pending: list[tuple[int, str, str]] = []
         self._lock = threading.Lock()
         self._local = threading.local()
         self._summary: tuple[float, dict[str, Any]] = (float("-inf"), {})
@@ -53,9 +52,9 @@ class QualityLedger:
             self._local.db = db
         return db
 
-    def note_predictions(self, tasks: list[dict[str, Any]], items: list[Any], model_version: str) -> None:
-        """Called by /predict with what it answered; costs an append (the ticker writes them)."""
-        noted = [(t.get("id"), model_version, item) for t, item in zip(tasks, items)
+    def note_predictions(self, tasks: list[dict[str, Any]], encoded: list[str | None], model_version: str) -> None:
+        """Called by /predict with what it answered, as it encoded it; costs an append (the ticker writes them)."""
+        noted = [(t.get("id"), model_version, item) for t, item in zip(tasks, encoded)
                  if item is not None and isinstance(t.get("id"), int)]
         with self._lock:
             self._pending.extend(noted)
@@ -65,12 +64,8 @@ class QualityLedger:
             pending, self._pending = self._pending, []
         if not pending:
             return
-        rows = []
-        for index, (task_id, version, item) in enumerate(pending):
-            try:
-                rows.append((task_id, version, item if isinstance(item, str) else prediction_json(item, None, index), time.time()))
-            except Exception:  # noqa: BLE001, S112 - what cannot be encoded was not answered either
-                continue
+        now = time.time()
+        rows = [(task_id, version, item, now) for task_id, version, item in pending]
         db = self._db()
         db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
         count = db.execute("SELECT count(*) FROM predictions").fetchone()[0]

@@ -194,7 +194,9 @@ def assert_still_serving(client, images):
         (lambda c: c.post("/predict", json={"tasks": "x", "label_config": IMAGE_CONFIG}), 400, "'tasks' must be a list"),
         (lambda c: c.post("/predict", json={"tasks": []}), 400, "'label_config' is missing"),
         (lambda c: c.get("/no-such-route"), 404, "Not Found"),
-        (lambda c: c.post("/train", json={}), 404, "Not Found"),
+        (lambda c: c.post("/train", json={}), 400, "'project' is missing"),
+        (lambda c: c.post("/train", json={"project": 1}), 503, "has no train_hook"),
+        (lambda c: c.post("/train", json={"project": 1, "tasks": "all"}), 400, "'tasks' must be a list"),
         (lambda c: c.get("/predict"), 405, "Method Not Allowed"),
     ],
 )

@@ -173,16 +173,22 @@ def test_the_webhook_answers_at_once_while_a_training_runs_and_a_second_start_is
 
 
 def test_two_workers_never_run_two_trainings(start_backend, trainable):
-    name, body, _ = trainable
+    _, body, _ = trainable
     backend = start_backend(WORKERS="2")
     assert requests.post(f"{backend.url}/configure", json=body(train_hook=sleeping_train(3)), timeout=120).status_code == 200
-    setup = lambda: requests.post(f"{backend.url}/setup", json={}, timeout=5).json()["model_version"]
-    wait_until(lambda: all(setup() == f"{name}:1" for _ in range(6)), 60, "both workers configured")
+    ready: set[int] = set()
+
+    def both_workers_serve() -> bool:
+        requests.post(f"{backend.url}/setup", json={}, timeout=5)  # a worker picks up the stored configuration
+        health = requests.get(f"{backend.url}/health", timeout=5).json()
+        if health["configured"]:
+            ready.add(health["pid"])
+        return len(ready) == 2
+
+    wait_until(both_workers_serve, 60, "both workers configured")
     answers = [requests.post(f"{backend.url}/train", json={"project": 7, "label_config": TEXT_CONFIG, "tasks": annotated_tasks()},
-                             timeout=30) for _ in range(6)]
-    assert sorted(a.status_code for a in answers) == [201] + [409] * 5, [a.text for a in answers]
-    pids = {requests.get(f"{backend.url}/health", timeout=5).json()["pid"] for _ in range(20)}
-    assert len(pids) == 2  # the requests did reach both workers
+                             timeout=30) for _ in range(10)]
+    assert sorted(a.status_code for a in answers) == [201] + [409] * 9, [a.text for a in answers]
     wait_until(lambda: requests.get(f"{backend.url}/train/status", timeout=5).json()["jobs"][0]["state"] != "running", 120,
                "the training")
     assert len(requests.get(f"{backend.url}/train/status", timeout=5).json()["jobs"]) == 1
@@ -231,3 +237,15 @@ def test_training_needs_an_alias_and_a_valid_policy(app_with, registry):
     assert bad.status_code == 400 and "training.trigger" in bad.get_json()["error"]
     without_hook = client.post("/configure", json={"model_uri": "models:/sentiment/1", "training": {"every": 5}})
     assert without_hook.status_code == 400 and "train_hook" in without_hook.get_json()["error"]
+
+
+def test_a_training_past_train_timeout_is_killed_and_serving_goes_on(app_with, trainable):
+    name, body, mlflow = trainable
+    client = app_with(train_timeout_s=3)
+    assert client.post("/configure", json=body(train_hook=sleeping_train(120))).status_code == 200
+    client.post("/train", json={"project": 7, "label_config": TEXT_CONFIG, "tasks": annotated_tasks()})
+    job = wait_job(client, timeout=60)
+    assert job["state"] == "failed" and "TRAIN_TIMEOUT_S" in job["error"]
+    assert mlflow.get_registered_model(name).aliases == {"champion": 1}
+    assert predict_label(client, "great good") == ("negative", f"{name}:1")
+    assert client.get("/train/status").get_json()["failures_in_a_row"] == 1

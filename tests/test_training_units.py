@@ -44,3 +44,29 @@ def test_agreement_of_known_predictions_and_annotations():
     assert compare([text], [text]).summary()["values_kept"] == 1.0
     total = compare([choice("cat")], [choice("cat")]).add(compare([choice("cat")], [choice("dog")]))
     assert total.summary()["agreement"] == 0.5 and json.dumps(total.to_dict())
+
+
+def test_training_targets_from_annotations():
+    from hooks import boxes, choice_labels, polygons, spans
+
+    choice = [{"from_name": "c", "type": "choices", "value": {"choices": ["cat"]}}]
+    assert choice_labels([choice, [], choice], default="none") == ["cat", "none", "cat"]
+    box = {"type": "rectanglelabels", "original_width": 200, "original_height": 100,
+           "value": {"x": 10, "y": 20, "width": 50, "height": 50, "rectanglelabels": ["car"]}}
+    assert boxes([box]) == [(20.0, 20.0, 120.0, 70.0, "car")]
+    assert boxes([box], size=(100, 100))[0][:4] == (10.0, 20.0, 60.0, 70.0)
+    poly = {"type": "polygonlabels", "value": {"points": [[0, 0], [50, 0], [50, 50]], "polygonlabels": ["roof"]}}
+    assert polygons([poly], size=(200, 100)) == [([(0.0, 0.0), (100.0, 0.0), (100.0, 50.0)], "roof")]
+    ner = {"type": "labels", "value": {"start": 0, "end": 5, "text": "Alice", "labels": ["PER"]}}
+    assert spans([ner, box]) == [(0, 5, "PER", "Alice")]
+
+
+def test_a_dagshub_configure_may_add_a_train_hook_and_name_an_alias_as_its_version():
+    from backend.spec import parse_model_spec
+
+    spec = parse_model_spec({"host": "https://dagshub.com", "username": "u", "repo": "u/r", "model": "m", "version": "champion",
+                             "authtoken": "t", "train_hook": "examples.hooks:sentiment_train", "training": {"every": 5}})
+    assert spec.model_uri == "models:/m@champion" and spec.registry_target == ("m", "champion", "")
+    assert spec.train_hook == "examples.hooks:sentiment_train" and spec.training == {"every": 5}
+    assert spec.public()["train_hook"] == "examples.hooks:sentiment_train"
+    assert parse_model_spec({"host": "https://dagshub.com", "repo": "u/r", "model": "m", "version": "3"}).model_uri == "models:/m/3"
