@@ -324,6 +324,8 @@ def train():
         project = project.split(".", 1)[0]
     if project is None:
         raise BadRequest("'project' is missing", "Name the Label Studio project whose annotations to train on: {\"project\": 7}.")
+    if isinstance(project, bool) or not (isinstance(project, int) or (isinstance(project, str) and project.isdigit())):
+        raise BadRequest("'project' must be a Label Studio project id", f"got {project!r}; send e.g. {{\"project\": 7}}.")
     label_config = body.get("label_config") if isinstance(body.get("label_config"), str) else ""
     answer = s.trainer.request("POST /train", str(project), label_config, tasks=tasks)
     return jsonify({"status": answer.get("training"), **answer}), 201

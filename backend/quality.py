@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .agreement import Agreement, compare
+from .webhooks import annotations_in
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,11 @@ class QualityLedger:
             return 0
         if action not in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
             return 0
-        annotations = body.get("annotation")
-        annotations = annotations if isinstance(annotations, list) else [annotations]
         compared = 0
         self.flush()
         db = self._db()
-        for annotation in annotations:
-            if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+        for annotation in annotations_in(body):
+            if not isinstance(annotation.get("id"), int):
                 continue
             task_id = annotation.get("task")
             task_id = task_id.get("id") if isinstance(task_id, dict) else task_id

@@ -12,9 +12,12 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest
+
+if TYPE_CHECKING:
+    from .training.policy import TrainingPolicy
 
 LOADERS = ("pyfunc", "native")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
@@ -36,7 +39,6 @@ PLAIN_KEYS = frozenset(
         "training",
     }
 )
-DAGSHUB_EXTRA_KEYS = ("train_hook", "training")  # what a dagshub-form configure may add to what the client sends
 SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
 
 
@@ -77,17 +79,22 @@ class ModelSpec:
         return "|".join(parts)
 
     @property
-    def registry_target(self) -> tuple[str, str, str] | None:
-        """(name, alias, "") for ``models:/name@alias``, (name, "", "latest") for ``models:/name/latest``:
-        the specs whose served version can move in the registry (and that the backend follows)."""
+    def registry_target(self) -> tuple[str, str] | None:
+        """(name, alias) for ``models:/name@alias``, (name, "") for ``models:/name/latest``: the specs whose
+        served version can move in the registry (and that the backend follows); None for the others."""
         match = MODELS_URI.match(self.model_uri)
-        if not match:
+        if not match or not (match["alias"] or (match["version"] or "").lower() == "latest"):
             return None
-        if match["alias"]:
-            return match["name"], match["alias"], ""
-        if (match["version"] or "").lower() == "latest":
-            return match["name"], "", "latest"
-        return None
+        return match["name"], match["alias"] or ""
+
+    @property
+    def training_policy(self) -> TrainingPolicy | None:
+        """The training policy of a trainable spec (checked at parse time), None for the others."""
+        from .training.policy import TrainingPolicy
+
+        if not self.train_hook or self.registry_target is None:
+            return None
+        return TrainingPolicy.parse(self.training, default_alias=self.registry_target[1])
 
     @property
     def digest(self) -> str:

@@ -3,7 +3,8 @@
 Label Studio sends annotation events to ``/webhook`` and drops them after about a second, and
 "start training on annotation submission" sends ``START_TRAINING`` inside the annotator's own save:
 a slow webhook slows every save. So ``/webhook`` only notes the event here (a bounded log per
-project) and answers at once; training, when there is some, reads this log from elsewhere.
+project, shown on /health) and answers at once; training (``training.trainer``) and prediction
+quality (``quality``) note what they need from the same body, in a few file writes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class _Project:
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_PER_PROJECT))
     counts: Counter[str] = field(default_factory=Counter)
     last_at: float = 0.0
+
+
+def annotations_in(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The annotation(s) an event carries: one for ANNOTATION_CREATED/UPDATED, a list for ANNOTATIONS_CREATED."""
+    found = body.get("annotation")
+    return [a for a in (found if isinstance(found, list) else [found]) if isinstance(a, dict)]
 
 
 def _id_of(body: dict[str, Any], key: str) -> Any:

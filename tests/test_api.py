@@ -196,6 +196,7 @@ def assert_still_serving(client, images):
         (lambda c: c.get("/no-such-route"), 404, "Not Found"),
         (lambda c: c.post("/train", json={}), 400, "'project' is missing"),
         (lambda c: c.post("/train", json={"project": 1}), 503, "has no train_hook"),
+        (lambda c: c.post("/train", json={"project": ["../admin"]}), 400, "must be a Label Studio project id"),
         (lambda c: c.post("/train", json={"project": 1, "tasks": "all"}), 400, "'tasks' must be a list"),
         (lambda c: c.get("/predict"), 405, "Method Not Allowed"),
     ],

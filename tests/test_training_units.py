@@ -66,7 +66,7 @@ def test_a_dagshub_configure_may_add_a_train_hook_and_name_an_alias_as_its_versi
 
     spec = parse_model_spec({"host": "https://dagshub.com", "username": "u", "repo": "u/r", "model": "m", "version": "champion",
                              "authtoken": "t", "train_hook": "examples.hooks:sentiment_train", "training": {"every": 5}})
-    assert spec.model_uri == "models:/m@champion" and spec.registry_target == ("m", "champion", "")
+    assert spec.model_uri == "models:/m@champion" and spec.registry_target == ("m", "champion")
     assert spec.train_hook == "examples.hooks:sentiment_train" and spec.training == {"every": 5}
     assert spec.public()["train_hook"] == "examples.hooks:sentiment_train"
     assert parse_model_spec({"host": "https://dagshub.com", "repo": "u/r", "model": "m", "version": "3"}).model_uri == "models:/m/3"

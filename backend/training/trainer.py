@@ -27,6 +27,7 @@ from ..errors import Conflict, NotConfigured
 from ..labelstudio import LabelStudioAccess
 from ..metrics import BackendMetrics
 from ..settings import Settings
+from ..webhooks import annotations_in
 from .policy import TrainingPolicy
 from .records import TrainingRecords
 
@@ -114,9 +115,9 @@ class Trainer:
         """Finish what ended, start what is due; the app's ticker calls this every second or so."""
         self.reconcile()
         current = self.current()
-        if current is None or not current.spec.train_hook:
+        policy = current.spec.training_policy if current is not None else None
+        if policy is None:
             return
-        policy = TrainingPolicy.parse(current.spec.training, current.spec.registry_target[1])
         now = time.time()
         start: tuple[str, Any, bool] | None = None
         state = self.records.read_state()
@@ -163,12 +164,12 @@ class Trainer:
     def describe(self) -> dict[str, Any] | None:
         """For /health: the state and the last outcome (re-read at most every second)."""
         serving = self.current()
-        if serving is None or not serving.spec.train_hook:
+        policy = serving.spec.training_policy if serving is not None else None
+        if policy is None:
             return None
         checked, shown = self._described
         if time.monotonic() - checked < DESCRIBE_EVERY_S:
             return shown
-        policy = TrainingPolicy.parse(serving.spec.training, serving.spec.registry_target[1])
         state = self.records.read_state()
         current = state.get("current")
         shown = {"state": "running" if current else ("queued" if state.get("request") else "idle"),
@@ -217,10 +218,11 @@ class Trainer:
         serving = self.current()
         if serving is None:
             raise NotConfigured("no model is configured", "Configure the backend with a train_hook first.")
-        if not serving.spec.train_hook:
+        policy = serving.spec.training_policy
+        if policy is None:
             raise NotConfigured("this configuration has no train_hook",
                                 "Configure again with 'train_hook' (and models:/<name>@<alias>) to train on annotations.")
-        return serving, TrainingPolicy.parse(serving.spec.training, serving.spec.registry_target[1])
+        return serving, policy
 
     @staticmethod
     def _figures(state: dict[str, Any], project: dict[str, Any]) -> dict[str, Any]:
@@ -235,10 +237,8 @@ class Trainer:
         return max(0.0, interval, backoff)
 
     def _note_annotations(self, action: str, body: dict[str, Any], project: dict[str, Any]) -> None:
-        annotations = body.get("annotation")
-        items = annotations if isinstance(annotations, list) else [annotations] if isinstance(annotations, dict) else []
         changed = len(body.get("annotations") or []) if action == "ANNOTATIONS_DELETED" else sum(
-            1 for a in items if isinstance(a, dict) and not a.get("was_cancelled") and not a.get("ground_truth")
+            1 for a in annotations_in(body) if not a.get("was_cancelled") and not a.get("ground_truth")
         )
         with self.records.state() as state:
             noted = state["projects"].setdefault(str(project["id"]), {})
