@@ -1,4 +1,4 @@
-"""Label Studio's ML backend routes, plus configure, readiness and metrics, as one blueprint.
+"""Label Studio's ML backend routes, plus configure, health and metrics, as one blueprint (Antenna's are in ``antenna``).
 
 ``/health``, ``/setup`` and ``/webhook`` never load or wait for a model: Label Studio gives them 1 s
 and 3 s (and drops webhooks after about one), and the gunicorn worker (``worker``) serves them from
@@ -7,7 +7,6 @@ threads of their own, so a busy or stalled request never holds them up.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,7 +18,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .answers import predictions_answer
+from .antenna.pipeline import define_pipeline
 from .auth import require_basic_auth, require_configure_rights
+from .bodies import json_body
 from .continuation import PredictionCache
 from .errors import BackendError, BadRequest, NotFound
 from .follower import RegistryFollower
@@ -42,7 +43,7 @@ from .zygote import Zygote
 log = logging.getLogger(__name__)
 api = Blueprint("backend", __name__)
 
-OPEN_ENDPOINTS = {"backend.health", "backend.livez", "backend.readyz", "backend.webhook", "backend.configure"}
+OPEN_ENDPOINTS = {"backend.health", "antenna.livez", "antenna.readyz", "backend.webhook", "backend.configure"}
 
 
 @dataclass
@@ -119,31 +120,13 @@ def services() -> Services:
     return current_app.extensions["lsbackend"]
 
 
-def json_body(*, required: bool = True) -> dict[str, Any]:
-    """The request's JSON object, or a 400 that says what was wrong with it."""
-    raw = request.get_data()
-    if not raw:
-        if required:
-            raise BadRequest("the request has no body", "Send a JSON object.")
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest("the request body is not valid JSON", str(exc)) from exc
-    except RecursionError:
-        raise BadRequest("the request body nests too deeply", "Send JSON nested a few hundred levels at most.") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object", f"got {type(body).__name__}")
-    return body
-
-
 @api.before_app_request
 def _before() -> None:
     g.started = time.perf_counter()
     s = services()
     if request.endpoint not in OPEN_ENDPOINTS:
         require_basic_auth(request, s.settings)
-    if request.endpoint not in ("backend.health", "backend.livez", "backend.metrics", "backend.webhook"):
+    if request.endpoint not in ("backend.health", "antenna.livez", "backend.metrics", "backend.webhook"):
         s.runtime.follow_store()
 
 
@@ -172,6 +155,9 @@ def _status() -> dict[str, Any]:
     }
     if active is not None:
         body.update(active.describe())
+        pipeline = define_pipeline(active.spec)
+        if pipeline is not None:
+            body["antenna_pipeline"] = pipeline.slug
         body["batching"] = active.batcher.describe(active.batch_size)
         body["background"] = active.continuation.describe()
     else:
@@ -202,17 +188,6 @@ def _status() -> dict[str, Any]:
 @api.get("/health")
 def health():
     return jsonify(_status())
-
-
-@api.get("/livez")
-def livez():
-    return jsonify({"status": "alive"})
-
-
-@api.get("/readyz")
-def readyz():
-    body = _status()
-    return jsonify(body), (200 if body["configured"] else 503)
 
 
 @api.post("/setup")
@@ -254,8 +229,8 @@ def predict():
     recalled = recall(serving, s.cache, tasks, label_config, context)  # what earlier rounds left
     inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec),
                                    skip=recalled.known if recalled else frozenset())
-    outcome = predict_tasks(serving, tasks, inputs, label_config, deadline, s.cache, recalled, context, timer,
-                            background=s.settings.background)
+    outcome = predict_tasks(serving, tasks, inputs, label_config=label_config, deadline=deadline, recalled=recalled,
+                            context=context, timer=timer, background=s.settings.background)
     timer("fetch", inputs.fetch_seconds)
 
     extra: dict[str, Any] = {}

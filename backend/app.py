@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from flask import Flask
 
 from .answers import PlainValuesJSONProvider
+from .antenna.routes import antenna
 from .api import Services, api
 from .continuation import Continuation, PredictionCache
 from .errors import register_error_handlers
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     services.trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
+    app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
     services.ticker = Ticker(1.0, [services.trainer.tick, services.follower.tick, quality.flush]).start()

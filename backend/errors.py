@@ -10,6 +10,7 @@ Every failure a client can cause or should know about is one of these::
     ├── Conflict                    409  a limit reached, or a newer request won
     ├── PayloadTooLarge             413  a request body over MAX_REQUEST_MB
     ├── NotConfigured               503  predict before any model was configured (or while it loads)
+    ├── Unprocessable               422  valid JSON that does not fit the API (Antenna's pipeline request)
     ├── HookUnusable                422  a hook that cannot be decoded or would not run here
     ├── PredictionsInvalid          422  predictions that do not fit the task count or labeling config
     ├── HookFailed                  500  a user hook (or the model) raised while predicting
@@ -17,7 +18,8 @@ Every failure a client can cause or should know about is one of these::
     └── DeadlineExceeded            504  a prediction could not finish within the deadline
 
 Responses are ``{"error": <summary>, "detail": <cause and fix>, "type": <class name>}``, with any
-credential they would quote masked (``redact``). Tracebacks go to the log, never to the client.
+credential they would quote masked (``redact``). On Antenna's routes, which show only ``detail``,
+``detail`` holds the summary too. Tracebacks go to the log, never to the client.
 Errors raised in the model process travel to the worker as ``to_dict()`` and come back to life with
 ``error_from_dict``.
 """
@@ -27,12 +29,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .redact import redact, redact_value
 
 log = logging.getLogger(__name__)
+
+# Antenna's routes: its platform shows a failed call's "detail" alone (FastAPI's error shape).
+ANTENNA_PATHS = frozenset({"/info", "/readyz", "/livez", "/process"})
 
 
 class BackendError(Exception):
@@ -95,6 +100,12 @@ class NotConfigured(BackendError):
     status = 503
 
 
+class Unprocessable(BackendError):
+    """422: valid JSON that does not fit the API's schema (FastAPI's status, which Antenna expects)."""
+
+    status = 422
+
+
 class HookUnusable(BackendError):
     """422: a hook that cannot be decoded, or was made by another Python and would crash here."""
 
@@ -140,9 +151,16 @@ def _subclasses(cls: type) -> list[type]:
     return found
 
 
+def _shaped(body: dict[str, Any]) -> dict[str, Any]:
+    """On Antenna's routes, ``detail`` says what went wrong and what to do, in one string."""
+    if has_request_context() and request.path in ANTENNA_PATHS:
+        body["detail"] = f"{body['error']}: {body['detail']}" if body.get("detail") else body["error"]
+    return body
+
+
 def error_response(exc: BackendError):
     """The JSON response for one of our errors."""
-    response = jsonify(exc.to_dict())
+    response = jsonify(_shaped(exc.to_dict()))
     response.status_code = exc.status
     if isinstance(exc, Unauthorized):
         response.headers["WWW-Authenticate"] = 'Basic realm="label-studio-ml-backend"'
@@ -180,7 +198,7 @@ def register_error_handlers(app: Flask, on_error=None) -> None:
     def _http_error(exc: HTTPException):
         note(exc)
         response = jsonify(
-            {"error": exc.name, "detail": redact(exc.description or ""), "type": type(exc).__name__}
+            _shaped({"error": exc.name, "detail": redact(exc.description or ""), "type": type(exc).__name__})
         )
         response.status_code = exc.code or 500
         return response
@@ -190,11 +208,11 @@ def register_error_handlers(app: Flask, on_error=None) -> None:
         note(exc)
         log.exception("unexpected error")
         response = jsonify(
-            {
+            _shaped({
                 "error": f"internal error: {type(exc).__name__}",
                 "detail": "The backend hit an unexpected error; its log has the traceback.",
                 "type": "BackendError",
-            }
+            })
         )
         response.status_code = 500
         return response

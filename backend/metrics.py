@@ -63,6 +63,10 @@ class BackendMetrics:
             "lsbackend_model_swaps", "Served model versions replaced by a new registry version, by reason.", ["reason"],
             registry=r,
         )
+        self.antenna_images = Counter(
+            "lsbackend_antenna_images", "Images of Antenna's /process calls, by result (processed, failed).", ["result"],
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)
 

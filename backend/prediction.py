@@ -27,7 +27,7 @@ from .errors import BackendError, DeadlineExceeded
 from .taskdata import PendingInputs
 from .validation import PredictionCompleter, validate_predictions
 
-Item = dict[str, Any] | str | None
+Item = dict[str, Any] | str | None  # or, with ``raw``, whatever the post hook gave
 StageTimer = Callable[[str, float], None]
 
 
@@ -107,16 +107,20 @@ def predict_tasks(
     serving: Serving,
     tasks: list[dict[str, Any]],
     inputs: PendingInputs,
+    *,
     label_config: str,
     deadline: float,
-    cache: PredictionCache,
     recalled: Recalled | None = None,
     context: Any = None,
     timer: StageTimer | None = None,
     background: bool = True,
+    raw: bool = False,
+    deadline_setting: str = "PREDICT_TIMEOUT_S",
 ) -> Outcome:
     """Everything one request can answer by its deadline; see the module docstring. ``recalled``: what
-    ``recall`` found (its tasks' data need not have been fetched)."""
+    ``recall`` found (its tasks' data need not have been fetched). ``raw``: items are the post hook's
+    outputs as they are, for a caller that makes its own answer of them (Antenna's /process); they
+    are neither completed nor validated, and nothing goes to the background."""
     outcome = Outcome([None] * len(tasks))
     continuation = serving.continuation
     keys = recalled.keys if recalled else None
@@ -139,7 +143,7 @@ def predict_tasks(
                 running.append((indices, future))
                 continue
             for index, output in zip(indices, outputs):
-                outcome.items[index] = complete(output, tasks[index], index)
+                outcome.items[index] = output if raw else complete(output, tasks[index], index)
     except BaseException:
         for _, future in sent:
             future.cancel()  # chunks not yet started are dropped by the batcher
@@ -156,7 +160,7 @@ def predict_tasks(
 
     if running or not_started:
         unfinished = [i for indices, _ in running for i in indices] + not_started
-        if context is not None or not background:
+        if context is not None or not background or raw:
             for _, future in running:
                 future.cancel()
             if context is not None:
@@ -164,8 +168,9 @@ def predict_tasks(
                     "the interactive prediction did not finish before the deadline",
                     "Make the hooks or the model faster, or raise PREDICT_TIMEOUT_S (Label Studio waits 100 s).",
                 )
+            why = f"not finished before the deadline ({deadline_setting})" + ("" if raw else ", and BACKGROUND is off")
             for index in unfinished:
-                outcome.errors[index] = "not finished before the deadline (PREDICT_TIMEOUT_S), and BACKGROUND is off"
+                outcome.errors[index] = why
         else:
             keys = keys or task_keys(serving.identity, label_config, tasks)
             leftovers = [
@@ -183,6 +188,8 @@ def predict_tasks(
                         )
     outcome.left += len(still_waiting)
 
+    if raw:
+        return outcome
     started = time.perf_counter()
     finished = [i for i, item in enumerate(outcome.items) if isinstance(item, dict)]
     validate_predictions([outcome.items[i] for i in finished], [tasks[i] for i in finished], label_config)

@@ -80,7 +80,7 @@ BACKEND_ENVIRONMENT = (
     "MLFLOW_TRACKING_TOKEN", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOG_LEVEL",
     "LOCAL_FILES_ROOTS", "LOCAL_FILES_DOCUMENT_ROOT", "FETCH_ALLOW_PRIVATE", "FETCH_MAX_MB", "FETCH_TIMEOUT_S",
     "FETCH_CONCURRENCY", "CACHE_MAX_MB", "MAX_REQUEST_MB", "REQUEST_READ_TIMEOUT_S", "QUICK_THREADS",
-    "PREDICT_TIMEOUT_S", "MODEL_CALL_TIMEOUT_S", "CONFIGURE_WAIT_S", "BATCH_SIZE", "BATCHING", "MAX_LATENCY_MS",
+    "PREDICT_TIMEOUT_S", "PROCESS_TIMEOUT_S", "MODEL_CALL_TIMEOUT_S", "CONFIGURE_WAIT_S", "BATCH_SIZE", "BATCHING", "MAX_LATENCY_MS",
     "BACKGROUND", "BACKGROUND_MAX_TASKS", "PREDICTION_CACHE_MB", "PREDICTION_CACHE_TTL_S",
     "TRAIN_TIMEOUT_S", "TRAIN_CUDA_VISIBLE_DEVICES", "ALIAS_POLL_S",
 )
@@ -120,6 +120,7 @@ class Settings(AccessSettings):
     label_studio_api_key: str = ""
     configure_wait_s: float = 20.0
     predict_timeout_s: float = 90.0
+    process_timeout_s: float = 600.0  # Antenna's /process: it waits as long as it takes, a deadline of our own
     model_call_timeout_s: float | None = None  # one model call longer than this is hung; default PREDICT_TIMEOUT_S
     fetch_concurrency: int = 16
     fetch_timeout_s: float = 30.0
@@ -159,6 +160,7 @@ class Settings(AccessSettings):
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
             configure_wait_s=_float(env, "CONFIGURE_WAIT_S", 20.0),
             predict_timeout_s=_float(env, "PREDICT_TIMEOUT_S", 90.0, 1.0),
+            process_timeout_s=_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
             model_call_timeout_s=_float(env, "MODEL_CALL_TIMEOUT_S", 0.0) or None,
             fetch_concurrency=_int(env, "FETCH_CONCURRENCY", 16, 1),
             fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", 30.0, 0.1),

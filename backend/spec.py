@@ -37,6 +37,8 @@ PLAIN_KEYS = frozenset(
         "model_version",
         "train_hook",
         "training",
+        "label_config",
+        "pipeline",
     }
 )
 SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
@@ -71,6 +73,8 @@ class ModelSpec:
     dagshub: DagshubSource | None = None
     train_hook: str = field(default="", repr=False)
     training: dict[str, Any] = field(default_factory=dict)  # the policy, checked by training.policy
+    label_config: str = field(default="", repr=False)  # a Label Studio labeling config: Antenna's pipeline
+    pipeline: dict[str, Any] = field(default_factory=dict)  # its slug, name, description, version (antenna.pipeline)
 
     @property
     def model_key(self) -> str:
@@ -212,6 +216,7 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
         batch_size=batch_size,
         model_version=_text(data, "model_version"),
         **_training_fields(data, model_uri),
+        **_antenna_fields(data, model_uri),
     )
 
 
@@ -244,6 +249,7 @@ def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
             datasource_name=_text(data, "datasource_name"),
         ),
         **_training_fields(data, model_uri),
+        **_antenna_fields(data, model_uri),
     )
 
 
@@ -268,3 +274,16 @@ def _training_fields(data: dict[str, Any], model_uri: str) -> dict[str, Any]:
         )
     TrainingPolicy.parse(training, default_alias=match["alias"])  # a 400 naming the bad field, now rather than later
     return {"train_hook": train_hook, "training": training}
+
+
+def _antenna_fields(data: dict[str, Any], model_uri: str) -> dict[str, Any]:
+    """``label_config`` and ``pipeline``: what Antenna's pipeline is made of, checked now (a 400 naming the
+    problem) rather than at Antenna's first /info."""
+    label_config = _text(data, "label_config").strip()
+    pipeline = data.get("pipeline") or {}
+    if not label_config and not pipeline:
+        return {}
+    from .antenna.pipeline import check_pipeline_fields  # label-studio-sdk: imported only when needed
+
+    check_pipeline_fields(label_config, pipeline, model_uri)
+    return {"label_config": label_config, "pipeline": pipeline} if label_config else {}

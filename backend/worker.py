@@ -8,7 +8,7 @@ stalls holds that thread for as long as it likes. Eight of them hold all eight, 
 loop reads every request, headers and body, without blocking, beside everything else it does; only
 a complete request goes to a thread, and a client that has not sent one within
 ``REQUEST_READ_TIMEOUT_S`` gets a 408. A body over ``MAX_REQUEST_MB`` is not read at all: the app
-answers 413 from its headers. ``/health``, ``/livez``, ``/readyz``, ``/metrics``, ``/setup``,
+answers 413 from its headers. ``/health``, ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/setup``,
 ``/versions`` and ``/webhook`` then run on a small pool of their own (``QUICK_THREADS``), so they
 answer at once however many predictions are in flight.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-QUICK_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/metrics", "/setup", "/versions", "/webhook"})
+QUICK_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/info", "/metrics", "/setup", "/versions", "/webhook"})
 MAX_HEADER_BYTES = 64 << 10
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,20})", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r]*chunked", re.IGNORECASE)

@@ -13,6 +13,7 @@ import numpy as np
 IMAGE_MODEL = "brightness"  # sklearn: mean grey level of an image -> "dark" / "light"
 TEXT_MODEL = "sentiment"  # sklearn pipeline: text -> "positive" / "negative"
 TORCH_MODEL = "tiny_torch"  # torch module: (n, 1) brightness -> logits of (dark, light)
+DETECTOR_MODEL = "critters"  # sklearn: a grid cell's mean colour -> P(Beetle, Moth, background); hooks make boxes
 
 
 def train_brightness():
@@ -31,6 +32,20 @@ def train_sentiment():
     texts = ["great good lovely", "good fine great", "wonderful great", "bad awful", "terrible bad", "awful horrid bad"]
     labels = ["positive", "positive", "positive", "negative", "negative", "negative"]
     return make_pipeline(CountVectorizer(), LogisticRegression()).fit(texts, labels)
+
+
+def train_critters():
+    """Red cells are moths, blue ones beetles, dark ones background: a detector when run cell by cell."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    low, high = rng.uniform(0.0, 0.3, (300, 3)), rng.uniform(0.7, 1.0, (300, 1))
+    moths = np.hstack([high[:100], low[:100, 1:]])
+    beetles = np.hstack([low[100:200, :2], high[100:200]])
+    background = low[200:] * 0.6
+    x = np.vstack([moths, beetles, background])
+    y = ["Moth"] * 100 + ["Beetle"] * 100 + ["background"] * 100
+    return LogisticRegression(C=100.0, max_iter=1000).fit(x, y)
 
 
 def make_tiny_torch():
@@ -91,6 +106,9 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
     mlflow.MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "1")
     with mlflow.start_run():
         mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=TEXT_MODEL)
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(train_critters(), name="critters", registered_model_name=DETECTOR_MODEL,
+                                 pyfunc_predict_fn="predict_proba")
     if with_torch:
         import mlflow.pytorch
 

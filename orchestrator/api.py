@@ -1,5 +1,6 @@
 """The orchestrator's routes: the backend's front door (configure), the backends' lifecycle, and
-Label Studio's routes forwarded to the newest backend (``/predict``) or a chosen one (``/models/<id>/predict``)."""
+Label Studio's routes forwarded to the newest backend (``/predict``) or a chosen one (``/models/<id>/predict``).
+Antenna's routes, by pipeline slug, are in ``antenna``."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ LABEL_STUDIO_ROUTES = (
 )
 # A backend's routes that need configure rights, reachable through the orchestrator with its own.
 CONFIGURE_RIGHTS_ROUTES = ("train", "train/status")
-# Label Studio sends no credentials to the webhook it creates; the backend's own health is public too.
-OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health"}
+# Label Studio sends no credentials to the webhook it creates; health and Antenna's probes are public too.
+OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health",
+                  "antenna.livez", "antenna.readyz"}
 
 
 @dataclass

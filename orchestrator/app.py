@@ -11,6 +11,7 @@ from flask import Flask
 from backend.errors import register_error_handlers
 from backend.redact import SECRETS, install_log_redaction
 
+from .antenna import antenna
 from .api import Orchestrator, api
 from .drivers import BackendDriver, make_driver
 from .gpus import detect_gpus
@@ -43,6 +44,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s), supervisor)
     app.register_blueprint(api)
+    app.register_blueprint(antenna)
     register_error_handlers(app)
     if supervise:
         supervisor.start()

@@ -18,23 +18,35 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
 from backend.errors import BackendError, Conflict, DeadlineExceeded, NotFound, UpstreamUnavailable
-from backend.spec import decode_configure_body, parse_model_spec
+from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
 
 from .drivers import BackendDriver, free_port, port_is_free
 from .gpus import assign_gpu
 from .registry import BackendRecord, Registry
 from .settings import OrchestratorSettings
 
+if TYPE_CHECKING:
+    from backend.antenna.pipeline import PipelineDefinition
+
 log = logging.getLogger(__name__)
 
 PUBLIC_MODEL_FIELDS = ("model_uri", "tracking_uri", "registry_uri", "loader", "model_version", "batch_size")
 # A backend answers a configure within its CONFIGURE_WAIT_S (then 202 while loading); wait that and a margin.
 CONFIGURE_ANSWER_S = float(os.environ.get("CONFIGURE_WAIT_S", "20")) + 15.0
+
+
+def _antenna_pipeline(spec: ModelSpec) -> PipelineDefinition | None:
+    """The Antenna pipeline a configure defines (label-studio-sdk is imported only for one that does)."""
+    if not spec.label_config:
+        return None
+    from backend.antenna.pipeline import define_pipeline
+
+    return define_pipeline(spec)
 
 
 def backend_id_for(model_key: str) -> str:
@@ -66,6 +78,9 @@ class BackendManager:
         """Route one configure body; returns the backend, its answer's status and body, and whether it is new."""
         spec = parse_model_spec(decode_configure_body(raw))  # bad bodies fail here, before anything starts
         backend_id = backend_id_for(spec.model_key)
+        pipeline = _antenna_pipeline(spec)
+        if pipeline is not None:
+            self._check_slug_free(pipeline.slug, backend_id)
         with self.lock_for(backend_id):
             record = self.registry.get(backend_id)
             created = record is None
@@ -81,6 +96,7 @@ class BackendManager:
                     self.remove(record)
                 raise
             if status < 300:
+                record.model = {**record.model, "pipeline": pipeline.config() if pipeline else None}
                 record.configured_at = time.time()
                 record.state = "ready"
                 record.failures = 0
@@ -88,6 +104,16 @@ class BackendManager:
             elif created:
                 self.remove(record)
             return record, status, answer, created
+
+    def _check_slug_free(self, slug: str, backend_id: str) -> None:
+        """Antenna keys pipelines by slug, and /process is routed by it: one backend per slug."""
+        for record in self.registry.backends():
+            taken = (record.model.get("pipeline") or {}).get("slug")
+            if record.id != backend_id and taken == slug:
+                raise Conflict(
+                    f"the pipeline slug {slug!r} is taken by backend {record.id} ({record.model.get('model_uri')})",
+                    'Give this model another: "pipeline": {"slug": "..."}; or DELETE /backends/<id> the other first.',
+                )
 
     def _create(self, backend_id: str, model: dict[str, Any]) -> BackendRecord:
         """A backend for a new model: a warm spare when one is ready, else a fresh start."""

@@ -38,8 +38,11 @@ class Proxy:
         adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64)
         self.session.mount("http://", adapter)
 
-    def forward(self, record: BackendRecord, path: str, request: Request, authorization: str | None = None) -> Response:
-        """``authorization``: what the backend is sent instead of the client's own (its configure token)."""
+    def forward(self, record: BackendRecord, path: str, request: Request, authorization: str | None = None,
+                timeout_s: float | None = None) -> Response:
+        """``authorization``: what the backend is sent instead of the client's own (its configure token);
+        ``timeout_s``: how long its answer may take, PROXY_TIMEOUT_S by default."""
+        timeout_s = timeout_s or self.timeout_s
         url = f"{record.url}/{path.lstrip('/')}"
         if request.query_string:
             url += "?" + request.query_string.decode("latin-1")
@@ -56,12 +59,12 @@ class Proxy:
                 headers=headers,
                 data=request.get_data(cache=False) or None,
                 stream=True,
-                timeout=(2.0, self.timeout_s),
+                timeout=(2.0, timeout_s),
                 allow_redirects=False,
             )
         except requests.Timeout as exc:
             raise DeadlineExceeded(
-                f"backend {record.id} did not answer within {self.timeout_s:g} s",
+                f"backend {record.id} did not answer within {timeout_s:g} s",
                 "GET /backends/<id> shows its state and log.",
             ) from exc
         except requests.ConnectionError as exc:

@@ -25,6 +25,7 @@ class OrchestratorSettings(AccessSettings):
     max_backends: int = 8
     start_timeout_s: float = 60.0
     proxy_timeout_s: float = 110.0  # Label Studio waits 100 s for /predict; the backend's own 504 comes first
+    process_timeout_s: float = 600.0  # the backends' PROCESS_TIMEOUT_S: Antenna's /process waits for them
     supervise_every_s: float = 1.0
     max_backoff_s: float = 30.0
     host: str = "127.0.0.1"
@@ -54,6 +55,7 @@ class OrchestratorSettings(AccessSettings):
             max_backends=_int(env, "MAX_BACKENDS", 8, 1),
             start_timeout_s=_float(env, "BACKEND_START_TIMEOUT_S", 60.0, 1.0),
             proxy_timeout_s=_float(env, "PROXY_TIMEOUT_S", 110.0, 1.0),
+            process_timeout_s=_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
             supervise_every_s=_float(env, "SUPERVISE_EVERY_S", 1.0, 0.05),
             max_backoff_s=_float(env, "MAX_BACKOFF_S", 30.0, 0.1),
             host=env.get("HOST") or env.get("FLASK_RUN_HOST") or "127.0.0.1",

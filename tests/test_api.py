@@ -64,7 +64,8 @@ def test_configure_and_predict_images(client, images):
         assert prediction["result"][0]["id"]
     assert client.post("/setup", json={}).get_json() == {"model_version": "brightness:1"}
     assert client.get("/versions").get_json() == {"versions": ["brightness:1"]}
-    assert client.get("/readyz").status_code == 200
+    # /readyz is Antenna's: ready pipelines, and a configure without a label_config offers none.
+    assert client.get("/readyz").status_code == 503 and client.get("/readyz").get_json()["status"] == []
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from examples.hooks import (  # noqa: F401
     TEXT_CONFIG,
     brightness_pre,
     choices_post,
+    critter_boxes_post,
+    critter_cells_pre,
     encode,
     sentiment_post,
     sentiment_train,
@@ -32,6 +34,36 @@ def torch_choices_post(logits):
         }
         for p in probs
     ]
+
+
+def torch_choices_scores_post(logits):
+    """Choices with the softmax over both labels as the result's scores (what Antenna's classifications carry)."""
+    names = ["dark", "light"]
+    probs = logits.softmax(dim=1)
+    return [
+        {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices",
+                     "value": {"choices": [names[int(p.argmax())]]}, "score": float(p.max()),
+                     "scores": {"dark": float(p[0]), "light": float(p[1])}}]}
+        for p in probs
+    ]
+
+
+def antenna_shaped_post(logits):
+    """Antenna's own shape, as a hook that knows it may write: a box, a label, its scores; the rest is filled in."""
+    return [{"detections": [{"bbox": [1, 2, 3, 4], "classifications": [{"classification": "light", "scores": [0.25, 0.75]}]}]}
+            for _ in logits]
+
+
+def undeclared_algorithm_post(probabilities, inputs):
+    """Antenna's shape naming an algorithm /info never declared: Antenna could not save it."""
+    return [{"detections": [{"bbox": [0, 0, 1, 1], "algorithm": "yolo-v8"}]} for _ in inputs]
+
+
+def wasp_box_post(probabilities, inputs):
+    """A box labelled with a class the detector's labeling config does not have."""
+    region = {"from_name": "critter", "to_name": "image", "type": "rectanglelabels",
+              "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Wasp"]}}
+    return [{"result": [region]} for _ in inputs]
 
 
 def wrong_label_post(labels):
