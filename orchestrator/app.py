@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
+import sys
+import threading
 from collections.abc import Mapping
 
 from flask import Flask
@@ -19,6 +23,7 @@ from .manager import BackendManager
 from .proxy import Proxy
 from .registry import Registry
 from .settings import OrchestratorSettings
+from .shutdown import Shutdown
 from .supervisor import Supervisor
 
 
@@ -48,6 +53,11 @@ def create_app(
     register_error_handlers(app)
     if supervise:
         supervisor.start()
+        atexit.register(Shutdown(manager, supervisor, settings.on_exit))
+        if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and threading.current_thread() is threading.main_thread():
+            # flask run ends on SIGTERM without running atexit: make it exit as on Ctrl-C, so the backends'
+            # fate is carried out and said. gunicorn's workers exit through sys.exit on their own.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.getLogger(__name__).info(
         "orchestrator: %s driver, state in %s, GPUs: %s",
         manager.driver.name,

@@ -10,6 +10,7 @@ from pathlib import Path
 from backend.settings import AccessSettings, _float, _int, _megabytes, basic_auth_from, comma_list
 
 DRIVERS = ("process", "docker")
+ON_EXIT = ("stop", "keep")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class OrchestratorSettings(AccessSettings):
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
     max_request_bytes: int = 100 << 20  # the backends' MAX_REQUEST_MB: a larger body is refused here already
+    on_exit: str = "keep"  # what the backends do when the orchestrator exits (orchestrator/shutdown.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -49,6 +51,10 @@ class OrchestratorSettings(AccessSettings):
         if driver not in DRIVERS:
             raise ValueError(f"ORCHESTRATOR_DRIVER must be one of {', '.join(DRIVERS)}, got {driver!r}")
         gpus = env.get("ORCHESTRATOR_GPUS")
+        # flask run is the interactive case: Ctrl-C stops the backends too, unless told otherwise.
+        on_exit = env.get("ORCHESTRATOR_ON_EXIT") or ("stop" if env.get("FLASK_RUN_FROM_CLI") == "true" else "keep")
+        if on_exit not in ON_EXIT:
+            raise ValueError(f"ORCHESTRATOR_ON_EXIT must be one of {', '.join(ON_EXIT)}, got {on_exit!r}")
         return cls(
             state_dir=Path(env.get("ORCHESTRATOR_DIR") or "orchestrator_state"),
             driver=driver,
@@ -70,6 +76,7 @@ class OrchestratorSettings(AccessSettings):
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
             max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
+            on_exit=on_exit,
         )
 
     @property

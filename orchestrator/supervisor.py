@@ -39,6 +39,11 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
+    @property
+    def elected(self) -> bool:
+        """Whether this process supervises the state folder (and decides what its backends do at exit)."""
+        return self._lock_file is not None
+
     def _elected(self) -> bool:
         if self._lock_file is None:
             self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -77,6 +82,10 @@ class Supervisor:
 
     def _check(self, record: BackendRecord) -> None:
         manager, now = self.manager, time.time()
+        if record.state == "stopped" and not manager.driver.is_running(record):
+            log.info("backend %s: stopped when the orchestrator last exited; starting it again", record.id)
+            manager.start(record)
+            return
         if manager.driver.is_running(record):
             if record.state == "ready":
                 return

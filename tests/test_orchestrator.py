@@ -57,7 +57,7 @@ def predict(url, images, *names):
 
 
 def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator, images):
-    orchestrator = start_orchestrator()
+    orchestrator = start_orchestrator(ORCHESTRATOR_ON_EXIT="keep")  # as production servers do: re-adopted below
     root = orchestrator.url + "/"
 
     status, first = configure(orchestrator, model_uri="models:/brightness/1")
@@ -94,7 +94,8 @@ def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator
     # A new orchestrator on the same state folder adopts both backends: nothing restarted, nothing reconfigured.
     handles = {i: b["handle"] for i, b in orchestrator.backends().items()}
     orchestrator.stop()
-    orchestrator = start_orchestrator()
+    assert "left 2 backend(s) running (ORCHESTRATOR_ON_EXIT=keep)" in orchestrator.output()
+    orchestrator = start_orchestrator(ORCHESTRATOR_ON_EXIT="keep")
     assert {i: b["handle"] for i, b in orchestrator.backends().items()} == handles
     assert predict(f"{orchestrator.url}/models/{second['id']}/", images, "white") == (["dark"], "brightness:2")
     assert predict(orchestrator.url + "/", images, "white") == (["light"], "relabelled")
@@ -108,6 +109,31 @@ def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator
     gone = requests.post(f"{orchestrator.url}/models/{second['id']}/predict", json={}, timeout=5)
     assert gone.status_code == 404 and "GET /backends lists them" in gone.json()["detail"]
     assert list(orchestrator.backends()) == [first["id"]]
+
+
+def test_ctrl_c_on_flask_run_stops_the_backends_and_the_next_start_brings_them_back(start_orchestrator, images):
+    orchestrator = start_orchestrator()
+    status, first = configure(orchestrator, model_uri="models:/brightness/1")
+    assert status == 200, first
+    record = orchestrator.backends()[first["id"]]
+    pid = int(record["handle"].partition(":")[0])
+
+    orchestrator.stop(signal.SIGINT)
+    assert "stopped 1 backend(s) (ORCHESTRATOR_ON_EXIT=stop)" in orchestrator.output()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the backend's whole process group is gone
+    assert port_is_free(record["port"])
+
+    orchestrator = start_orchestrator(ORCHESTRATOR_ON_EXIT="keep")
+    url = f"{orchestrator.url}/models/{first['id']}/"
+    wait_until(lambda: requests.get(url + "health", timeout=1).json().get("configured"), 60, "started again, configured")
+    assert predict(url, images, "white") == (["light"], "brightness:1")
+    restarted = orchestrator.backends()[first["id"]]
+    assert restarted["restarts"] == 0 and restarted["failures"] == 0  # started again, not counted as a crash
+    orchestrator.stop()  # SIGTERM, with keep: the backend stays, and the orchestrator says where
+    output = orchestrator.output()
+    assert "left 1 backend(s) running (ORCHESTRATOR_ON_EXIT=keep)" in output and first["id"] in output
+    assert requests.get(restarted["url"] + "/health", timeout=5).json()["configured"]
 
 
 def test_failed_configures_leave_nothing_behind_and_keep_what_served(start_orchestrator, images):

@@ -125,3 +125,9 @@ def test_settings_reject_what_they_cannot_use():
     with pytest.raises(ValueError, match="MAX_BACKENDS"):
         OrchestratorSettings.from_env({"MAX_BACKENDS": "0"})
     assert OrchestratorSettings.from_env({"ORCHESTRATOR_GPUS": "0, 2"}).gpus == ("0", "2")
+    with pytest.raises(ValueError, match="ORCHESTRATOR_ON_EXIT must be one of stop, keep"):
+        OrchestratorSettings.from_env({"ORCHESTRATOR_ON_EXIT": "pause"})
+    # Ctrl-C on flask run stops the backends; a production server leaves them to be re-adopted.
+    assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true"}).on_exit == "stop"
+    assert OrchestratorSettings.from_env({}).on_exit == "keep"
+    assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true", "ORCHESTRATOR_ON_EXIT": "keep"}).on_exit == "keep"

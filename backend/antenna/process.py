@@ -47,7 +47,7 @@ def image_size(path: str) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise FetchError(f"it is not an image Pillow can read ({type(exc).__name__})") from None
 
 
@@ -151,8 +151,11 @@ def _crop(image: SourceImage, path: str, size: tuple[int, int], existing: Existi
         from PIL import Image
 
         buffer = io.BytesIO()
-        with Image.open(path) as whole:
-            whole.crop(pixels).convert("RGB").save(buffer, format="PNG")
+        try:
+            with Image.open(path) as whole:
+                whole.crop(pixels).convert("RGB").save(buffer, format="PNG")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise FetchError(f"its crop could not be cut ({type(exc).__name__}: {exc})") from None
         crop_path = cache.store(key, ".png", [buffer.getvalue()], ctx.fetcher.limits.max_file_bytes, "FETCH_MAX_MB")
     return Unit(image, crop_path, (pixels[2] - pixels[0], pixels[3] - pixels[1]), existing, box)
 
