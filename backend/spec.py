@@ -39,6 +39,7 @@ PLAIN_KEYS = frozenset(
         "training",
         "label_config",
         "pipeline",
+        "gpus",
     }
 )
 SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
@@ -75,6 +76,7 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)  # the policy, checked by training.policy
     label_config: str = field(default="", repr=False)  # a Label Studio labeling config: Antenna's pipeline
     pipeline: dict[str, Any] = field(default_factory=dict)  # its slug, name, description, version (antenna.pipeline)
+    gpus: int | None = None  # GPUs the orchestrator's ray driver gives this model's backend (BACKEND_GPUS if None)
 
     @property
     def model_key(self) -> str:
@@ -203,6 +205,9 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
     batch_size = data.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise BadRequest("'batch_size' must be a positive integer", f"got {batch_size!r}")
+    gpus = data.get("gpus")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+        raise BadRequest("'gpus' must be a whole number of GPUs, 0 or more", f"got {gpus!r}")
     return ModelSpec(
         model_uri=model_uri,
         tracking_uri=_text(data, "tracking_uri").rstrip("/"),
@@ -215,6 +220,7 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
         loader=loader,
         batch_size=batch_size,
         model_version=_text(data, "model_version"),
+        gpus=gpus,
         **_training_fields(data, model_uri),
         **_antenna_fields(data, model_uri),
     )

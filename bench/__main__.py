@@ -13,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bigproject, orchestrator_ready, serving
+from . import bigproject, orchestrator_ready, ray_failover, serving
 from .common import Table
 
-SECTIONS = {"serving": serving.run, "big": bigproject.run, "orchestrator": orchestrator_ready.run}
+SECTIONS = {"serving": serving.run, "big": bigproject.run, "orchestrator": orchestrator_ready.run, "ray": ray_failover.run}
 
 
 def main(argv: list[str]) -> int:

@@ -41,7 +41,10 @@ def create_app(
     SECRETS.add(settings.basic_auth_pass, settings.configure_token, os.environ.get("LABEL_STUDIO_API_KEY"))
     install_log_redaction()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+    if settings.driver == "ray":
+        gpus: tuple[str, ...] = ()  # Ray assigns the GPUs of its nodes
+    else:
+        gpus = settings.gpus if settings.gpus is not None else detect_gpus()
     manager = BackendManager(settings, Registry(settings.registry_path), driver or make_driver(settings), gpus)
     supervisor = Supervisor(manager)
     app = Flask(__name__)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PUBLIC_MODEL_FIELDS = ("model_uri", "tracking_uri", "registry_uri", "loader", "model_version", "batch_size")
+PUBLIC_MODEL_FIELDS = ("model_uri", "tracking_uri", "registry_uri", "loader", "model_version", "batch_size", "gpus")
 # A backend answers a configure within its CONFIGURE_WAIT_S (then 202 while loading); wait that and a margin.
 CONFIGURE_ANSWER_S = float(os.environ.get("CONFIGURE_WAIT_S", "20")) + 15.0
 
@@ -139,10 +139,10 @@ class BackendManager:
             id=backend_id,
             model=model,
             driver=self.driver.name,
-            port=free_port(),
+            port=0 if self.driver.name == "ray" else free_port(),  # a Ray backend's node picks its port
             model_dir=str((self.settings.backends_dir / backend_id / "model_dir").resolve()),
             token=secrets.token_urlsafe(24),
-            gpu=assign_gpu(self.gpus, (r.gpu for r in self.registry.all())),
+            gpu="" if self.driver.name == "ray" else assign_gpu(self.gpus, (r.gpu for r in self.registry.all())),
             spare=spare,
         )
         self.registry.put(record)
@@ -168,6 +168,8 @@ class BackendManager:
 
     def replenish_spares(self) -> None:
         """Keep WARM_SPARES spares started, within MAX_BACKENDS counting them; the supervisor calls this."""
+        if self.driver.name == "ray":
+            return  # a spare's node and GPUs would be chosen before its model is known
         with self._create_lock:
             spares, everything = self.registry.spares(), self.registry.all()
             if len(spares) >= self.settings.warm_spares or len(everything) >= self.settings.max_backends:
@@ -194,10 +196,24 @@ class BackendManager:
         except (requests.RequestException, ValueError):
             return False
 
+    def pending_reason(self, record: BackendRecord) -> str:
+        """Why the driver has not placed the backend yet ("" once it has; only the ray driver places)."""
+        reason = getattr(self.driver, "pending_reason", None)
+        return reason(record) if reason is not None else ""
+
     def wait_ready(self, record: BackendRecord) -> None:
-        """Poll /health until it answers, the backend dies, or the start deadline passes."""
+        """Poll /health until it answers, the backend dies, cannot be placed, or the start deadline passes."""
         deadline = time.monotonic() + self.settings.start_timeout_s
         while not self.healthy(record, timeout=0.5):
+            pending = self.pending_reason(record)
+            if pending:
+                record.state, record.last_error = "pending", pending
+                self.registry.put(record)
+                raise Conflict(
+                    f"backend {record.id} cannot be placed on the Ray cluster: {pending}",
+                    "Free what it needs (DELETE /backends/<id> of another), add a node that has it, "
+                    'or configure this model with fewer GPUs ("gpus": 0).',
+                )
             if not self.driver.is_running(record):
                 reason = self.driver.exit_reason(record)
                 record.last_error = reason

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-STATES = ("starting", "ready", "restarting", "stopped")
+STATES = ("starting", "pending", "ready", "restarting", "stopped")
 
 
 @dataclass
@@ -38,10 +38,11 @@ class BackendRecord:
     retry_at: float = 0.0
     last_error: str = ""
     spare: bool = False  # started ahead without a model; becomes a model's backend on its first configure
+    host: str = "127.0.0.1"  # where it listens: loopback, or its Ray node's address (which changes when it moves)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from backend.settings import AccessSettings, _float, _int, _megabytes, basic_auth_from, comma_list
 
-DRIVERS = ("process", "docker")
+DRIVERS = ("process", "docker", "ray")
 ON_EXIT = ("stop", "keep")
 
 
@@ -42,6 +42,16 @@ class OrchestratorSettings(AccessSettings):
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
     max_request_bytes: int = 100 << 20  # the backends' MAX_REQUEST_MB: a larger body is refused here already
     on_exit: str = "keep"  # what the backends do when the orchestrator exits (orchestrator/shutdown.py)
+    # The ray driver (orchestrator/drivers/raydriver.py).
+    ray_address: str = ""
+    ray_namespace: str = "lsbackend"
+    ray_connect_timeout_s: float = 15.0
+    backend_gpus: int = 0  # GPUs per backend where a configure names none ("gpus")
+    ray_backend_resource: str = "lsbackend"  # a custom resource each backend takes one of; "" for none
+    ray_spread: bool = True
+    ray_node_labels: tuple[tuple[str, str], ...] = ()  # place backends only on nodes with these labels
+    ray_backend_python: str = ""  # the Python on every node (same path); default: the orchestrator's
+    ray_project_root: str = ""  # this checkout's path on every node; default: the orchestrator's
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -53,6 +63,9 @@ class OrchestratorSettings(AccessSettings):
         gpus = env.get("ORCHESTRATOR_GPUS")
         # flask run is the interactive case: Ctrl-C stops the backends too, unless told otherwise.
         on_exit = env.get("ORCHESTRATOR_ON_EXIT") or ("stop" if env.get("FLASK_RUN_FROM_CLI") == "true" else "keep")
+        placement = env.get("RAY_PLACEMENT") or "spread"
+        if placement not in ("spread", "pack"):
+            raise ValueError(f"RAY_PLACEMENT must be spread or pack, got {placement!r}")
         if on_exit not in ON_EXIT:
             raise ValueError(f"ORCHESTRATOR_ON_EXIT must be one of {', '.join(ON_EXIT)}, got {on_exit!r}")
         return cls(
@@ -77,6 +90,15 @@ class OrchestratorSettings(AccessSettings):
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
             max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
             on_exit=on_exit,
+            ray_address=env.get("RAY_ADDRESS", ""),
+            ray_namespace=env.get("RAY_NAMESPACE") or "lsbackend",
+            ray_connect_timeout_s=_float(env, "RAY_CONNECT_TIMEOUT_S", 15.0, 0.1),
+            backend_gpus=_int(env, "BACKEND_GPUS", 0, 0),
+            ray_backend_resource=env.get("RAY_BACKEND_RESOURCE", "lsbackend"),
+            ray_spread=placement == "spread",
+            ray_node_labels=_labels(env.get("RAY_NODE_LABELS", "")),
+            ray_backend_python=env.get("RAY_BACKEND_PYTHON", ""),
+            ray_project_root=env.get("RAY_PROJECT_ROOT", ""),
         )
 
     @property
@@ -86,3 +108,14 @@ class OrchestratorSettings(AccessSettings):
     @property
     def backends_dir(self) -> Path:
         return self.state_dir / "backends"
+
+
+def _labels(raw: str) -> tuple[tuple[str, str], ...]:
+    """RAY_NODE_LABELS: ``key=value,key=value``."""
+    pairs = []
+    for item in comma_list(raw):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"RAY_NODE_LABELS must be key=value pairs separated by commas, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)

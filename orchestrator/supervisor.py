@@ -87,6 +87,16 @@ class Supervisor:
             manager.start(record)
             return
         if manager.driver.is_running(record):
+            pending = manager.pending_reason(record)
+            if pending:  # Ray has not placed it (no free GPU): waiting is not failing
+                if (record.state, record.last_error) != ("pending", pending):
+                    record.state, record.last_error = "pending", pending
+                    manager.registry.put(record)
+                    log.warning("backend %s: pending: %s", record.id, pending)
+                return
+            if record.state == "pending":  # placed now: its start deadline begins
+                record.state, record.started_at = "starting", now
+                manager.registry.put(record)
             if record.state == "ready":
                 return
             if manager.healthy(record, timeout=0.5):

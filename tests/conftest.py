@@ -17,6 +17,8 @@ from tests.support.servers import Backend, MlflowServer, base_env, file_server, 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Read when Ray is imported: a loopback-only test cluster keeps 127.0.0.1 (see tests/support/raycluster.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

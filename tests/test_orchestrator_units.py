@@ -131,3 +131,39 @@ def test_settings_reject_what_they_cannot_use():
     assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true"}).on_exit == "stop"
     assert OrchestratorSettings.from_env({}).on_exit == "keep"
     assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true", "ORCHESTRATOR_ON_EXIT": "keep"}).on_exit == "keep"
+
+
+def test_ray_actor_options_place_by_gpus_resource_and_labels():
+    from orchestrator.drivers.raydriver import actor_options, wanted_gpus
+
+    settings = OrchestratorSettings(driver="ray", ray_address="10.0.0.5:6379", backend_gpus=1)
+    gpu_model = record(driver="ray", model={"model_uri": "models:/m/1"})
+    options = actor_options(settings, gpu_model)
+    assert options == {"name": "lsbackend-abc123", "namespace": "lsbackend", "lifetime": "detached", "max_restarts": 0,
+                       "num_cpus": 0, "num_gpus": 1, "resources": {"lsbackend": 1}, "scheduling_strategy": "SPREAD"}
+    assert wanted_gpus(settings, record(driver="ray", model={"gpus": 0})) == 0  # the configure's own wins
+    labelled = OrchestratorSettings.from_env({"ORCHESTRATOR_DRIVER": "ray", "RAY_ADDRESS": "h:1", "RAY_NODE_LABELS": "pool=gpu",
+                                              "RAY_BACKEND_RESOURCE": ""})
+    options = actor_options(labelled, gpu_model)
+    assert options["label_selector"] == {"pool": "gpu"} and "scheduling_strategy" not in options and "resources" not in options
+    with pytest.raises(ValueError, match="RAY_NODE_LABELS must be key=value"):
+        OrchestratorSettings.from_env({"RAY_NODE_LABELS": "gpu"})
+    with pytest.raises(ValueError, match="RAY_PLACEMENT must be spread or pack"):
+        OrchestratorSettings.from_env({"RAY_PLACEMENT": "random"})
+
+
+def test_the_ray_driver_says_what_is_missing_before_anything_starts(tmp_path, monkeypatch):
+    from backend.errors import UpstreamUnavailable
+    from orchestrator.drivers import make_driver, raydriver
+    from orchestrator.drivers.base import free_port
+
+    with pytest.raises(ValueError, match="needs RAY_ADDRESS"):
+        make_driver(OrchestratorSettings(driver="ray"))
+    monkeypatch.setattr(raydriver.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="needs the ray package: pip install"):
+        make_driver(OrchestratorSettings(driver="ray", ray_address="127.0.0.1:6379"))
+    nobody = OrchestratorSettings(driver="ray", ray_address=f"127.0.0.1:{free_port()}", ray_connect_timeout_s=2)
+    with pytest.raises(UpstreamUnavailable, match="no Ray cluster answers at 127.0.0.1"):
+        raydriver.connect(nobody)  # at once, not after minutes of Ray's own retries
+    with pytest.raises(UpstreamUnavailable, match="is not host:port"):
+        raydriver.connect(OrchestratorSettings(driver="ray", ray_address="ray-head"))

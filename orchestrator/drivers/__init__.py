@@ -11,4 +11,8 @@ __all__ = ["BackendDriver", "DockerDriver", "ProcessDriver", "free_port", "make_
 
 
 def make_driver(settings: OrchestratorSettings) -> BackendDriver:
+    if settings.driver == "ray":
+        from .raydriver import RayDriver  # Ray is imported by this driver only
+
+        return RayDriver(settings)
     return DockerDriver(settings) if settings.driver == "docker" else ProcessDriver(settings)

@@ -33,6 +33,21 @@ def _start_time(pid: int) -> str:
     return fields_after_name[19] if fields_after_name[0] != "Z" else ""
 
 
+def backend_environment(settings: OrchestratorSettings, record: BackendRecord) -> dict[str, str]:
+    """A gunicorn backend's environment, but for where it listens and its GPUs (which the driver sets)."""
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    env.update(
+        MODEL_DIR=record.model_dir,
+        CONFIGURE_TOKEN=record.token,
+        THREADS=str(settings.backend_threads),
+        GRACEFUL_TIMEOUT=env.get("GRACEFUL_TIMEOUT", "3"),
+        PYTHONUNBUFFERED="1",
+    )
+    if record.spare:
+        env["WARM_IMPORTS"] = settings.spare_warm_imports
+    return env
+
+
 def log_path(record: BackendRecord) -> Path:
     return Path(record.model_dir).parent / "backend.log"
 
@@ -58,20 +73,10 @@ class ProcessDriver:
         self._children: dict[int, subprocess.Popen] = {}
 
     def environment(self, record: BackendRecord) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-        env.update(
-            HOST="127.0.0.1",
-            PORT=str(record.port),
-            MODEL_DIR=record.model_dir,
-            CONFIGURE_TOKEN=record.token,
-            THREADS=str(self.settings.backend_threads),
-            GRACEFUL_TIMEOUT=env.get("GRACEFUL_TIMEOUT", "3"),
-            PYTHONUNBUFFERED="1",
-        )
+        env = backend_environment(self.settings, record)
+        env.update(HOST="127.0.0.1", PORT=str(record.port))
         if record.gpu:
             env["CUDA_VISIBLE_DEVICES"] = record.gpu
-        if record.spare:
-            env["WARM_IMPORTS"] = self.settings.spare_warm_imports
         return env
 
     def start(self, record: BackendRecord) -> str:

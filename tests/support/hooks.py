@@ -193,3 +193,10 @@ def environment_peeking_post(labels):
 
     return [dict(p, meta={"key": os.environ.get("LABEL_STUDIO_API_KEY"), "token": os.environ.get("CONFIGURE_TOKEN")})
             for p in choices_post(labels)]
+
+
+def gpu_peeking_post(labels):
+    """A post hook that reports the GPUs its process may see (what a driver gave the backend)."""
+    import os
+
+    return [dict(p, meta={"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}) for p in choices_post(labels)]
