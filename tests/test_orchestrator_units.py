@@ -167,3 +167,20 @@ def test_the_ray_driver_says_what_is_missing_before_anything_starts(tmp_path, mo
         raydriver.connect(nobody)  # at once, not after minutes of Ray's own retries
     with pytest.raises(UpstreamUnavailable, match="is not host:port"):
         raydriver.connect(OrchestratorSettings(driver="ray", ray_address="ray-head"))
+
+
+def test_a_ray_node_without_the_shared_folder_or_the_project_says_which(tmp_path):
+    import sys
+
+    from orchestrator.drivers.process import PROJECT_ROOT
+    from orchestrator.drivers.rayhost import _check_paths
+
+    model_dir = tmp_path / "backends" / "abc123" / "model_dir"
+    with pytest.raises(RuntimeError, match="must be on storage every node mounts at the same path"):
+        _check_paths(sys.executable, str(PROJECT_ROOT), str(model_dir))
+    model_dir.parent.mkdir(parents=True)
+    _check_paths(sys.executable, str(PROJECT_ROOT), str(model_dir))  # the backend creates model_dir itself
+    with pytest.raises(RuntimeError, match="set RAY_PROJECT_ROOT"):
+        _check_paths(sys.executable, str(tmp_path), str(model_dir))
+    with pytest.raises(RuntimeError, match="set RAY_BACKEND_PYTHON"):
+        _check_paths(str(tmp_path / "python"), str(PROJECT_ROOT), str(model_dir))

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 2.0  # one actor call from the supervisor's pass; a slower answer counts as busy, not dead
 PLACE_WAIT_S = 10.0  # how long start waits for Ray to place the actor when the resources are free
 STOP_TIMEOUT_S = 30.0
+PLACED_PROBE_S = 1.0  # an actor that does not answer info() within this is not placed
 
 
 def actor_name(record: BackendRecord) -> str:
@@ -166,15 +167,20 @@ class RayDriver:
         env = {k: v for k, v in backend_environment(self.settings, record).items() if k != "CUDA_VISIBLE_DEVICES"}
         python = self.settings.ray_backend_python or sys.executable
         root = self.settings.ray_project_root or str(PROJECT_ROOT)
+        missing = self.missing_resources(record)  # before the actor claims anything: its own claim is not a lack
         actor = self._host_class.options(**actor_options(self.settings, record)).remote(
             python, root, env, str(log_path(record)))
         self._actors[name] = actor
+        launched = actor.launch.remote()  # runs once Ray has placed the actor
         record.port = 0  # where it listens is known once Ray placed it
-        wait = 1.0 if self.missing_resources(record) else PLACE_WAIT_S
         try:
-            self._note_placed(record, ray.get(actor.info.remote(), timeout=wait))
+            ray.get(launched, timeout=1.0 if missing else PLACE_WAIT_S)
+            self._note_placed(record, ray.get(actor.info.remote(), timeout=CALL_TIMEOUT_S))
         except ray.exceptions.GetTimeoutError:
             log.info("backend %s: waiting for Ray to place it: %s", record.id, self.missing_resources(record) or "scheduling")
+        except ray.exceptions.RayTaskError as exc:  # the node lacks the shared folder, the checkout or the Python
+            self._kill(name)
+            self._ended[name] = _cause(exc)
         except ray.exceptions.RayActorError as exc:
             self._ended[name] = _first_line(exc)
         return name
@@ -228,8 +234,8 @@ class RayDriver:
         if actor is None:
             return ""
         ray = self.ray()
-        try:
-            self._note_placed(record, ray.get(actor.info.remote(), timeout=0.2))
+        try:  # a placed actor answers in milliseconds (its __init__ starts nothing)
+            self._note_placed(record, ray.get(actor.info.remote(), timeout=PLACED_PROBE_S))
             return ""
         except ray.exceptions.GetTimeoutError:
             return self.missing_resources(record) or "waiting for Ray to place it"
@@ -268,3 +274,9 @@ class RayDriver:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """What a method raised on the node, without Ray's wrapping."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if cause is not None else _first_line(exc)

@@ -51,35 +51,43 @@ class BackendHost:
     """One backend's gunicorn, on this actor's node; its address, state and log for the orchestrator."""
 
     def __init__(self, python: str, root: str, env: dict[str, str], log_path: str) -> None:
+        """Quick (no child yet): once Ray has placed the actor, ``info`` answers within milliseconds, so a
+        call that does not answer means "not placed"."""
         import ray
 
-        _check_paths(python, root, env.get("MODEL_DIR", ""))
+        self.python, self.root, self.env, self.log_path = python, root, env, log_path
         self.ip = ray.util.get_node_ip_address()
         self.node_id = ray.get_runtime_context().get_node_id()
         self.port = _free_port(self.ip)
-        gpus = [str(g) for g in ray.get_gpu_ids()]
         # Ray leaves CUDA_VISIBLE_DEVICES alone for a GPU-less actor: blank it, or it would see every GPU.
-        self.cuda_visible_devices = ",".join(gpus)
-        env = {**env, "HOST": self.ip, "PORT": str(self.port), "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices,
+        self.cuda_visible_devices = ",".join(str(g) for g in ray.get_gpu_ids())
+        self.child: subprocess.Popen | None = None
+
+    def launch(self) -> int:
+        """Start the backend (the driver calls this right after creating the actor; it runs once placed)."""
+        _check_paths(self.python, self.root, self.env.get("MODEL_DIR", ""))
+        env = {**self.env, "HOST": self.ip, "PORT": str(self.port), "CUDA_VISIBLE_DEVICES": self.cuda_visible_devices,
                "LSB_PARENT": str(os.getpid())}
-        self.log_path = log_path
-        os.makedirs(os.path.dirname(log_path), exist_ok=True)
-        command = [python, "-c", LAUNCHER, python, "-m", "gunicorn", "--config", os.path.join(root, "gunicorn.conf.py"),
-                   "--chdir", root, "wsgi:app"]
-        with open(log_path, "ab") as log:
-            self.child = subprocess.Popen(command, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=log,
+        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+        command = [self.python, "-c", LAUNCHER, self.python, "-m", "gunicorn", "--config",
+                   os.path.join(self.root, "gunicorn.conf.py"), "--chdir", self.root, "wsgi:app"]
+        with open(self.log_path, "ab") as log:
+            self.child = subprocess.Popen(command, env=env, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
+        return self.child.pid
 
     def info(self) -> dict[str, Any]:
-        return {"ip": self.ip, "port": self.port, "pid": self.child.pid, "actor_pid": os.getpid(),
+        return {"ip": self.ip, "port": self.port, "pid": self.child.pid if self.child else None, "actor_pid": os.getpid(),
                 "node_id": self.node_id, "cuda_visible_devices": self.cuda_visible_devices}
 
     def poll(self) -> tuple[int | None, str, int]:
         """The child's exit status (None while it runs), and where it listens."""
-        return self.child.poll(), self.ip, self.port
+        return (self.child.poll() if self.child else None), self.ip, self.port
 
     def stop(self, grace_s: float = 15.0) -> int | None:
         """SIGTERM the backend's process group, then SIGKILL what is left after ``grace_s``."""
+        if self.child is None:
+            return None
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             if self.child.poll() is not None:
                 break
