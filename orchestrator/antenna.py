@@ -9,15 +9,15 @@ waiting for one); ``/readyz`` asks every backend at once, briefly.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import requests
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from backend.antenna.wire import service_info
 from backend.bodies import json_body
 from backend.errors import Unprocessable
 
+from .api import orchestrator
 from .registry import BackendRecord
 
 antenna = Blueprint("antenna", __name__)
@@ -25,19 +25,15 @@ antenna = Blueprint("antenna", __name__)
 READYZ_TIMEOUT_S = 2.0
 
 
-def _orchestrator() -> Any:
-    return current_app.extensions["orchestrator"]
-
-
 def _with_pipelines() -> list[BackendRecord]:
     """Configured backends whose configuration defines an Antenna pipeline, oldest first."""
-    return [r for r in _orchestrator().manager.registry.backends() if r.configured_at and r.model.get("pipeline")]
+    return [r for r in orchestrator().manager.registry.backends() if r.configured_at and r.model.get("pipeline")]
 
 
 @antenna.get("/info")
 def info():
     records = _with_pipelines()
-    description = f"One pipeline per configured model: {len(records)} of {len(_orchestrator().manager.registry.backends())} backends."
+    description = f"One pipeline per configured model: {len(records)} of {len(orchestrator().manager.registry.backends())} backends."
     return jsonify(service_info([r.model["pipeline"] for r in records], description))
 
 
@@ -49,7 +45,7 @@ def livez():
 @antenna.get("/readyz")
 def readyz():
     records = _with_pipelines()
-    http = _orchestrator().manager.http
+    http = orchestrator().manager.http
 
     def ready(record: BackendRecord) -> list[str]:
         try:
@@ -72,5 +68,5 @@ def process() -> Response:
     if record is None:
         known = ", ".join(repr(s) for s in sorted(records)) or "none yet (configure a model with a label_config)"
         raise Unprocessable(f"unknown pipeline {slug!r}", f"The pipelines here are {known}; GET /info lists them.")
-    o = _orchestrator()
+    o = orchestrator()
     return o.proxy.forward(record, "process", request, timeout_s=o.settings.process_timeout_s + 15.0)

@@ -196,16 +196,11 @@ class BackendManager:
         except (requests.RequestException, ValueError):
             return False
 
-    def pending_reason(self, record: BackendRecord) -> str:
-        """Why the driver has not placed the backend yet ("" once it has; only the ray driver places)."""
-        reason = getattr(self.driver, "pending_reason", None)
-        return reason(record) if reason is not None else ""
-
     def wait_ready(self, record: BackendRecord) -> None:
         """Poll /health until it answers, the backend dies, cannot be placed, or the start deadline passes."""
         deadline = time.monotonic() + self.settings.start_timeout_s
         while not self.healthy(record, timeout=0.5):
-            pending = self.pending_reason(record)
+            pending = self.driver.pending_reason(record)
             if pending:
                 record.state, record.last_error = "pending", pending
                 self.registry.put(record)

@@ -87,7 +87,7 @@ class Supervisor:
             manager.start(record)
             return
         if manager.driver.is_running(record):
-            pending = manager.pending_reason(record)
+            pending = manager.driver.pending_reason(record)
             if pending:  # Ray has not placed it (no free GPU): waiting is not failing
                 if (record.state, record.last_error) != ("pending", pending):
                     record.state, record.last_error = "pending", pending

@@ -55,6 +55,8 @@ def test_plain_form():
         (b'{"model_uri": "m", "loader": "onnx"}', "unknown loader"),
         (b'{"model_uri": "m", "batch_size": 0}', "positive integer"),
         (b'{"model_uri": "m", "batch_size": true}', "positive integer"),
+        (b'{"model_uri": "m", "gpus": -1}', "'gpus' must be a whole number of GPUs"),
+        (b'{"model_uri": "m", "gpus": "1"}', "'gpus' must be a whole number of GPUs"),
         (b'{"model_uri": 5}', "must be a string"),
     ],
 )

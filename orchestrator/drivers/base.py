@@ -33,6 +33,9 @@ class BackendDriver(Protocol):
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         """Its most recent log lines."""
 
+    def pending_reason(self, record: BackendRecord) -> str:
+        """Why it is started but not placed anywhere yet ("" when it is, or when the driver never waits to place)."""
+
 
 def free_port() -> int:
     """A loopback port nobody listens on now."""

@@ -133,6 +133,9 @@ class DockerDriver:
         except NotFound:
             pass
 
+    def pending_reason(self, record: BackendRecord) -> str:
+        return ""  # started is placed
+
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         container = self._container(record)
         if container is None:

@@ -148,5 +148,8 @@ class ProcessDriver:
     def forget(self, record: BackendRecord) -> None:
         """Nothing outlives a stopped process but its folder, which the manager removes."""
 
+    def pending_reason(self, record: BackendRecord) -> str:
+        return ""  # started is placed
+
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         return tail(log_path(record), lines)
