@@ -102,6 +102,9 @@ class ModelProcess:
         self.last_exit = ""
         self.busy_since: float | None = None
         self._lock = threading.Lock()  # one exchange at a time
+        # Guards taking and replacing the connection: stop() runs beside a hung exchange (that is its job), and
+        # a connection closed twice would close whatever file reused its descriptor number.
+        self._conn_lock = threading.Lock()
         self._conn: Connection | None = None
         self._stage: mmap.mmap | None = None
         self._hook_sets: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
@@ -179,9 +182,10 @@ class ModelProcess:
 
     def stop(self) -> None:
         """End the process at once, whatever it is doing (a retired configuration, a hung call)."""
-        self.state = "stopped"
+        with self._conn_lock:
+            self.state = "stopped"
+            conn, self._conn = self._conn, None
         self._kill()
-        conn = self._conn
         if conn is not None:
             conn.close()
 
@@ -232,13 +236,22 @@ class ModelProcess:
         finally:
             theirs.close()
             os.close(stage_fd)
-        if self._conn is not None:
-            self._conn.close()
-        self._conn, self._stage, self.pid = Connection(mine.detach()), stage, pid
-        self._poller = select.poll()
-        self._poller.register(self._conn.fileno(), select.POLLIN)
-        self.state = "idle"
+        conn = Connection(mine.detach())
+        with self._conn_lock:
+            stopped = self.state == "stopped"  # stop() came while this fork ran: the new process is not wanted
+            if not stopped:
+                old, self._conn, self._stage, self.pid = self._conn, conn, stage, pid
+                self._poller = select.poll()
+                self._poller.register(conn.fileno(), select.POLLIN)
+                self.state = "idle"
         self.zygote.on_exit(pid, lambda status, pid=pid: self._on_exit(pid, status))
+        if stopped:
+            os.kill(pid, signal.SIGKILL)
+            conn.close()
+            stage.close()
+            raise NotConfigured("this configuration was replaced", "Send the request again.")
+        if old is not None:
+            old.close()
 
     def _on_exit(self, pid: int, status: int) -> None:
         with self._exited:
@@ -301,10 +314,12 @@ class ModelProcess:
             self._crashes.popleft()
         recent = len(self._crashes)
         self._restart_at = now + (0.0 if recent <= 2 else min(MAX_RESTART_DELAY_S, 2.0 ** (recent - 3)))
-        self.state = "crashed"
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._conn_lock:
+            if self.state != "stopped":
+                self.state = "crashed"
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
         log.error("model process %s %s", self.pid, how)
         threading.Thread(target=self._restart_soon, name="model-restart", daemon=True).start()
 
