@@ -1,4 +1,5 @@
-# The backend image. The base is a build argument so the image can be built from a local base too:
+# The backend image, which also runs the orchestrator (compose.yaml). The base is a build argument so the
+# image can be built from a local base too:
 #   docker build -t lsbackend .                       (python:3.11-slim)
 #   docker build --build-arg BASE_IMAGE=localhost/my-python:3.11 -t lsbackend .
 ARG BASE_IMAGE=python:3.11-slim
@@ -21,6 +22,8 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip && pip install -r req
 
 COPY backend/ backend/
 COPY hooks/ hooks/
+COPY lsmlflow/ lsmlflow/
+COPY orchestrator/ orchestrator/
 COPY model.py wsgi.py gunicorn.conf.py ./
 
 # Listening on 0.0.0.0 inside the container: /configure then requires CONFIGURE_TOKEN or basic auth.

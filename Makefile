@@ -8,29 +8,31 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: setup run test quick lint serve orchestrator bench clean
+.PHONY: setup run test test-fast quick lint typecheck serve orchestrator bench clean
 
-# The fast lane (~15 s): what needs no server, no model process and no Label Studio.
-QUICK = tests/test_antenna_units.py tests/test_training_units.py tests/test_spec.py tests/test_settings.py tests/test_validation.py tests/test_hookcodec.py \
+# The fast lane (~25 s): what needs no server, no model process and no Label Studio.
+QUICK = tests/test_pickling.py tests/test_compose.py tests/test_antenna_units.py tests/test_training_units.py tests/test_spec.py tests/test_settings.py tests/test_validation.py tests/test_hookcodec.py \
 	tests/test_taskdata.py tests/test_task_data_limits.py tests/test_continuation.py tests/test_labelstudio.py \
 	tests/test_orchestrator_units.py tests/test_hooks.py tests/test_batching.py tests/test_webhooks.py
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	# The package itself, editable: the ls-mlflow command, pointing at this checkout.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null
 	touch $@
 
 run: setup
 	$(BIN)/python -m examples.quickstart $(ARGS)
 
 serve: setup
-	$(BIN)/gunicorn wsgi:app
+	$(BIN)/ls-mlflow serve
 
 orchestrator: setup
-	$(BIN)/flask --app orchestrator run --port $${PORT:-9090}
+	$(BIN)/ls-mlflow orchestrator --port $${PORT:-9090}
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
@@ -38,11 +40,17 @@ bench: setup
 test: setup
 	$(BIN)/python -m pytest $(ARGS)
 
-quick: setup
+test-fast: setup
 	$(BIN)/python -m pytest -q $(QUICK) -k "not checker and not real_backend" $(ARGS)
+
+quick: test-fast
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+typecheck: setup
+	$(BIN)/mypy
 
 clean:
 	rm -rf .demo model_dir orchestrator_state .pytest_cache

@@ -24,6 +24,7 @@ from .bodies import json_body
 from .continuation import PredictionCache
 from .errors import BackendError, BadRequest, NotFound
 from .follower import RegistryFollower
+from .hookcodec import RUNTIME
 from .labelstudio import LabelStudioAccess, access_for
 from .metrics import BackendMetrics
 from .prediction import predict_tasks, recall
@@ -152,6 +153,7 @@ def _status() -> dict[str, Any]:
         "warming": not s.zygote.warmed.is_set(),
         "uptime_s": round(time.time() - runtime.started_at, 1),
         "pid": os.getpid(),
+        "runtime": RUNTIME,  # what pickled hooks must be made with
     }
     if active is not None:
         body.update(active.describe())
@@ -216,7 +218,8 @@ def predict():
     label_config = body.get("label_config")
     if not isinstance(label_config, str) or not label_config.strip():
         raise BadRequest("'label_config' is missing", "Label Studio sends the project's labeling config with each /predict.")
-    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    raw_params = body.get("params")
+    params: dict[str, Any] = raw_params if isinstance(raw_params, dict) else {}
     objects = data_objects(label_config)
     if not objects:
         raise BadRequest("the labeling config reads no task data", "Its object tags need value=\"$key\" attributes.")
@@ -283,6 +286,12 @@ def webhook():
     return jsonify(answer), 201
 
 
+def _trainer(s: Services) -> Trainer:
+    if s.trainer is None:  # set by create_app; absent only in a Services made by hand
+        raise NotFound("this backend does not train", "Create it with backend.app.create_app.")
+    return s.trainer
+
+
 @api.post("/train")
 def train():
     """Start a training by hand; also takes Label Studio's legacy /train body, which carries the annotated tasks."""
@@ -301,8 +310,9 @@ def train():
         raise BadRequest("'project' is missing", "Name the Label Studio project whose annotations to train on: {\"project\": 7}.")
     if isinstance(project, bool) or not (isinstance(project, int) or (isinstance(project, str) and project.isdigit())):
         raise BadRequest("'project' must be a Label Studio project id", f"got {project!r}; send e.g. {{\"project\": 7}}.")
-    label_config = body.get("label_config") if isinstance(body.get("label_config"), str) else ""
-    answer = s.trainer.request("POST /train", str(project), label_config, tasks=tasks)
+    raw_config = body.get("label_config")
+    label_config = raw_config if isinstance(raw_config, str) else ""
+    answer = _trainer(s).request("POST /train", str(project), label_config, tasks=tasks)
     return jsonify({"status": answer.get("training"), **answer}), 201
 
 
@@ -310,7 +320,7 @@ def train():
 def train_status():
     s = services()
     require_configure_rights(request, s.settings)
-    return jsonify(s.trainer.status())
+    return jsonify(_trainer(s).status())
 
 
 @api.post("/configure")

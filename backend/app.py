@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 from collections.abc import Mapping
 
 from flask import Flask
@@ -12,6 +11,7 @@ from flask import Flask
 from .answers import PlainValuesJSONProvider
 from .antenna.routes import antenna
 from .api import Services, api
+from .batching import DynamicBatcher
 from .continuation import Continuation, PredictionCache
 from .errors import register_error_handlers
 from .follower import RegistryFollower
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     share one across apps, which is what keeps an in-process test from importing MLflow again).
     """
     settings = settings or Settings.from_env(env)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     SECRETS.add(*settings.secrets)
     install_log_redaction()
     app = Flask(__name__)
@@ -54,10 +54,11 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         metrics.model_loaded.set(1)
         metrics.model_load_seconds.set(float(serving.info.get("load_seconds", 0.0)))
 
-    def make_continuation(serving: Serving) -> Continuation:
-        cache.keep_only(serving.identity)
+    def make_continuation(*, hooks_id: str, identity: str, model_version: str, batch_size: int,
+                          batcher: DynamicBatcher) -> Continuation:
+        cache.keep_only(identity)
         return Continuation(
-            serving.batcher, cache, serving.hooks_id, serving.batch_size, finish_outputs(serving.model_version),
+            batcher, cache, hooks_id, batch_size, finish_outputs(model_version),
             settings.background_max_tasks, on_progress=lambda state, n: metrics.background_tasks.labels(state).set(n),
         )
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     runtime = Runtime(settings, store, zygote, make_continuation, on_loaded=on_loaded)
     records = TrainingRecords(settings.model_dir)
     quality = QualityLedger(settings.model_dir / "quality.sqlite")
+    follower = RegistryFollower(settings, runtime, records, metrics)
     services = Services(
         settings=settings,
         store=store,
@@ -79,14 +81,15 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         zygote=zygote,
         owns_zygote=owns_zygote,
         quality=quality,
-        follower=RegistryFollower(settings, runtime, records, metrics),
+        follower=follower,
     )
-    services.trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
+    trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
+    services.trainer = trainer
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
     app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
-    services.ticker = Ticker(1.0, [services.trainer.tick, services.follower.tick, quality.flush]).start()
+    services.ticker = Ticker(1.0, [trainer.tick, follower.tick, quality.flush]).start()
     atexit.register(services.close)
     return app

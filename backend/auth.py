@@ -21,9 +21,14 @@ from .settings import is_loopback
 class AccessRules(Protocol):
     """The settings auth reads; the backend's and the orchestrator's settings both have them."""
 
-    basic_auth_user: str
-    basic_auth_pass: str
-    configure_token: str
+    @property
+    def basic_auth_user(self) -> str: ...
+
+    @property
+    def basic_auth_pass(self) -> str: ...
+
+    @property
+    def configure_token(self) -> str: ...
 
     @property
     def basic_auth_enabled(self) -> bool: ...

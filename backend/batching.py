@@ -144,7 +144,8 @@ class DynamicBatcher:
             ordered = [first] + [c for c in self._queue if c is not first and not c.background] + [
                 c for c in self._queue if c is not first and c.background
             ]
-            taken, size = [], 0
+            taken: list[Chunk] = []
+            size = 0
             for chunk in ordered:
                 if chunk.key != first.key or (taken and size + len(chunk.values) > limit):
                     continue

@@ -224,7 +224,7 @@ class Continuation:
                 if self._stopped:
                     return
                 own = len(self._own)
-                batch = []
+                batch: list[Leftover] = []
                 if own < MAX_CHUNKS_IN_FLIGHT and self._queue:
                     config = self._queue[0].label_config
                     while self._queue and len(batch) < self.batch_size and self._queue[0].label_config == config:

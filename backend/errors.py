@@ -145,7 +145,8 @@ def error_from_dict(body: dict[str, Any]) -> BackendError:
 
 
 def _subclasses(cls: type) -> list[type]:
-    found = [cls]
+    found: list[type] = [cls]
+    sub: type
     for sub in cls.__subclasses__():
         found.extend(_subclasses(sub))
     return found

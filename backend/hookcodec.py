@@ -28,6 +28,8 @@ import cloudpickle
 from .errors import BadRequest, HookUnusable
 
 HERE = f"Python {platform.python_version()} with cloudpickle {cloudpickle.__version__}"
+# On /health, so a client can check before it sends a pickled hook (lsmlflow.pickling.check_portable).
+RUNTIME = {"python": platform.python_version(), "cloudpickle": cloudpickle.__version__}
 FIX = (
     "Pickle the hook with the same Python minor version and cloudpickle 3.x as the backend, "
     "or install it where the backend runs and send it as 'package.module:function'."

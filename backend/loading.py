@@ -83,7 +83,7 @@ def mlflow_scope(spec: ModelSpec) -> Iterator[Any]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    env = {
+    env: dict[str, str | None] = {
         "MLFLOW_TRACKING_USERNAME": spec.tracking_username,
         "MLFLOW_TRACKING_PASSWORD": spec.tracking_password,
         "MLFLOW_TRACKING_TOKEN": spec.tracking_token,

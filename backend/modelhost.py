@@ -111,7 +111,7 @@ class ModelHost:
         while len(self.hooks) > MAX_HOOK_SETS:
             self.hooks.popitem(last=False)
         # What the worker need send with each call: the keywords these hooks take.
-        return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}
+        return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}  # type: ignore[dict-item]
 
     def _load(self, spec_dict: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
         from .loading import load_model
@@ -137,7 +137,7 @@ class ModelHost:
         return {"uri": resolved.uri, "label": resolved.label}
 
     def _call(self, hooks_id: str, values: list, tasks: list | None, context: Any, label_config: str) -> tuple:
-        from model import Pipeline
+        from backend.pipeline import Pipeline
 
         if self.loaded is None:
             raise NotConfigured("the model process has no model loaded", "Configure the backend again.")

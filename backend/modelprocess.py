@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ class ModelProcess:
         labeling config go only to hooks that take them: tasks are most of what there is to send."""
         wants = self._wants.get(hooks_id, frozenset({"tasks", "label_config"}))
         if "tasks" not in wants:
-            tasks = None  # type: ignore[assignment]
+            tasks = None
         if "label_config" not in wants:
             label_config = ""
         with self._lock:
@@ -244,7 +245,7 @@ class ModelProcess:
                 self._poller = select.poll()
                 self._poller.register(conn.fileno(), select.POLLIN)
                 self.state = "idle"
-        self.zygote.on_exit(pid, lambda status, pid=pid: self._on_exit(pid, status))
+        self.zygote.on_exit(pid, partial(self._on_exit, pid))
         if stopped:
             os.kill(pid, signal.SIGKILL)
             conn.close()
@@ -261,7 +262,7 @@ class ModelProcess:
     def _exit_of(self, pid: int | None, wait_s: float = 1.0) -> str:
         with self._exited:
             self._exited.wait_for(lambda: pid in self._exits, wait_s)
-            return describe_exit(self._exits.pop(pid, None))
+            return describe_exit(self._exits.pop(pid, None) if pid is not None else None)
 
     def _kill(self) -> None:
         if self.pid is not None:

@@ -85,7 +85,7 @@ class AddressPolicy:
     def resolve(self, host: str, port: int, trusted: frozenset[str]) -> str:
         """The address to connect to; AddressRefused when any address the name has is forbidden."""
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
-        addresses = [info[4][0] for info in infos]
+        addresses = [str(info[4][0]) for info in infos]
         for raw in addresses:
             reason = self.refusal(host, ipaddress.ip_address(raw.split("%")[0]), trusted)
             if reason:

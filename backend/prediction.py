@@ -32,14 +32,19 @@ StageTimer = Callable[[str, float], None]
 
 
 class Serving(Protocol):
-    """What a prediction needs of the serving configuration (runtime.Serving)."""
+    """What a prediction needs of the serving configuration (runtime.Serving; hooks check's own). Without
+    a ``continuation`` nothing goes to the background: pass ``background=False``."""
 
-    hooks_id: str
-    identity: str
-    batch_size: int
-    batcher: DynamicBatcher
-    continuation: Continuation
-
+    @property
+    def hooks_id(self) -> str: ...
+    @property
+    def identity(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def batcher(self) -> DynamicBatcher: ...
+    @property
+    def continuation(self) -> Continuation | None: ...
     @property
     def model_version(self) -> str: ...
 
@@ -89,7 +94,7 @@ def recall(serving: Serving, cache: PredictionCache, tasks: list[dict[str, Any]]
            context: Any = None) -> Recalled | None:
     """Look up the tasks in the cache and the background queue; None, at no cost, when both are empty."""
     continuation = serving.continuation
-    if context is not None or not (continuation.active or cache.holds(serving.identity)):
+    if context is not None or continuation is None or not (continuation.active or cache.holds(serving.identity)):
         return None
     recalled = Recalled(task_keys(serving.identity, label_config, tasks))
     for index, key in enumerate(recalled.keys):
@@ -122,7 +127,6 @@ def predict_tasks(
     outputs as they are, for a caller that makes its own answer of them (Antenna's /process); they
     are neither completed nor validated, and nothing goes to the background."""
     outcome = Outcome([None] * len(tasks))
-    continuation = serving.continuation
     keys = recalled.keys if recalled else None
     waiting_for = list(recalled.waiting.items()) if recalled else []  # tasks the background already works on
     if recalled:
@@ -172,6 +176,8 @@ def predict_tasks(
             for index in unfinished:
                 outcome.errors[index] = why
         else:
+            continuation = serving.continuation
+            assert continuation is not None, "background=True needs a serving configuration with a continuation"
             keys = keys or task_keys(serving.identity, label_config, tasks)
             leftovers = [
                 Leftover(keys[i], tasks[i], label_config, running=(future, position))
@@ -191,15 +197,15 @@ def predict_tasks(
     if raw:
         return outcome
     started = time.perf_counter()
-    finished = [i for i, item in enumerate(outcome.items) if isinstance(item, dict)]
-    validate_predictions([outcome.items[i] for i in finished], [tasks[i] for i in finished], label_config)
+    finished = {i: item for i, item in enumerate(outcome.items) if isinstance(item, dict)}
+    validate_predictions(list(finished.values()), [tasks[i] for i in finished], label_config)
     if timer is not None:
         timer("validate", time.perf_counter() - started)
     return outcome
 
 
 def _resolver(inputs: PendingInputs, index: int) -> Callable[[], Any]:
-    return lambda: inputs.wait(index, None)
+    return lambda: inputs.result(index)
 
 
 def _submit(
@@ -222,7 +228,7 @@ def _submit(
             chunk, values = [], []
             for index in batch:
                 handled.add(index)
-                task_input = inputs.wait(index, None)  # its downloads have ended: no wait
+                task_input = inputs.result(index)  # its downloads have ended: no wait
                 if task_input.error:
                     outcome.errors[index] = task_input.error
                 else:

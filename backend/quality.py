@@ -55,7 +55,7 @@ class QualityLedger:
 
     def note_predictions(self, tasks: list[dict[str, Any]], encoded: list[str | None], model_version: str) -> None:
         """Called by /predict with what it answered, as it encoded it; costs an append (the ticker writes them)."""
-        noted = [(t.get("id"), model_version, item) for t, item in zip(tasks, encoded)
+        noted = [(t["id"], model_version, item) for t, item in zip(tasks, encoded)
                  if item is not None and isinstance(t.get("id"), int)]
         with self._lock:
             self._pending.extend(noted)

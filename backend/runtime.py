@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .batching import DynamicBatcher
 from .continuation import Continuation
@@ -36,7 +36,24 @@ log = logging.getLogger(__name__)
 HOOK_SWAP_WAIT_S = 1.0  # how long a hooks-only configure waits for a busy process before loading a new one
 
 
-@dataclass
+def serving_identity(spec: ModelSpec, info: dict[str, Any]) -> str:
+    """Model, hooks and the version the URI resolved to: what a cached prediction depends on."""
+    return f"{spec.digest}:{info.get('uri', '')}"
+
+
+def serving_version(spec: ModelSpec, info: dict[str, Any]) -> str:
+    """Stable for a configuration: Label Studio skips tasks already predicted with this version."""
+    return spec.model_version or str(info.get("label", ""))
+
+
+class MakeContinuation(Protocol):
+    """The app's factory of a configuration's background queue (the prediction cache is the app's)."""
+
+    def __call__(self, *, hooks_id: str, identity: str, model_version: str, batch_size: int,
+                 batcher: DynamicBatcher) -> Continuation: ...
+
+
+@dataclass(frozen=True)
 class Serving:
     """One configuration as this worker serves it; immutable, a reconfigure makes a new one."""
 
@@ -46,8 +63,8 @@ class Serving:
     process: ModelProcess
     batcher: DynamicBatcher
     batch_size: int
+    continuation: Continuation = field(repr=False)
     configured_at: float = field(default_factory=time.time)
-    continuation: Continuation = field(init=False, repr=False)
 
     @property
     def hooks_id(self) -> str:
@@ -55,13 +72,11 @@ class Serving:
 
     @property
     def identity(self) -> str:
-        """Model, hooks and the version the URI resolved to: what a cached prediction depends on."""
-        return f"{self.spec.digest}:{self.info.get('uri', '')}"
+        return serving_identity(self.spec, self.info)
 
     @property
     def model_version(self) -> str:
-        """Stable for a configuration: Label Studio skips tasks already predicted with this version."""
-        return self.spec.model_version or str(self.info.get("label", ""))
+        return serving_version(self.spec, self.info)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -109,7 +124,7 @@ class Runtime:
         settings: Settings,
         store: ConfigurationStore,
         zygote: Zygote,
-        make_continuation: Callable[[Serving], Continuation],
+        make_continuation: MakeContinuation,
         on_loaded: Callable[[Serving], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -178,8 +193,7 @@ class Runtime:
         with self._lock:
             if self.active is not active:
                 return False
-            self._swap(Serving(spec, active.info, sources, active.process, active.batcher, self._batch_size(spec)),
-                       next(self._seq))
+            self._swap(spec, active.info, sources, active.process, active.batcher, next(self._seq))
         return True
 
     def _load(self, job: LoadJob) -> None:
@@ -190,10 +204,9 @@ class Runtime:
             assert sources is not None
             info = process.load(job.spec)
             batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)
-            serving = Serving(job.spec, info, sources, process, batcher, self._batch_size(job.spec))
             with self._lock:
                 if job.seq > self._swapped_seq:
-                    self._swap(serving, job.seq)
+                    self._swap(job.spec, info, sources, process, batcher, job.seq)
                     process = None  # serving now
                 else:
                     log.info("discarding load %s: a newer configuration is already serving", job.id)
@@ -211,10 +224,15 @@ class Runtime:
             job.finished_at = time.time()
             job.done.set()
 
-    def _swap(self, serving: Serving, seq: int) -> None:
+    def _swap(self, spec: ModelSpec, info: dict[str, Any], sources: dict[str, str], process: ModelProcess,
+              batcher: DynamicBatcher, seq: int) -> Serving:
         """Persist, then serve; the previous configuration's background work and process retire. Caller holds the lock."""
-        self._stamp = self.store.configuration.save({"spec": serving.spec.to_dict(), "saved_at": time.time()})
-        serving.continuation = self.make_continuation(serving)
+        self._stamp = self.store.configuration.save({"spec": spec.to_dict(), "saved_at": time.time()})
+        batch_size = self._batch_size(spec)
+        continuation = self.make_continuation(hooks_id=spec.digest, identity=serving_identity(spec, info),
+                                              model_version=serving_version(spec, info), batch_size=batch_size,
+                                              batcher=batcher)
+        serving = Serving(spec, info, sources, process, batcher, batch_size, continuation)
         old, self.active = self.active, serving
         self._swapped_seq = seq
         self.last_error = None
@@ -225,6 +243,7 @@ class Runtime:
                 old.batcher.retire(then=old.process.stop)
         if self.on_loaded is not None:
             self.on_loaded(serving)
+        return serving
 
     def close(self) -> None:
         """Stop every model process this runtime started (the app is going away)."""

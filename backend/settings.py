@@ -26,11 +26,11 @@ def _number(env: Mapping[str, str], name: str, default: T, minimum: T, kind: Cal
     return value
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
     return _number(env, name, default, minimum, int)
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     return _number(env, name, default, minimum, float)
 
 
@@ -57,12 +57,12 @@ def comma_list(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (raw or "").split(",") if part.strip())
 
 
-def _megabytes(env: Mapping[str, str], name: str, default_mb: float) -> int:
+def env_megabytes(env: Mapping[str, str], name: str, default_mb: float) -> int:
     """A size setting given in MB (``MAX_REQUEST_MB=100``), as bytes."""
-    return int(_float(env, name, default_mb, 0.001) * (1 << 20))
+    return int(env_float(env, name, default_mb, 0.001) * (1 << 20))
 
 
-def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:
         return default
@@ -84,6 +84,49 @@ BACKEND_ENVIRONMENT = (
     "BACKGROUND", "BACKGROUND_MAX_TASKS", "PREDICTION_CACHE_MB", "PREDICTION_CACHE_TTL_S",
     "TRAIN_TIMEOUT_S", "TRAIN_CUDA_VISIBLE_DEVICES", "ALIAS_POLL_S",
 )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How gunicorn runs the backend (``backend/gunicorn_conf.py``) and what its worker class enforces
+    before a request reaches Flask (``backend/worker.py``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    workers: int = 1  # a model is loaded once per worker: one worker with threads by default
+    threads: int = 8
+    timeout_s: int = 130  # longer than Label Studio's 100 s predict timeout, so the backend's 504 answers first
+    graceful_timeout_s: int = 10
+    access_log: bool = False
+    log_level: str = "INFO"
+    request_read_timeout_s: float = 60.0
+    max_request_bytes: int = 100 << 20
+    quick_threads: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
+        env = os.environ if env is None else env
+        return cls(
+            host=env.get("HOST") or "127.0.0.1",
+            port=env_int(env, "PORT", 9090, 1),
+            workers=env_int(env, "WORKERS", 1, 1),
+            threads=env_int(env, "THREADS", 8, 1),
+            timeout_s=env_int(env, "GUNICORN_TIMEOUT", 130, 1),
+            graceful_timeout_s=env_int(env, "GRACEFUL_TIMEOUT", 10, 0),
+            access_log=bool(env.get("ACCESS_LOG", "")),
+            log_level=log_level_from(env),
+            request_read_timeout_s=env_float(env, "REQUEST_READ_TIMEOUT_S", 60.0, 0.1),
+            max_request_bytes=env_megabytes(env, "MAX_REQUEST_MB", 100),
+            quick_threads=env_int(env, "QUICK_THREADS", 4, 1),
+        )
+
+
+def log_level_from(env: Mapping[str, str]) -> str:
+    """LOG_LEVEL, checked: a typo should not silence the log."""
+    level = (env.get("LOG_LEVEL") or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {env.get('LOG_LEVEL')!r}")
+    return level
 
 
 class AccessSettings:
@@ -144,6 +187,7 @@ class Settings(AccessSettings):
     train_timeout_s: float = 3600.0
     train_cuda_visible_devices: str | None = None  # the training's own GPUs; by default the backend's
     alias_poll_s: float = 30.0
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -152,36 +196,37 @@ class Settings(AccessSettings):
         return cls(
             model_dir=Path(env.get("MODEL_DIR") or "model_dir"),
             host=env.get("HOST") or "127.0.0.1",
-            port=_int(env, "PORT", 9090, 1),
+            port=env_int(env, "PORT", 9090, 1),
             basic_auth_user=user,
             basic_auth_pass=password,
             configure_token=env.get("CONFIGURE_TOKEN", ""),
             label_studio_url=(env.get("LABEL_STUDIO_URL") or "").rstrip("/"),
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
-            configure_wait_s=_float(env, "CONFIGURE_WAIT_S", 20.0),
-            predict_timeout_s=_float(env, "PREDICT_TIMEOUT_S", 90.0, 1.0),
-            process_timeout_s=_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
-            model_call_timeout_s=_float(env, "MODEL_CALL_TIMEOUT_S", 0.0) or None,
-            fetch_concurrency=_int(env, "FETCH_CONCURRENCY", 16, 1),
-            fetch_timeout_s=_float(env, "FETCH_TIMEOUT_S", 30.0, 0.1),
-            default_batch_size=_int(env, "BATCH_SIZE", 32, 1),
-            store_poll_s=_float(env, "STORE_POLL_S", 1.0),
-            batching=_switch(env, "BATCHING", True),
-            max_latency_ms=_float(env, "MAX_LATENCY_MS", 10.0),
+            configure_wait_s=env_float(env, "CONFIGURE_WAIT_S", 20.0),
+            predict_timeout_s=env_float(env, "PREDICT_TIMEOUT_S", 90.0, 1.0),
+            process_timeout_s=env_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
+            model_call_timeout_s=env_float(env, "MODEL_CALL_TIMEOUT_S", 0.0) or None,
+            fetch_concurrency=env_int(env, "FETCH_CONCURRENCY", 16, 1),
+            fetch_timeout_s=env_float(env, "FETCH_TIMEOUT_S", 30.0, 0.1),
+            default_batch_size=env_int(env, "BATCH_SIZE", 32, 1),
+            store_poll_s=env_float(env, "STORE_POLL_S", 1.0),
+            batching=env_switch(env, "BATCHING", True),
+            max_latency_ms=env_float(env, "MAX_LATENCY_MS", 10.0),
             warm_imports=comma_list(env.get("WARM_IMPORTS")),
             local_files_roots=comma_list(env.get("LOCAL_FILES_ROOTS"))
             + comma_list(env.get("LOCAL_FILES_DOCUMENT_ROOT")),  # Label Studio's local-files storage root
             fetch_allow_private=comma_list(env.get("FETCH_ALLOW_PRIVATE")),
-            fetch_max_bytes=_megabytes(env, "FETCH_MAX_MB", 100),
-            cache_max_bytes=_megabytes(env, "CACHE_MAX_MB", 2048),
-            max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
-            background=_switch(env, "BACKGROUND", True),
-            background_max_tasks=_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
-            prediction_cache_bytes=_megabytes(env, "PREDICTION_CACHE_MB", 256),
-            prediction_cache_ttl_s=_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
-            train_timeout_s=_float(env, "TRAIN_TIMEOUT_S", 3600.0, 1.0),
+            fetch_max_bytes=env_megabytes(env, "FETCH_MAX_MB", 100),
+            cache_max_bytes=env_megabytes(env, "CACHE_MAX_MB", 2048),
+            max_request_bytes=env_megabytes(env, "MAX_REQUEST_MB", 100),
+            background=env_switch(env, "BACKGROUND", True),
+            background_max_tasks=env_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
+            prediction_cache_bytes=env_megabytes(env, "PREDICTION_CACHE_MB", 256),
+            prediction_cache_ttl_s=env_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
+            train_timeout_s=env_float(env, "TRAIN_TIMEOUT_S", 3600.0, 1.0),
             train_cuda_visible_devices=env.get("TRAIN_CUDA_VISIBLE_DEVICES"),
-            alias_poll_s=_float(env, "ALIAS_POLL_S", 30.0, 0.1),
+            alias_poll_s=env_float(env, "ALIAS_POLL_S", 30.0, 0.1),
+            log_level=log_level_from(env),
         )
 
     @property

@@ -202,10 +202,16 @@ class PendingInputs(Sequence[TaskInput]):
     def __len__(self) -> int:
         return len(self._inputs)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):  # Sequence's overloads, without the ceremony
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return self.wait(index, None)
+        return self.result(index)
+
+    def result(self, index: int) -> TaskInput:
+        """Task ``index``'s input, waiting as long as its downloads take (they have their own timeouts)."""
+        found = self.wait(index, None)
+        assert found is not None  # without a deadline, wait returns only with the input
+        return found
 
     def wait(self, index: int, deadline: float | None) -> TaskInput | None:
         """Task ``index``'s input once its files are in; None if ``deadline`` (monotonic) passes first."""

@@ -32,7 +32,7 @@ INLINE_TYPES: dict[str, tuple[type, ...]] = {
 TEXT_OBJECTS = frozenset(INLINE_TYPES)
 # Media objects read a URL or path; these may also hold their data inline.
 MEDIA_INLINE_TYPES: dict[str, tuple[type, ...]] = {"timeseries": (dict,)}
-_TYPE_NAMES = {str: "text", list: "a list", dict: "an object"}
+_TYPE_NAMES: dict[type, str] = {str: "text", list: "a list", dict: "an object"}
 
 
 # Region ids only need to be unique within a task's result: a random prefix per process and a counter

@@ -31,15 +31,12 @@ from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .settings import ServerSettings
+
 QUICK_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/info", "/metrics", "/setup", "/versions", "/webhook"})
 MAX_HEADER_BYTES = 64 << 10
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,20})", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r]*chunked", re.IGNORECASE)
-
-
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    return float(raw) if raw else default
 
 
 def request_state(buffer: bytes | bytearray, max_body: int) -> tuple[bool, bool | None]:
@@ -69,9 +66,10 @@ class GuardedThreadWorker(ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.read_timeout_s = _env_number("REQUEST_READ_TIMEOUT_S", 60.0)
-        self.max_body = int(_env_number("MAX_REQUEST_MB", 100.0) * (1 << 20))
-        self.quick_threads = int(_env_number("QUICK_THREADS", 4))
+        server = ServerSettings.from_env()
+        self.read_timeout_s = server.request_read_timeout_s
+        self.max_body = server.max_request_bytes
+        self.quick_threads = server.quick_threads
         self.quick_pool: futures.ThreadPoolExecutor | None = None
         self.reading: deque[TConn] = deque()
         self.buffers_requests = not self.cfg.is_ssl
@@ -131,7 +129,7 @@ class GuardedThreadWorker(ThreadWorker):
         if complete:
             self._stop_reading(conn)
             conn.data_ready = True
-            pool = self.quick_pool if conn.quick else self.tpool
+            pool = self.quick_pool if conn.quick and self.quick_pool is not None else self.tpool
             fs = pool.submit(self.handle, conn)
             fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 

@@ -33,13 +33,15 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from .settings import log_level_from
+
 log = logging.getLogger(__name__)
 
 PACKET = 1 << 16
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What every model process needs: our side of it, MLflow's loader, and the store the default tracking URI names
 # (importing MLflow's SQLAlchemy store alone takes seconds; a fork should not pay it each time).
-BASE_IMPORTS = ("backend.modelhost", "model", "backend.loading", "mlflow.pyfunc")
+BASE_IMPORTS = ("backend.modelhost", "backend.pipeline", "backend.loading", "mlflow.pyfunc")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 SQL_STORES = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
 
@@ -268,7 +270,7 @@ def _run_fork(sock: socket.socket, wake: tuple[int, int], fds: list[int]) -> Non
 
 
 def zygote_main(fd: int, modules: list[str]) -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level_from(os.environ), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(fileno=fd)
     parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for gunicorn; it ends us
@@ -288,7 +290,7 @@ def zygote_main(fd: int, modules: list[str]) -> None:
     send(("warmed", warmed))
     try:
         while True:
-            ready, _, _ = select.select([sock, wake[0]], [], [], 1.0)
+            ready, _, _ = select.select([sock.fileno(), wake[0]], [], [], 1.0)  # descriptors: one type for select
             if os.getppid() != parent:
                 break
             if wake[0] in ready:
@@ -301,7 +303,7 @@ def zygote_main(fd: int, modules: list[str]) -> None:
                 if not pid:
                     break
                 send(("exited", pid, status))
-            if sock not in ready:
+            if sock.fileno() not in ready:
                 continue
             try:
                 data, fds, _, _ = socket.recv_fds(sock, PACKET, 4)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import requests
 
-from examples.hooks import encode
-from tests.support.servers import ROOT, Backend, base_env
+from harness.servers import ROOT, Backend, base_env
+from lsmlflow.pickling import encode_hook
 
 from . import models
 from .common import Row, Table
@@ -58,8 +58,8 @@ def run(table: Table, workdir: Path) -> None:
     backend = Backend(folder, {"MLFLOW_TRACKING_URI": registry, "PREDICT_TIMEOUT_S": str(deadline_s)}).start()
     try:
         answer = requests.post(backend.url + "/configure", timeout=120, json={
-            "model_uri": "models:/per_item_1_5ms/1", "pre_hook": encode(models.pre_hook),
-            "post_hook": encode(models.post_hook)})
+            "model_uri": "models:/per_item_1_5ms/1", "pre_hook": encode_hook(models.pre_hook),
+            "post_hook": encode_hook(models.post_hook)})
         assert answer.status_code == 200, answer.text
         tasks = [{"id": i, "data": {"text": f"task {i} " + "x" * (i % 12)}} for i in range(TASKS)]
         stored, seconds = simulate_label_studio(backend.url, tasks, 100.0 / SCALE)

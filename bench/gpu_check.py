@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+from lsmlflow.pickling import encode_hook
+
 
 def main() -> int:
     import numpy as np
@@ -71,13 +73,12 @@ def model_process_device() -> str:
     from backend.modelprocess import ModelProcess
     from backend.spec import ModelSpec
     from backend.zygote import Zygote
-    from examples.hooks import encode
-
+    
     folder = Path(tempfile.mkdtemp())
     model = torch.nn.Sequential(torch.nn.Linear(1, 2))
     mlflow.pytorch.save_model(model, str(folder / "model"), serialization_format="pickle")
-    pre = encode(lambda values: __import__("torch").tensor(values, dtype=__import__("torch").float32))
-    post = encode(lambda output: [str(output.device)] * len(output))
+    pre = encode_hook(lambda values: __import__("torch").tensor(values, dtype=__import__("torch").float32))
+    post = encode_hook(lambda output: [str(output.device)] * len(output))
     spec = ModelSpec(model_uri=str(folder / "model"), loader="native", pre_hook=pre, post_hook=post)
     zygote = Zygote(("mlflow.pytorch", "torch")).start()
     process = ModelProcess(zygote, folder / "artifacts", 120)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import requests
 
-from examples.hooks import brightness_pre, choices_post, encode
-from tests.support.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
+from examples.hooks import brightness_pre, choices_post
+from harness.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
+from lsmlflow.pickling import encode_hook
 
 from .common import Row, Table, median, tree_pss_mib, tree_rss_mib
 
@@ -34,7 +35,7 @@ for i in range(int(sys.argv[2])):
 
 def configure_seconds(orchestrator: OrchestratorProcess, model_uri: str) -> float:
     """From POST /configure to the answer that the backend is ready with the model loaded."""
-    hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
+    hooks = {"pre_hook": encode_hook(brightness_pre), "post_hook": encode_hook(choices_post)}
     started = time.perf_counter()
     answer = requests.post(orchestrator.url + "/configure", json={"model_uri": model_uri, **hooks}, timeout=120)
     seconds = time.perf_counter() - started

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import requests
 
-from examples.hooks import IMAGE_CONFIG, brightness_pre, choices_post, encode
-from tests.support.raycluster import local_cluster
-from tests.support.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
+from examples.hooks import IMAGE_CONFIG, brightness_pre, choices_post
+from harness.raycluster import local_cluster
+from harness.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
+from lsmlflow.pickling import encode_hook
 
 from .common import Row, Table, median
 from .orchestrator_ready import ALIASES, configure_seconds
@@ -66,7 +67,7 @@ def run(table: Table, workdir: Path) -> None:
         try:
             ray_cold = _cold_starts(orchestrator, ROUNDS)
             orchestrator.remove_all()  # free their nodes' backend slots: the survivor must have room
-            hooks = {"pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)}
+            hooks = {"pre_hook": encode_hook(brightness_pre), "post_hook": encode_hook(choices_post)}
             moved = requests.post(orchestrator.url + "/configure", timeout=120,
                                   json={"model_uri": f"models:/brightness@b{2 * ROUNDS}", **hooks}).json()
             url = moved["label_studio_url"]

@@ -19,8 +19,8 @@ from pathlib import Path
 import requests
 from PIL import Image
 
-from examples.hooks import encode
-from tests.support.servers import PYTHON_BIN, ROOT, Backend, Process, base_env, file_server, free_port, wait_until
+from harness.servers import PYTHON_BIN, ROOT, Backend, Process, base_env, file_server, free_port, wait_until
+from lsmlflow.pickling import encode_hook
 
 from . import models
 from .common import Row, Table, median, percentile
@@ -34,8 +34,8 @@ def _configure(backend: Backend, model: str, post_hook=models.post_hook) -> None
         timeout=120,
         json={
             "model_uri": f"models:/{model}/1",
-            "pre_hook": encode(models.pre_hook),
-            "post_hook": encode(post_hook),
+            "pre_hook": encode_hook(models.pre_hook),
+            "post_hook": encode_hook(post_hook),
             "batch_size": 64,
         },
     )

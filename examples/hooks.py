@@ -7,11 +7,6 @@ detector's hooks draw boxes with labels and full score vectors, which Antenna's 
 
 from __future__ import annotations
 
-import base64
-import sys
-
-import cloudpickle
-
 IMAGE_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<Choices name="brightness" toName="image"><Choice value="dark"/><Choice value="light"/></Choices></View>'
@@ -26,17 +21,6 @@ TEXT_CONFIG = (
     '<Choices name="sentiment" toName="text"><Choice value="positive"/><Choice value="negative"/></Choices></View>'
 )
 
-
-def encode(fn) -> str:
-    """What the dagshub client does to a hook, with the hook's module pickled by value.
-
-    cloudpickle pickles functions of importable modules by reference; registering the module by
-    value makes the backend independent of it, as for a function written in a notebook.
-    """
-    module = sys.modules.get(fn.__module__)
-    if module is not None and fn.__module__ != "__main__":
-        cloudpickle.register_pickle_by_value(module)
-    return base64.b64encode(cloudpickle.dumps(fn)).decode()
 
 
 def brightness_pre(paths):

@@ -3,10 +3,12 @@
 ``python -m examples.quickstart`` (what ``make run`` does):
 
 1. registers the demo models in a SQLite MLflow registry under ``.demo/`` (once);
-2. starts the backend with gunicorn on 127.0.0.1:9090 (``PORT`` to change it);
-3. configures it with ``models:/brightness@champion`` (an alias) and the hooks of ``examples/hooks.py``;
+2. starts a backend (``ls-mlflow serve``) on 127.0.0.1:9090 (``PORT`` to change it);
+3. configures it with the client: ``models:/brightness@champion`` (an alias) and the hooks of ``examples/hooks.py``;
 4. predicts two images made with Pillow and prints Label Studio's answer;
-5. keeps serving until Ctrl-C, so Label Studio can connect (``--once`` stops here instead).
+5. with ``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY`` (a Personal Access Token) and ``LS_PROJECT`` set,
+   connects that project and has Label Studio retrieve its predictions;
+6. keeps serving until Ctrl-C, so Label Studio can connect (``--once`` stops here instead).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from pathlib import Path
 import requests
 from PIL import Image
 
-from examples.hooks import IMAGE_CONFIG, brightness_pre, choices_post, encode
+from examples.hooks import IMAGE_CONFIG, brightness_pre, choices_post
+from lsmlflow import Client, ClientError, connect_project
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / ".demo"
@@ -35,8 +38,6 @@ def main() -> int:
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{DEMO / 'mlflow.db'}",
-        "MODEL_DIR": str(DEMO / "model_dir"),
-        "PORT": port,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         # Task data may name local files only under folders allowed here; the demo's images live in one.
@@ -50,9 +51,9 @@ def main() -> int:
     else:
         print("1. demo models already registered in", env["MLFLOW_TRACKING_URI"])
 
-    print(f"2. starting the backend: gunicorn wsgi:app on {url}")
-    backend = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "wsgi:app"], env=env, cwd=ROOT,
-                               stdout=open(DEMO / "backend.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115 - the child's
+    print(f"2. starting the backend: ls-mlflow serve --port {port}   (its log: {DEMO / 'backend.log'})")
+    backend = subprocess.Popen([sys.executable, "-m", "lsmlflow", "serve", "--port", port, "--model-dir", str(DEMO / "model_dir")],
+                               env=env, cwd=ROOT, stdout=open(DEMO / "backend.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -66,11 +67,13 @@ def main() -> int:
                 return 1
             time.sleep(0.1)
 
-        print("3. configuring models:/brightness@champion with the demo hooks")
-        answer = requests.post(url + "/configure", timeout=60, json={
-            "model_uri": "models:/brightness@champion", "pre_hook": encode(brightness_pre), "post_hook": encode(choices_post)})
-        print("  ", answer.status_code, json.dumps({k: answer.json().get(k) for k in ("status", "model_version", "flavor", "device")}))
-        answer.raise_for_status()
+        print("3. configuring models:/brightness@champion with the demo hooks (lsmlflow.Client)")
+        try:
+            served = Client(url).configure("models:/brightness@champion", pre_hook=brightness_pre, post_hook=choices_post,
+                                           progress=lambda message: print("  ", message))
+        except ClientError as exc:
+            print(f"   error: {exc.error}\n   fix: {exc.detail}")
+            return 1
 
         images = []
         (DEMO / "images").mkdir(exist_ok=True)
@@ -84,11 +87,19 @@ def main() -> int:
         answer.raise_for_status()
         print(json.dumps(answer.json(), indent=2))
 
+        project = os.environ.get("LS_PROJECT")
+        if project and os.environ.get("LABEL_STUDIO_URL") and os.environ.get("LABEL_STUDIO_API_KEY"):
+            print(f"5. connecting Label Studio project {project} and retrieving its predictions")
+            connection = connect_project(int(project), served.url, label_studio_url=os.environ["LABEL_STUDIO_URL"],
+                                         api_key=os.environ["LABEL_STUDIO_API_KEY"], model_version=served.model_version)
+            print(f"   project {project}: {connection.predictions} prediction(s) of {served.model_version}")
+        else:
+            print("5. to connect a Label Studio project, set LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY (a Personal Access")
+            print(f"   Token) and LS_PROJECT, or run: ls-mlflow connect --url {url} --project <id>")
+
         if "--once" in sys.argv:
             return 0
-        print(f"5. serving on {url}: in Label Studio, Settings > Model > Connect model, URL {url}  (Ctrl-C stops)")
-        print("   For images uploaded to Label Studio, run with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a Personal")
-        print("   Access Token, from Account & Settings); for your own image folders, LOCAL_FILES_ROOTS.")
+        print(f"6. serving on {url} until Ctrl-C")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         backend.wait()
         return backend.returncode

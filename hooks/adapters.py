@@ -181,7 +181,7 @@ def _resize_mask(mask: Any, width: int, height: int) -> Any:
     import numpy as np
     from PIL import Image
 
-    return np.asarray(Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
+    return np.asarray(Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
 
 
 def _keypoints(
@@ -330,9 +330,9 @@ def transformers_post(
             else:
                 control = _control(label_config, "Choices", options)
                 ranked = [item] if isinstance(item, dict) else sorted(item, key=lambda e: -float(e["score"]))
-                best = ranked[0] if ranked else None
+                best: dict[str, Any] | None = ranked[0] if ranked else None
                 label = control.label(best["label"]) if best and float(best["score"]) >= threshold else None
-                if label is not None:
+                if best is not None and label is not None:
                     found.append(
                         r.choices(
                             label, from_name=control.from_name, to_name=control.to_name, score=float(best["score"])
@@ -393,12 +393,13 @@ def easyocr_post(
                 if float(confidence) < threshold:
                     continue
                 points = _array(corners).reshape(-1, 2).astype(float)
-                where = {"width": width, "height": height, "from_name": regions.from_name, "to_name": regions.to_name}
                 if polygons:
-                    region = r.polygon(points, region_label, **where, score=float(confidence))
+                    region = r.polygon(points, region_label, width=width, height=height, from_name=regions.from_name,
+                                       to_name=regions.to_name, score=float(confidence))
                 else:
                     box = (points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max())
-                    region = r.rectangle(box, region_label, **where, score=float(confidence))
+                    region = r.rectangle(box, region_label, width=width, height=height, from_name=regions.from_name,
+                                         to_name=regions.to_name, score=float(confidence))
                 found += [
                     region,
                     r.textarea(

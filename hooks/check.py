@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,40 +38,80 @@ def _tasks(items: Sequence[str], key: str) -> list[dict[str, Any]]:
     return tasks
 
 
+def add_check_arguments(check: argparse.ArgumentParser) -> None:
+    """The check's options; ``ls-mlflow check`` has the same."""
+    check.add_argument("--label-config", required=True, help="the labeling config: a file, or the XML itself")
+    check.add_argument("--model", required=True, help="an MLflow model URI (models:/name/version, runs:/..., a path)")
+    check.add_argument("--post-hook", required=True, help="module:function or path/to/file.py:function")
+    check.add_argument("--pre-hook", default="", help="module:function or path/to/file.py:function (default: identity)")
+    check.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI")
+    check.add_argument("--loader", choices=("pyfunc", "native"), default="pyfunc")
+    check.add_argument("--batch-size", type=int, default=None, help="default: the backend's BATCH_SIZE")
+    check.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (default: %(default)s)")
+    check.add_argument("items", nargs="+", metavar="FILE_OR_TASK_JSON")
+
+
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="python -m hooks", description=__doc__.split("\n\n")[0])
     commands = cli.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check", help="run pre_hook -> model -> post_hook on files or tasks and validate")
-    check.add_argument("--label-config", required=True, help="the labeling config: a file, or the XML itself")
-    check.add_argument("--model", required=True, help="an MLflow model URI (models:/name/version, runs:/..., a path)")
-    check.add_argument("--post-hook", required=True, help="module:function")
-    check.add_argument("--pre-hook", default="", help="module:function (default: identity)")
-    check.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI")
-    check.add_argument("--loader", choices=("pyfunc", "native"), default="pyfunc")
-    check.add_argument("--batch-size", type=int, default=None)
-    check.add_argument("items", nargs="+", metavar="FILE_OR_TASK_JSON")
+    add_check_arguments(commands.add_parser("check", help="run pre_hook -> model -> post_hook on files or tasks and validate"))
     return cli
 
 
+@dataclass(frozen=True)
+class _LocalRunner:
+    """The batcher's runner for a pipeline in this process (a backend runs it in its model process)."""
+
+    pipeline: Any
+
+    def call(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]], context: Any,
+             label_config: str) -> tuple[list[Any], dict[str, float]]:
+        timings: dict[str, float] = {}
+        outputs = self.pipeline.run_batch(values, tasks, context, label_config, timer=timings.__setitem__)
+        return outputs, timings
+
+
+@dataclass(frozen=True)
+class _LocalServing:
+    """What ``predict_tasks`` needs of a configuration, for a model loaded here; nothing in the background."""
+
+    hooks_id: str
+    identity: str
+    batch_size: int
+    batcher: Any
+    model_version: str
+    continuation: None = None
+
+
 def run_check(args: argparse.Namespace) -> int:
-    from backend.answers import plain_value, prediction_json
+    """Load, fetch and predict through the backend's own entry point (``backend.prediction.predict_tasks``)."""
+    from backend.answers import answer_json
+    from backend.batching import DynamicBatcher
     from backend.errors import BackendError
     from backend.hookcodec import decode_hook
     from backend.labelstudio import LabelStudioAccess
     from backend.loading import load_model
     from backend.outbound import AddressPolicy
+    from backend.pipeline import Pipeline
+    from backend.prediction import predict_tasks
+    from backend.settings import Settings
     from backend.spec import parse_model_spec
     from backend.taskdata import FetchLimits, LocalFiles, TaskDataFetcher
-    from backend.validation import PredictionCompleter, data_objects, validate_predictions
-    from model import Pipeline
+    from backend.validation import data_objects
+    from lsmlflow.errors import ClientError
+    from lsmlflow.pickling import encode_hook, load_reference
 
     config = _label_config(args.label_config)
+    failed: dict[int, str] = {}
     try:
         objects = data_objects(config)
         if not objects:
             raise SystemExit('the labeling config reads no task data (its object tags need value="$key")')
         tasks = _tasks(args.items, objects[0].key)
-        body = {"model_uri": args.model, "pre_hook": args.pre_hook, "post_hook": args.post_hook, "loader": args.loader}
+        # Your hooks as a client sends them (module:function or file.py:function, from here, pickled by value).
+        hooks = {role: encode_hook(load_reference(ref, role)) if ref else "" for role, ref in
+                 (("pre_hook", args.pre_hook), ("post_hook", args.post_hook))}
+        body = {"model_uri": args.model, **hooks, "loader": args.loader}
         if args.tracking_uri:
             body["tracking_uri"] = args.tracking_uri
         if args.batch_size:
@@ -81,36 +122,28 @@ def run_check(args: argparse.Namespace) -> int:
             loaded = load_model(spec, Path(scratch) / "artifacts")
             pipeline = Pipeline(loaded, decode_hook(spec.pre_hook, "pre_hook"), decode_hook(spec.post_hook, "post_hook"))
             model_version = spec.model_version or loaded.resolved.label
+            serving = _LocalServing(spec.digest, spec.digest, spec.batch_size or Settings.from_env().default_batch_size,
+                                    DynamicBatcher(_LocalRunner(pipeline), enabled=False), model_version)
             # Your own files and your own network: anything but the never-readable folders and metadata addresses.
             limits = FetchLimits(local=LocalFiles(("/",)), addresses=AddressPolicy(("0.0.0.0/0", "::/0")))
             fetcher = TaskDataFetcher(Path(scratch) / "cache", limits=limits)
             try:
-                inputs = fetcher.fetch_tasks(tasks, objects, LabelStudioAccess())
+                inputs = fetcher.start_tasks(tasks, objects, LabelStudioAccess())
+                outcome = predict_tasks(serving, tasks, inputs, label_config=config,
+                                        deadline=time.monotonic() + args.timeout, background=False)
             finally:
                 fetcher.close()
-            failed = {i: item.error for i, item in enumerate(inputs) if item.error}
-            ready = [i for i in range(len(tasks)) if i not in failed]
-            predictions: list = [None] * len(tasks)
-            complete = PredictionCompleter(model_version)
-            size = spec.batch_size or 32
-            for start in range(0, len(ready), size):
-                chunk = ready[start : start + size]
-                outputs = pipeline.run_batch([inputs[i].value for i in chunk], [tasks[i] for i in chunk], None, config)
-                for i, output in zip(chunk, outputs):
-                    predictions[i] = complete(output, tasks[i], i)
-            for i in ready:
-                prediction_json(predictions[i], tasks[i], i)  # what the backend would refuse to send
-            answer = {"model_version": model_version, "results": [p if p is not None else [] for p in predictions]}
-            if failed:  # as the backend answers: [] (nothing stored) and the reason
-                answer["errors"] = [{"task": tasks[i].get("id"), "error": error} for i, error in failed.items()]
-            print(json.dumps(answer, indent=2, default=plain_value))
-            validate_predictions([predictions[i] for i in ready], [tasks[i] for i in ready], config)
-    except BackendError as exc:
+            failed = outcome.errors
+            extra = {"errors": [{"task": tasks[i].get("id"), "error": e} for i, e in sorted(failed.items())]} if failed else {}
+            answer = json.loads(answer_json(outcome.items, tasks, model_version, extra))  # what the backend would send
+            print(json.dumps(answer, indent=2))
+    except (BackendError, ClientError) as exc:
         print(f"\nFAILED: {exc.error}\n  fix: {exc.detail}", file=sys.stderr)
         return 1
-    for i, error in failed.items():
+    for i, error in sorted(failed.items()):
         print(f"task {tasks[i].get('id')}: no prediction: {error}", file=sys.stderr)
-    regions = sum(len(predictions[i]["result"]) for i in ready)
+    ready = [p for p in answer["results"] if p != []]
+    regions = sum(len(p["result"]) for p in ready)
     print(
         f"\n{'OK' if not failed else 'PARTLY'}: {len(ready)} predictions, {regions} regions, all fit the labeling config"
         f"{f'; {len(failed)} task(s) without data' if failed else ''} ({time.perf_counter() - started:.1f} s with the model load).",

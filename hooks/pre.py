@@ -32,7 +32,7 @@ def letterbox(image: Any, target: int, fill: int = 114) -> Any:
     from PIL import Image
 
     scale, pad_x, pad_y = letterbox_geometry(image.size, target)
-    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
     canvas = Image.new(image.mode, (target, target), (fill,) * len(image.getbands()))
     canvas.paste(resized, (int(pad_x), int(pad_y)))
     return canvas

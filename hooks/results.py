@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
@@ -201,7 +201,8 @@ def prediction(
     if isinstance(score, str):
         if score not in ("mean", "min", "max"):
             raise ValueError("score must be 'mean', 'min', 'max' or a number")
-        combined = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}[score](scores) if scores else None
+        combine: dict[str, Callable[[list[float]], float]] = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}
+        combined = combine[score](scores) if scores else None
     else:
         combined = float(score)
     out: dict[str, Any] = {"result": results}

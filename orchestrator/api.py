@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from backend.auth import require_basic_auth, require_configure_rights
 from backend.errors import BadRequest, NotConfigured, NotFound
+from backend.hookcodec import RUNTIME
 
 from .manager import BackendManager
 from .proxy import Proxy
@@ -76,9 +77,10 @@ def configure():
     record, status, answer, created = o.manager.configure(request.get_data())
     if status >= 300:  # the backend's own error, unchanged, with the backend it came from
         return jsonify({**answer, "backend_id": record.id, "backend_kept": not created}), status
-    return jsonify(
-        {"id": record.id, "state": record.state, "created": created, **_urls(record), "backend": answer}
-    ), status
+    body = {"id": record.id, "state": record.state, "created": created, **_urls(record), "backend": answer}
+    if status == 202:  # still loading: its status, through the orchestrator
+        body["status_url"] = f"{request.host_url}models/{record.id}/configure/status"
+    return jsonify(body), status
 
 
 @api.get("/backends")
@@ -119,7 +121,7 @@ def delete_backend(backend_id: str):
 def model_route(backend_id: str, path: str) -> Response:
     o = orchestrator()
     record = o.manager.get(backend_id)
-    if path.strip("/").startswith("configure"):
+    if path.strip("/").startswith("configure") and not (request.method == "GET" and path.strip("/") == "configure/status"):
         raise NotFound("configure goes through the orchestrator", "POST /configure; the model picks the backend.")
     return _forward(record, path)
 
@@ -150,6 +152,8 @@ def root_health():
     record = orchestrator().manager.registry.newest_configured()
     if record is None:
         body: dict[str, Any] = {"status": "UP", "model_class": "orchestrator", "configured": False, "backends": 0}
+        if orchestrator().manager.driver.name == "process":  # its backends run this Python
+            body["runtime"] = RUNTIME
         return jsonify(body)
     return orchestrator().proxy.forward(record, "health", request)
 

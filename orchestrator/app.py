@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import signal
 import sys
 import threading
@@ -35,10 +34,8 @@ def create_app(
 ) -> Flask:
     """Build an orchestrator; its supervisor re-adopts or restarts the backends its registry names."""
     settings = settings or OrchestratorSettings.from_env(env)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    SECRETS.add(settings.basic_auth_pass, settings.configure_token, os.environ.get("LABEL_STUDIO_API_KEY"))
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    SECRETS.add(settings.basic_auth_pass, settings.configure_token, settings.label_studio_api_key)
     install_log_redaction()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     if settings.driver == "ray":
@@ -48,7 +45,7 @@ def create_app(
     manager = BackendManager(settings, Registry(settings.registry_path), driver or make_driver(settings), gpus)
     supervisor = Supervisor(manager)
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's setting
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s), supervisor)
     app.register_blueprint(api)
@@ -57,7 +54,7 @@ def create_app(
     if supervise:
         supervisor.start()
         atexit.register(Shutdown(manager, supervisor, settings.on_exit))
-        if os.environ.get("FLASK_RUN_FROM_CLI") == "true" and threading.current_thread() is threading.main_thread():
+        if settings.interactive and threading.current_thread() is threading.main_thread():
             # flask run ends on SIGTERM without running atexit: make it exit as on Ctrl-C, so the backends'
             # fate is carried out and said. gunicorn's workers exit through sys.exit on their own.
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

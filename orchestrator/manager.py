@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import shutil
 import threading
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PUBLIC_MODEL_FIELDS = ("model_uri", "tracking_uri", "registry_uri", "loader", "model_version", "batch_size", "gpus")
 # A backend answers a configure within its CONFIGURE_WAIT_S (then 202 while loading); wait that and a margin.
-CONFIGURE_ANSWER_S = float(os.environ.get("CONFIGURE_WAIT_S", "20")) + 15.0
 
 
 def _antenna_pipeline(spec: ModelSpec) -> PipelineDefinition | None:
@@ -235,7 +233,7 @@ class BackendManager:
                 f"{record.url}/configure",
                 data=raw,
                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {record.token}"},
-                timeout=(2.0, CONFIGURE_ANSWER_S),
+                timeout=(2.0, self.settings.configure_wait_s + 15.0),  # the backend answers 202 after its wait
             )
         except requests.RequestException as exc:
             raise UpstreamUnavailable(

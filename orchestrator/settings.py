@@ -7,7 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.settings import AccessSettings, _float, _int, _megabytes, basic_auth_from, comma_list
+from backend.settings import (
+    AccessSettings,
+    basic_auth_from,
+    comma_list,
+    env_float,
+    env_int,
+    env_megabytes,
+    log_level_from,
+)
 
 DRIVERS = ("process", "docker", "ray")
 ON_EXIT = ("stop", "keep")
@@ -52,6 +60,10 @@ class OrchestratorSettings(AccessSettings):
     ray_node_labels: tuple[tuple[str, str], ...] = ()  # place backends only on nodes with these labels
     ray_backend_python: str = ""  # the Python on every node (same path); default: the orchestrator's
     ray_project_root: str = ""  # this checkout's path on every node; default: the orchestrator's
+    log_level: str = "INFO"
+    configure_wait_s: float = 20.0  # the backends' CONFIGURE_WAIT_S: how long their configure answer may take
+    label_studio_api_key: str = ""  # passed on to the backends; kept out of the orchestrator's log
+    interactive: bool = False  # run by ``flask run``: SIGTERM exits as Ctrl-C does (orchestrator/app.py)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OrchestratorSettings:
@@ -71,34 +83,38 @@ class OrchestratorSettings(AccessSettings):
         return cls(
             state_dir=Path(env.get("ORCHESTRATOR_DIR") or "orchestrator_state"),
             driver=driver,
-            max_backends=_int(env, "MAX_BACKENDS", 8, 1),
-            start_timeout_s=_float(env, "BACKEND_START_TIMEOUT_S", 60.0, 1.0),
-            proxy_timeout_s=_float(env, "PROXY_TIMEOUT_S", 110.0, 1.0),
-            process_timeout_s=_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
-            supervise_every_s=_float(env, "SUPERVISE_EVERY_S", 1.0, 0.05),
-            max_backoff_s=_float(env, "MAX_BACKOFF_S", 30.0, 0.1),
+            max_backends=env_int(env, "MAX_BACKENDS", 8, 1),
+            start_timeout_s=env_float(env, "BACKEND_START_TIMEOUT_S", 60.0, 1.0),
+            proxy_timeout_s=env_float(env, "PROXY_TIMEOUT_S", 110.0, 1.0),
+            process_timeout_s=env_float(env, "PROCESS_TIMEOUT_S", 600.0, 1.0),
+            supervise_every_s=env_float(env, "SUPERVISE_EVERY_S", 1.0, 0.05),
+            max_backoff_s=env_float(env, "MAX_BACKOFF_S", 30.0, 0.1),
             host=env.get("HOST") or env.get("FLASK_RUN_HOST") or "127.0.0.1",
             basic_auth_user=user,
             basic_auth_pass=password,
             configure_token=env.get("CONFIGURE_TOKEN", ""),
             gpus=None if gpus is None else comma_list(gpus),
-            backend_threads=_int(env, "BACKEND_THREADS", 8, 1),
-            warm_spares=_int(env, "WARM_SPARES", 1, 0),
+            backend_threads=env_int(env, "BACKEND_THREADS", 8, 1),
+            warm_spares=env_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
-            max_request_bytes=_megabytes(env, "MAX_REQUEST_MB", 100),
+            max_request_bytes=env_megabytes(env, "MAX_REQUEST_MB", 100),
             on_exit=on_exit,
             ray_address=env.get("RAY_ADDRESS", ""),
             ray_namespace=env.get("RAY_NAMESPACE") or "lsbackend",
-            ray_connect_timeout_s=_float(env, "RAY_CONNECT_TIMEOUT_S", 15.0, 0.1),
-            backend_gpus=_int(env, "BACKEND_GPUS", 0, 0),
+            ray_connect_timeout_s=env_float(env, "RAY_CONNECT_TIMEOUT_S", 15.0, 0.1),
+            backend_gpus=env_int(env, "BACKEND_GPUS", 0, 0),
             ray_backend_resource=env.get("RAY_BACKEND_RESOURCE", "lsbackend"),
             ray_spread=placement == "spread",
             ray_node_labels=_labels(env.get("RAY_NODE_LABELS", "")),
             ray_backend_python=env.get("RAY_BACKEND_PYTHON", ""),
             ray_project_root=env.get("RAY_PROJECT_ROOT", ""),
+            log_level=log_level_from(env),
+            configure_wait_s=env_float(env, "CONFIGURE_WAIT_S", 20.0),
+            label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
+            interactive=env.get("FLASK_RUN_FROM_CLI") == "true",
         )
 
     @property

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,16 @@ from PIL import Image
 from backend.app import create_app
 from backend.settings import Settings
 from backend.zygote import Zygote
-from tests.support.servers import Backend, MlflowServer, base_env, file_server, prefix_proxy, register_models
+from harness.servers import (
+    Backend,
+    MlflowServer,
+    OrchestratorProcess,
+    base_env,
+    file_server,
+    prefix_proxy,
+    register_models,
+)
+from tests.support.clientside import write_user_modules
 
 # No test reaches the internet: MLflow's telemetry stays off in this process and every child.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -95,6 +106,11 @@ def app_with(tmp_path, zygote, images):
         app.extensions["lsbackend"].close()
 
 
+def on_fixtures(env: dict[str, str], registry: str, images: dict[str, Path]) -> dict[str, str]:
+    """A server's environment: the fixture registry, and the right to read the fixture images, unless ``env`` says otherwise."""
+    return {"MLFLOW_TRACKING_URI": registry, "LOCAL_FILES_ROOTS": str(images["white"].parent), **env}
+
+
 @pytest.fixture
 def start_backend(tmp_path, registry, images):
     """Start real gunicorn backends on the fixture registry, allowed to read the fixture images; all
@@ -102,15 +118,44 @@ def start_backend(tmp_path, registry, images):
     started: list[Backend] = []
 
     def start(**env: str) -> Backend:
-        env.setdefault("MLFLOW_TRACKING_URI", registry)
-        env.setdefault("LOCAL_FILES_ROOTS", str(images["white"].parent))
-        backend = Backend(tmp_path, env).start()
+        backend = Backend(tmp_path, on_fixtures(env, registry, images)).start()
         started.append(backend)
         return backend
 
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def start_orchestrator(tmp_path, registry, images):
+    """Start orchestrators on one state folder (their backends may read the fixture images); at teardown
+    every backend they started is removed."""
+    started: list[OrchestratorProcess] = []
+    state_dir = tmp_path / "state"
+
+    def start(**env: str) -> OrchestratorProcess:
+        orchestrator = OrchestratorProcess(state_dir, on_fixtures(env, registry, images)).start()
+        started.append(orchestrator)
+        return orchestrator
+
+    yield start
+    if started and started[-1].proc.poll() is None:
+        started[-1].remove_all()
+    for orchestrator in started:
+        orchestrator.stop()
+        orchestrator.kill_leftovers()
+
+
+@pytest.fixture
+def client_side(tmp_path, monkeypatch):
+    """A user's hook module (``clientside_hooks``, and the helper module it imports), importable in this
+    process only: the backends started by the tests do not have it."""
+    names = write_user_modules(tmp_path / "client-side")
+    monkeypatch.syspath_prepend(str(tmp_path / "client-side"))
+    yield importlib.import_module(names[0])
+    for name in names:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="session")

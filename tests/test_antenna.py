@@ -12,6 +12,8 @@ import requests
 from PIL import Image
 
 from examples.hooks import DETECTOR_CONFIG
+from harness.servers import OrchestratorProcess, file_server
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
 from tests.support.antenna import (
     AntennaPlatform,
@@ -19,21 +21,20 @@ from tests.support.antenna import (
     ProcessingServiceInfoResponse,
     processing_request,
 )
-from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import OrchestratorProcess, file_server
+from tests.support.hooks import IMAGE_CONFIG
 
 DETECTOR = {
     "model_uri": "models:/critters/1",
-    "pre_hook": encode(hooks.critter_cells_pre),
-    "post_hook": encode(hooks.critter_boxes_post),
+    "pre_hook": encode_hook(hooks.critter_cells_pre),
+    "post_hook": encode_hook(hooks.critter_boxes_post),
     "label_config": DETECTOR_CONFIG,
     "pipeline": {"slug": "critters", "name": "Critters", "description": "Moths and beetles by colour."},
 }
 CLASSIFIER = {
     "model_uri": "models:/tiny_torch/1",
     "loader": "native",
-    "pre_hook": encode(hooks.torch_brightness_pre),
-    "post_hook": encode(hooks.torch_choices_scores_post),
+    "pre_hook": encode_hook(hooks.torch_brightness_pre),
+    "post_hook": encode_hook(hooks.torch_choices_scores_post),
     "label_config": IMAGE_CONFIG,
 }
 MOTH_BOX = {"x1": 16.0, "y1": 0.0, "x2": 32.0, "y2": 12.0}  # cell (1, 0) of the 64x48 image's 4x4 grid
@@ -162,7 +163,7 @@ def test_a_classifier_labels_whole_images_and_the_crops_antenna_sends_back(anten
 
 def test_a_hook_may_answer_in_antennas_shape(antenna_client, traps):
     client = antenna_client
-    body = {**CLASSIFIER, "post_hook": encode(hooks.antenna_shaped_post), "pipeline": {"slug": "shaped"}}
+    body = {**CLASSIFIER, "post_hook": encode_hook(hooks.antenna_shaped_post), "pipeline": {"slug": "shaped"}}
     assert client.post("/configure", json=body).status_code == 200
     results = process(client, "shaped", [("3", traps("halves.png"))])
     (found,) = results.detections
@@ -210,7 +211,7 @@ def test_bad_input_gets_antenna_shaped_errors_and_what_served_keeps_serving(ante
     # Hooks whose answers Antenna could not save: 422 naming the fix; the good configuration serves on.
     for post, message in ((hooks.undeclared_algorithm_post, "which /info does not declare"),
                           (hooks.wasp_box_post, "do not fit the labeling config")):
-        response = client.post("/configure", json={**DETECTOR, "post_hook": encode(post)})
+        response = client.post("/configure", json={**DETECTOR, "post_hook": encode_hook(post)})
         assert response.status_code == 200
         response = client.post("/process", json=processing_request("critters", [("1", traps("scene.png"))]))
         assert response.status_code == 422 and message in response.get_json()["detail"], response.get_json()
@@ -229,8 +230,8 @@ def test_the_orchestrator_serves_every_backends_pipeline_at_its_root(tmp_path, r
             response = requests.post(f"{url}/configure", json=body, timeout=120)
             assert response.status_code == 200, response.text
         clash = requests.post(f"{url}/configure", json={**CLASSIFIER, "model_uri": "models:/brightness/1",
-                                                        "pre_hook": encode(hooks.brightness_pre),
-                                                        "post_hook": encode(hooks.choices_post),
+                                                        "pre_hook": encode_hook(hooks.brightness_pre),
+                                                        "post_hook": encode_hook(hooks.choices_post),
                                                         "pipeline": {"slug": "critters"}}, timeout=60)
         assert clash.status_code == 409 and "critters" in clash.json()["error"]
 

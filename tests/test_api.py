@@ -8,34 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from harness.calls import configure, image_tasks, labels, predict
+from harness.servers import wait_until
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, encode
-from tests.support.servers import wait_until
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def configure(client, **fields):
-    fields.setdefault("model_uri", "models:/brightness/1")
-    fields.setdefault("pre_hook", encode(hooks.brightness_pre))
-    fields.setdefault("post_hook", encode(hooks.choices_post))
-    return client.post("/configure", json=fields)
-
-
-def image_tasks(images, *names):
-    return [{"id": i + 1, "data": {"image": str(images[name])}} for i, name in enumerate(names)]
-
-
-def predict(client, tasks, config=IMAGE_CONFIG, **extra):
-    return client.post("/predict", json={"tasks": tasks, "label_config": config, **extra})
-
-
 def choices_of(body):
     return [p["result"][0]["value"]["choices"][0] if p and p["result"] else None for p in body["results"]]
-
-
-def choices(response):
-    return choices_of(response.get_json())
 
 
 def test_health_before_configure(client):
@@ -58,7 +41,7 @@ def test_configure_and_predict_images(client, images):
     assert response.get_json()["model_version"] == "brightness:1"
     response = predict(client, image_tasks(images, "white", "black", "light", "dark"))
     assert response.status_code == 200
-    assert choices(response) == ["light", "dark", "light", "dark"]
+    assert labels(response) == ["light", "dark", "light", "dark"]
     for prediction in response.get_json()["results"]:
         assert prediction["model_version"] == "brightness:1"
         assert prediction["result"][0]["id"]
@@ -76,21 +59,21 @@ def test_latest_and_alias_resolve_to_a_concrete_version(client, images, uri, ver
     assert configure(client, model_uri=uri).status_code == 200
     response = predict(client, image_tasks(images, "white"))
     expected = "dark" if version == "brightness:2" else "light"  # v2 is the flipped model
-    assert choices(response) == [expected]
+    assert labels(response) == [expected]
     assert response.get_json()["model_version"] == version
 
 
 def test_text_tasks_pass_text_to_hooks(client):
-    assert configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode(hooks.sentiment_post)).status_code == 200
+    assert configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode_hook(hooks.sentiment_post)).status_code == 200
     tasks = [{"id": 1, "data": {"text": "great lovely good"}}, {"id": 2, "data": {"text": "awful bad"}}]
-    assert choices(predict(client, tasks, TEXT_CONFIG)) == ["positive", "negative"]
+    assert labels(predict(client, tasks, TEXT_CONFIG)) == ["positive", "negative"]
 
 
 def test_hooks_by_import_reference_and_batches(client, images):
     response = configure(client, pre_hook="tests.support.hooks:brightness_pre", post_hook="tests.support.hooks:choices_post", batch_size=2)
     assert response.status_code == 200
     assert response.get_json()["batch_size"] == 2
-    assert choices(predict(client, image_tasks(images, "white", "black", "white", "black", "dark"))) == [
+    assert labels(predict(client, image_tasks(images, "white", "black", "white", "black", "dark"))) == [
         "light", "dark", "light", "dark", "dark",
     ]
 
@@ -98,13 +81,13 @@ def test_hooks_by_import_reference_and_batches(client, images):
 def test_torch_model_with_native_loader(client, images):
     response = configure(
         client, model_uri="models:/tiny_torch/1", loader="native",
-        pre_hook=encode(hooks.torch_brightness_pre), post_hook=encode(hooks.torch_choices_post),
+        pre_hook=encode_hook(hooks.torch_brightness_pre), post_hook=encode_hook(hooks.torch_choices_post),
     )
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["flavor"] == "mlflow.pytorch"
     assert response.get_json()["device"] in ("cpu", "cuda")
     response = predict(client, image_tasks(images, "white", "black"))
-    assert choices(response) == ["light", "dark"]
+    assert labels(response) == ["light", "dark"]
     assert 0.5 < response.get_json()["results"][0]["score"] <= 1.0
 
 
@@ -114,7 +97,7 @@ def test_local_model_path(client, images, tmp_path, registry, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
     path = mlflow.artifacts.download_artifacts(artifact_uri="models:/brightness/1", dst_path=str(tmp_path / "m"), tracking_uri=registry)
     assert configure(client, model_uri=path).status_code == 200
-    assert choices(predict(client, image_tasks(images, "black"))) == ["dark"]
+    assert labels(predict(client, image_tasks(images, "black"))) == ["dark"]
 
 
 def test_a_failing_task_fails_alone_and_stores_nothing(client, images):
@@ -141,7 +124,7 @@ def test_a_failing_task_fails_alone_and_stores_nothing(client, images):
 
 
 def test_text_of_the_wrong_type_fails_its_task_not_the_model(client):
-    configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode(hooks.sentiment_post))
+    configure(client, model_uri="models:/sentiment/1", pre_hook="", post_hook=encode_hook(hooks.sentiment_post))
     tasks = [{"id": 1, "data": {"text": "great lovely good"}}, {"id": 2, "data": {"text": 17}},
              {"id": 3, "data": {"text": {"nested": "x"}}}, {"id": 4, "data": {"text": "awful bad"}}]
     body = predict(client, tasks, TEXT_CONFIG).get_json()
@@ -153,7 +136,7 @@ def test_text_of_the_wrong_type_fails_its_task_not_the_model(client):
 def test_data_uri_tasks(client, images):
     configure(client)
     uri = "data:image/png;base64," + base64.b64encode(images["black"].read_bytes()).decode()
-    assert choices(predict(client, [{"id": 1, "data": {"image": uri}}])) == ["dark"]
+    assert labels(predict(client, [{"id": 1, "data": {"image": uri}}])) == ["dark"]
 
 
 def test_context_and_tasks_reach_hooks_that_ask(client, images):
@@ -164,17 +147,17 @@ def test_context_and_tasks_reach_hooks_that_ask(client, images):
             for label, t in zip(labels, tasks)
         ]
 
-    configure(client, post_hook=encode(post))
+    configure(client, post_hook=encode_hook(post))
     body = predict(client, image_tasks(images, "white", "white"), params={"context": {"result": []}}).get_json()
     assert [p["score"] for p in body["results"]] == [0.1, 0.2]
-    assert choices(predict(client, image_tasks(images, "white"), params={"context": {"x": 1}})) == ["dark"]
-    assert choices(predict(client, image_tasks(images, "white"))) == ["light"]
+    assert labels(predict(client, image_tasks(images, "white"), params={"context": {"x": 1}})) == ["dark"]
+    assert labels(predict(client, image_tasks(images, "white"))) == ["light"]
 
 
 # -- errors: each is JSON with a cause and a fix, and the working configuration keeps serving --------
 
 def assert_still_serving(client, images):
-    assert choices(predict(client, image_tasks(images, "white", "black"))) == ["light", "dark"]
+    assert labels(predict(client, image_tasks(images, "white", "black"))) == ["light", "dark"]
     assert client.get("/health").get_json()["model_version"] == "brightness:1"
 
 
@@ -223,7 +206,7 @@ def test_bad_requests_answer_json_and_lose_nothing(client, images, send, status,
     ],
 )
 def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, images, post_hook, status, message):
-    assert configure(client, post_hook=encode(post_hook)).status_code == 200
+    assert configure(client, post_hook=encode_hook(post_hook)).status_code == 200
     response = predict(client, image_tasks(images, "white", "black"))
     assert response.status_code == status
     assert message in response.get_json()["error"]
@@ -232,7 +215,7 @@ def test_bad_post_hooks_are_refused_at_predict_and_fixed_by_reconfigure(client, 
 
 
 def test_numpy_values_in_predictions_go_out_as_plain_numbers(client, images):
-    assert configure(client, post_hook=encode(hooks.numpy_post)).status_code == 200
+    assert configure(client, post_hook=encode_hook(hooks.numpy_post)).status_code == 200
     response = predict(client, image_tasks(images, "white", "black"))
     assert response.status_code == 200, response.get_json()
     first, second = response.get_json()["results"]
@@ -241,7 +224,7 @@ def test_numpy_values_in_predictions_go_out_as_plain_numbers(client, images):
 
 
 def test_a_raising_hook_is_a_500_naming_the_stage(client, images):
-    configure(client, pre_hook=encode(hooks.raising_pre))
+    configure(client, pre_hook=encode_hook(hooks.raising_pre))
     response = predict(client, image_tasks(images, "white"))
     assert response.status_code == 500
     assert response.get_json()["error"] == "pre_hook raised ValueError: this pre hook always fails"
@@ -255,7 +238,7 @@ def test_hook_only_reconfigure_keeps_the_loaded_model(client, app, images):
     configure(client)
     runtime = app.extensions["lsbackend"].runtime
     first = runtime.active
-    configure(client, post_hook=encode(hooks.wrong_label_post))
+    configure(client, post_hook=encode_hook(hooks.wrong_label_post))
     assert runtime.active is not first and runtime.active.process is first.process  # same process, model not reloaded
     assert runtime.active.info == first.info and first.process.restarts == 0
     configure(client)
@@ -330,7 +313,7 @@ def test_configure_token_on_open_bind(app_with):
 @pytest.mark.parametrize("batching", [True, False])
 def test_past_the_deadline_a_request_answers_what_is_done_and_the_rest_goes_on(app_with, images, batching):
     client = app_with(predict_timeout_s=1.0, batching=batching)
-    configure(client, post_hook=encode(hooks.sleeping_post(0.4)), batch_size=1)
+    configure(client, post_hook=encode_hook(hooks.sleeping_post(0.4)), batch_size=1)
     tasks = image_tasks(images, "white", "black", "white", "dark", "light")  # 2 s of work, a 1 s deadline
     first = predict(client, tasks)
     assert first.status_code == 200, first.get_json()
@@ -344,7 +327,7 @@ def test_past_the_deadline_a_request_answers_what_is_done_and_the_rest_goes_on(a
     # The next round, as Label Studio sends it: only the tasks that have no prediction yet.
     rest = [task for task, result in zip(tasks, body["results"]) if result == []]
     second = predict(client, rest)
-    assert len(answered) + len(choices(second)) == 5 and None not in choices(second)
+    assert len(answered) + len(labels(second)) == 5 and None not in labels(second)
     assert "pending" not in second.get_json()
     health = client.get("/health").get_json()
     assert health["batching"]["items"] == 5  # every task went through the model exactly once
@@ -353,7 +336,7 @@ def test_past_the_deadline_a_request_answers_what_is_done_and_the_rest_goes_on(a
 
 def test_an_interactive_prediction_past_the_deadline_is_a_504(app_with, images):
     client = app_with(predict_timeout_s=1.0)
-    configure(client, post_hook=encode(hooks.slow_post))
+    configure(client, post_hook=encode_hook(hooks.slow_post))
     response = predict(client, image_tasks(images, "white"), params={"context": {"result": []}})
     assert response.status_code == 504
     assert "interactive prediction did not finish" in response.get_json()["error"]

@@ -11,9 +11,10 @@ import requests
 
 from backend.batching import Chunk, DynamicBatcher
 from backend.errors import HookFailed
+from harness.servers import wait_until
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import wait_until
+from tests.support.hooks import IMAGE_CONFIG
 
 
 class CountingModel:
@@ -152,8 +153,8 @@ def test_a_real_backend_batches_concurrent_single_task_requests(start_backend, i
         timeout=60,
         json={
             "model_uri": "models:/brightness/1",
-            "pre_hook": encode(hooks.brightness_pre),
-            "post_hook": encode(hooks.choices_post),
+            "pre_hook": encode_hook(hooks.brightness_pre),
+            "post_hook": encode_hook(hooks.choices_post),
         },
     )
     assert configured.status_code == 200

@@ -8,7 +8,7 @@ from backend.batching import DynamicBatcher
 from backend.continuation import Continuation, Leftover, PredictionCache, task_keys
 from backend.errors import HookFailed
 from backend.taskdata import TaskInput
-from tests.support.servers import wait_until
+from harness.servers import wait_until
 
 
 class Clock:

@@ -5,17 +5,23 @@ Skipped, with the reason, only where no engine can be started at all (.ci/run in
 
 from __future__ import annotations
 
+import platform
 import sys
+from pathlib import Path
 
 import docker
 import pytest
 import requests
+import yaml
 
+from harness.calls import labels, predict_images
+from harness.servers import ROOT, OrchestratorProcess, free_port, wait_until
+from lsmlflow import Client, ConfigureFailed
+from lsmlflow.pickling import encode_hook
 from orchestrator.drivers.docker import LABEL
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.hooks import IMAGE_CONFIG
 from tests.support.podman import EngineUnavailable, Podman, host_mounts
-from tests.support.servers import OrchestratorProcess, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +59,8 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
             timeout=120,
             json={
                 "model_uri": "models:/brightness/1",
-                "pre_hook": encode(hooks.brightness_pre),
-                "post_hook": encode(hooks.choices_post),
+                "pre_hook": encode_hook(hooks.brightness_pre),
+                "post_hook": encode_hook(hooks.choices_post),
             },
         )
         assert configured.status_code in (200, 202), configured.text  # 202: still loading after CONFIGURE_WAIT_S
@@ -66,7 +72,7 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
             container.name == f"lsbackend-{backend_id}" and container.labels[f"{LABEL}.model"] == "models:/brightness/1"
         )
 
-        def labels():
+        def labels_now():
             tasks = [
                 {"id": 1, "data": {"image": str(images["white"])}},
                 {"id": 2, "data": {"image": str(images["black"])}},
@@ -79,7 +85,7 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
             assert answer.status_code == 200, answer.text
             return [p["result"][0]["value"]["choices"][0] for p in answer.json()["results"]]
 
-        assert labels() == ["light", "dark"]
+        assert labels_now() == ["light", "dark"]
 
         # Killed: the supervisor starts a new container on the same volume, which restores the configuration.
         container.kill()
@@ -92,7 +98,7 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
             90,
             "restored",
         )
-        assert labels() == ["light", "dark"]
+        assert labels_now() == ["light", "dark"]
         assert "exit code" in orchestrator.backends()[backend_id]["last_error"]
 
         # Deleted: container and volume removed.
@@ -109,3 +115,49 @@ def test_backend_containers_start_serve_restart_and_go(engine, registry, images,
         orchestrator.stop()
         for leftover in client.containers.list(all=True, filters={"label": LABEL}):
             leftover.remove(force=True)
+
+
+def test_the_compose_orchestrator_service_runs_in_a_container(engine, registry, images, tmp_path):
+    """compose.yaml's orchestrator service, its command and environment as written, in a container of the
+    local image: it refuses configure without the token, runs a backend per model inside the container,
+    routes to it, and stops it when the container stops."""
+    podman, image = engine
+    service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["orchestrator"]
+    registry_dir = registry.removeprefix("sqlite:///").rpartition("/")[0]
+    images_dir = str(images["white"].parent)
+    (tmp_path / "data").mkdir()
+    env = {name: str(value) for name, value in service["environment"].items()}
+    env.update(  # what compose would interpolate, and the host paths this engine mounts instead of MLflow's server
+        CONFIGURE_TOKEN="compose-t0ken", LABEL_STUDIO_API_KEY="", MLFLOW_TRACKING_URI=registry,
+        LOCAL_FILES_ROOTS=images_dir, PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        MLFLOW_DISABLE_TELEMETRY="true", GRACEFUL_TIMEOUT="3",
+    )
+    port = free_port()
+    client = docker.DockerClient(base_url=podman.base_url)
+    container = client.containers.run(
+        image, command=service["command"], environment=env, detach=True, labels={LABEL: "compose-test"},
+        ports={f"{env['PORT']}/tcp": ("127.0.0.1", port)},
+        volumes=[*host_mounts(), f"{registry_dir}:{registry_dir}", f"{images_dir}:{images_dir}:ro", f"{tmp_path / 'data'}:/data"],
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: requests.get(url + "/health", timeout=1).ok, 90, "the orchestrator service")
+        health = requests.get(url + "/health", timeout=5).json()
+        assert health["model_class"] == "orchestrator" and health["runtime"]["python"] == platform.python_version()
+        with pytest.raises(ConfigureFailed) as refused:
+            Client(url).configure("models:/brightness/1", post_hook=hooks.choices_post)
+        assert refused.value.status == 401
+
+        served = Client(url, token="compose-t0ken").configure("models:/brightness/1", pre_hook=hooks.brightness_pre,
+                                                              post_hook=hooks.choices_post)
+        assert served.url == f"{url}/models/{served.backend_id}/"
+        assert labels(predict_images(served.url, images, "white", "black")) == ["light", "dark"]
+        assert (tmp_path / "data" / "orchestrator" / "registry.db").exists()  # its state, on the service's volume
+
+        container.stop(timeout=30)
+        assert "stopped 1 backend(s)" in container.logs().decode(errors="replace")
+    except BaseException:
+        print(container.logs(tail=80).decode(errors="replace"))
+        raise
+    finally:
+        container.remove(force=True)

@@ -7,24 +7,12 @@ import threading
 
 import requests
 
+from harness.calls import configure, labels, predict_images
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
+from tests.support.hooks import IMAGE_CONFIG
 
-
-def configure(backend, **fields):
-    fields.setdefault("model_uri", "models:/brightness/1")
-    fields.setdefault("pre_hook", encode(hooks.brightness_pre))
-    fields.setdefault("post_hook", encode(hooks.choices_post))
-    return requests.post(backend.url + "/configure", json=fields, timeout=60)
-
-
-def predict(backend, images, *names, timeout=30):
-    tasks = [{"id": i, "data": {"image": str(images[n])}} for i, n in enumerate(names)]
-    return requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=timeout)
-
-
-def labels(response):
-    return [p["result"][0]["value"]["choices"][0] for p in response.json()["results"]]
+predict = predict_images
 
 
 def test_configure_predict_restart_predict(start_backend, images):
@@ -42,7 +30,7 @@ def test_configure_predict_restart_predict(start_backend, images):
 
 def test_health_and_setup_answer_while_a_long_predict_runs(start_backend, images):
     backend = start_backend()
-    configure(backend, post_hook=encode(hooks.slow_post))
+    configure(backend, post_hook=encode_hook(hooks.slow_post))
     done = {}
     slow = threading.Thread(target=lambda: done.setdefault("r", predict(backend, images, "white")))
     slow.start()
@@ -56,7 +44,7 @@ def test_health_and_setup_answer_while_a_long_predict_runs(start_backend, images
 
 def test_a_raising_hook_does_not_kill_the_worker(start_backend, images):
     backend = start_backend()
-    configure(backend, pre_hook=encode(hooks.raising_pre))
+    configure(backend, pre_hook=encode_hook(hooks.raising_pre))
     for _ in range(3):
         response = predict(backend, images, "white")
         assert response.status_code == 500 and "ValueError" in response.json()["error"]
@@ -82,7 +70,7 @@ def test_dagshub_client_body_over_http(start_backend, images, registry):
     backend = start_backend()
     inner = {"host": "http://127.0.0.1:9", "username": "alice", "repo": "alice/models", "model": "brightness",
              "version": "1", "authtoken": "t", "datasource_repo": "alice/data", "datasource_name": "images",
-             "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}
+             "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)}
     response = requests.post(backend.url + "/configure", data=json.dumps(json.dumps(inner)),
                              headers={"Content-Type": "application/json"}, timeout=60)
     # Port 9 has no tracking server: the parse succeeded and the load reports the unreachable host.
@@ -91,7 +79,7 @@ def test_dagshub_client_body_over_http(start_backend, images, registry):
 
 
 def test_label_studio_files_are_fetched_with_its_token(start_backend, images, tmp_path):
-    from tests.support.servers import file_server
+    from harness.servers import file_server
 
     seen = []
     server = file_server(images["white"].parent, seen=seen)
@@ -121,7 +109,7 @@ def test_basic_auth_end_to_end(start_backend, images):
     auth = ("ls", "pw")
     assert requests.post(backend.url + "/configure", json={"model_uri": "models:/brightness/1"}, timeout=60).status_code == 401
     response = requests.post(backend.url + "/configure", auth=auth, timeout=60, json={
-        "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+        "model_uri": "models:/brightness/1", "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)})
     assert response.status_code == 200
     tasks = [{"id": 1, "data": {"image": str(images["white"])}}]
     assert requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30).status_code == 401
@@ -137,7 +125,7 @@ def test_several_workers_follow_the_stored_configuration(start_backend, images):
         assert labels(response) == ["light", "dark"]
     assert configure(backend, model_uri="models:/brightness/2").status_code == 200
     # Within the store poll interval every worker serves v2; poll with a deadline rather than sleep.
-    from tests.support.servers import wait_until
+    from harness.servers import wait_until
 
     wait_until(lambda: all(predict(backend, images, "white").json()["model_version"] == "brightness:2" for _ in range(6)),
                30, "both workers on v2")

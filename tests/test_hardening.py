@@ -12,26 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from harness.calls import configure, labels, predict_images
+from harness.servers import RawServer, file_server, free_port, trickling, wait_until
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import RawServer, file_server, free_port, trickling, wait_until
+from tests.support.hooks import IMAGE_CONFIG
 
-
-def configure(backend, **fields):
-    fields.setdefault("model_uri", "models:/brightness/1")
-    fields.setdefault("pre_hook", encode(hooks.brightness_pre))
-    fields.setdefault("post_hook", encode(hooks.choices_post))
-    return requests.post(backend.url + "/configure", json=fields, timeout=90)
-
-
-def predict(backend, images, *names, timeout=60, **extra):
-    tasks = [{"id": i, "data": {"image": str(images[n])}} for i, n in enumerate(names)]
-    return requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG, **extra},
-                         timeout=timeout)
-
-
-def labels(response):
-    return [p["result"][0]["value"]["choices"][0] if p else None for p in response.json()["results"]]
+predict = predict_images
 
 
 def health(backend, timeout=1.0):
@@ -41,7 +28,7 @@ def health(backend, timeout=1.0):
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, registry, images):
     """One backend for the hook cases: each must leave it as it found it."""
-    from tests.support.servers import Backend
+    from harness.servers import Backend
 
     started = Backend(tmp_path_factory.mktemp("hardened"), {
         "MLFLOW_TRACKING_URI": registry, "LOCAL_FILES_ROOTS": str(images["white"].parent), "THREADS": "2",
@@ -64,7 +51,7 @@ def backend(tmp_path_factory, registry, images):
 )
 def test_a_hook_that_ends_its_process_costs_that_request_only(backend, images, how, said):
     before = health(backend)
-    assert configure(backend, pre_hook=encode(hooks.ending_pre(how))).status_code == 200
+    assert configure(backend, pre_hook=encode_hook(hooks.ending_pre(how))).status_code == 200
     crashed = predict(backend, images, "black")
     assert crashed.status_code == 500 and said in crashed.json()["error"], crashed.text
     assert "Traceback" not in crashed.text
@@ -96,7 +83,7 @@ def test_what_a_task_may_not_read_or_reach_through_a_real_backend(backend, image
 
 
 def test_quick_routes_answer_while_every_thread_is_busy_and_clients_stall(backend, images):
-    assert configure(backend, post_hook=encode(hooks.sleeping_post(4))).status_code == 200
+    assert configure(backend, post_hook=encode_hook(hooks.sleeping_post(4))).status_code == 200
     stalled = []
     for _ in range(8):  # each sends its headers and part of a body, then nothing
         sock = socket.create_connection(("127.0.0.1", backend.port))
@@ -129,7 +116,7 @@ def test_a_stalled_request_gets_a_408_and_frees_nothing_it_never_held(start_back
 
 def test_deadlines_hold_for_interactive_requests_and_hung_model_calls(start_backend, images):
     backend = start_backend(PREDICT_TIMEOUT_S="3", MODEL_CALL_TIMEOUT_S="600")
-    assert configure(backend, post_hook=encode(hooks.hanging_post)).status_code == 200
+    assert configure(backend, post_hook=encode_hook(hooks.hanging_post)).status_code == 200
     started = time.monotonic()
     interactive = predict(backend, images, "white", params={"context": {"result": []}})
     assert interactive.status_code == 504 and time.monotonic() - started < 3 + 3
@@ -182,7 +169,7 @@ def test_secrets_stay_out_of_answers_health_and_logs(start_backend, images):
         assert seen and all("envkey" not in json.dumps(headers) for _, headers in seen)
         assert seen[-1][1].get("Authorization") == "Token setup-token-12345"  # the token that came with it
         # Hooks run where the backend's own credentials are not: nothing to read, nothing to leak.
-        assert configure(backend, post_hook=encode(hooks.environment_peeking_post)).status_code == 200
+        assert configure(backend, post_hook=encode_hook(hooks.environment_peeking_post)).status_code == 200
         peeked = predict(backend, images, "white").json()["results"][0]["meta"]
         assert peeked == {"key": None, "token": None}
         shown = json.dumps(health(backend)) + requests.get(backend.url + "/configure", timeout=5).text

@@ -10,7 +10,8 @@ import pytest
 
 from backend.errors import BadRequest, HookUnusable
 from backend.hookcodec import decode_hook
-from tests.support.hooks import choices_post, encode
+from lsmlflow.pickling import encode_hook
+from tests.support.hooks import choices_post
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -25,14 +26,14 @@ def test_pickled_hook_round_trips_and_gets_only_what_it_accepts():
     def post(outputs, tasks):
         return [(o, t["id"]) for o, t in zip(outputs, tasks)]
 
-    hook = decode_hook(encode(post), "post_hook")
+    hook = decode_hook(encode_hook(post), "post_hook")
     assert hook.source.startswith("pickle:")
     assert hook.accepts == {"tasks"}
     assert hook(["a"], tasks=[{"id": 7}], context={"x": 1}) == [("a", 7)]
 
 
 def test_one_argument_hook_gets_no_keywords():
-    hook = decode_hook(encode(lambda xs: [x * 2 for x in xs]), "pre_hook")
+    hook = decode_hook(encode_hook(lambda xs: [x * 2 for x in xs]), "pre_hook")
     assert hook([1, 2], tasks=[{}], context=None) == [2, 4]
 
 

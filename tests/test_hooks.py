@@ -17,7 +17,7 @@ from PIL import Image
 import hooks
 from backend.errors import PredictionsInvalid
 from backend.validation import validate_predictions
-from tests.support.servers import ROOT, base_env
+from harness.servers import ROOT, base_env
 
 W, H = 200, 100
 IMAGE_OBJ = '<Image name="image" value="$image"/>'
@@ -327,6 +327,7 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
     script = (
         "import base64, sys, cloudpickle, numpy as np\n"
         "assert 'hooks' not in sys.modules\n"
+        "sys.modules['hooks'] = None  # not installed here (the checkout's venv has it, editable)\n"
         "try:\n    import hooks\n    raise SystemExit('hooks should not be importable here')\nexcept ImportError:\n    pass\n"
         "post = cloudpickle.loads(base64.b64decode(sys.argv[1]))\n"
         "class B:\n    xyxy = np.array([[20., 10., 120., 60.]]); cls = np.array([0.]); conf = np.array([0.9])\n"

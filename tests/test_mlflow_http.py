@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import requests
 
+from harness.calls import image_tasks, labels_and_version, predict
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
 from tests.support.dagshub import add_annotation_model
-from tests.support.hooks import IMAGE_CONFIG, encode
 
 
 def predict_labels(backend, images, *names):
-    tasks = [{"id": i, "data": {"image": str(images[n])}, "meta": {"datapoint_id": i}} for i, n in enumerate(names)]
-    response = requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
-    assert response.status_code == 200, response.text
-    return [p["result"][0]["value"]["choices"][0] for p in response.json()["results"]], response.json()["model_version"]
+    tasks = [{**task, "meta": {"datapoint_id": task["id"]}} for task in image_tasks(images, *names)]
+    return labels_and_version(predict(backend, tasks))
 
 
 def test_plain_configure_over_http_tracking(start_backend, images, mlflow_server):
     backend = start_backend(MLFLOW_TRACKING_URI="sqlite:////nonexistent/unused.db")
     response = requests.post(backend.url + "/configure", timeout=60, json={
         "model_uri": "models:/brightness/latest", "tracking_uri": mlflow_server.url,
-        "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)})
+        "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)})
     assert response.status_code == 200, response.text
     assert predict_labels(backend, images, "white", "black") == (["dark", "light"], "brightness:2")
 
@@ -32,8 +31,8 @@ def test_plain_configure_over_http_tracking(start_backend, images, mlflow_server
 def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images, mlflow_server):
     backend = start_backend()
     assert requests.post(backend.url + "/configure", timeout=60, json={
-        "model_uri": "models:/brightness/1", "pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}).ok
-    from tests.support.servers import free_port
+        "model_uri": "models:/brightness/1", "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)}).ok
+    from harness.servers import free_port
 
     response = requests.post(backend.url + "/configure", timeout=60, json={
         "model_uri": "models:/brightness/2", "tracking_uri": f"http://127.0.0.1:{free_port()}"})

@@ -12,48 +12,22 @@ import signal
 import pytest
 import requests
 
+from harness.calls import configure as configure_call
+from harness.calls import labels_and_version, predict_images
+from harness.servers import wait_until
 from orchestrator.drivers import port_is_free
 from tests.support import hooks
 from tests.support.dagshub import add_annotation_model
-from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.servers import OrchestratorProcess, wait_until
-
-HOOKS = {"pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.choices_post)}
-
-
-@pytest.fixture
-def start_orchestrator(tmp_path, registry, images):
-    """Start orchestrators on one state folder (their backends may read the fixture images); at teardown
-    every backend they started is removed."""
-    started: list[OrchestratorProcess] = []
-    state_dir = tmp_path / "state"
-
-    def start(**env: str) -> OrchestratorProcess:
-        env.setdefault("MLFLOW_TRACKING_URI", registry)
-        env.setdefault("LOCAL_FILES_ROOTS", str(images["white"].parent))
-        orchestrator = OrchestratorProcess(state_dir, env).start()
-        started.append(orchestrator)
-        return orchestrator
-
-    yield start
-    if started and started[-1].proc.poll() is None:
-        started[-1].remove_all()
-    for orchestrator in started:
-        orchestrator.stop()
-        orchestrator.kill_leftovers()
+from tests.support.hooks import IMAGE_CONFIG
 
 
 def configure(orchestrator, **body):
-    response = requests.post(orchestrator.url + "/configure", json={**HOOKS, **body}, timeout=120)
+    response = configure_call(orchestrator, **body)
     return response.status_code, response.json()
 
 
 def predict(url, images, *names):
-    tasks = [{"id": i, "data": {"image": str(images[n])}} for i, n in enumerate(names)]
-    response = requests.post(url + "predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=30)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return [p["result"][0]["value"]["choices"][0] for p in body["results"]], body["model_version"]
+    return labels_and_version(predict_images(url, images, *names))
 
 
 def test_two_models_routed_reconfigured_restarted_and_deleted(start_orchestrator, images):

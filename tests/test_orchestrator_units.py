@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from docker.types import DeviceRequest
 
+from backend.hookcodec import RUNTIME
 from orchestrator import create_app
 from orchestrator.drivers import DockerDriver, ProcessDriver
 from orchestrator.gpus import assign_gpu
@@ -56,6 +57,7 @@ def test_label_studio_routes_before_any_model_and_unknown_ids(tmp_path):
         "model_class": "orchestrator",
         "configured": False,
         "backends": 0,
+        "runtime": RUNTIME,  # the process driver's backends run this Python: a client checks its hooks against it
     }
     setup = client.post("/setup", json={"project": "1.1", "schema": "<View/>"})
     assert setup.status_code == 503 and "POST /configure" in setup.json["detail"]

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from harness.calls import predict_images
+from harness.raycluster import add_gpu_node, local_cluster
+from harness.servers import OrchestratorProcess, wait_until
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, encode
-from tests.support.raycluster import add_gpu_node, local_cluster
-from tests.support.servers import OrchestratorProcess, wait_until
 
 ray = pytest.importorskip("ray", reason="the ray driver's tests need the ray package (requirements-dev.txt)")
 
@@ -46,8 +47,7 @@ def backend_processes(state_dir: Path) -> list[int]:
 
 
 def predict(url, images, name):
-    tasks = [{"id": 1, "data": {"image": str(images[name])}}]
-    response = requests.post(url + "predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=60)
+    response = predict_images(url, images, name)
     assert response.status_code == 200, response.text
     prediction = response.json()["results"][0]
     return prediction["result"][0]["value"]["choices"][0], prediction["meta"]["cuda_visible_devices"]
@@ -78,7 +78,7 @@ def test_backends_land_by_what_they_ask_move_when_their_node_dies_and_leave_noth
         "MLFLOW_TRACKING_URI": registry, "LOCAL_FILES_ROOTS": str(images["white"].parent), "ORCHESTRATOR_ON_EXIT": "keep",
     }
     orchestrator = OrchestratorProcess(state_dir, env).start()
-    body = {"pre_hook": encode(hooks.brightness_pre), "post_hook": encode(hooks.gpu_peeking_post)}
+    body = {"pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.gpu_peeking_post)}
     try:
         gpu = requests.post(orchestrator.url + "/configure", json={**body, "model_uri": "models:/brightness/1", "gpus": 1},
                             timeout=120)

@@ -17,8 +17,8 @@ from backend.labelstudio import LabelStudioAccess
 from backend.outbound import AddressPolicy
 from backend.taskdata import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
 from backend.validation import data_objects
+from harness.servers import RawServer, trickling
 from tests.support.hooks import IMAGE_CONFIG
-from tests.support.servers import RawServer, trickling
 
 IMAGES = data_objects(IMAGE_CONFIG)
 NO_LS = LabelStudioAccess()

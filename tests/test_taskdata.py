@@ -14,8 +14,8 @@ from backend.labelstudio import LabelStudioAccess
 from backend.outbound import AddressPolicy
 from backend.taskdata import DagshubAccess, FetchLimits, KeyedLocks, LocalFiles, TaskDataFetcher
 from backend.validation import data_objects
+from harness.servers import file_server
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
-from tests.support.servers import file_server
 
 IMAGES = data_objects(IMAGE_CONFIG)
 NO_LS = LabelStudioAccess()

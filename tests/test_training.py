@@ -12,8 +12,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from tests.support.hooks import TEXT_CONFIG, encode, sentiment_post, sentiment_train
-from tests.support.servers import register_trainable, wait_until
+from harness.servers import register_trainable, wait_until
+from lsmlflow.pickling import encode_hook
+from tests.support.hooks import TEXT_CONFIG, sentiment_post, sentiment_train
 
 WORDS = {"positive": ["great good", "lovely fine", "wonderful great", "good lovely"],
          "negative": ["bad awful", "terrible bad", "awful horrid", "horrid terrible"]}
@@ -59,8 +60,8 @@ def trainable(registry, fresh_models):
     name = next(fresh_models)
 
     def body(train_hook=sentiment_train, **training):
-        return {"model_uri": f"models:/{name}@champion", "tracking_uri": registry, "post_hook": encode(sentiment_post),
-                "train_hook": encode(train_hook), "training": training}
+        return {"model_uri": f"models:/{name}@champion", "tracking_uri": registry, "post_hook": encode_hook(sentiment_post),
+                "train_hook": encode_hook(train_hook), "training": training}
 
     return name, body, MlflowClient(tracking_uri=registry)
 
@@ -230,9 +231,9 @@ def test_a_removed_alias_keeps_the_version_serving_and_says_so(app_with, trainab
 
 def test_training_needs_an_alias_and_a_valid_policy(app_with, registry):
     client = app_with()
-    pinned = client.post("/configure", json={"model_uri": "models:/sentiment/1", "train_hook": encode(sentiment_train)})
+    pinned = client.post("/configure", json={"model_uri": "models:/sentiment/1", "train_hook": encode_hook(sentiment_train)})
     assert pinned.status_code == 400 and "alias" in pinned.get_json()["error"]
-    bad = client.post("/configure", json={"model_uri": "models:/sentiment@champion", "train_hook": encode(sentiment_train),
+    bad = client.post("/configure", json={"model_uri": "models:/sentiment@champion", "train_hook": encode_hook(sentiment_train),
                                           "training": {"trigger": "sometimes"}})
     assert bad.status_code == 400 and "training.trigger" in bad.get_json()["error"]
     without_hook = client.post("/configure", json={"model_uri": "models:/sentiment/1", "training": {"every": 5}})

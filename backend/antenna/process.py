@@ -143,11 +143,13 @@ def _crop(image: SourceImage, path: str, size: tuple[int, int], existing: Existi
     if box.empty:
         raise FetchError(f"the detection's bbox {existing.bbox.as_dict() if existing.bbox else None} "
                          f"has no area inside the {size[0]}x{size[1]} image")
-    pixels = tuple(round(v) for v in (box.x1, box.y1, box.x2, box.y2))
+    pixels = (round(box.x1), round(box.y1), round(box.x2), round(box.y2))
     key = f"{image.url}#crop={','.join(map(str, pixels))}"
     cache = ctx.fetcher.cache
-    crop_path = cache.lookup(key, ".png")
-    if crop_path is None:
+    cached = cache.lookup(key, ".png")
+    if cached is not None:
+        crop_path = cached
+    else:
         from PIL import Image
 
         buffer = io.BytesIO()

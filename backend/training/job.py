@@ -36,7 +36,7 @@ from ..hookcodec import TRAIN_ARGUMENTS, decode_hook
 from ..labelstudio import LabelStudioAccess
 from ..loading import choose_device, load_model, mlflow_scope
 from ..redact import SECRETS, install_log_redaction
-from ..settings import Settings
+from ..settings import Settings, log_level_from
 from ..spec import ModelSpec, hook_fingerprint
 from ..store import JsonFile
 from ..taskdata import TaskDataFetcher, dagshub_access, fetch_limits
@@ -100,9 +100,8 @@ def train(payload: dict[str, Any], progress: Progress) -> dict[str, Any]:
     project_id = payload["project"]["id"]
     label_config = payload["project"].get("label_config") or ""
     fetch = payload["fetch"]
-    settings = Settings(model_dir=Path(payload["training_dir"]).parent, **{
-        k: tuple(v) if isinstance(v, list) else v for k, v in fetch.items()
-    })
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fetch.items()}
+    settings = Settings(model_dir=Path(payload["training_dir"]).parent, **fields)
     artifacts_dir = Path(payload["artifacts_dir"])
 
     progress.stage("reading annotations")
@@ -200,7 +199,8 @@ def _log_dataset(access: LabelStudioAccess, project_id: Any, tasks: list[dict[st
 
     digest = hashlib.sha256(json.dumps([[t.get("id"), a] for t, a in zip(tasks, annotations)], sort_keys=True,
                                        default=str).encode()).hexdigest()[:16]
-    dataset = MetaDataset(HTTPDatasetSource(export_url(access, project_id)), name=f"label-studio-project-{project_id}", digest=digest)
+    dataset = MetaDataset(  # type: ignore[abstract]  # MLflow's own way to log a source without its data
+HTTPDatasetSource(export_url(access, project_id)), name=f"label-studio-project-{project_id}", digest=digest)
     mlflow.log_input(dataset, context="training")
 
 
@@ -231,7 +231,7 @@ def _log_quality(client: Any, name: str, quality: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stdout,
+    logging.basicConfig(level=log_level_from(os.environ), stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     payload = json.loads(sys.stdin.read())

@@ -124,7 +124,7 @@ def evaluate(spec: ModelSpec, artifacts_dir: Path, pre_hook: Hook, post_hook: Ho
              tasks: list[dict[str, Any]], annotations: list[list[dict[str, Any]]], label_config: str,
              batch_size: int) -> Evaluation:
     """Load ``spec``'s model as the backend does and predict the tasks through the hooks."""
-    from model import Pipeline
+    from backend.pipeline import Pipeline
 
     try:
         loaded = load_model(spec, artifacts_dir)

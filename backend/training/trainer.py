@@ -70,7 +70,8 @@ class Trainer:
         if serving is None or not serving.spec.train_hook:
             return {}
         action = str(body.get("action") or "")
-        project = body.get("project") if isinstance(body.get("project"), dict) else {}
+        raw_project = body.get("project")
+        project: dict[str, Any] = raw_project if isinstance(raw_project, dict) else {}
         project_id = project.get("id")
         if project_id is None:
             return {}

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages once installed
+GUNICORN_CONFIG = "python:backend.gunicorn_conf"
 # The orchestrator's own settings are not the backend's: each backend gets its own below.
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
@@ -89,7 +90,7 @@ class ProcessDriver:
             "-m",
             "gunicorn",
             "--config",
-            str(PROJECT_ROOT / "gunicorn.conf.py"),
+            GUNICORN_CONFIG,
             "--chdir",
             str(PROJECT_ROOT),
             "wsgi:app",
@@ -98,6 +99,7 @@ class ProcessDriver:
             child = subprocess.Popen(
                 command,
                 env=self.environment(record),
+                cwd=PROJECT_ROOT,  # where python -m finds backend.gunicorn_conf and wsgi
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,

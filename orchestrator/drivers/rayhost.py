@@ -37,7 +37,7 @@ def _check_paths(python: str, root: str, model_dir: str) -> None:
     """What this node must have, checked before anything starts: a clear error beats a restart loop."""
     if not os.access(python, os.X_OK):
         raise RuntimeError(f"{python} is not on this node: set RAY_BACKEND_PYTHON to the project's Python on every node")
-    if not os.path.isfile(os.path.join(root, "gunicorn.conf.py")):
+    if not os.path.isfile(os.path.join(root, "wsgi.py")):
         raise RuntimeError(f"the project is not at {root} on this node: check it out there, or set RAY_PROJECT_ROOT")
     folder = os.path.dirname(os.path.dirname(model_dir))
     if not os.path.isdir(folder):
@@ -70,7 +70,7 @@ class BackendHost:
                "LSB_PARENT": str(os.getpid())}
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         command = [self.python, "-c", LAUNCHER, self.python, "-m", "gunicorn", "--config",
-                   os.path.join(self.root, "gunicorn.conf.py"), "--chdir", self.root, "wsgi:app"]
+                   "python:backend.gunicorn_conf", "--chdir", self.root, "wsgi:app"]
         with open(self.log_path, "ab") as log:
             self.child = subprocess.Popen(command, env=env, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)

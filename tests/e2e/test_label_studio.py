@@ -10,16 +10,22 @@ that cannot be installed or started fails the run; elsewhere these tests are ski
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import requests
 
+from harness.calls import configure as configure_call
+from harness.servers import OrchestratorProcess, base_env, free_port, wait_until
+from lsmlflow import Client, LabelStudioError, connect_project
+from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, encode
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 from tests.support.label_studio import LabelStudioUnavailable, start_label_studio
-from tests.support.servers import OrchestratorProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,11 +68,7 @@ def orchestrator(tmp_path_factory, registry, label_studio):
 
 
 def configure(orchestrator, model_uri, post_hook, pre_hook=hooks.brightness_pre):
-    response = requests.post(
-        orchestrator.url + "/configure",
-        timeout=120,
-        json={"model_uri": model_uri, "pre_hook": encode(pre_hook) if pre_hook else "", "post_hook": encode(post_hook)},
-    )
+    response = configure_call(orchestrator, model_uri=model_uri, pre_hook=encode_hook(pre_hook), post_hook=encode_hook(post_hook))
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -182,6 +184,45 @@ def test_a_missing_image_stores_nothing_until_it_is_back(label_studio, orchestra
     assert len(stored(label_studio, present["id"])) == 1  # predicted once, not again
 
 
+def test_the_client_and_the_cli_connect_projects_with_a_personal_access_token(label_studio, orchestrator, images):
+    """From model to project without Label Studio's UI: configure from Python, connect with a PAT, and the
+    project's stored predictions come back; then the same with `ls-mlflow connect`."""
+    served = Client(orchestrator.url).configure("models:/brightness@champion", pre_hook=hooks.brightness_pre,
+                                                post_hook=hooks.choices_post)
+    project = new_project(label_studio, "client", IMAGE_CONFIG, uploads=[images["white"], images["black"]])
+    connection = connect_project(project, served.url, label_studio_url=label_studio.url, api_key=label_studio.pat,
+                                 model_version=served.model_version)
+    assert connection.created and connection.predictions == 2 and connection.url == served.url
+    for task, label in zip(tasks_of(label_studio, project), ["light", "dark"]):
+        [prediction] = stored(label_studio, task["id"])
+        assert prediction["model_version"] == served.model_version == "brightness:1"
+        assert prediction["result"][0]["value"]["choices"] == [label]
+
+    again = connect_project(project, served.url, label_studio_url=label_studio.url, api_key=label_studio.pat,
+                            interactive=True, retrieve=False)
+    assert not again.created and again.ml_backend_id == connection.ml_backend_id and again.predictions is None
+    [ml_backend] = label_studio.api("GET", f"/api/ml?project={project}")
+    assert ml_backend["is_interactive"] is True
+
+    with pytest.raises(LabelStudioError) as unreachable:  # Label Studio cannot reach that URL: its own reason
+        connect_project(project, f"http://127.0.0.1:{free_port()}/", label_studio_url=label_studio.url,
+                        api_key=label_studio.pat)
+    assert "Connection refused" in unreachable.value.error and "reachable from Label Studio" in unreachable.value.detail
+    with pytest.raises(LabelStudioError, match="401") as refused:
+        connect_project(project, served.url, label_studio_url=label_studio.url, api_key="not-a-token")
+    assert "Personal Access Token" in refused.value.detail
+
+    second = new_project(label_studio, "cli", IMAGE_CONFIG, uploads=[images["light"]])
+    env = base_env(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
+    done = subprocess.run([sys.executable, "-m", "lsmlflow", "connect", "--url", orchestrator.url,
+                           "--model", "models:/brightness@champion", "--project", str(second)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["predictions"] == 1 and "retrieving predictions" in done.stderr
+    [task] = tasks_of(label_studio, second)
+    assert [p["model_version"] for p in stored(label_studio, task["id"])] == ["brightness:1"]
+
+
 def test_legacy_token_mode_with_only_the_token_setup_sends(tmp_path_factory, registry, images):
     legacy = _start(tmp_path_factory.mktemp("label-studio-legacy"))
     orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-legacy"), registry)  # no LABEL_STUDIO_*
@@ -239,13 +280,13 @@ def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_anno
     version with its lineage, the alias moved, the backend swapped, and retrieved predictions that changed."""
     from mlflow import MlflowClient
 
-    from tests.support.servers import register_trainable
+    from harness.servers import register_trainable
 
     name = "e2e-sentiment"
     register_trainable(mlflow_server.url, name)  # version 1 @champion has it backwards
     response = requests.post(orchestrator.url + "/configure", timeout=120, json={
-        "model_uri": f"models:/{name}@champion", "tracking_uri": mlflow_server.url, "post_hook": encode(hooks.sentiment_post),
-        "train_hook": encode(hooks.sentiment_train), "training": {"gate_tasks": 50},
+        "model_uri": f"models:/{name}@champion", "tracking_uri": mlflow_server.url, "post_hook": encode_hook(hooks.sentiment_post),
+        "train_hook": encode_hook(hooks.sentiment_train), "training": {"gate_tasks": 50},
     })
     assert response.status_code == 200, response.text
     url = response.json()["label_studio_url"]

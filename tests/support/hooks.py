@@ -9,7 +9,6 @@ from examples.hooks import (  # noqa: F401
     choices_post,
     critter_boxes_post,
     critter_cells_pre,
-    encode,
     sentiment_post,
     sentiment_train,
 )

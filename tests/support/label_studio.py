@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from tests.support.servers import Process, free_port, wait_until
+from harness.servers import Process, free_port, wait_until
 
 VERSION = "1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"

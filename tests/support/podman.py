@@ -15,7 +15,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tests.support.servers import ROOT, Process, wait_until
+from harness.servers import ROOT, Process, wait_until
 
 IMAGE = "localhost/lsbackend-test:latest"
 CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\n'

@@ -1,4 +1,4 @@
-"""Real servers for tests: gunicorn backends, `mlflow server`, a file server and a path-prefix proxy.
+"""Real servers: gunicorn backends, the orchestrator, `mlflow server`, a file server and a path-prefix proxy.
 
 Readiness is always polled with a deadline; nothing waits a fixed time.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
 
 
