@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,3 +105,30 @@ def tree_pss_mib(pid: int) -> float:
     """Proportional memory of a process and its descendants, in MiB: each shared page split between the
     processes sharing it, so sums over backends add up to what they really take."""
     return _sum_field(_tree(pid), "smaps_rollup", "Pss:")
+
+
+def tree_cpu_seconds(pid: int) -> dict[int, tuple[int, float]]:
+    """CPU time (user + system) so far of a process and each descendant, with its depth below ``pid``:
+    taken before and after a load, it says where that load's CPU went."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children = _children()
+    found: dict[int, tuple[int, float]] = {}
+    todo = [(pid, 0)]
+    while todo:
+        current, depth = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        found[current] = (depth, (int(fields[11]) + int(fields[12])) / ticks)
+        todo.extend((child, depth + 1) for child in children.get(current, []))
+    return found
+
+
+def cpu_used(before: dict[int, tuple[int, float]], after: dict[int, tuple[int, float]], roles: tuple[str, ...]) -> dict[str, float]:
+    """Seconds of CPU used between two ``tree_cpu_seconds``, summed by depth and named by ``roles``."""
+    used = dict.fromkeys(roles, 0.0)
+    for pid, (depth, seconds) in after.items():
+        role = roles[min(depth, len(roles) - 1)]
+        used[role] += seconds - before.get(pid, (depth, 0.0))[1]
+    return used

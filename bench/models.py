@@ -1,8 +1,9 @@
 """Models with a known cost, for the benchmarks: ``fixed_ms`` per call plus ``per_item_ms`` per row.
 
-They sleep rather than compute so the cost is the same on a busy machine, and they hold one lock
-while they do: like a GPU, the "device" runs one call at a time (sleeps alone would run in parallel
-in a threaded server, which no real accelerator does).
+``CostModel`` sleeps rather than computes so the cost is the same on a busy machine, and holds one
+lock while it does: like a GPU, the "device" runs one call at a time (sleeps alone would run in
+parallel in a threaded server, which no real accelerator does). ``BusyModel`` computes in Python
+instead, holding the GIL, as a CPU model does.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ class CostModel(mlflow.pyfunc.PythonModel):
         return ["long" if n > 8 else "short" for n in model_input["n"]]
 
 
+class BusyModel(mlflow.pyfunc.PythonModel):
+    """A CPU model that holds the GIL while it computes (pure Python, as many partly-Python models are):
+    ``fixed_ms`` per call plus ``per_item_ms`` per row of busy work."""
+
+    def __init__(self, fixed_ms: float, per_item_ms: float) -> None:
+        self.fixed_ms, self.per_item_ms = fixed_ms, per_item_ms
+
+    def predict(self, context, model_input, params=None):
+        until = time.perf_counter() + (self.fixed_ms + self.per_item_ms * len(model_input)) / 1000.0
+        spins = 0
+        while time.perf_counter() < until:
+            spins += 1
+        return ["long" if n > 8 else "short" for n in model_input["n"]]
+
+
 def pre_hook(items):
     import pandas as pd
 
@@ -58,12 +74,13 @@ def image_post_hook(labels):
 
 def register(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
-    for name, fixed, per_item in (
-        ("per_item_1ms", 0.0, 1.0), ("fixed_20ms", 20.0, 1.0), ("free", 0.0, 0.0), ("per_item_1_5ms", 0.0, 1.5)
+    for name, kind, fixed, per_item in (
+        ("per_item_1ms", CostModel, 0.0, 1.0), ("fixed_20ms", CostModel, 20.0, 1.0), ("free", CostModel, 0.0, 0.0),
+        ("per_item_1_5ms", CostModel, 0.0, 1.5), ("busy_20ms", BusyModel, 20.0, 1.0),
     ):
         with mlflow.start_run():
             mlflow.pyfunc.log_model(
-                name="model", python_model=CostModel(fixed, per_item), registered_model_name=name, code_paths=None
+                name="model", python_model=kind(fixed, per_item), registered_model_name=name, code_paths=None
             )
 
 

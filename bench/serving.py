@@ -3,7 +3,9 @@
 - overhead: /predict over HTTP vs the same pre_hook -> predict -> post_hook called in-process;
 - mlflow serve: the same pyfunc model behind ``mlflow models serve`` (/invocations) vs /predict;
 - task data: 64 image tasks from a server adding 20 ms per file, the backend vs one-by-one fetching;
-- batching: 16 concurrent single-task clients, model 20 ms + 1 ms per item, batching on vs off.
+- batching: 16 concurrent single-task clients, model 20 ms + 1 ms per item, batching on vs off; with a
+  model that sleeps holding a device lock (like a GPU) and with one that computes holding the GIL;
+- mlflow serve under load: 16 concurrent single-row clients, the GIL-holding model, ours vs /invocations.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,9 +26,10 @@ from harness.servers import PYTHON_BIN, ROOT, Backend, Process, base_env, file_s
 from lsmlflow.pickling import encode_hook
 
 from . import models
-from .common import Row, Table, median, percentile
+from .common import Row, Table, cpu_used, median, percentile, tree_cpu_seconds
 
 REPEATS = 15
+CPU_ROLES = ("gunicorn master", "worker (HTTP, fetch, validation)", "zygote", "model process (hooks and model)")
 
 
 def _configure(backend: Backend, model: str, post_hook=models.post_hook) -> None:
@@ -225,61 +229,85 @@ def task_data(table: Table, backend: Backend, workdir: Path) -> None:
         server.close()
 
 
-def batching(table: Table, backends: dict[str, Backend]) -> None:
+def _concurrent(post: Callable[[requests.Session, int, int], None], clients: int = 16, each: int = 12) -> tuple[float, float, float]:
+    """``clients`` threads, each making ``each`` requests one after another; throughput (req/s), p50 and p95 (s)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        session = requests.Session()
+        for n in range(each):
+            started = time.perf_counter()
+            post(session, index, n)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    client(-1)  # warm
+    latencies.clear()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, percentile(latencies, 50), percentile(latencies, 95)
+
+
+def _one_task_poster(url: str) -> Callable[[requests.Session, int, int], None]:
+    def post(session: requests.Session, index: int, n: int) -> None:
+        task = [{"id": n, "data": {"text": f"client {index} task {n}"}}]
+        session.post(url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60).raise_for_status()
+
+    return post
+
+
+def batching(table: Table, backends: dict[str, Backend], model: str = "model 20 ms + 1 ms/item") -> None:
     session = requests.Session()
     body = {"tasks": [{"id": 1, "data": {"text": "alone"}}], "label_config": models.TEXT_CONFIG}
     alone_on, alone_off = _side_by_side(  # a single client: batching must not make it wait
         _poster(session, backends["on"].url + "/predict", body), _poster(session, backends["off"].url + "/predict", body)
     )
-    table.add(
-        Row(
-            "batching",
-            "one client alone, 1 task: latency",
-            alone_on * 1000,
-            alone_off * 1000,
-            "ms",
-            "batching off",
-            target="no worse",
-        )
-    )
+    table.add(Row("batching", f"{model}, one client alone, 1 task: latency", alone_on * 1000, alone_off * 1000, "ms",
+                  "batching off", target="no worse"))
     results = {}
     for mode, backend in backends.items():
-        latencies: list[float] = []
-        lock = threading.Lock()
-
-        def client(index: int, url: str = backend.url, latencies: list[float] = latencies, lock=lock) -> None:
-            session = requests.Session()
-            for n in range(12):
-                task = [{"id": n, "data": {"text": f"client {index} task {n}"}}]
-                started = time.perf_counter()
-                session.post(
-                    url + "/predict", json={"tasks": task, "label_config": models.TEXT_CONFIG}, timeout=60
-                ).raise_for_status()
-                with lock:
-                    latencies.append(time.perf_counter() - started)
-
-        client(-1)  # warm
-        latencies.clear()
-        started = time.perf_counter()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(client, range(16)))
-        elapsed = time.perf_counter() - started
-        results[mode] = (len(latencies) / elapsed, percentile(latencies, 50), percentile(latencies, 95))
+        assert backend.proc is not None
+        before = tree_cpu_seconds(backend.proc.pid)
+        results[mode] = _concurrent(_one_task_poster(backend.url))
+        used = cpu_used(before, tree_cpu_seconds(backend.proc.pid), CPU_ROLES)
+        requests_made = 16 * 12 + 12
+        table.notes.append(f"batching {mode}, {model}: CPU per request " + ", ".join(
+            f"{role} {seconds / requests_made * 1000:.1f} ms" for role, seconds in used.items()))
     (on_rps, on_p50, on_p95), (off_rps, off_p50, off_p95) = results["on"], results["off"]
-    table.add(
-        Row(
-            "batching",
-            "16 concurrent 1-task clients, model 20 ms + 1 ms/item: throughput",
-            on_rps,
-            off_rps,
-            "req/s",
-            "batching off",
-            higher_is_better=True,
-            target=">= 5x",
-        )
-    )
+    table.add(Row("batching", f"16 concurrent 1-task clients, {model}: throughput", on_rps, off_rps, "req/s",
+                  "batching off", higher_is_better=True, target=">= 5x"))
     table.add(Row("batching", "same: p50 latency", on_p50 * 1000, off_p50 * 1000, "ms", "batching off"))
     table.add(Row("batching", "same: p95 latency", on_p95 * 1000, off_p95 * 1000, "ms", "batching off"))
+
+
+def concurrent_against_mlflow_serve(table: Table, registry: str, backend: Backend, workdir: Path, model: str) -> None:
+    """16 single-row clients: our /predict (batching on) against ``mlflow models serve`` on the same model."""
+    port = free_port()
+    server = Process(
+        [str(PYTHON_BIN / "mlflow"), "models", "serve", "-m", f"models:/{model}/1", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        base_env(MLFLOW_TRACKING_URI=registry), workdir / f"mlflow-serve-{model}.log",
+    )
+    server.start()
+    try:
+        wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok, 120, "mlflow models serve", server.proc)
+
+        def theirs(session: requests.Session, index: int, n: int) -> None:
+            frame = {"dataframe_split": {"columns": ["n"], "data": [[len(f"client {index} task {n}")]]}}
+            session.post(f"http://127.0.0.1:{port}/invocations", json=frame, timeout=60).raise_for_status()
+
+        their_rps, _, their_p95 = _concurrent(theirs)
+        our_rps, _, our_p95 = _concurrent(_one_task_poster(backend.url))
+    finally:
+        server.stop()
+    what = f"16 concurrent 1-row clients, {model} (GIL-holding CPU model)"
+    table.add(Row("vs mlflow serve", f"{what}: throughput", our_rps, their_rps, "req/s", "mlflow models serve",
+                  higher_is_better=True, target=">= 3x"))
+    table.add(Row("vs mlflow serve", "same: p95 latency", our_p95 * 1000, their_p95 * 1000, "ms", "mlflow models serve",
+                  target="no worse"))
 
 
 def run(table: Table, workdir: Path) -> None:
@@ -310,6 +338,10 @@ def run(table: Table, workdir: Path) -> None:
         for each in modes.values():
             _configure(each, "fixed_20ms")
         batching(table, modes)
+        for each in modes.values():
+            _configure(each, "busy_20ms")
+        batching(table, modes, "GIL-holding CPU model 20 ms + 1 ms/item")
+        concurrent_against_mlflow_serve(table, registry, modes["on"], workdir, "busy_20ms")
     finally:
         for each in started:
             each.stop()

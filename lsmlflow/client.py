@@ -139,10 +139,14 @@ class Client:
     def _follow(self, answer: dict[str, Any], model: str, deadline: float, say: Progress) -> dict[str, Any]:
         """Poll the load's status URL until it is ready or failed."""
         started = time.monotonic()
-        status_url = answer.get("status_url") or (answer.get("backend") or {}).get("status_url") or "/configure/status"
+        loading = answer.get("backend") or answer  # the orchestrator wraps the backend's 202
+        status_url = answer.get("status_url") or loading.get("status_url") or "/configure/status"
         last_said = 0.0
         while True:
             job = self._json(self._call("GET", status_url, "GET configure status"), "GET configure status")
+            if loading.get("job") and job.get("job") != loading["job"]:
+                raise ConfigureFailed(f"a later configure replaced {model} while it loaded",
+                                      "Configure it again if it should serve; GET /health says what serves now.", 409, job)
             state = job.get("state")
             if state == "ready":
                 return {**answer, "backend": {**(answer.get("backend") or {}), "status": "ready"}}
