@@ -37,6 +37,19 @@ class Served:
     answer: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+def configure_body(model: str, *, pre_hook: Callable[..., Any] | str | None = None,
+                   post_hook: Callable[..., Any] | str | None = None, label_config: str | None = None,
+                   **fields: Any) -> dict[str, Any]:
+    """The JSON a configure sends: hooks (``train_hook`` too) encoded as ``pickling`` says."""
+    body: dict[str, Any] = {"model_uri": model, "pre_hook": encode_hook(pre_hook, "pre_hook"),
+                            "post_hook": encode_hook(post_hook, "post_hook"), **fields}
+    if "train_hook" in fields:
+        body["train_hook"] = encode_hook(fields["train_hook"], "train_hook")
+    if label_config is not None:
+        body["label_config"] = label_config
+    return body
+
+
 class Client:
     """One server: a backend or the orchestrator. ``token`` is its CONFIGURE_TOKEN; ``basic_auth`` its
     (user, password), when it has them."""
@@ -79,6 +92,14 @@ class Client:
     def health(self) -> dict[str, Any]:
         return self._json(self._call("GET", "/health", "GET /health"), "GET /health")
 
+    def _runtime(self) -> dict[str, Any] | None:
+        """The server's Python and cloudpickle; None where it does not say, or its /health is an error
+        (the orchestrator's newest backend down): the server's own check on the hooks then decides."""
+        try:
+            return self.health().get("runtime")
+        except ServerError:
+            return None
+
     def is_orchestrator(self) -> bool:
         """The orchestrator lists its backends; a backend has no such route."""
         return self._call("GET", "/backends", "GET /backends").status_code == 200
@@ -107,16 +128,14 @@ class Client:
     ) -> Served:
         """Serve ``model`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``, a path) with
         these hooks; returns once it serves, following the server's 202 while a big model loads.
-        ``fields``: any other configure field (``batch_size``, ``loader``, ``tracking_uri``, ``pipeline``...).
+        ``fields``: any other configure field (``batch_size``, ``loader``, ``tracking_uri``, ``pipeline``,
+        ``train_hook`` as a function, ``training``...).
         Raises HookNotPortable before sending a hook the server could not run, ConfigureFailed with the
         server's error and fix, WaitTimeout when it still loads after ``wait`` seconds."""
         say = progress or (lambda _message: None)
-        body: dict[str, Any] = {"model_uri": model, "pre_hook": encode_hook(pre_hook, "pre_hook"),
-                                "post_hook": encode_hook(post_hook, "post_hook"), **fields}
-        if label_config is not None:
-            body["label_config"] = label_config
-        if any(callable(hook) for hook in (pre_hook, post_hook)):
-            check_portable(self.health().get("runtime"), self.url)
+        body = configure_body(model, pre_hook=pre_hook, post_hook=post_hook, label_config=label_config, **fields)
+        if any(callable(hook) for hook in (pre_hook, post_hook, fields.get("train_hook"))):
+            check_portable(self._runtime(), self.url)
         say(f"configuring {model} on {self.url}")
         started = time.monotonic()
         response = self._call("POST", "/configure", "POST /configure", configure_rights=True, json=body,

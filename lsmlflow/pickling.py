@@ -152,6 +152,9 @@ def load_reference(reference: str, role: str = "hook") -> Callable[..., Any]:
         if not path.is_file():
             raise HookNotPortable(f"{role}: no file {target!r}", "Give a path to a .py file, relative to here.")
         name = path.stem
+        taken = _origin(name) if name in sys.modules else None
+        if name in sys.modules and taken != path:  # a user's hooks.py must not replace our hooks package
+            name = f"lsmlflow_user_{name}"
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise HookNotPortable(f"{role}: {target!r} is not a Python file", "Give a .py file.")

@@ -53,6 +53,12 @@ def test_the_cli_loads_hooks_from_files_and_modules_and_says_what_is_wrong(tmp_p
         assert load_reference("myhooks:post", "--post-hook")([3]) == [6]
         payload = encode_hook(by_path)
         assert b"twice" in base64.b64decode(payload)  # its neighbour module travels with it
+        import hooks
+
+        (tmp_path / "hooks.py").write_text("def post(xs):\n    return ['mine' for _ in xs]\n")
+        own = load_reference("hooks.py:post", "--post-hook")  # a user's hooks.py beside ours
+        assert own([1]) == ["mine"] and sys.modules["hooks"] is hooks  # ours is not replaced
+        assert not encode_hook(own).startswith("hooks")  # and the user's goes by value, not as a reference
         for reference, message in [
             ("myhooks", "is not 'module:function'"),
             ("nothere.py:post", "no file 'nothere.py'"),
@@ -63,5 +69,18 @@ def test_the_cli_loads_hooks_from_files_and_modules_and_says_what_is_wrong(tmp_p
             with pytest.raises(HookNotPortable, match=message):
                 load_reference(reference, "--post-hook")
     finally:
-        for name in ("myhooks", "helper"):
+        for name in ("myhooks", "helper", "lsmlflow_user_hooks"):
             sys.modules.pop(name, None)
+
+
+def test_a_configure_body_carries_every_hook_encoded(client_side):
+    from backend.hookcodec import TRAIN_ARGUMENTS, decode_hook
+    from lsmlflow.client import configure_body
+
+    def train(inputs, annotations):
+        return client_side.swapped(annotations[0])
+
+    body = configure_body("models:/m/1", post_hook=client_side.post, train_hook=train, label_config="<View/>",
+                          training={"trigger": "manual"})
+    assert body["pre_hook"] == "" and body["label_config"] == "<View/>" and body["training"] == {"trigger": "manual"}
+    assert decode_hook(body["train_hook"], "train_hook", TRAIN_ARGUMENTS)([], ["dark"]) == "light"
