@@ -20,6 +20,7 @@ Protocol: one pickled message per packet on a SOCK_SEQPACKET socket pair::
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -287,6 +288,10 @@ def zygote_main(fd: int, modules: list[str]) -> None:
 
     warmed = _import_all(modules)
     _prime_mlflow()
+    # What is imported now is shared with every model process forked later: kept out of the collector, so
+    # a collection in a model process does not write to (and copy) every page of it.
+    gc.collect()
+    gc.freeze()
     send(("warmed", warmed))
     try:
         while True:
