@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     store = ConfigurationStore(settings.model_dir)
     cache = PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s)
     owns_zygote = zygote is None
-    zygote = zygote or Zygote(settings.warm_imports).start()
+    zygote = zygote or Zygote(settings.warm_imports, template=settings.template).start()
 
     def on_loaded(serving: Serving) -> None:
         metrics.model_loaded.set(1)

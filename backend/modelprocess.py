@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BackendError, DeadlineExceeded, HookFailed, NotConfigured, PredictionsInvalid, error_from_dict
+from .forking import describe_exit
 from .modelhost import MAX_HOOK_SETS, STAGE_BYTES, STAGES
 from .spec import ModelSpec
-from .zygote import Zygote, ZygoteUnavailable, describe_exit
+from .zygote import Zygote, ZygoteUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -172,6 +172,7 @@ class Settings(AccessSettings):
     batching: bool = True
     max_latency_ms: float = 10.0
     warm_imports: tuple[str, ...] = ()  # modules imported in the background at start (the orchestrator's spares)
+    template: str = ""  # the socket of the template to fork the zygote from (backend/template.py; the orchestrator sets it)
     # What task data may reach (see taskdata and addresses): local folders, private addresses, sizes.
     local_files_roots: tuple[str, ...] = ()
     fetch_allow_private: tuple[str, ...] = ()
@@ -213,6 +214,7 @@ class Settings(AccessSettings):
             batching=env_switch(env, "BATCHING", True),
             max_latency_ms=env_float(env, "MAX_LATENCY_MS", 10.0),
             warm_imports=comma_list(env.get("WARM_IMPORTS")),
+            template=env.get("BACKEND_TEMPLATE", ""),
             local_files_roots=comma_list(env.get("LOCAL_FILES_ROOTS"))
             + comma_list(env.get("LOCAL_FILES_DOCUMENT_ROOT")),  # Label Studio's local-files storage root
             fetch_allow_private=comma_list(env.get("FETCH_ALLOW_PRIVATE")),

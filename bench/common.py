@@ -74,7 +74,8 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _tree(pid: int) -> list[int]:
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants."""
     tree, found, todo = _children(), [], [pid]
     while todo:
         current = todo.pop()
@@ -95,16 +96,14 @@ def _sum_field(pids: list[int], filename: str, field: str) -> float:
     return total / 1024
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB (from /proc); pages shared between
-    them (a fork's, a library's) count once per process."""
-    return _sum_field(_tree(pid), "status", "VmRSS:")
+def rss_mib(pids: list[int]) -> float:
+    """Resident memory of these processes, in MiB; pages they share count once per process."""
+    return _sum_field(pids, "status", "VmRSS:")
 
 
-def tree_pss_mib(pid: int) -> float:
-    """Proportional memory of a process and its descendants, in MiB: each shared page split between the
-    processes sharing it, so sums over backends add up to what they really take."""
-    return _sum_field(_tree(pid), "smaps_rollup", "Pss:")
+def pss_mib(pids: list[int]) -> float:
+    """Proportional memory of these processes, in MiB: each shared page split between all that share it."""
+    return _sum_field(pids, "smaps_rollup", "Pss:")
 
 
 def tree_cpu_seconds(pid: int) -> dict[int, tuple[int, float]]:

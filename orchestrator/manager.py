@@ -211,10 +211,13 @@ class BackendManager:
                 reason = self.driver.exit_reason(record)
                 record.last_error = reason
                 self.registry.put(record)
+                lines = self.driver.logs(record, 20)
+                # Said here too: a backend that never started is removed with its folder and its log.
+                log.error("backend %s did not start (%s); its log ends:\n%s", record.id, reason, "\n".join(lines))
                 raise UpstreamUnavailable(
                     f"backend {record.id} did not start: {reason}",
                     "Its last log lines are below; GET /backends/<id> shows more.",
-                    log=self.driver.logs(record, 20),
+                    log=lines,
                 )
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(

@@ -14,6 +14,7 @@ from backend.settings import (
     env_float,
     env_int,
     env_megabytes,
+    env_switch,
     log_level_from,
 )
 
@@ -44,7 +45,8 @@ class OrchestratorSettings(AccessSettings):
     gpus: tuple[str, ...] | None = None  # None: detect; () : none
     backend_threads: int = 8
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
-    spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"
+    spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"  # also the template's (below)
+    fork_backends: bool = True  # process driver: fork backends from one template process (backend/template.py)
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
@@ -97,6 +99,7 @@ class OrchestratorSettings(AccessSettings):
             backend_threads=env_int(env, "BACKEND_THREADS", 8, 1),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
+            fork_backends=env_switch(env, "FORK_BACKENDS", True),
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +16,7 @@ import requests
 from harness.calls import configure as configure_call
 from harness.calls import labels_and_version, predict_images
 from harness.servers import wait_until
+from lsmlflow.pickling import encode_hook
 from orchestrator.drivers import port_is_free
 from tests.support import hooks
 from tests.support.dagshub import add_annotation_model
@@ -168,3 +170,66 @@ def test_a_warm_spare_becomes_the_new_models_backend_and_is_replaced(start_orche
     assert predict(configured["label_studio_url"], images, "white") == (["light"], "brightness:1")
     wait_until(lambda: len(spares()) == 1 and spares()[0]["id"] != spare["id"], 30, "a new spare")
     assert list(orchestrator.backends()) == [configured["id"]]  # spares are not listed as backends
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlive_it(start_orchestrator, images):
+    orchestrator = start_orchestrator(LABEL_STUDIO_API_KEY="envkey-0123456789abcdef", ORCHESTRATOR_ON_EXIT="keep")
+    status, first = configure(
+        orchestrator, model_uri="models:/brightness/1", post_hook=encode_hook(hooks.ancestry_peeking_post)
+    )
+    assert status == 200 and first["state"] == "ready", first
+    answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
+    assert answer["result"][0]["value"]["choices"] == ["light"]
+    # model process <- its zygote <- the template, which also forked the backend's gunicorn master.
+    (model_pid, _), (zygote_pid, _), (template_pid, template_cmdline) = answer["meta"]["ancestors"][:3]
+    assert "backend.template" in template_cmdline
+    master = int(orchestrator.backends()[first["id"]]["handle"].partition(":")[0])
+    assert _parent(master) == template_pid and _parent(zygote_pid) == template_pid
+    names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in (template_pid, master, zygote_pid, model_pid)]
+    assert names == ["lsb-template", "lsb-backend", "lsb-zygote", "lsb-model"]  # what ps shows
+    # Its key reached the backend, never the template nor the hooks' processes.
+    assert not answer["meta"]["key_seen"]
+    with open(f"/proc/{template_pid}/environ", "rb") as environ:
+        assert b"envkey" not in environ.read()
+
+    # The template gone, the backend serves on; the next new model gets a new template.
+    os.kill(template_pid, signal.SIGKILL)
+    assert predict(first["label_studio_url"], images, "black") == (["dark"], "brightness:1")
+    status, second = configure(
+        orchestrator, model_uri="models:/brightness/2", post_hook=encode_hook(hooks.ancestry_peeking_post)
+    )
+    assert status == 200 and second["created"], second
+    answer = predict_images(second["label_studio_url"], images, "white").json()["results"][0]
+    assert answer["result"][0]["value"]["choices"] == ["dark"]
+    new_template = answer["meta"]["ancestors"][2][0]
+    assert new_template != template_pid and "backend.template" in answer["meta"]["ancestors"][2][1]
+
+    # The template ends with its orchestrator; backends kept running do not.
+    orchestrator.stop()
+    wait_until(lambda: not os.path.exists(f"/proc/{new_template}") or _is_zombie(new_template), 15, "template gone")
+    assert predict(second["url"], images, "black") == (["light"], "brightness:2")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_without_the_template_backends_start_as_new_pythons(start_orchestrator, images):
+    orchestrator = start_orchestrator(FORK_BACKENDS="off")
+    status, first = configure(
+        orchestrator, model_uri="models:/brightness/1", post_hook=encode_hook(hooks.ancestry_peeking_post)
+    )
+    assert status == 200 and first["state"] == "ready", first
+    answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
+    commands = [cmdline for _, cmdline in answer["meta"]["ancestors"]]
+    assert "backend.zygote" in commands[1] and "gunicorn" in commands[2] and "flask" in commands[4]
+    assert not any("backend.template" in c for c in commands)

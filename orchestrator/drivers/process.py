@@ -1,12 +1,15 @@
 """The default driver: each backend is a gunicorn process on its own loopback port.
 
-Backends run in their own session, so they outlive an orchestrator restart and are re-adopted by
-their handle ("pid:starttime", which a recycled pid cannot match). Their output goes to a log file
-beside their MODEL_DIR.
+Backends are forked from the backends' template (``backend.template``; ``FORK_BACKENDS=off`` starts
+each as a new Python, as does a template that does not answer). Either way they run in their own
+session, so they outlive an orchestrator restart and are re-adopted by their handle
+("pid:starttime", which a recycled pid cannot match). Their output goes to a log file beside their
+MODEL_DIR.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -14,14 +17,23 @@ import sys
 import time
 from pathlib import Path
 
+from backend.forking import ForkUnavailable, describe_exit, wait_status
+from backend.settings import comma_list
+from backend.template import SERVER_IMPORTS
+from backend.zygote import NOT_FOR_HOOKS, default_imports
+
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
+from .template import BackendTemplate
+
+log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages once installed
 GUNICORN_CONFIG = "python:backend.gunicorn_conf"
 # The orchestrator's own settings are not the backend's: each backend gets its own below.
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
+GUNICORN_ARGS = ("--config", GUNICORN_CONFIG, "--chdir", str(PROJECT_ROOT), "wsgi:app")
 
 
 def _start_time(pid: int) -> str:
@@ -64,49 +76,70 @@ def tail(path: Path, lines: int) -> list[str]:
         return []
 
 
+def template_environment() -> dict[str, str]:
+    """The template's environment: what every backend shares, without anybody's credentials."""
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED and k not in NOT_FOR_HOOKS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class ProcessDriver:
-    """gunicorn children on free loopback ports, one per backend."""
+    """gunicorn processes on free loopback ports, one per backend, forked from the template where it answers."""
 
     name = "process"
 
     def __init__(self, settings: OrchestratorSettings) -> None:
         self.settings = settings
         self._children: dict[int, subprocess.Popen] = {}
+        self.template: BackendTemplate | None = None
+        if settings.fork_backends:
+            env = template_environment()
+            modules = SERVER_IMPORTS + default_imports(env) + comma_list(settings.spare_warm_imports)
+            self.template = BackendTemplate(
+                settings.state_dir, env, tuple(dict.fromkeys(modules)), PROJECT_ROOT, settings.start_timeout_s
+            )
 
     def environment(self, record: BackendRecord) -> dict[str, str]:
         env = backend_environment(self.settings, record)
         env.update(HOST="127.0.0.1", PORT=str(record.port))
         if record.gpu:
             env["CUDA_VISIBLE_DEVICES"] = record.gpu
+        if self.template is not None:
+            env["BACKEND_TEMPLATE"] = str(self.template.path)
         return env
 
     def start(self, record: BackendRecord) -> str:
-        log = log_path(record)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        if log.exists() and log.stat().st_size > LOG_ROTATE_BYTES:
-            log.replace(log.with_suffix(".log.1"))
-        command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--config",
-            GUNICORN_CONFIG,
-            "--chdir",
-            str(PROJECT_ROOT),
-            "wsgi:app",
-        ]
-        with log.open("ab") as output:
-            child = subprocess.Popen(
-                command,
-                env=self.environment(record),
-                cwd=PROJECT_ROOT,  # where python -m finds backend.gunicorn_conf and wsgi
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # survives the orchestrator; killed as a group
-            )
-        self._children[child.pid] = child
-        return f"{child.pid}:{_start_time(child.pid)}"
+        log_file = log_path(record)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        if log_file.exists() and log_file.stat().st_size > LOG_ROTATE_BYTES:
+            log_file.replace(log_file.with_suffix(".log.1"))
+        env = self.environment(record)
+        with log_file.open("ab") as output:
+            pid = self._fork(record, env, output.fileno())
+            if pid is None:
+                child = subprocess.Popen(
+                    [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS],
+                    env=env,
+                    cwd=PROJECT_ROOT,  # where python -m finds backend.gunicorn_conf and wsgi
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # survives the orchestrator; killed as a group
+                )
+                pid = child.pid
+                self._children[pid] = child
+        return f"{pid}:{_start_time(pid)}"
+
+    def _fork(self, record: BackendRecord, env: dict[str, str], log_fd: int) -> int | None:
+        """The backend forked from the template; None where there is no template or it did not fork."""
+        if self.template is None:
+            return None
+        try:
+            return self.template.spawn(env, log_fd, ["gunicorn", *GUNICORN_ARGS], PROJECT_ROOT)
+        except ForkUnavailable as exc:
+            log.warning("backend %s: the template did not fork it (%s); starting it as a new Python", record.id, exc)
+            return None
 
     def _pid(self, record: BackendRecord) -> int:
         pid, _, _ = record.handle.partition(":")
@@ -124,11 +157,12 @@ class ProcessDriver:
         return bool(now) and (not started or now == started)
 
     def exit_reason(self, record: BackendRecord) -> str:
-        child = self._children.get(self._pid(record))
-        if child is None or child.returncode is None:
-            return "the process is gone"
-        code = child.returncode
-        return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        pid = self._pid(record)
+        child = self._children.get(pid)
+        if child is not None and child.returncode is not None:
+            return describe_exit(wait_status(child.returncode))
+        told = self.template.exit_reason(pid) if self.template is not None else ""
+        return told or "the process is gone"
 
     def stop(self, record: BackendRecord) -> None:
         pid = self._pid(record)

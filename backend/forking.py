@@ -1,0 +1,344 @@
+"""What the two fork servers share: the backends' template (``template``) and a worker's zygote (``zygote``).
+
+Both are single-threaded processes that imported something slow once and fork on request, so a fork
+starts in milliseconds with those imports in pages it shares. Both speak the same protocol, one pickled
+message per packet on a SOCK_SEQPACKET socket, with the descriptors a fork needs passed alongside::
+
+    client -> server   (kind, n, ...) + fds        a numbered request for a fork
+    server -> client   ("forked", n, pid) | ("fork-failed", n, reason)
+                       ("exited", pid, wait status)    when a fork it asked for has ended
+
+``ForkClient`` is the client's side; the rest are the servers' common steps.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+PACKET = 1 << 16
+ENVIRONMENT_LIMIT = 1 << 22
+
+
+class ForkUnavailable(Exception):
+    """A fork server could not be started, did not answer, or could not fork."""
+
+
+def describe_exit(status: int | None) -> str:
+    """A wait status as words: 'exit code 3', 'killed by SIGKILL'."""
+    if status is None:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(number).name}"
+        except ValueError:
+            return f"killed by signal {number}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+
+def prctl(option: int, value: int | bytes) -> None:
+    """Linux's prctl, where there is one (elsewhere, nothing: these are conveniences and safety nets)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, value)
+    except (OSError, AttributeError):
+        pass
+
+
+def name_process(name: str) -> None:
+    """The name ``ps -o comm`` and ``top`` show: every fork of one Python otherwise shows the same command line."""
+    prctl(PR_SET_NAME, name.encode()[:15])
+
+
+def wait_status(returncode: int) -> int:
+    """A Popen return code (negative: the signal) as the wait status ``describe_exit`` reads."""
+    return (-returncode) & 0x7F if returncode < 0 else returncode << 8
+
+
+class ForkClient:
+    """One connection to a fork server: numbered fork requests, their answers, and the ends of the forks.
+
+    ``on_message`` gets what is not an answer or an exit (the zygote's "warmed"). ``forks_die_with_server``:
+    when the connection ends, the listeners of forks still running hear SIGKILL (a zygote takes its forks
+    with it; the template's backends outlive it).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str,
+        on_message: Callable[[tuple], None] | None = None,
+        forks_die_with_server: bool = True,
+    ) -> None:
+        self.sock = sock
+        self.ended = threading.Event()
+        self._on_message = on_message
+        self._forks_die = forks_die_with_server
+        self._send_lock = threading.Lock()
+        self._state = threading.Condition()
+        self._replies: dict[int, tuple] = {}
+        self._exits: dict[int, int] = {}
+        self._listeners: dict[int, Callable[[int], None]] = {}
+        self._counter = 0
+        threading.Thread(target=self._read, name=name, daemon=True).start()
+
+    def send(self, message: tuple, fds: Iterable[int] = ()) -> None:
+        try:
+            with self._send_lock:
+                socket.send_fds(self.sock, [pickle.dumps(message)], list(fds))
+        except OSError as exc:
+            raise ForkUnavailable(f"not answering: {exc}") from exc
+
+    def fork(self, kind: str, arguments: tuple, fds: Iterable[int], timeout: float) -> int:
+        """Ask for a fork (``(kind, n, *arguments)`` with ``fds``); its pid once the server has forked."""
+        with self._state:
+            self._counter += 1
+            number = self._counter
+        self.send((kind, number, *arguments), fds)
+        with self._state:
+            if not self._state.wait_for(lambda: number in self._replies or self.ended.is_set(), timeout):
+                raise ForkUnavailable(f"no fork within {timeout:g} s")
+            if number not in self._replies:
+                raise ForkUnavailable("the fork server ended")
+            reply = self._replies.pop(number)
+        if reply[0] != "forked":
+            raise ForkUnavailable(f"could not fork: {reply[2]}")
+        return int(reply[2])
+
+    def on_exit(self, pid: int, listener: Callable[[int], None]) -> None:
+        """Call ``listener(wait status)`` once the forked ``pid`` has ended (at once if it already has)."""
+        with self._state:
+            status = self._exits.pop(pid, None)
+            if status is None:
+                self._listeners[pid] = listener
+                return
+        listener(status)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader; it closes the socket
+        except OSError:
+            pass
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data, _, _, _ = socket.recv_fds(self.sock, PACKET, 0)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            message = pickle.loads(data)
+            listener = None
+            with self._state:
+                if message[0] in ("forked", "fork-failed"):
+                    self._replies[message[1]] = message
+                elif message[0] == "exited":
+                    listener = self._listeners.pop(message[1], None)
+                    if listener is None:
+                        self._exits[message[1]] = message[2]
+                self._state.notify_all()
+            if listener is not None:
+                listener(message[2])
+            elif message[0] not in ("forked", "fork-failed", "exited") and self._on_message is not None:
+                self._on_message(message)
+        self.sock.close()
+        with self._state:
+            self.ended.set()
+            self._state.notify_all()
+            listeners, self._listeners = self._listeners, {}
+        if self._forks_die:
+            for listener in listeners.values():
+                listener(signal.SIGKILL)
+
+
+# -- the servers' side ------------------------------------------------------------------------------
+
+
+def import_all(modules: Iterable[str]) -> dict[str, str | None]:
+    """Import each module; what failed, and why (a missing optional flavor is reported, not fatal)."""
+    outcome: dict[str, str | None] = {}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            outcome[name] = None
+        except Exception as exc:  # noqa: BLE001
+            outcome[name] = f"{type(exc).__name__}: {exc}"
+    return outcome
+
+
+def prime_mlflow() -> None:
+    """Build MLflow's map of installed packages once here instead of in every fork: each model load checks
+    the model's requirements against it, and building it scans every installed distribution (~1 s)."""
+    try:
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
+    except Exception as exc:  # noqa: BLE001 - a private helper of MLflow's: without it, loads are only slower
+        log.debug("could not prime MLflow's package map: %s", exc)
+
+
+def freeze_imports() -> None:
+    """What is imported now is shared with every fork made later: keep it out of the collector, so a
+    collection in a fork does not write to (and so copy) every page of it."""
+    gc.collect()
+    gc.freeze()
+
+
+def reap(report: Callable[[int, int], None]) -> None:
+    """Collect every fork that has ended, passing each pid and wait status to ``report``."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if not pid:
+            return
+        report(pid, status)
+
+
+def environment_fd(env: Mapping[str, str]) -> int:
+    """An environment in a memfd, for a fork to read: it never passes through the fork server's memory."""
+    fd = os.memfd_create("lsbackend-environment")
+    os.write(fd, json.dumps(dict(env)).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def adopt_environment(fd: int) -> None:
+    """In a fork: replace this process's environment (os.environ and the C one) with the one in ``fd``."""
+    with os.fdopen(fd, "rb") as handle:
+        env = json.loads(handle.read(ENVIRONMENT_LIMIT))
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def leave_server(drop: Iterable[socket.socket | int], wakeup: tuple[int, int], new_session: bool) -> None:
+    """In a fork: let go of the server's descriptors (``drop``) and signal handling; in a session of its
+    own with ``new_session`` (a backend, a zygote), else in the server's group (which it ends with)."""
+    for item in drop:
+        if isinstance(item, socket.socket):
+            item.close()
+        else:
+            os.close(item)
+    for fd in wakeup:
+        os.close(fd)
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+    if new_session:
+        os.setsid()
+
+
+class ForkServer:
+    """The servers' loop: read requests from its connections, fork, and report how the forks ended.
+
+    ``handle(connection, message, fds)`` answers each request, usually with ``fork``; ``closed(connection)``
+    says whether the server should stop now that a connection has closed. A listener (the template's)
+    adds a connection per client; without one (the zygote) the server has the connections it was given.
+    """
+
+    def __init__(self, connections: Iterable[socket.socket], listener: socket.socket | None = None) -> None:
+        self.connections = list(connections)
+        self.listener = listener
+        self.wake = os.pipe()
+        os.set_blocking(self.wake[1], False)
+        signal.set_wakeup_fd(self.wake[1])
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self._asked_by: dict[int, socket.socket] = {}
+
+    @staticmethod
+    def send(connection: socket.socket, message: tuple) -> None:
+        try:
+            connection.send(pickle.dumps(message))
+        except OSError:
+            pass  # the client is gone; nothing to tell
+
+    def fork(self, connection: socket.socket, number: int, fds: list[int], child: Callable[[], int]) -> int:
+        """Fork; the child runs ``child`` and exits with what it returns; the server closes ``fds`` and answers."""
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.send(connection, ("fork-failed", number, str(exc)))
+            pid = -1
+        if pid == 0:
+            code = 1
+            try:
+                code = child()
+            except BaseException:
+                log.exception("a fork failed before it could run")
+            finally:
+                os._exit(code)
+        for received in fds:
+            os.close(received)
+        if pid > 0:
+            self._asked_by[pid] = connection
+            self.send(connection, ("forked", number, pid))
+        return pid
+
+    def descriptors(self) -> list[socket.socket | int]:
+        """Everything a fork should let go of (``leave_server``), but for the wakeup pipe."""
+        return [*self.connections, *([self.listener] if self.listener is not None else [])]
+
+    def run(
+        self,
+        handle: Callable[[socket.socket, tuple, list[int]], None],
+        closed: Callable[[socket.socket], bool],
+        still_wanted: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Serve until ``closed`` says so, or ``still_wanted`` (asked each second) does not."""
+        while True:
+            watched: list[socket.socket | int] = [*self.connections, self.wake[0]]
+            if self.listener is not None:
+                watched.append(self.listener)
+            ready, _, _ = select.select(watched, [], [], 1.0)
+            if not still_wanted():
+                return
+            if self.wake[0] in ready:
+                os.read(self.wake[0], 4096)
+            reap(self._report)
+            for item in ready:
+                if item is self.listener:
+                    self.connections.append(self.listener.accept()[0])
+                elif isinstance(item, socket.socket) and not self._serve(item, handle) and closed(item):
+                    return
+
+    def _serve(self, connection: socket.socket, handle: Callable[[socket.socket, tuple, list[int]], None]) -> bool:
+        """One request from ``connection``; False when it has closed."""
+        try:
+            data, fds, _, _ = socket.recv_fds(connection, PACKET, 4)
+        except InterruptedError:
+            return True
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self.connections.remove(connection)
+            connection.close()
+            for pid, asker in list(self._asked_by.items()):
+                if asker is connection:
+                    del self._asked_by[pid]
+            return False
+        handle(connection, pickle.loads(data), fds)
+        return True
+
+    def _report(self, pid: int, status: int) -> None:
+        connection = self._asked_by.pop(pid, None)
+        if connection is not None:
+            self.send(connection, ("exited", pid, status))

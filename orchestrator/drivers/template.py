@@ -1,0 +1,125 @@
+"""The process driver's side of the backends' template (``backend.template``): start it once, ask it for backends.
+
+Several processes of one orchestrator (gunicorn workers) share one template: its socket sits in the
+state folder, and whoever finds none answering starts it, under a lock. Each stays connected as an
+owner; the template ends when the last one has gone, and the backends it forked keep running.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+
+from backend.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd
+
+log = logging.getLogger(__name__)
+
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
+
+
+def socket_path(state_dir: Path) -> Path:
+    """The template's socket: in the state folder, or where that path is too long for a socket, in a
+    folder of this user's alone under the temporary folder, named by the state folder."""
+    wanted = state_dir.resolve() / "template.sock"
+    if len(os.fsencode(wanted)) <= SOCKET_PATH_MAX:
+        return wanted
+    private = Path(tempfile.gettempdir()) / f"lsbackend-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    info = private.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ForkUnavailable(f"{private} is not this user's alone, so the template's socket cannot live there")
+    return private / f"{hashlib.sha256(os.fsencode(wanted)).hexdigest()[:16]}.sock"
+
+
+class BackendTemplate:
+    """A connection to the template of the orchestrator whose state is in ``state_dir``; where none answers,
+    this starts it with ``env`` (no credentials: every fork shares its memory) and ``modules``."""
+
+    def __init__(
+        self, state_dir: Path, env: Mapping[str, str], modules: tuple[str, ...], cwd: Path, wait_s: float
+    ) -> None:
+        self.state_dir = state_dir
+        self.path = socket_path(state_dir)
+        self.env = dict(env)
+        self.modules = modules
+        self.cwd = cwd
+        self.wait_s = wait_s
+        self._client: ForkClient | None = None
+        self._lock = threading.Lock()
+        self._exits: dict[int, int] = {}
+        self._proc: subprocess.Popen | None = None
+
+    def spawn(self, env: Mapping[str, str], log_fd: int, argv: list[str], cwd: Path) -> int:
+        """A backend forked from the template: ``argv`` as gunicorn's command line, ``env`` its environment,
+        its output to ``log_fd``; its pid. The template waits for its imports before it forks."""
+        client = self._connected()
+        env_fd = environment_fd(env)
+        try:
+            pid = client.fork("backend", (argv, str(cwd)), [env_fd, log_fd], self.wait_s)
+        finally:
+            os.close(env_fd)
+        client.on_exit(pid, partial(self._exits.__setitem__, pid))
+        return pid
+
+    def exit_reason(self, pid: int) -> str:
+        """How a backend it forked ended, where the template told ("" where it did not)."""
+        status = self._exits.get(pid)
+        return "" if status is None else describe_exit(status)
+
+    def _connected(self) -> ForkClient:
+        with self._lock:
+            if self._client is not None and not self._client.ended.is_set():
+                return self._client
+            sock = self._connect()
+            if sock is None:
+                with open(self.state_dir / "template.lock", "w") as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # one of this orchestrator's processes starts it
+                    sock = self._connect() or self._start()
+            client = ForkClient(sock, "template-reader", forks_die_with_server=False)
+            client.send(("owner", 0))
+            self._client = client
+            return client
+
+    def _connect(self) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(str(self.path))
+            return sock
+        except OSError:
+            sock.close()
+            return None
+
+    def _start(self) -> socket.socket:
+        """Start the template and connect as soon as it listens (it binds before it imports)."""
+        log_file = self.state_dir / "template.log"
+        with open(log_file, "ab") as output:
+            self._proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "backend.template", str(self.path), ",".join(self.modules)],
+                env=self.env,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # not in the terminal's group: Ctrl-C is the orchestrator's to handle
+            )
+        log.info("backends' template: started (pid %s), importing %s", proc.pid, ", ".join(self.modules))
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and proc.poll() is None:
+            sock = self._connect()
+            if sock is not None:
+                return sock
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        raise ForkUnavailable(f"the backends' template did not listen at {self.path} ({log_file} says why)")
