@@ -335,7 +335,10 @@ class ForkServer:
                 if asker is connection:
                     del self._asked_by[pid]
             return False
-        handle(connection, pickle.loads(data), fds)
+        try:
+            handle(connection, pickle.loads(data), fds)
+        except Exception:  # a malformed request must not end the server every backend forks from
+            log.exception("a fork server could not read a request")  # its descriptors may be gone: left alone
         return True
 
     def _report(self, pid: int, status: int) -> None:

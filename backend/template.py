@@ -15,7 +15,7 @@ Python; where the template is gone, the driver and the worker start new Pythons 
 Protocol (``forking``), at PATH (a SOCK_SEQPACKET socket, mode 0600)::
 
     driver -> template   ("owner", 0)                                   the template lives while an owner is connected
-                         ("backend", n, argv, cwd) + fds [environment, log file]
+                         ("backend", n, argv, cwd, deadline) + fds [environment, log file]   (deadline: time.time())
     worker -> template   ("zygote", n, modules)    + fds [environment, the worker's zygote socket, log file]
     template -> client   ("forked", n, pid) | ("fork-failed", n, reason), ("exited", pid, wait status)
 
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
@@ -141,6 +143,10 @@ def template_main(path: str, modules: list[str]) -> None:
     for name, error in failed.items():
         log.warning("template: could not import %s (%s); backends that need it import it themselves", name, error)
     prime_mlflow()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # asking does not initialise it
+        log.error("template: an import initialised CUDA, which a fork cannot use: backends forked from here will "
+                  "fail on the GPU. Leave that module out of SPARE_WARM_IMPORTS (or set FORK_BACKENDS=off).")
     freeze_imports()
     server = ForkServer([], listener)
     owners: set[socket.socket] = set()
@@ -152,6 +158,10 @@ def template_main(path: str, modules: list[str]) -> None:
         if kind == "owner":
             owners.add(connection)
             ever_owned = True
+        elif kind == "backend" and len(fds) == 2 and time.time() > message[4]:
+            for received in fds:  # its driver has given up on it and started the backend itself
+                os.close(received)
+            server.send(connection, ("fork-failed", number, "asked for too long ago"))
         elif kind == "backend" and len(fds) == 2:
             server.fork(connection, number, fds, partial(_backend, server, fds, message[2], message[3]))
         elif kind == "zygote" and len(fds) == 3:
@@ -162,10 +172,10 @@ def template_main(path: str, modules: list[str]) -> None:
             server.send(connection, ("fork-failed", number, f"not a request: {kind!r} with {len(fds)} descriptors"))
 
     def closed(connection: socket.socket) -> bool:
-        """The last owner has gone: stop (a worker's connection closes after each zygote)."""
-        was_owner = connection in owners
+        """Stop once no owner is left, unless somebody is still connected or connecting (another process of
+        the orchestrator may not have said yet that it owns this one; a worker may be asking for a zygote)."""
         owners.discard(connection)
-        return was_owner and not owners
+        return not owners and not server.connections and not select.select([listener], [], [], 0)[0]
 
     log.info("template: ready at %s (%d modules imported)", path, len(modules) - len(failed))
     try:

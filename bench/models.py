@@ -65,6 +65,19 @@ def post_hook(labels):
     ]
 
 
+def numpy_post_hook(labels):
+    """``post_hook`` with numpy in it, as a real model's hook has: a float32 score and 256 float32 scores per
+    task, which the model process turns into plain values before they cross to the worker."""
+    import numpy as np
+
+    scores = np.linspace(0, 1, 256, dtype=np.float32)
+    return [
+        {"result": [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [str(label)]}}],
+         "score": np.float32(0.5), "meta": {"scores": scores}}
+        for label in labels
+    ]
+
+
 def image_post_hook(labels):
     return [
         {"result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}]}

@@ -1,6 +1,8 @@
 """The backend under load, each figure against a baseline run side by side in the same process.
 
 - overhead: /predict over HTTP vs the same pre_hook -> predict -> post_hook called in-process;
+- hand-off: one batch through the model process (the hop alone, no HTTP) vs the same calls in-process,
+  with numpy values in the post hook's answer;
 - mlflow serve: the same pyfunc model behind ``mlflow models serve`` (/invocations) vs /predict;
 - task data: 64 image tasks from a server adding 20 ms per file, the backend vs one-by-one fetching;
 - batching: 16 concurrent single-task clients, model 20 ms + 1 ms per item, batching on vs off; with a
@@ -310,11 +312,59 @@ def concurrent_against_mlflow_serve(table: Table, registry: str, backend: Backen
                   target="no worse"))
 
 
-def run(table: Table, workdir: Path) -> None:
+def hand_off(table: Table, registry: str, workdir: Path) -> None:
+    """The hop to the model process alone: ``ModelProcess.call`` (pickled values out, the pipeline in the model
+    process, its answer with numpy turned into plain values and pickled back) against the same hooks and model
+    called in this process. Label Studio's tasks reach the model process as file paths and texts; what
+    pre_hook builds from them (a DataFrame here, tensors for a vision model) never crosses."""
+    import os
+
+    import mlflow.pyfunc
+
+    from backend.modelprocess import ModelProcess
+    from backend.spec import ModelSpec
+    from backend.zygote import Zygote
+
+    mlflow.set_tracking_uri(registry)
+    model = mlflow.pyfunc.load_model("models:/free/1")
+    spec = ModelSpec(model_uri="models:/free/1", pre_hook=encode_hook(models.pre_hook),
+                     post_hook=encode_hook(models.numpy_post_hook))
+    zygote = Zygote(env={**os.environ, "MLFLOW_TRACKING_URI": registry}).start()
+    process = ModelProcess(zygote, workdir / "hand-off", 60)
+    try:
+        process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook)
+        process.load(spec)
+        for count in (1, 64):
+            texts = [t["data"]["text"] for t in _text_tasks(count)]
+            ours, theirs = _interleaved(
+                lambda texts=texts: process.call(spec.digest, texts, None, None, ""),
+                lambda texts=texts: models.numpy_post_hook(model.predict(models.pre_hook(texts))),
+                repeats=25,
+            )
+            table.add(Row("hand-off", f"one batch through the model process, {count} task(s), numpy in the answer",
+                          median(ours) * 1000, median(theirs) * 1000, "ms", "the same calls in-process"))
+            table.notes.append(_paired_note(f"hand-off, {count} task(s)", ours, theirs))
+    finally:
+        process.stop()
+        zygote.close()
+
+
+def _registry(workdir: Path) -> str:
+    """A registry in ``workdir`` with the benchmark's models (bench/models.py) registered."""
     registry = f"sqlite:///{workdir / 'mlflow.db'}"
     subprocess.run(
         [sys.executable, "-m", "bench.models", registry], cwd=ROOT, env=base_env(), check=True, capture_output=True
     )
+    return registry
+
+
+def run_hand_off(table: Table, workdir: Path) -> None:
+    """``python -m bench handoff``: the hand-off rows alone (the serving section runs them too)."""
+    hand_off(table, _registry(workdir), workdir)
+
+
+def run(table: Table, workdir: Path) -> None:
+    registry = _registry(workdir)
     started: list[Backend] = []
 
     def backend(name: str, **env: str) -> Backend:
@@ -327,6 +377,7 @@ def run(table: Table, workdir: Path) -> None:
         plain = backend("plain")
         _configure(plain, "per_item_1ms")
         overhead(table, registry, plain)
+        hand_off(table, registry, workdir)
         against_mlflow_serve(table, registry, plain, workdir)
         images = backend("images", FETCH_ALLOW_PRIVATE="127.0.0.1")  # the image server is on loopback
         _configure(images, "free", models.image_post_hook)  # the fetching is what is measured

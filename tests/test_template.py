@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from backend.forking import ForkClient, ForkUnavailable
 from backend.template import request_zygote
 from backend.zygote import Zygote
 from harness.servers import ROOT, wait_until
-from orchestrator.drivers.template import SOCKET_PATH_MAX, socket_path
+from orchestrator.drivers.template import SOCKET_PATH_MAX, BackendTemplate, socket_path
 
 
 @pytest.fixture
@@ -53,9 +54,15 @@ def test_it_forks_warm_zygotes_in_their_own_session_and_ends_with_its_last_owner
     assert os.getsid(pid) == pid and Path(f"/proc/{pid}/comm").read_text().strip() == "lsb-zygote"
     assert b"ZYGOTE_TEST=1" not in Path(f"/proc/{pid}/environ").read_bytes()  # its start's, not the one it adopted
 
-    # Not a request: refused by name, the template serves on.
+    # Not a request: refused by name, the template serves on. A backend asked for after its driver gave up
+    # (and started it itself) is not started a second time.
     with pytest.raises(ForkUnavailable, match="not a request: 'backend' with 0 descriptors"):
-        owner.fork("backend", (["gunicorn"], "/"), [], 5)
+        owner.fork("backend", (["gunicorn"], "/", time.time() + 5), [], 5)
+    env_fd, log_fd = os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY)
+    with pytest.raises(ForkUnavailable, match="asked for too long ago"):
+        owner.fork("backend", (["gunicorn"], "/", time.time() - 1), [env_fd, log_fd], 5)
+    os.close(env_fd)
+    os.close(log_fd)
 
     worker_side.close()  # the worker gone, its zygote ends
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the zygote to end")
@@ -80,3 +87,32 @@ def test_a_state_folder_too_deep_for_a_socket_gets_a_private_short_one(tmp_path)
     path = socket_path(deep)
     assert len(os.fsencode(path)) <= SOCKET_PATH_MAX and path != socket_path(tmp_path / "other")
     assert path.parent.stat().st_mode & 0o777 == 0o700 and path == socket_path(deep)
+
+
+def test_processes_of_one_orchestrator_share_one_template_which_ends_with_the_last(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first, second = (BackendTemplate(tmp_path, env, (), ROOT, 30) for _ in range(2))
+    one, other = first.connect(), second.connect()  # as two gunicorn workers of one orchestrator do
+    running = _templates_at(first.path)
+    assert len(running) == 1  # the second found the first's
+    one.close()
+    wait_until(one.ended.is_set, 5, "the first owner's connection to close")
+    with pytest.raises(ForkUnavailable, match="not a request"):  # still serving the second
+        other.fork("backend", ([], "/"), [], 5)
+    assert _templates_at(first.path) == running
+    other.close()
+    wait_until(lambda: not _templates_at(first.path), 10, "the template to end with its last owner")
+    assert not first.path.exists()
+
+
+def _templates_at(path: Path) -> list[int]:
+    """Live template processes serving ``path``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline, stat = (entry / "cmdline").read_bytes(), (entry / "stat").read_text()
+        except OSError:
+            continue
+        if b"backend.template\0" + os.fsencode(path) in cmdline and stat.rpartition(")")[2].split()[0] != "Z":
+            found.append(int(entry.name))
+    return found

@@ -63,10 +63,12 @@ class BackendTemplate:
     def spawn(self, env: Mapping[str, str], log_fd: int, argv: list[str], cwd: Path) -> int:
         """A backend forked from the template: ``argv`` as gunicorn's command line, ``env`` its environment,
         its output to ``log_fd``; its pid. The template waits for its imports before it forks."""
-        client = self._connected()
+        client = self.connect()
         env_fd = environment_fd(env)
         try:
-            pid = client.fork("backend", (argv, str(cwd)), [env_fd, log_fd], self.wait_s)
+            # The deadline: where the answer comes too late, the driver starts the backend itself, and the
+            # template must not start a second one when it gets to the request.
+            pid = client.fork("backend", (argv, str(cwd), time.time() + self.wait_s), [env_fd, log_fd], self.wait_s)
         finally:
             os.close(env_fd)
         client.on_exit(pid, partial(self._exits.__setitem__, pid))
@@ -77,7 +79,8 @@ class BackendTemplate:
         status = self._exits.get(pid)
         return "" if status is None else describe_exit(status)
 
-    def _connected(self) -> ForkClient:
+    def connect(self) -> ForkClient:
+        """The connection to the template, as one of its owners; started here where none answers."""
         with self._lock:
             if self._client is not None and not self._client.ended.is_set():
                 return self._client
