@@ -45,6 +45,15 @@ def configure_seconds(orchestrator: OrchestratorProcess, model_uri: str) -> floa
     return seconds
 
 
+def add_start_rows(table: Table, what: str, forked: list[float], started: list[float], target: str = "") -> None:
+    """Configure to ready: against the old design's fixed wait, and forked from the template against the
+    same started as new Pythons."""
+    table.add(Row("orchestrator", f"configure to ready, {what}", median(forked), OLD_FIXED_WAIT_S, "s",
+                  "old design's fixed wait alone", target="a few seconds"))
+    table.add(Row("orchestrator", "same: forked from the template vs started as new Pythons", median(forked),
+                  median(started), "s", "FORK_BACKENDS=off, same run", target=target))
+
+
 def ten_backends(workdir: Path, registry: str, fork: bool) -> tuple[list[float], float, float, float]:
     """Ten new models configured one after another on a fresh orchestrator: each configure's seconds;
     then, idle, the proportional and the resident memory of everything the orchestrator started
@@ -76,28 +85,7 @@ def run(table: Table, workdir: Path) -> None:
     subprocess.run([sys.executable, "-c", ALIASES, registry, str(BACKENDS)], cwd=ROOT, env=base_env(), check=True)
     forked, forked_pss, forked_rss, again = ten_backends(workdir, registry, fork=True)
     started, started_pss, started_rss, _ = ten_backends(workdir, registry, fork=False)
-    table.add(
-        Row(
-            "orchestrator",
-            "configure to ready, new backend started cold (WARM_SPARES=0; median of 10)",
-            median(forked),
-            OLD_FIXED_WAIT_S,
-            "s",
-            "old design's fixed wait alone",
-            target="a few seconds",
-        )
-    )
-    table.add(
-        Row(
-            "orchestrator",
-            "same: forked from the template vs started as new Pythons (median of 10)",
-            median(forked),
-            median(started),
-            "s",
-            "FORK_BACKENDS=off, same run",
-            target="<= 3 s",
-        )
-    )
+    add_start_rows(table, "new backend started cold (WARM_SPARES=0; median of 10)", forked, started, "<= 3 s")
     table.add(
         Row(
             "orchestrator",
@@ -144,21 +132,7 @@ def with_spares(table: Table, workdir: Path, registry: str, models: int = 5) -> 
     """The default: one warm spare started ahead, claimed by the next new model and then replaced; the same
     with FORK_BACKENDS=off beside it."""
     forked, started = on_spares(workdir, registry, models, fork=True), on_spares(workdir, registry, models, fork=False)
-    table.add(
-        Row(
-            "orchestrator",
-            f"configure to ready, new model on a warm spare (the default; median of {models})",
-            median(forked),
-            OLD_FIXED_WAIT_S,
-            "s",
-            "old design's fixed wait alone",
-            target="a few seconds",
-        )
-    )
-    table.add(
-        Row("orchestrator", "same: a spare forked from the template vs one started as a new Python", median(forked),
-            median(started), "s", "FORK_BACKENDS=off, same run")
-    )
+    add_start_rows(table, f"new model on a warm spare (the default; median of {models})", forked, started)
     table.notes.append(
         f"new model on a warm spare, each of {models}: forked {', '.join(f'{s:.3f}' for s in forked)} s; "
         f"new Pythons {', '.join(f'{s:.3f}' for s in started)} s"
