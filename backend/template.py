@@ -179,7 +179,8 @@ def template_main(path: str, modules: list[str]) -> None:
 
     log.info("template: ready at %s (%d modules imported)", path, len(modules) - len(failed))
     try:
-        server.run(handle, closed, still_wanted=lambda: bool(owners) or (not ever_owned and os.getppid() == parent))
+        server.run(handle, closed, still_wanted=lambda: bool(owners or server.connections)
+                   or (not ever_owned and os.getppid() == parent))
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
