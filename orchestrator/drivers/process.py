@@ -96,9 +96,12 @@ class ProcessDriver:
         if settings.fork_backends:
             env = template_environment()
             modules = SERVER_IMPORTS + default_imports(env) + comma_list(settings.spare_warm_imports)
-            self.template = BackendTemplate(
-                settings.state_dir, env, tuple(dict.fromkeys(modules)), PROJECT_ROOT, settings.start_timeout_s
-            )
+            try:
+                self.template = BackendTemplate(
+                    settings.state_dir, env, tuple(dict.fromkeys(modules)), PROJECT_ROOT, settings.start_timeout_s
+                )
+            except ForkUnavailable as exc:
+                log.warning("no backends' template (%s): each backend starts as a new Python", exc)
 
     def environment(self, record: BackendRecord) -> dict[str, str]:
         env = backend_environment(self.settings, record)
