@@ -108,15 +108,19 @@ class Backend(Process):
 
 
 class OrchestratorProcess(Process):
-    """``flask --app orchestrator run`` on a free loopback port, its state in ``state_dir``."""
+    """``flask --app orchestrator run`` on a free loopback port, its state in ``state_dir``; with ``workers``,
+    gunicorn with that many worker processes instead, as in production."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], port: int | None = None, workers: int = 0) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
         env = base_env(**{"ORCHESTRATOR_DIR": str(state_dir), "SUPERVISE_EVERY_S": "0.2", "MAX_BACKOFF_S": "2",
                           "WARM_SPARES": "0", **env})  # spares only where a test asks for them
         args = [str(PYTHON_BIN / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
+        if workers:
+            args = [str(PYTHON_BIN / "gunicorn"), "-w", str(workers), "--threads", "4", "-b",
+                    f"127.0.0.1:{self.port}", "orchestrator:create_app()"]
         super().__init__(args, env, state_dir.parent / f"orchestrator-{self.port}.log")
 
     def start(self) -> OrchestratorProcess:

@@ -84,7 +84,7 @@ class BackendManager:
             created = record is None
             if record is None:
                 record = self._create(backend_id, {k: v for k, v in spec.public().items() if k in PUBLIC_MODEL_FIELDS})
-            elif not self.driver.is_running(record):
+            elif not self.starting_elsewhere(record) and not self.driver.is_running(record):
                 self.start(record)  # down and waiting for its backoff: a configure is reason enough to try now
             try:
                 self.wait_ready(record)
@@ -194,9 +194,21 @@ class BackendManager:
         except (requests.RequestException, ValueError):
             return False
 
+    def starting_elsewhere(self, record: BackendRecord) -> bool:
+        """Another process of this orchestrator (a gunicorn worker) is starting it: it is registered, and that
+        process's driver has not answered with its handle yet (a template still importing takes seconds)."""
+        return not record.handle and record.state == "starting" and time.time() - record.created_at < self.settings.start_timeout_s
+
     def wait_ready(self, record: BackendRecord) -> None:
         """Poll /health until it answers, the backend dies, cannot be placed, or the start deadline passes."""
         deadline = time.monotonic() + self.settings.start_timeout_s
+        while self.starting_elsewhere(record) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            fresh = self.registry.get(record.id)
+            if fresh is None:
+                break
+            record.handle, record.port, record.state, record.started_at = (
+                fresh.handle, fresh.port, fresh.state, fresh.started_at)
         while not self.healthy(record, timeout=0.5):
             pending = self.driver.pending_reason(record)
             if pending:

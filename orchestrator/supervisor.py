@@ -82,6 +82,8 @@ class Supervisor:
 
     def _check(self, record: BackendRecord) -> None:
         manager, now = self.manager, time.time()
+        if manager.starting_elsewhere(record):
+            return
         if record.state == "stopped" and not manager.driver.is_running(record):
             log.info("backend %s: stopped when the orchestrator last exited; starting it again", record.id)
             manager.start(record)

@@ -134,8 +134,8 @@ def start_orchestrator(tmp_path, registry, images):
     started: list[OrchestratorProcess] = []
     state_dir = tmp_path / "state"
 
-    def start(**env: str) -> OrchestratorProcess:
-        orchestrator = OrchestratorProcess(state_dir, on_fixtures(env, registry, images)).start()
+    def start(workers: int = 0, **env: str) -> OrchestratorProcess:
+        orchestrator = OrchestratorProcess(state_dir, on_fixtures(env, registry, images), workers=workers).start()
         started.append(orchestrator)
         return orchestrator
 

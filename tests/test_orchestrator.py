@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,32 @@ def test_without_the_template_backends_start_as_new_pythons(start_orchestrator, 
     commands = [cmdline for _, cmdline in answer["meta"]["ancestors"]]
     assert "backend.zygote" in commands[1] and "gunicorn" in commands[2] and "flask" in commands[4]
     assert not any("backend.template" in c for c in commands)
+
+
+def test_gunicorn_workers_share_one_template_and_start_each_new_model_once(start_orchestrator, images):
+    # Two workers of one orchestrator, each asked for both new models at once, while the template still imports.
+    orchestrator = start_orchestrator(workers=2)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda uri: configure(orchestrator, model_uri=uri),
+                                ["models:/brightness/1", "models:/brightness/2"] * 2))
+    assert [status for status, _ in answers] == [200] * 4, answers
+    masters = {int(b["handle"].partition(":")[0]) for b in orchestrator.backends().values()}
+    assert len(masters) == 2
+    (template,) = {_parent(pid) for pid in masters}
+    forked = {pid for pid in _children_of(template) if Path(f"/proc/{pid}/comm").read_text().strip() == "lsb-backend"}
+    assert forked == masters  # none started twice
+    for _, answer in answers[:2]:
+        labels, version = predict(answer["label_studio_url"], images, "white")
+        assert version == answer["backend"]["model_version"] and labels in (["light"], ["dark"])
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
