@@ -7,8 +7,12 @@ stalls holds that thread for as long as it likes. Eight of them hold all eight, 
 (Label Studio allows it 1 s, then marks the backend as errored) waits behind them. Here the main
 loop reads every request, headers and body, without blocking, beside everything else it does; only
 a complete request goes to a thread, and a client that has not sent one within
-``REQUEST_READ_TIMEOUT_S`` gets a 408. A body over ``MAX_REQUEST_MB`` is not read at all: the app
-answers 413 from its headers. ``/health``, ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/setup``,
+``REQUEST_READ_TIMEOUT_S`` gets a 408. A body over ``MAX_REQUEST_MB`` is not read at all: the main
+loop answers 413 from its headers, closes its side and drains what the client already sent for a
+moment (a lingering close, so the client reads the 413 rather than a reset), then hangs up.
+The buffered request reaches gunicorn's parser through ``BufferedUnreader``, in socket-sized pieces
+from memory: handing it the whole buffer at once would make its unreader copy the rest of the buffer
+on every read, quadratic in the body's size (11 MB took 10 s). ``/health``, ``/livez``, ``/readyz``, ``/info``, ``/metrics``, ``/setup``,
 ``/versions`` and ``/webhook`` then run on a small pool of their own (``QUICK_THREADS``), so they
 answer at once however many predictions are in flight.
 
@@ -19,16 +23,20 @@ gthread's own handling.
 from __future__ import annotations
 
 import errno
+import io
 import json
-import os
 import re
 import selectors
+import socket
 import time
 from collections import deque
 from concurrent import futures
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
+from gunicorn.http.body import LengthReader
+from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .settings import ServerSettings
@@ -37,6 +45,93 @@ QUICK_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/info", "/metrics
 MAX_HEADER_BYTES = 64 << 10
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,20})", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding[ \t]*:[^\r]*chunked", re.IGNORECASE)
+PIECE = 8192  # what the parser gets per read from the buffer: the socket unreader's own chunk size
+LINGER_S = 1.0  # after a 413: how long what the client still sends is read and dropped before hanging up
+LINGER_MAX_BYTES = 16 << 20
+
+
+class BufferedUnreader(SocketUnreader):
+    """gunicorn's socket unreader, reading first from what the main loop buffered, piece by piece.
+
+    The parser reads a body 1 KiB at a time and gives back what it did not use; an unreader holding
+    the whole body would copy all of it for each of those reads. Pieces of a memoryview cost one copy
+    of each byte, and no system call."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, PIECE)
+        self.pending = memoryview(b"")
+
+    def feed(self, data: bytes) -> None:
+        """The next request's bytes, read by the main loop (what is still pending comes first)."""
+        self.pending = memoryview(bytes(self.pending) + data) if self.pending else memoryview(data)
+
+    def chunk(self) -> bytes:
+        if self.pending:
+            piece, self.pending = self.pending[:PIECE], self.pending[PIECE:]
+            return bytes(piece)
+        return super().chunk()
+
+    def take(self, length: int) -> memoryview | None:
+        """The next ``length`` bytes when all of them are held already (a whole body), else None."""
+        held = self.buf.getbuffer().nbytes
+        if held + len(self.pending) < length:
+            return None
+        head = self.buf.getvalue()
+        self.buf = io.BytesIO()
+        if not head:
+            body, self.pending = self.pending[:length], self.pending[length:]
+            return body
+        whole = memoryview(head + bytes(self.pending))
+        body, self.pending = whole[:length], whole[length:]
+        return body
+
+
+class MemoryBody:
+    """A request body already in memory, with the file-like face of gunicorn's ``Body`` (``wsgi.input``).
+
+    gunicorn's own reads its source 1 KiB at a time through the unreader; this one slices."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.pos = 0
+
+    def read(self, size: int | None = None) -> bytes:
+        end = len(self.data) if size is None or size < 0 else min(len(self.data), self.pos + size)
+        piece, self.pos = bytes(self.data[self.pos:end]), end
+        return piece
+
+    def readline(self, size: int | None = None) -> bytes:
+        end = len(self.data) if size is None or size < 0 else min(len(self.data), self.pos + size)
+        newline = bytes(self.data[self.pos:end]).find(b"\n")
+        return self.read((newline + 1) if newline >= 0 else end - self.pos)
+
+    def readlines(self, size: int | None = None) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+
+def oversized(buffer: bytes | bytearray, max_body: int) -> int | None:
+    """The body size a request's headers announce when it is over ``max_body`` (chunked: what came so far)."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[: end + 2])
+    if _CHUNKED.search(head):
+        body = len(buffer) - end - 4
+        return body if body > max_body else None
+    length = _CONTENT_LENGTH.search(head)
+    wanted = int(length.group(1)) if length else 0
+    return wanted if wanted > max_body else None
+
+
+def error_response(status: str, error: str, detail: str, kind: str) -> bytes:
+    """A whole HTTP answer, JSON as the app's own errors, that closes the connection."""
+    body = json.dumps({"error": error, "detail": detail, "type": kind}).encode()
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    return head + body
 
 
 def request_state(buffer: bytes | bytearray, max_body: int) -> tuple[bool, bool | None]:
@@ -72,6 +167,7 @@ class GuardedThreadWorker(ThreadWorker):
         self.quick_threads = server.quick_threads
         self.quick_pool: futures.ThreadPoolExecutor | None = None
         self.reading: deque[TConn] = deque()
+        self.lingering: deque[TConn] = deque()
         self.buffers_requests = not self.cfg.is_ssl
 
     def init_process(self) -> None:
@@ -115,7 +211,7 @@ class GuardedThreadWorker(ThreadWorker):
 
     def _on_readable(self, conn: TConn, sock: Any) -> None:
         try:
-            data = sock.recv(1 << 16)
+            data = sock.recv(1 << 18)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -126,7 +222,9 @@ class GuardedThreadWorker(ThreadWorker):
             return
         conn.prebuffer += data
         complete, conn.quick = request_state(conn.prebuffer, self.max_body)
-        if complete:
+        if complete and (size := oversized(conn.prebuffer, self.max_body)) is not None:
+            self._refuse_too_large(conn, size)
+        elif complete:
             self._stop_reading(conn)
             conn.data_ready = True
             pool = self.quick_pool if conn.quick and self.quick_pool is not None else self.tpool
@@ -147,21 +245,64 @@ class GuardedThreadWorker(ThreadWorker):
         self.nr_conns -= 1
         conn.close()
 
+    def _refuse_too_large(self, conn: TConn, size: int) -> None:
+        """413 from the headers; then our side closes, and what the client already sent is drained."""
+        self._stop_reading(conn)
+        conn.prebuffer = None
+        answer = error_response(
+            "413 Request Entity Too Large", "the request body is too large",
+            f"It has {size / 1e6:.1f} MB; this backend takes at most {self.max_body / 1e6:g} MB (MAX_REQUEST_MB).",
+            "PayloadTooLarge")
+        try:
+            conn.sock.setblocking(True)
+            conn.sock.settimeout(1.0)
+            conn.sock.sendall(answer)
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+        except OSError:
+            self._close(conn)
+            return
+        conn.linger_until = time.monotonic() + LINGER_S
+        conn.lingered = 0
+        self.lingering.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering, conn))
+
+    def _on_lingering(self, conn: TConn, sock: Any) -> None:
+        try:
+            data = sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_MAX_BYTES:
+            self._end_lingering(conn)
+
+    def _end_lingering(self, conn: TConn) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            self.lingering.remove(conn)
+        except ValueError:
+            pass
+        self._close(conn)
+
     def murder_pending(self) -> None:
         """gthread's timeouts, and ours: a request not read whole in time gets a 408 and the door."""
         super().murder_pending()
         now = time.monotonic()
+        for conn in [c for c in self.lingering if c.linger_until <= now]:
+            self._end_lingering(conn)
         for conn in [c for c in self.reading if c.read_deadline <= now]:
             self._stop_reading(conn)
-            body = json.dumps({
-                "error": "the request was not sent in time",
-                "detail": f"The backend waits {self.read_timeout_s:g} s for a whole request (REQUEST_READ_TIMEOUT_S).",
-                "type": "RequestTimeout",
-            }).encode()
-            head = (f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
+            answer = error_response(
+                "408 Request Timeout", "the request was not sent in time",
+                f"The backend waits {self.read_timeout_s:g} s for a whole request (REQUEST_READ_TIMEOUT_S).",
+                "RequestTimeout")
             try:
-                conn.sock.send(head + body)
+                conn.sock.send(answer)
             except OSError:
                 pass
             self._close(conn)
@@ -173,7 +314,17 @@ class GuardedThreadWorker(ThreadWorker):
             conn.prebuffer = None
             conn.sock.setblocking(True)
             conn.init()
-            unreader = conn.parser.unreader
-            unreader.buf.seek(0, os.SEEK_END)
-            unreader.buf.write(bytes(buffered))
+            if not isinstance(conn.parser.unreader, BufferedUnreader):
+                conn.parser.unreader = BufferedUnreader(conn.sock)
+            conn.parser.unreader.feed(bytes(buffered))
         return super().handle(conn)
+
+    def handle_request(self, req: Any, conn: TConn) -> Any:
+        """A body the main loop read whole is handed to the app from memory."""
+        unreader = getattr(conn.parser, "unreader", None)
+        reader = getattr(req.body, "reader", None)
+        if isinstance(unreader, BufferedUnreader) and isinstance(reader, LengthReader):
+            body = unreader.take(reader.length)
+            if body is not None:
+                req.body = MemoryBody(body)
+        return super().handle_request(req, conn)
