@@ -19,7 +19,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .answers import predictions_answer
 from .antenna.pipeline import define_pipeline
-from .auth import require_basic_auth, require_configure_rights
+from .auth import require_basic_auth, require_configure_rights, require_training_rights
 from .bodies import json_body
 from .continuation import PredictionCache
 from .errors import BackendError, BadRequest, NotFound
@@ -44,7 +44,9 @@ from .zygote import Zygote
 log = logging.getLogger(__name__)
 api = Blueprint("backend", __name__)
 
-OPEN_ENDPOINTS = {"backend.health", "antenna.livez", "antenna.readyz", "backend.webhook", "backend.configure"}
+# Checked by their own rules (auth.py): /webhook and /train start trainings, /configure runs code.
+OPEN_ENDPOINTS = {"backend.health", "antenna.livez", "antenna.readyz", "backend.webhook", "backend.configure",
+                  "backend.train"}
 
 
 @dataclass
@@ -269,6 +271,7 @@ def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:
 @api.post("/webhook")
 def webhook():
     s = services()
+    require_training_rights(request, s.settings, "the webhook")
     body = json_body(required=False)
     noted = s.webhooks.record(body)
     s.metrics.webhook_events.labels(noted["action"]).inc()
@@ -296,7 +299,7 @@ def _trainer(s: Services) -> Trainer:
 def train():
     """Start a training by hand; also takes Label Studio's legacy /train body, which carries the annotated tasks."""
     s = services()
-    require_configure_rights(request, s.settings)
+    require_training_rights(request, s.settings, "train")
     body = json_body(required=False)
     tasks = body.get("annotations", body.get("tasks"))
     if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks)):
@@ -353,7 +356,9 @@ def configuration():
 
 @api.get("/configure/status")
 def configure_status():
-    job = services().runtime.job
+    s = services()
+    require_configure_rights(request, s.settings, "configure status")
+    job = s.runtime.job
     if job is None:
         raise NotFound("no configure has been started", "POST /configure first.")
     return jsonify(job.status())

@@ -1,6 +1,6 @@
 """Secrets never leave in an answer, on ``/health`` or in a log line.
 
-Two nets: patterns that look like credentials wherever they come from (``user:password@`` in URIs,
+Two nets: patterns that look like credentials wherever they come from (the userinfo of URIs,
 token-like query parameters, ``Authorization`` values), and the exact values the process knows to be
 secret (tokens from the environment, a configure's tracking password, Label Studio's token from
 ``/setup``). MLflow, requests and urllib3 put URIs with credentials into their own messages and log
@@ -20,7 +20,8 @@ from typing import Any
 
 MASK = "***"
 
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/\s:@'\"]*):(?P<password>[^/\s@'\"]+)@")
+# The whole userinfo of a URI goes: a user name alone is often the token (``https://<token>@host``).
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/\s@'\"?#]+)@")
 _QUERY_SECRET = re.compile(
     r"(?i)(?P<key>[?&;][^=&\s'\"]*(?:token|key|secret|signature|password|passwd|sig|credential|auth)[^=&\s'\"]*=)"
     r"(?P<value>[^&\s#'\"]+)"
@@ -61,10 +62,19 @@ def redact(text: str) -> str:
         return text
     text = SECRETS.mask(text)
     if "@" in text:
-        text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     if "=" in text:
         text = _QUERY_SECRET.sub(lambda m: f"{m['key']}{MASK}", text)
     return _AUTH_VALUE.sub(lambda m: f"{m['scheme']}{MASK}", text)
+
+
+def uri_credentials(uri: str) -> tuple[str, ...]:
+    """The secret parts of a URI's userinfo (``user:password@`` or ``token@``), to add to the known secrets."""
+    match = _USERINFO.search(uri or "")
+    if match is None:
+        return ()
+    user, _, password = match["userinfo"].partition(":")
+    return tuple(part for part in (password or user,) if part)
 
 
 def redact_value(value: Any) -> Any:

@@ -159,6 +159,7 @@ class Settings(AccessSettings):
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     configure_token: str = ""
+    webhook_secret: str = ""  # what Label Studio's webhooks send as X-Webhook-Secret (backend/auth.py)
     label_studio_url: str = ""
     label_studio_api_key: str = ""
     configure_wait_s: float = 20.0
@@ -201,6 +202,7 @@ class Settings(AccessSettings):
             basic_auth_user=user,
             basic_auth_pass=password,
             configure_token=env.get("CONFIGURE_TOKEN", ""),
+            webhook_secret=env.get("WEBHOOK_SECRET", ""),
             label_studio_url=(env.get("LABEL_STUDIO_URL") or "").rstrip("/"),
             label_studio_api_key=env.get("LABEL_STUDIO_API_KEY", ""),
             configure_wait_s=env_float(env, "CONFIGURE_WAIT_S", 20.0),
@@ -239,4 +241,4 @@ class Settings(AccessSettings):
     @property
     def secrets(self) -> tuple[str, ...]:
         """Values that must never appear in an answer or a log line."""
-        return tuple(s for s in (self.basic_auth_pass, self.configure_token, self.label_studio_api_key) if s)
+        return tuple(s for s in (self.basic_auth_pass, self.configure_token, self.webhook_secret, self.label_studio_api_key) if s)

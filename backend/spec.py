@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest
+from .redact import redact_value, uri_credentials
 
 if TYPE_CHECKING:
     from .training.policy import TrainingPolicy
@@ -112,18 +113,21 @@ class ModelSpec:
         return asdict(self)
 
     def secrets(self) -> tuple[str, ...]:
-        """The credentials this spec carries, to be masked wherever they could show."""
-        return tuple(s for s in (self.tracking_password, self.tracking_token) if s)
+        """The credentials this spec carries, to be masked wherever they could show (URIs' userinfo too)."""
+        in_uris = (*uri_credentials(self.tracking_uri), *uri_credentials(self.registry_uri), *uri_credentials(self.model_uri))
+        return tuple(s for s in (self.tracking_password, self.tracking_token, *in_uris) if s)
 
     def public(self) -> dict[str, Any]:
-        """What /configure and /health may show: no credentials, hooks by fingerprint only."""
+        """What /configure, /health and the orchestrator may show: no credentials (none in a URI's userinfo
+        either), hooks by fingerprint only."""
         data = self.to_dict()
         for name in SECRET_FIELDS:
             data[name] = "***" if data[name] else ""
         for name in ("pre_hook", "post_hook", "train_hook"):
             raw = data[name]
             data[name] = hook_fingerprint(raw) if raw or name != "train_hook" else None
-        return data
+        label_config = data.pop("label_config")
+        return {**redact_value(data), "label_config": label_config}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:

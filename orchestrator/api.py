@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from backend.auth import require_basic_auth, require_configure_rights
+from backend.auth import require_basic_auth, require_configure_rights, require_training_rights
 from backend.errors import BadRequest, NotConfigured, NotFound
 from backend.hookcodec import RUNTIME
 
@@ -34,7 +34,9 @@ LABEL_STUDIO_ROUTES = (
     "duplicate_model",
 )
 # A backend's routes that need configure rights, reachable through the orchestrator with its own.
-CONFIGURE_RIGHTS_ROUTES = ("train", "train/status")
+CONFIGURE_RIGHTS_ROUTES = ("train/status", "configure/status")
+# Routes that start trainings: the orchestrator's basic auth, webhook secret or configure token (backend/auth.py).
+TRAINING_ROUTES = ("train", "webhook")
 # Label Studio sends no credentials to the webhook it creates; health and Antenna's probes are public too.
 OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health",
                   "antenna.livez", "antenna.readyz"}
@@ -130,8 +132,12 @@ def _forward(record: BackendRecord, path: str) -> Response:
     """To the backend; its routes that need configure rights (training) need the orchestrator's, and then
     carry the backend's own token, which only the orchestrator knows."""
     o = orchestrator()
-    if path.strip("/") in CONFIGURE_RIGHTS_ROUTES:
-        require_configure_rights(request, o.settings)
+    route = path.strip("/")
+    if route in CONFIGURE_RIGHTS_ROUTES or route in TRAINING_ROUTES:
+        if route in TRAINING_ROUTES:
+            require_training_rights(request, o.settings, route)
+        else:
+            require_configure_rights(request, o.settings, route)
         return o.proxy.forward(record, path, request, authorization=f"Bearer {record.token}" if record.token else None)
     return o.proxy.forward(record, path, request)
 

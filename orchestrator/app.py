@@ -35,7 +35,7 @@ def create_app(
     """Build an orchestrator; its supervisor re-adopts or restarts the backends its registry names."""
     settings = settings or OrchestratorSettings.from_env(env)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    SECRETS.add(settings.basic_auth_pass, settings.configure_token, settings.label_studio_api_key)
+    SECRETS.add(settings.basic_auth_pass, settings.configure_token, settings.webhook_secret, settings.label_studio_api_key)
     install_log_redaction()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     if settings.driver == "ray":

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from backend.redact import redact_value
+
 STATES = ("starting", "pending", "ready", "restarting", "stopped")
 
 
@@ -47,6 +49,7 @@ class BackendRecord:
     def public(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("token")
+        data["model"] = redact_value(data["model"])  # rows an older version wrote may hold a URI's userinfo
         data["url"] = self.url
         data["uptime_s"] = round(time.time() - self.started_at, 1) if self.started_at and self.state == "ready" else 0.0
         return data

@@ -42,6 +42,7 @@ class OrchestratorSettings(AccessSettings):
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     configure_token: str = ""
+    webhook_secret: str = ""  # what Label Studio's webhooks send as X-Webhook-Secret (backend/auth.py)
     gpus: tuple[str, ...] | None = None  # None: detect; () : none
     backend_threads: int = 8
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
@@ -95,6 +96,7 @@ class OrchestratorSettings(AccessSettings):
             basic_auth_user=user,
             basic_auth_pass=password,
             configure_token=env.get("CONFIGURE_TOKEN", ""),
+            webhook_secret=env.get("WEBHOOK_SECRET", ""),
             gpus=None if gpus is None else comma_list(gpus),
             backend_threads=env_int(env, "BACKEND_THREADS", 8, 1),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),

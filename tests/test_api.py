@@ -285,9 +285,30 @@ def test_basic_auth(app_with):
     assert client.post("/setup", json={}, headers=basic("ls", "wrong")).status_code == 401
     assert client.post("/setup", json={}, headers=basic("ls", "pw")).status_code == 200
     assert client.post("/configure", json={"model_uri": "x"}).status_code == 401
-    # Open: liveness for probes, and Label Studio's auto-created webhook, which carries no credentials.
+    assert client.get("/configure/status").status_code == 401  # it names the model being loaded
+    # Open: liveness for probes.
     assert client.get("/health").status_code == 200
-    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 201
+
+
+def test_only_label_studio_may_start_a_training(app_with):
+    """The webhook Label Studio creates carries no credentials: the operator adds the basic auth or the
+    webhook secret to its headers; a caller with neither is refused, with that fix in the answer."""
+    client = app_with(basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-secret-123")
+    event = {"action": "START_TRAINING", "project": {"id": 7}}
+    for route in ("/webhook", "/train"):
+        refused = client.post(route, json=event)
+        assert refused.status_code == 401 and "X-Webhook-Secret" in refused.get_json()["detail"], route
+        assert client.post(route, json=event, headers={"X-Webhook-Secret": "wrong"}).status_code == 401
+    assert client.post("/webhook", json=event, headers={"X-Webhook-Secret": "hook-secret-123"}).status_code == 201
+    assert client.post("/webhook", json=event, headers=basic("ls", "pw")).status_code == 201
+    # Label Studio's "Start Training" sends the basic auth: /train then does what it says (no train hook here).
+    assert client.post("/train", json={"project": 7}, headers=basic("ls", "pw")).status_code != 401
+    # No credentials configured: loopback only, as /configure.
+    open_bind = app_with(host="0.0.0.0")
+    refused = open_bind.post("/webhook", json=event)
+    assert refused.status_code == 403 and "WEBHOOK_SECRET" in refused.get_json()["detail"]
+    remote = app_with().post("/webhook", json=event, environ_base={"REMOTE_ADDR": "10.1.2.3"})
+    assert remote.status_code == 403
 
 
 def test_configure_refused_on_open_bind_without_credentials(app_with):

@@ -20,12 +20,19 @@ def predict_labels(backend, images, *names):
 
 
 def test_plain_configure_over_http_tracking(start_backend, images, mlflow_server):
+    """With credentials in the tracking URI's userinfo, as users write them: they never show."""
     backend = start_backend(MLFLOW_TRACKING_URI="sqlite:////nonexistent/unused.db")
+    with_credentials = mlflow_server.url.replace("http://", "http://bob-the-user:hunter2pass@")
     response = requests.post(backend.url + "/configure", timeout=60, json={
-        "model_uri": "models:/brightness/latest", "tracking_uri": mlflow_server.url,
+        "model_uri": "models:/brightness/latest", "tracking_uri": with_credentials,
         "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)})
     assert response.status_code == 200, response.text
     assert predict_labels(backend, images, "white", "black") == (["dark", "light"], "brightness:2")
+    shown = response.text + requests.get(backend.url + "/configure", timeout=5).text
+    shown += requests.get(backend.url + "/health", timeout=5).text
+    assert "***@127.0.0.1" in shown
+    for secret in ("hunter2pass", "bob-the-user"):
+        assert secret not in shown and secret not in backend.output()
 
 
 def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images, mlflow_server):

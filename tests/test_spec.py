@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from orchestrator.registry import BackendRecord
+
 from backend.errors import BadRequest
 from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
 
@@ -71,6 +73,18 @@ def test_public_view_hides_secrets_and_pickles():
     assert "secret-token" not in json.dumps(public)
     assert public["pre_hook"].startswith("pickle:")
     assert public["post_hook"] == "identity"
+
+
+def test_public_view_strips_the_userinfo_of_every_uri():
+    spec = parse_model_spec({"model_uri": "models:/m/1", "tracking_uri": "https://alice:pa55word@mlflow.example.com",
+                             "registry_uri": "https://tok3n-abcdef@registry.example.com/x"})
+    shown = json.dumps(spec.public())
+    assert "https://***@mlflow.example.com" in shown and "https://***@registry.example.com/x" in shown
+    assert "alice" not in shown and "pa55word" not in shown and "tok3n" not in shown
+    assert {"pa55word", "tok3n-abcdef"} <= set(spec.secrets())  # masked in logs and errors too
+    assert spec.to_dict()["tracking_uri"] == "https://alice:pa55word@mlflow.example.com"  # what is stored is whole
+    record = BackendRecord("b1", {"tracking_uri": "http://u:p4ss@h:5000"}, "process", 1, "/tmp/x")
+    assert record.public()["model"]["tracking_uri"] == "http://***@h:5000"  # rows written before this version
 
 
 def test_round_trip_through_store_format():
