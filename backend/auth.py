@@ -23,7 +23,6 @@ from flask import Request
 from .errors import Forbidden, Unauthorized
 from .settings import is_loopback
 
-
 WEBHOOK_SECRET_HEADER = "X-Webhook-Secret"
 
 

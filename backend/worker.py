@@ -30,8 +30,8 @@ import selectors
 import socket
 import time
 from collections import deque
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 from functools import partial
 from typing import Any
 
@@ -59,6 +59,7 @@ class BufferedUnreader(SocketUnreader):
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, PIECE)
+        self.buf: io.BytesIO = io.BytesIO()
         self.pending = memoryview(b"")
 
     def feed(self, data: bytes) -> None:

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from orchestrator.registry import BackendRecord
-
 from backend.errors import BadRequest
 from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
+from orchestrator.registry import BackendRecord
 
 DAGSHUB = {
     "host": "https://dagshub.com",
