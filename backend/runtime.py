@@ -227,6 +227,8 @@ class Runtime:
     def _swap(self, spec: ModelSpec, info: dict[str, Any], sources: dict[str, str], process: ModelProcess,
               batcher: DynamicBatcher, seq: int) -> Serving:
         """Persist, then serve; the previous configuration's background work and process retire. Caller holds the lock."""
+        if self.stored_error:
+            self.store.configuration.keep_aside()  # never overwritten silently
         self._stamp = self.store.configuration.save({"spec": spec.to_dict(), "saved_at": time.time()})
         batch_size = self._batch_size(spec)
         continuation = self.make_continuation(hooks_id=spec.digest, identity=serving_identity(spec, info),
@@ -261,7 +263,7 @@ class Runtime:
         self._stamp = self.store.configuration.stamp()
         try:
             document = self.store.configuration.load()
-            if not document:
+            if document is None:
                 return None
             if "spec" not in document or not isinstance(document["spec"], dict):
                 raise StoredFileBroken(self.store.configuration.path, "it has no 'spec' object")
@@ -270,7 +272,7 @@ class Runtime:
             except (TypeError, ValueError) as exc:
                 raise StoredFileBroken(self.store.configuration.path, f"its spec does not fit this version: {exc}") from exc
         except StoredFileBroken as exc:
-            self.stored_error = {"error": str(exc), "detail": exc.fix, "file": str(exc.path)}
+            self.stored_error = {"error": str(exc), "detail": exc.fix, "file": str(exc.path), "reason": exc.reason}
             log.error("%s; %s", exc, exc.fix)
             return None
         log.info("restoring configuration of %s from %s", spec.model_uri, self.store.configuration.path)

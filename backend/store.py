@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ class StoredFileBroken(Exception):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path} cannot be used: {reason}")
         self.path = path
-        self.fix = f"Fix or delete {path}, or POST /configure again (which replaces it)."
+        self.reason = reason
+        self.fix = (f"POST /configure again (the broken file is then kept aside as {path.name}.broken-<time>), "
+                    f"or restore {path} from a backup and restart the backend.")
 
 
 class JsonFile:
@@ -53,6 +56,16 @@ class JsonFile:
         if not isinstance(document, dict):
             raise StoredFileBroken(self.path, f"it holds a {type(document).__name__}, not a JSON object")
         return document
+
+    def keep_aside(self) -> Path | None:
+        """Move an unusable file out of the way, under a name that says so, rather than overwrite it."""
+        aside = self.path.with_name(f"{self.path.name}.broken-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return None
+        log.warning("kept the unusable %s aside as %s", self.path, aside)
+        return aside
 
     def stamp(self) -> int | None:
         """Changes whenever the file is replaced; a stat, cheap enough to poll per request."""

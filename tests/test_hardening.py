@@ -192,13 +192,21 @@ def test_hostile_bodies_and_a_broken_stored_configuration(start_backend, images,
     assert big.status_code == 413 and "MAX_REQUEST_MB" in big.json()["detail"]
     assert health(backend)["status"] == "UP"
 
-    backend.stop()
-    backend.model_dir.mkdir(parents=True, exist_ok=True)
-    (backend.model_dir / "configuration.json").write_text('{"spec": {"model_uri": "models:/brightness/1", "tru')
-    backend.start()
-    broken = health(backend)["stored_configuration_error"]
-    assert "configuration.json cannot be used" in broken["error"] and "Fix or delete" in broken["detail"]
-    answer = predict(backend, images, "white")
-    assert answer.status_code == 503 and "configuration.json" in answer.json()["detail"]
-    assert configure(backend).status_code == 200  # a configure replaces it
+    stored = backend.model_dir / "configuration.json"
+    for broken_text in ('{"spec": {"model_uri": "models:/brightness/1", "tru', "", "{}"):  # cut, emptied, hollow
+        backend.stop()
+        backend.model_dir.mkdir(parents=True, exist_ok=True)
+        stored.write_text(broken_text)
+        backend.start()
+        shown = health(backend)
+        broken = shown["stored_configuration_error"]
+        assert not shown["configured"] and broken["file"] == str(stored) and broken["reason"], broken
+        assert "configuration.json cannot be used" in broken["error"] and "POST /configure again" in broken["detail"]
+        assert "restore" in broken["detail"]
+        answer = predict(backend, images, "white")
+        assert answer.status_code == 503 and str(stored) in answer.json()["detail"]
+        assert "POST /configure again" in answer.json()["detail"]
+    assert configure(backend).status_code == 200  # a configure replaces it, and keeps the broken one aside
     assert "stored_configuration_error" not in health(backend)
+    kept = list(backend.model_dir.glob("configuration.json.broken-*"))
+    assert [path.read_text() for path in kept] == ["{}"]
