@@ -27,7 +27,7 @@ from .follower import RegistryFollower
 from .hookcodec import RUNTIME
 from .labelstudio import LabelStudioAccess, access_for
 from .metrics import BackendMetrics
-from .prediction import predict_tasks, recall
+from .prediction import Outcome, predict_tasks, recall
 from .quality import QualityLedger
 from .redact import redact
 from .runtime import Runtime
@@ -225,18 +225,22 @@ def predict():
     objects = data_objects(label_config)
     if not objects:
         raise BadRequest("the labeling config reads no task data", "Its object tags need value=\"$key\" attributes.")
-    serving = s.runtime.require_model(wait_s=min(s.settings.configure_wait_s, s.settings.predict_timeout_s))
-    if not tasks:
-        return jsonify({"results": [], "model_version": serving.model_version})
-
     timer = lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds)
     context = params.get("context")
-    recalled = recall(serving, s.cache, tasks, label_config, context)  # what earlier rounds left
-    inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec),
-                                   skip=recalled.known if recalled else frozenset())
-    outcome = predict_tasks(serving, tasks, inputs, label_config=label_config, deadline=deadline, recalled=recalled,
-                            context=context, timer=timer, background=s.settings.background)
-    timer("fetch", inputs.fetch_seconds)
+
+    def run(serving: Any) -> tuple[Any, Outcome]:
+        recalled = recall(serving, s.cache, tasks, label_config, context)  # what earlier rounds left
+        inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec),
+                                       skip=recalled.known if recalled else frozenset())
+        outcome = predict_tasks(serving, tasks, inputs, label_config=label_config, deadline=deadline,
+                                recalled=recalled, context=context, timer=timer, background=s.settings.background)
+        timer("fetch", inputs.fetch_seconds)
+        return serving, outcome
+
+    wait_s = min(s.settings.configure_wait_s, s.settings.predict_timeout_s)
+    if not tasks:
+        return jsonify({"results": [], "model_version": s.runtime.require_model(wait_s).model_version})
+    serving, outcome = s.runtime.serve(wait_s, run)
 
     extra: dict[str, Any] = {}
     if outcome.errors:
@@ -333,14 +337,15 @@ def configure():
     spec = parse_model_spec(decode_configure_body(request.get_data()))
     job = s.runtime.configure(spec)
     if job is not None:
-        job.done.wait(s.settings.configure_wait_s)
-        if not job.done.is_set():
+        job.settled.wait(s.settings.configure_wait_s)
+        if not job.settled.is_set():
             return jsonify({"status": "loading", **job.status(), "status_url": "/configure/status"}), 202
-        if job.error is not None:
+        if job.error is not None and not job.superseded:
             raise job.error
     active = s.runtime.active
-    if active is None or active.spec.digest != spec.digest:  # a newer configure won meanwhile
-        return jsonify({"status": "superseded", "detail": "a later configure replaced this one"}), 409
+    if active is None or active.spec.digest != spec.digest:  # a newer configure won meanwhile: coalesced into it
+        serving = {"model_uri": active.spec.model_uri, "model_version": active.model_version} if active else None
+        return jsonify({"status": "superseded", "detail": "a later configure replaced this one", "serving": serving}), 409
     return jsonify({"status": "ready", **active.describe(), "configuration": active.spec.public()})
 
 

@@ -60,6 +60,14 @@ class Chunk:
         return self.hooks_id, self.label_config, None if self.context is None else id(self.context)
 
 
+class Retired(NotConfigured):
+    """The batcher's configuration was replaced and its process stopped before this request reached it:
+    run the request again on the configuration that serves now (``Runtime.serve`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__("this configuration was replaced", "Send the request again.")
+
+
 class DynamicBatcher:
     """One thread that runs every model call of one model process, gathering requests' chunks."""
 
@@ -72,6 +80,7 @@ class DynamicBatcher:
         self._submitting: set[object] = set()  # requests that may still submit a chunk
         self._thread: threading.Thread | None = None
         self._retired: Callable[[], None] | None = None
+        self._finished = False  # retired, drained, and its process stopped: nothing runs here any more
         self._calling = False
         self.batches = 0  # model calls made, for /health and the benchmarks
         self.items = 0
@@ -94,6 +103,8 @@ class DynamicBatcher:
         lasts, a batch may wait for this request's chunk; once it only waits for answers, none does."""
         token = object()
         with self._cond:
+            if self._finished:
+                raise Retired()
             self._submitting.add(token)
         try:
             yield token
@@ -104,6 +115,9 @@ class DynamicBatcher:
 
     def submit(self, chunk: Chunk) -> Future:
         with self._cond:
+            if self._finished:  # a background chunk after the end: nobody would run it
+                chunk.future.set_exception(Retired())
+                return chunk.future
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
                 self._thread.start()
@@ -162,6 +176,8 @@ class DynamicBatcher:
                 break
             if chunks:
                 self._run(chunks)
+        with self._cond:
+            self._finished = True
         then = self._retired
         if then is not None:
             then()

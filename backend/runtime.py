@@ -19,9 +19,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from .batching import DynamicBatcher
+from .batching import DynamicBatcher, Retired
 from .continuation import Continuation
 from .errors import BackendError, NotConfigured
 from .modelprocess import ModelProcess
@@ -34,6 +34,8 @@ from .zygote import Zygote
 log = logging.getLogger(__name__)
 
 HOOK_SWAP_WAIT_S = 1.0  # how long a hooks-only configure waits for a busy process before loading a new one
+SERVE_ATTEMPTS = 3  # a request whose configuration was retired under it runs again on the new one, this often
+T = TypeVar("T")
 
 
 def serving_identity(spec: ModelSpec, info: dict[str, Any]) -> str:
@@ -104,10 +106,22 @@ class LoadJob:
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     error: BackendError | None = None
+    superseded: bool = False  # a newer configure replaced it before it was ready: its load was stopped
     done: threading.Event = field(default_factory=threading.Event)
+    settled: threading.Event = field(default_factory=threading.Event)  # done, or superseded: its caller can answer
+
+    def supersede(self) -> None:
+        self.superseded = True
+        self.settled.set()
+
+    def finish(self) -> None:
+        self.finished_at = time.time()
+        self.done.set()
+        self.settled.set()
 
     def status(self) -> dict[str, Any]:
-        state = "loading" if not self.done.is_set() else ("failed" if self.error else "ready")
+        state = "loading" if not self.done.is_set() else (
+            "superseded" if self.superseded else "failed" if self.error else "ready")
         body: dict[str, Any] = {"job": self.id, "state": state, "model_uri": self.spec.model_uri, "started_at": self.started_at}
         if self.finished_at:
             body["finished_at"] = self.finished_at
@@ -160,8 +174,13 @@ class Runtime:
             previous = self.job
             job = LoadJob(spec, next(self._seq), self._new_process())
             self.job = job
-        if previous is not None and not previous.done.is_set() and previous.process is not None:
-            previous.process.stop()  # a newer configure wins; its load need not finish
+            # A newer configure wins: a load still under way need not finish. One that already swapped in
+            # (its job not yet marked done) is serving now, and keeps serving until this one is ready.
+            replaced = previous if previous is not None and not previous.done.is_set() and previous.seq > self._swapped_seq else None
+            if replaced is not None:
+                replaced.supersede()
+        if replaced is not None and replaced.process is not None:
+            replaced.process.stop()
         threading.Thread(target=self._load, args=(job,), name=f"load-{job.id}", daemon=True).start()
         return job
 
@@ -205,7 +224,7 @@ class Runtime:
             info = process.load(job.spec)
             batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)
             with self._lock:
-                if job.seq > self._swapped_seq:
+                if job.seq > self._swapped_seq and not job.superseded:
                     self._swap(job.spec, info, sources, process, batcher, job.seq)
                     process = None  # serving now
                 else:
@@ -218,11 +237,12 @@ class Runtime:
         finally:
             if process is not None:
                 process.stop()
+            if job.superseded:
+                job.error = None  # not a failure: the newer configure answers for itself
             if job.error is not None:
                 self.last_error = {**job.error.to_dict(), "at": time.time(), "model_uri": job.spec.model_uri}
                 log.error("configure of %s failed: %s", job.spec.model_uri, job.error.error)
-            job.finished_at = time.time()
-            job.done.set()
+            job.finish()
 
     def _swap(self, spec: ModelSpec, info: dict[str, Any], sources: dict[str, str], process: ModelProcess,
               batcher: DynamicBatcher, seq: int) -> Serving:
@@ -314,6 +334,20 @@ class Runtime:
         elif self.last_error:
             detail = f"The last configure failed: {self.last_error['error']}. " + detail
         raise NotConfigured("no model is configured", detail)
+
+    def serve(self, wait_s: float, work: Callable[[Serving], T]) -> T:
+        """``work`` on the serving configuration. A configure may retire that configuration between the
+        moment a request takes it and the moment it reaches its model process: then the request runs
+        again on the configuration that replaced it, so a configure never fails a request."""
+        for attempt in range(SERVE_ATTEMPTS):
+            serving = self.require_model(wait_s)
+            try:
+                return work(serving)
+            except Retired:
+                if self.active is serving or attempt == SERVE_ATTEMPTS - 1:
+                    raise
+                log.info("the configuration was replaced while a request was on its way to it: running it again")
+        raise AssertionError("unreachable")
 
     @property
     def loading(self) -> bool:

@@ -13,12 +13,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bigproject, bodies, orchestrator_ready, ray_failover, serving
+from . import bigproject, bodies, churn, orchestrator_ready, ray_failover, serving
 from .common import Table
 
 SECTIONS = {
     "serving": serving.run,
     "bodies": bodies.run,
+    "churn": churn.run,
     "handoff": serving.run_hand_off,
     "big": bigproject.run,
     "orchestrator": orchestrator_ready.run,

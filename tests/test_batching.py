@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from backend.batching import Chunk, DynamicBatcher
+from backend.batching import Chunk, DynamicBatcher, Retired
 from backend.errors import HookFailed
 from harness.servers import wait_until
 from lsmlflow.pickling import encode_hook
@@ -144,6 +144,24 @@ def test_one_requests_failure_does_not_fail_the_others_in_its_batch():
         with pytest.raises(HookFailed, match="bad input"):
             bad.result(timeout=10)
     assert model.calls == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]  # together first, then each alone
+
+
+def test_a_retired_batcher_finishes_what_it_has_then_tells_late_requests_to_go_elsewhere():
+    """A request that took the serving configuration just before a configure retired it must not wait
+    for a model process that is gone: it hears Retired at once, and runs again on the new one."""
+    model = CountingModel()
+    batcher = DynamicBatcher(model, max_latency_ms=1)
+    stopped = threading.Event()
+    with batcher.request() as request:
+        batcher.retire(then=stopped.set)
+        assert not stopped.wait(0.2)  # a request still submitting holds the process
+        assert submit(batcher, model, "a", request=request).result(timeout=5) == ["prediction of a"]
+    assert stopped.wait(5)
+    with pytest.raises(Retired), batcher.request():
+        pass
+    late = submit(batcher, model, "b")  # a background chunk after the end
+    with pytest.raises(Retired):
+        late.result(timeout=5)
 
 
 def test_a_real_backend_batches_concurrent_single_task_requests(start_backend, images):

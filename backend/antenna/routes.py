@@ -7,12 +7,14 @@ joins ``/process`` whatever path its registered address has.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flask import Blueprint, jsonify
 
 from ..api import services
 from ..bodies import json_body
 from ..errors import Unprocessable
+from ..runtime import Serving
 from ..spec import ModelSpec
 from .pipeline import PipelineDefinition, define_pipeline
 from .process import ProcessContext, process
@@ -65,18 +67,20 @@ def process_images():
     s = services()
     deadline = time.monotonic() + s.settings.process_timeout_s
     request = parse_request(json_body())
-    serving = s.runtime.require_model(wait_s=min(s.settings.configure_wait_s, s.settings.process_timeout_s))
-    pipeline = define_pipeline(serving.spec)
-    if pipeline is None or request.pipeline != pipeline.slug:
-        known = f"pipeline {pipeline.slug!r}" if pipeline else "no pipeline (configure it with a label_config)"
-        raise Unprocessable(f"unknown pipeline {request.pipeline!r}", f"This service runs {known}; GET /info lists it.")
 
     def count(processed: int, failed: int) -> None:
         s.metrics.antenna_images.labels("processed").inc(processed)
         s.metrics.antenna_images.labels("failed").inc(failed)
 
-    ctx = ProcessContext(
-        serving, pipeline, s.fetcher, s.label_studio_access(), deadline,
-        timer=lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds), on_images=count,
-    )
-    return jsonify(process(request, ctx))
+    def run(serving: Serving) -> dict[str, Any]:
+        pipeline = define_pipeline(serving.spec)
+        if pipeline is None or request.pipeline != pipeline.slug:
+            known = f"pipeline {pipeline.slug!r}" if pipeline else "no pipeline (configure it with a label_config)"
+            raise Unprocessable(f"unknown pipeline {request.pipeline!r}", f"This service runs {known}; GET /info lists it.")
+        ctx = ProcessContext(
+            serving, pipeline, s.fetcher, s.label_studio_access(), deadline,
+            timer=lambda stage, seconds: s.metrics.stage_seconds.labels(stage).observe(seconds), on_images=count,
+        )
+        return process(request, ctx)
+
+    return jsonify(s.runtime.serve(min(s.settings.configure_wait_s, s.settings.process_timeout_s), run))

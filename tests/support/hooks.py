@@ -89,6 +89,15 @@ def numpy_post(labels):
     ]
 
 
+def scored_choices_post(labels):
+    """choices_post with a score: another hook set for the same model (a hooks-only configure)."""
+    return [
+        {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}],
+         "score": 0.5}
+        for label in labels
+    ]
+
+
 def set_post(labels):
     """A value JSON cannot carry."""
     return [dict(prediction, meta={"labels": {str(label)}}) for prediction, label in zip(choices_post(labels), labels)]

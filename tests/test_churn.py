@@ -1,0 +1,95 @@
+"""Configures racing predictions on a real gunicorn backend: the old configuration serves every request
+until the new one is ready, a request whose configuration is retired under it runs on the new one, and
+configures faster than loads coalesce (200 or 409 superseded, never a 503)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter
+
+import requests
+
+from harness.calls import configure
+from harness.servers import file_server, wait_until
+from lsmlflow.pickling import encode_hook
+from tests.support import hooks
+from tests.support.hooks import IMAGE_CONFIG
+
+EXPECTED = {"brightness:1": ["light", "dark"], "brightness:2": ["dark", "light"]}  # v2 reads the other way
+
+
+def test_configures_never_fail_the_predictions_they_race(start_backend, images):
+    # Task data from a server that takes 30 ms a file: requests spend time between taking the serving
+    # configuration and reaching its model process, which is where a configure used to strand them.
+    files = file_server(images["white"].parent, delay=0.03)
+    backend = start_backend(FETCH_ALLOW_PRIVATE="127.0.0.1", THREADS="8")
+    assert configure(backend).status_code == 200
+    fresh = itertools.count()
+    done = threading.Event()
+    predictions: Counter = Counter()
+    configures: Counter = Counter()
+    lock = threading.Lock()
+
+    def predictor() -> None:
+        with requests.Session() as session:
+            while not done.is_set():
+                n = next(fresh)  # never seen: no cache answers for the model
+                tasks = [{"id": n, "data": {"image": f"{files.url}/white.png?n={n}"}},
+                         {"id": -n - 1, "data": {"image": f"{files.url}/black.png?n={n}"}}]
+                answer = session.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG},
+                                      timeout=60)
+                outcome = f"{answer.status_code} {answer.text[:200]}"
+                if answer.ok:
+                    got = [p["result"][0]["value"]["choices"][0] for p in answer.json()["results"]]
+                    version = answer.json()["results"][0]["model_version"]
+                    outcome = "ok" if got == EXPECTED.get(version) else f"wrong {got} from {version}"
+                with lock:
+                    predictions[outcome] += 1
+
+    def configurer(models: list[str]) -> None:
+        for index, model in enumerate(models):  # reloads (another version: a new process) and hook swaps
+            post = hooks.choices_post if index % 2 else hooks.scored_choices_post
+            answer = configure(backend, model_uri=model, post_hook=encode_hook(post), timeout=60)
+            with lock:
+                configures[answer.status_code] += 1
+
+    try:
+        threads = [threading.Thread(target=predictor) for _ in range(4)]
+        versions = ["models:/brightness/2", "models:/brightness/1"] * 4
+        configurers = [threading.Thread(target=configurer, args=(versions,)),
+                       threading.Thread(target=configurer, args=(versions[1:],))]
+        for thread in threads + configurers:
+            thread.start()
+        for thread in configurers:
+            thread.join()
+        done.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        done.set()
+        files.close()
+    assert set(predictions) == {"ok"}, predictions
+    assert predictions["ok"] >= 20
+    assert set(configures) <= {200, 202, 409} and configures[200] >= 1, configures  # 202: still loading
+    health = requests.get(backend.url + "/health", timeout=1).json()
+    assert health["configured"] and "last_error" not in health
+
+
+def test_a_configure_replaced_while_it_loads_is_superseded_not_failed(start_backend):
+    backend = start_backend()
+    assert configure(backend).status_code == 200
+    first: dict = {}
+    loading = threading.Thread(target=lambda: first.update(answer=configure(backend, model_uri="models:/brightness/2")))
+    loading.start()
+    wait_until(lambda: requests.get(backend.url + "/configure/status", timeout=1).json().get("model_uri")
+               == "models:/brightness/2", 30, "the first load")
+    second = configure(backend, model_uri="models:/brightness@champion")  # another model key: another load
+    loading.join()
+    assert second.status_code == 200, second.text
+    answer = first["answer"]
+    if answer.status_code == 200:  # it was ready before the second came: nothing to supersede
+        return
+    assert answer.status_code == 409 and answer.json()["status"] == "superseded", answer.text
+    assert answer.json()["serving"]["model_version"] == "brightness:1"  # the old one, until the newest is ready
+    assert "last_error" not in requests.get(backend.url + "/health", timeout=1).json()  # no failure happened
