@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
 import re
 import selectors
 import socket
@@ -39,6 +40,7 @@ from gunicorn.http.body import LengthReader
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .lifetime import OWNER_ENV
 from .settings import ServerSettings
 
 QUICK_PATHS = frozenset({"/", "/health", "/livez", "/readyz", "/info", "/metrics", "/setup", "/versions", "/webhook"})
@@ -172,6 +174,7 @@ class GuardedThreadWorker(ThreadWorker):
         self.buffers_requests = not self.cfg.is_ssl
 
     def init_process(self) -> None:
+        os.environ[OWNER_ENV] = str(os.getppid())  # the master: what a training must not outlive (lifetime.py)
         self.quick_pool = futures.ThreadPoolExecutor(max_workers=self.quick_threads, thread_name_prefix="quick")
         super().init_process()
 

@@ -6,12 +6,15 @@ in the session's SQLite registry, so trainings never move the aliases other test
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 
 import pytest
 import requests
 from mlflow import MlflowClient
 
+from backend.lifetime import start_time
 from harness.servers import register_trainable, wait_until
 from lsmlflow.pickling import encode_hook
 from tests.support.hooks import TEXT_CONFIG, sentiment_post, sentiment_train
@@ -195,6 +198,24 @@ def test_two_workers_never_run_two_trainings(start_backend, trainable):
     wait_until(lambda: requests.get(f"{backend.url}/train/status", timeout=5).json()["jobs"][0]["state"] != "running", 120,
                "the training")
     assert len(requests.get(f"{backend.url}/train/status", timeout=5).json()["jobs"]) == 1
+
+
+def test_a_training_dies_with_its_backend_however_the_backend_dies(start_backend, trainable):
+    _, body, _ = trainable
+    backend = start_backend()
+    assert requests.post(f"{backend.url}/configure", json=body(train_hook=sleeping_train(300)), timeout=120).status_code == 200
+    started = requests.post(f"{backend.url}/train", json={"project": 7, "label_config": TEXT_CONFIG,
+                                                          "tasks": annotated_tasks()}, timeout=30)
+    assert started.status_code == 201, started.text
+    status = requests.get(f"{backend.url}/train/status", timeout=5).json()
+    training = status["jobs"][0]["pid"]
+    assert start_time(training)  # running
+    # /health and /train/status say the same, from the same state.
+    assert requests.get(f"{backend.url}/health", timeout=1).json()["training"]["job"] == status["current"]
+    worker = requests.get(f"{backend.url}/health", timeout=1).json()["pid"]
+    os.kill(backend.proc.pid, signal.SIGKILL)  # no shutdown hook runs: master and worker killed outright
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: not start_time(training), 15, "the training to end with its backend")
 
 
 def test_predictions_are_scored_against_what_annotators_kept(app_with, trainable):

@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import BackendError, HookFailed
 from ..hookcodec import TRAIN_ARGUMENTS, decode_hook
 from ..labelstudio import LabelStudioAccess
+from ..lifetime import end_with
 from ..loading import choose_device, load_model, mlflow_scope
 from ..redact import SECRETS, install_log_redaction
 from ..settings import Settings, log_level_from
@@ -235,6 +236,8 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     install_log_redaction()
     payload = json.loads(sys.stdin.read())
+    if payload.get("owner"):
+        end_with(payload["owner"])
     records = TrainingRecords(Path(payload["training_dir"]).parent)
     progress = Progress(records.result_file(payload["job"]))
     progress.update(stage="starting", pid=os.getpid())

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import Conflict, NotConfigured
 from ..labelstudio import LabelStudioAccess
+from ..lifetime import owner_identity
 from ..metrics import BackendMetrics
 from ..settings import Settings
 from ..webhooks import annotations_in
@@ -60,7 +61,7 @@ class Trainer:
         self.label_studio = label_studio
         self.quality = quality
         self._mine: dict[str, subprocess.Popen] = {}  # trainings this worker started, by job id
-        self._described: tuple[float, dict[str, Any]] = (float("-inf"), {})
+        self._described: tuple[float, int | None, dict[str, Any]] = (float("-inf"), None, {})
 
     # -- what the routes call --------------------------------------------------------------------
 
@@ -168,8 +169,9 @@ class Trainer:
         policy = serving.spec.training_policy if serving is not None else None
         if policy is None:
             return None
-        checked, shown = self._described
-        if time.monotonic() - checked < DESCRIBE_EVERY_S:
+        checked, stamp, shown = self._described
+        now_stamp = self.records.state_file.stamp()  # a changed state shows at once: /train/status reads it too
+        if time.monotonic() - checked < DESCRIBE_EVERY_S and stamp == now_stamp:
             return shown
         state = self.records.read_state()
         current = state.get("current")
@@ -189,7 +191,7 @@ class Trainer:
         if waiting:
             shown["projects"] = {pid: {"annotations": p.get("annotations", 0), "changed_since_training": p.get("changed", 0),
                                        "waits_for": waiting[pid]} for pid, p in state["projects"].items()}
-        self._described = (time.monotonic(), shown)
+        self._described = (time.monotonic(), now_stamp, shown)
         return shown
 
     def status(self) -> dict[str, Any]:
@@ -262,6 +264,7 @@ class Trainer:
         access = self.label_studio()
         payload = {
             "job": job_id,
+            "owner": owner_identity(),  # the training ends when this process does, however it ends
             "training_dir": str(self.records.dir),
             "artifacts_dir": str(self.settings.model_dir / "artifacts"),
             "spec": serving.spec.to_dict(),
@@ -362,7 +365,7 @@ class Trainer:
             job["state"] = result["state"]
         self.records.job_file(job["id"]).save(job)
         state["current"] = None
-        self._described = (float("-inf"), {})
+        self._described = (float("-inf"), None, {})
         outcome = job.get("outcome") or job["state"]
         if job["state"] == "failed":
             state["failures"] = state.get("failures", 0) + 1

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from backend.forking import ForkUnavailable, describe_exit, wait_status
+from backend.lifetime import start_time
 from backend.settings import comma_list
 from backend.template import SERVER_IMPORTS
 from backend.zygote import NOT_FOR_HOOKS, default_imports
@@ -34,16 +35,6 @@ GUNICORN_CONFIG = "python:backend.gunicorn_conf"
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
 GUNICORN_ARGS = ("--config", GUNICORN_CONFIG, "--chdir", str(PROJECT_ROOT), "wsgi:app")
-
-
-def _start_time(pid: int) -> str:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or '' where /proc has none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    fields_after_name = stat.rpartition(")")[2].split()
-    return fields_after_name[19] if fields_after_name[0] != "Z" else ""
 
 
 def backend_environment(settings: OrchestratorSettings, record: BackendRecord) -> dict[str, str]:
@@ -132,7 +123,7 @@ class ProcessDriver:
                 )
                 pid = child.pid
                 self._children[pid] = child
-        return f"{pid}:{_start_time(pid)}"
+        return f"{pid}:{start_time(pid)}"
 
     def _fork(self, record: BackendRecord, env: dict[str, str], log_fd: int) -> int | None:
         """The backend forked from the template; None where there is no template or it did not fork."""
@@ -156,7 +147,7 @@ class ProcessDriver:
         if child is not None:
             return child.poll() is None
         started = record.handle.partition(":")[2]
-        now = _start_time(pid)
+        now = start_time(pid)
         return bool(now) and (not started or now == started)
 
     def exit_reason(self, record: BackendRecord) -> str:

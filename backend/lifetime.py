@@ -1,0 +1,51 @@
+"""Who outlives whom: a process named so that a recycled pid cannot pass for it, and a watchdog that
+ends a child (a training) once the process that owns it is gone, however that process died."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OWNER_ENV = "LSBACKEND_OWNER_PID"  # set by the backend's gunicorn worker: its master, the backend itself
+
+
+def start_time(pid: int) -> str:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or '' where /proc has none (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields_after_name = stat.rpartition(")")[2].split()
+    return fields_after_name[19] if fields_after_name[0] != "Z" else ""
+
+
+def owner_identity() -> str:
+    """``pid:starttime`` of the backend this process serves: the gunicorn master where there is one."""
+    pid = int(os.environ.get(OWNER_ENV) or os.getpid())
+    return f"{pid}:{start_time(pid)}"
+
+
+def alive(identity: str) -> bool:
+    pid, _, started = identity.partition(":")
+    return pid.isdigit() and bool(started) and start_time(int(pid)) == started
+
+
+def end_with(identity: str, every_s: float = 0.5) -> threading.Thread:
+    """Watch ``identity`` from a daemon thread; when it is gone, kill this process's whole group (the
+    caller leads its own session, so that is this process and whatever it started)."""
+
+    def watch() -> None:
+        stop = threading.Event()
+        while alive(identity):
+            stop.wait(every_s)
+        log.error("the backend that started this process (%s) is gone: stopping", identity)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="owner-watch", daemon=True)
+    thread.start()
+    return thread
