@@ -52,7 +52,7 @@ def sleeping_train(seconds):
 @pytest.fixture(scope="module")
 def fresh_models(registry):
     """Registered models for this module's tests, made in one go (each costs a process start otherwise)."""
-    names = [f"trainable-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+    names = [f"trainable-{uuid.uuid4().hex[:8]}" for _ in range(10)]
     register_trainable(registry, *names)
     return iter(names)
 
