@@ -1,18 +1,24 @@
 """Task files on disk, bounded in size: a repeated URL is fetched once, and the folder never grows past
 ``CACHE_MAX_MB``. The least recently used files go first, but never one used in the last few
 minutes (a request in flight may be about to read it), so a burst may pass the cap for a while.
+
+A full disk under MODEL_DIR stops the caching, not the serving: the file goes to a small spill cache
+in the system's temporary folder instead, ``/health`` says why, and writing under MODEL_DIR is tried
+again with the next file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,15 +28,36 @@ class TooLarge(Exception):
     """A file over the per-file limit; the message names the setting."""
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)
+SPILL_MAX_BYTES = 256 << 20
+
+
+class DiskFull(OSError):
+    """The disk filled while a file was written; holds what was written of it."""
+
+    def __init__(self, cause: OSError, written: bytes) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.written = written
+
+
 class DiskCache:
     """Files by key under ``root``, with their sizes and last use kept in memory (one scan at start)."""
 
-    def __init__(self, root: Path, max_bytes: int, protect_s: float = 300.0) -> None:
+    def __init__(self, root: Path, max_bytes: int, protect_s: float = 300.0, spill: bool = True) -> None:
         self.root, self.max_bytes, self.protect_s = root, max_bytes, protect_s
         self._files: OrderedDict[Path, tuple[int, float]] = OrderedDict()  # path -> (bytes, last use), oldest first
         self._bytes = 0
         self._lock = threading.Lock()
+        self._spill: DiskCache | None = None
+        self._spills = spill
+        self.full: dict[str, object] | None = None  # why the last file could not be written under root
         self._scan()
+
+    def _spill_cache(self) -> DiskCache:
+        if self._spill is None:
+            folder = Path(tempfile.mkdtemp(prefix="lsbackend-spill-"))
+            self._spill = DiskCache(folder, min(self.max_bytes, SPILL_MAX_BYTES), self.protect_s, spill=False)
+        return self._spill
 
     def _scan(self) -> None:
         if not self.root.is_dir():
@@ -56,6 +83,12 @@ class DiskCache:
 
     def lookup(self, key: str, suffix: str) -> str | None:
         """The cached file for ``key``, marked as just used; None when there is none."""
+        found = self._lookup(key, suffix)
+        if found is None and self._spill is not None:
+            return self._spill.lookup(key, suffix)
+        return found
+
+    def _lookup(self, key: str, suffix: str) -> str | None:
         path = self.path_for(key, suffix)
         with self._lock:
             entry = self._files.get(path)
@@ -70,18 +103,49 @@ class DiskCache:
         return str(path)
 
     def store(self, key: str, suffix: str, chunks: Iterable[bytes], max_file_bytes: int, setting: str) -> str:
-        """Write ``chunks`` as the file for ``key``; TooLarge past ``max_file_bytes`` (named by ``setting``)."""
-        target = self.path_for(key, suffix)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        """Write ``chunks`` as the file for ``key``; TooLarge past ``max_file_bytes`` (named by ``setting``).
+        On a full disk, into the spill cache (see the module's docstring)."""
+        chunks = iter(chunks)
+        try:
+            path = self._write(self.path_for(key, suffix), b"", chunks, max_file_bytes, setting)
+        except DiskFull as exc:
+            if not self._spills:
+                raise
+            if self.full is None:
+                log.error("task data cache: %s is full (%s); files go to a spill folder in %s until it has room",
+                          self.root, exc.strerror, tempfile.gettempdir())
+            self.full = {"error": f"{self.root}: {exc.strerror}", "since": time.time(),
+                         "detail": "Task data is not cached under MODEL_DIR until its disk has room; serving goes on."}
+            spill = self._spill_cache()
+            return spill._write(spill.path_for(key, suffix), exc.written, chunks, max_file_bytes, setting)
+        if self.full is not None:
+            log.info("task data cache: %s has room again", self.root)
+            self.full = None
+        return path
+
+    def _write(self, target: Path, head: bytes, chunks: Iterator[bytes], max_file_bytes: int, setting: str) -> str:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+        except OSError as exc:
+            if exc.errno in FULL:
+                raise DiskFull(exc, head) from exc
+            raise
         size = 0
         try:
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
+            with os.fdopen(fd, "wb", buffering=0) as handle:  # unbuffered: on a full disk, the file holds what was written
+                for chunk in _chained(head, chunks):
                     size += len(chunk)
                     if size > max_file_bytes:
                         raise TooLarge(f"it is larger than {max_file_bytes / (1 << 20):g} MB: raise {setting} to allow it")
-                    handle.write(chunk)
+                    left = memoryview(chunk)
+                    while left:
+                        try:
+                            left = left[handle.write(left) or 0:]
+                        except OSError as exc:
+                            if exc.errno in FULL:
+                                raise DiskFull(exc, _read_back(tmp) + bytes(left)) from exc
+                            raise
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -120,5 +184,28 @@ class DiskCache:
             log.info("task data cache: removed %d least recently used file(s) to stay under %d MB",
                      len(removed), self.max_bytes >> 20)
 
-    def describe(self) -> dict[str, int]:
-        return {"files": len(self._files), "bytes": self._bytes, "max_bytes": self.max_bytes}
+    def close(self) -> None:
+        """Remove the spill folder, if a full disk made one."""
+        if self._spill is not None:
+            shutil.rmtree(self._spill.root, ignore_errors=True)
+
+    def describe(self) -> dict[str, object]:
+        shown: dict[str, object] = {"files": len(self._files), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                                    "writing": self.full is None}
+        if self.full is not None:
+            shown["problem"] = self.full
+        if self._spill is not None:
+            shown["spilled"] = {"folder": str(self._spill.root), **self._spill.describe()}
+        return shown
+
+
+def _chained(head: bytes, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    if head:
+        yield head
+    yield from chunks
+
+
+def _read_back(path: str) -> bytes:
+    """What was written of a file before the disk filled."""
+    with open(path, "rb") as handle:
+        return handle.read()

@@ -315,6 +315,7 @@ class TaskDataFetcher:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.http.close()
+        self.cache.close()
 
     def fetch_tasks(
         self,

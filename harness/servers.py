@@ -186,8 +186,8 @@ class _Server(ThreadingHTTPServer):
 class ThreadedServer:
     """A ThreadingHTTPServer on a free loopback port in a daemon thread."""
 
-    def __init__(self, handler) -> None:
-        self.server = _Server(("127.0.0.1", 0), handler)
+    def __init__(self, handler, port: int = 0) -> None:
+        self.server = _Server(("127.0.0.1", port), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -242,8 +242,8 @@ def trickling(head: bytes, every_s: float) -> Callable[[socket.socket], None]:
     return respond
 
 
-def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -> ThreadedServer:
-    """Serve ``directory``; optionally add ``delay`` per file and record request headers."""
+def file_server(directory: Path, delay: float = 0.0, seen: list | None = None, port: int = 0) -> ThreadedServer:
+    """Serve ``directory`` (on ``port``, or a free one); optionally add ``delay`` per file and record request headers."""
 
     class Handler(_Quiet):
         protocol_version = "HTTP/1.1"  # keep-alive, as Label Studio's and cloud storage's file servers
@@ -259,7 +259,7 @@ def file_server(directory: Path, delay: float = 0.0, seen: list | None = None) -
                 time.sleep(delay)
             super().do_GET()
 
-    return ThreadedServer(Handler)
+    return ThreadedServer(Handler, port)
 
 
 def prefix_proxy(prefix: str, upstream: str) -> ThreadedServer:

@@ -1,0 +1,87 @@
+"""Dependencies down, on a real gunicorn backend: a full disk under MODEL_DIR stops the task data cache,
+not the serving, and /health says why; task data that cannot be fetched fails those tasks alone, and
+the next round predicts them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import requests
+
+from harness.calls import configure, labels
+from harness.servers import file_server
+from tests.support.hooks import IMAGE_CONFIG
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m"):
+    """A tmpfs of ``size`` at ``path``: a disk that can really fill up."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path: Path) -> Path:
+    filler = path / "filler"
+    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    return filler
+
+
+def predict(backend, urls):
+    tasks = [{"id": n, "data": {"image": url}} for n, url in enumerate(urls, 1)]
+    return requests.post(backend.url + "/predict", json={"tasks": tasks, "label_config": IMAGE_CONFIG}, timeout=60)
+
+
+def test_a_full_model_dir_stops_the_cache_not_the_serving(start_backend, images, tmp_path):
+    files = file_server(images["white"].parent)
+    with small_disk(tmp_path / "model_dir") as disk:  # where start_backend puts MODEL_DIR
+        backend = start_backend(FETCH_ALLOW_PRIVATE="127.0.0.1")
+        assert backend.model_dir == disk
+        try:
+            assert configure(backend).status_code == 200
+            first = predict(backend, [f"{files.url}/white.png?n=1"])
+            assert labels(first) == ["light"]
+            filler = fill(disk)
+            served = predict(backend, [f"{files.url}/white.png?n=2", f"{files.url}/black.png?n=2"])
+            assert labels(served) == ["light", "dark"], served.text  # served, with the disk full
+            cache = requests.get(backend.url + "/health", timeout=1).json()["task_data_cache"]
+            assert cache["writing"] is False and "No space left on device" in cache["problem"]["error"], cache
+            assert cache["spilled"]["files"] == 2
+            os.unlink(filler)  # room again: the next file is cached under MODEL_DIR
+            assert labels(predict(backend, [f"{files.url}/black.png?n=3"])) == ["dark"]
+            cache = requests.get(backend.url + "/health", timeout=1).json()["task_data_cache"]
+            assert cache["writing"] is True and "problem" not in cache
+        finally:
+            backend.stop()
+            files.close()
+
+
+def test_task_data_that_cannot_be_fetched_fails_those_tasks_alone_and_the_next_round_predicts_them(start_backend, images):
+    files = file_server(images["white"].parent)
+    backend = start_backend(FETCH_ALLOW_PRIVATE="127.0.0.1", FETCH_TIMEOUT_S="2")
+    assert configure(backend).status_code == 200
+    down = file_server(images["white"].parent)
+    down_url = down.url
+    down.close()  # Label Studio's file server, gone
+    urls = [f"{files.url}/white.png?r=1", f"{down_url}/black.png?r=1"]
+    first = predict(backend, urls)
+    assert first.status_code == 200 and labels(first) == ["light", None]
+    assert [e["task"] for e in first.json()["errors"]] == [2]
+    again = file_server(images["white"].parent, port=int(down_url.rsplit(":", 1)[1]))  # back on the same address
+    try:
+        assert labels(predict(backend, urls)) == ["light", "dark"]  # the failed task is predicted this round
+    finally:
+        again.close()
+        files.close()
