@@ -90,6 +90,6 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
-    services.ticker = Ticker(1.0, [trainer.tick, follower.tick, quality.flush]).start()
+    services.ticker = Ticker(1.0, [runtime.tick, trainer.tick, follower.tick, quality.flush]).start()
     atexit.register(services.close)
     return app

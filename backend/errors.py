@@ -15,6 +15,7 @@ Every failure a client can cause or should know about is one of these::
     ├── PredictionsInvalid          422  predictions that do not fit the task count or labeling config
     ├── HookFailed                  500  a user hook (or the model) raised while predicting
     ├── UpstreamUnavailable         502  the MLflow tracking server (or another upstream) is unreachable
+    │   └── RegistryUnreachable     502  no answer at all (a model downloaded before still loads from disk)
     └── DeadlineExceeded            504  a prediction could not finish within the deadline
 
 Responses are ``{"error": <summary>, "detail": <cause and fix>, "type": <class name>}``, with any
@@ -128,6 +129,10 @@ class UpstreamUnavailable(BackendError):
     """502: the tracking server or another upstream could not be reached."""
 
     status = 502
+
+
+class RegistryUnreachable(UpstreamUnavailable):
+    """502: no answer from the tracking server (not a refusal): a model downloaded before may still load."""
 
 
 class DeadlineExceeded(BackendError):

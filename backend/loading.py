@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -22,11 +23,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BackendError, NotFound, UpstreamUnavailable
+from .errors import BackendError, NotFound, RegistryUnreachable, UpstreamUnavailable
 from .spec import MODELS_URI, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -65,16 +66,20 @@ class LoadedModel:
     local_path: str
     device: str
     load_seconds: float
+    offline: str = ""  # why it was loaded from the copy downloaded before, without the registry
 
     def info(self) -> dict[str, Any]:
         """What the worker needs to know of a model loaded in the model process."""
-        return {
+        shown: dict[str, Any] = {
             "label": self.resolved.label,
             "uri": self.resolved.uri,
             "flavor": self.flavor,
             "device": self.device,
             "load_seconds": self.load_seconds,
         }
+        if self.offline:
+            shown["offline"] = self.offline
+        return shown
 
 
 @contextlib.contextmanager
@@ -179,7 +184,7 @@ def translate_mlflow_error(exc: Exception, spec: ModelSpec) -> BackendError:
         )
     transport = ("Max retries", "Connection", "connect", "timed out", "API request to", "Name or service")
     if any(word in message for word in transport) or type(exc).__module__.startswith(("requests", "urllib3")):
-        return UpstreamUnavailable(f"tracking server {where} is unreachable", f"{message}. Check tracking_uri and the network.")
+        return RegistryUnreachable(f"tracking server {where} is unreachable", f"{message}. Check tracking_uri and the network.")
     return BackendError(f"loading {spec.model_uri!r} failed: {type(exc).__name__}", message)
 
 
@@ -197,15 +202,18 @@ def choose_device(flavor: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(spec: ModelSpec, artifacts_dir: Path) -> LoadedModel:
-    """Resolve, download once into ``artifacts_dir``, load with the chosen loader."""
+def load_model(spec: ModelSpec, artifacts_dir: Path, prefer_local: bool = False) -> LoadedModel:
+    """Resolve, download once into ``artifacts_dir``, load with the chosen loader. With ``prefer_local``
+    (a restore, a restarted model process), what an earlier load of this spec downloaded, if any: the
+    registry is not asked (the follower checks an alias later). When the registry does not answer, that
+    copy too, and ``offline`` says so."""
     started = time.perf_counter()
-    try:
-        with mlflow_scope(spec) as client:
-            resolved = resolve_model_uri(client, spec.model_uri)
-            local_path = _download(resolved, artifacts_dir)
-    except Exception as exc:
-        raise translate_mlflow_error(exc, spec) from exc
+    offline = ""
+    kept = _remembered(spec, artifacts_dir) if prefer_local else None
+    if kept is not None:
+        resolved, local_path = kept
+    else:
+        resolved, local_path, offline = _fetch(spec, artifacts_dir)
     try:
         flavor, native, predict, device = _load_local(local_path, spec.loader)
     except ImportError as exc:
@@ -217,7 +225,48 @@ def load_model(spec: ModelSpec, artifacts_dir: Path) -> LoadedModel:
         raise BackendError(f"loading {resolved.uri!r} failed: {type(exc).__name__}: {exc}", "See the backend's log.") from exc
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.2fs", resolved.uri, flavor, device, seconds)
-    return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds)
+    return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds, offline)
+
+
+def _fetch(spec: ModelSpec, artifacts_dir: Path) -> tuple[ResolvedModel, str, str]:
+    """Resolve through the registry and download (once); the copy of an earlier load if it does not answer."""
+    try:
+        with mlflow_scope(spec) as client:
+            resolved = resolve_model_uri(client, spec.model_uri)
+            local_path = _download(resolved, artifacts_dir)
+    except Exception as exc:
+        error = translate_mlflow_error(exc, spec)
+        kept = _remembered(spec, artifacts_dir) if isinstance(error, RegistryUnreachable) else None
+        if kept is None:
+            raise error from exc
+        offline = f"{error.error}: loaded {kept[0].label} from the copy downloaded on an earlier load"
+        log.warning("%s", offline)
+        return kept[0], kept[1], offline
+    _remember(spec, resolved, local_path, artifacts_dir)
+    return resolved, local_path, ""
+
+
+def _record_path(spec: ModelSpec, artifacts_dir: Path) -> Path:
+    key = f"{spec.tracking_uri}|{spec.registry_uri}|{spec.model_uri}"
+    return artifacts_dir / "resolved" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _remember(spec: ModelSpec, resolved: ResolvedModel, local_path: str, artifacts_dir: Path) -> None:
+    """What this spec resolved to and where its download is: a restart with the registry down loads it."""
+    record = _record_path(spec, artifacts_dir)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"resolved": asdict(resolved), "local_path": local_path}))
+    os.replace(tmp, record)
+
+
+def _remembered(spec: ModelSpec, artifacts_dir: Path) -> tuple[ResolvedModel, str] | None:
+    try:
+        record = json.loads(_record_path(spec, artifacts_dir).read_text())
+        resolved, local_path = ResolvedModel(**record["resolved"]), str(record["local_path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (resolved, local_path) if (Path(local_path) / "MLmodel").is_file() else None
 
 
 def _download(resolved: ResolvedModel, artifacts_dir: Path) -> str:

@@ -5,7 +5,8 @@ One request at a time on a stream socket, each a pickled tuple, each answered::
 
     ("hooks", hooks_id, pre_hook, post_hook, secrets)   -> ("ok", {"pre_hook": source, "post_hook": source,
                                                                 "wants": the keywords the hooks take})
-    ("load", spec, artifacts_dir)                        -> ("ok", model info)
+    ("load", spec, artifacts_dir, prefer_local)          -> ("ok", model info); prefer_local: the copy on disk
+                                                            if this spec was loaded before (restores, restarts)
     ("call", hooks_id, values, tasks, context, label_config)
                                                          -> ("ok", outputs, {stage: seconds})
                                                             (tasks and label_config only if a hook wants them)
@@ -113,14 +114,14 @@ class ModelHost:
         # What the worker need send with each call: the keywords these hooks take.
         return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}  # type: ignore[dict-item]
 
-    def _load(self, spec_dict: dict[str, Any], artifacts_dir: str) -> dict[str, Any]:
+    def _load(self, spec_dict: dict[str, Any], artifacts_dir: str, prefer_local: bool = False) -> dict[str, Any]:
         from .loading import load_model
         from .spec import ModelSpec
 
         spec = ModelSpec.from_dict(spec_dict)
         SECRETS.add(spec.tracking_password, spec.tracking_token, spec.tracking_username)
         self.mark("loading the model")
-        self.loaded = load_model(spec, Path(artifacts_dir))
+        self.loaded = load_model(spec, Path(artifacts_dir), prefer_local)
         return self.loaded.info()
 
     def _resolve(self, spec_dict: dict[str, Any]) -> dict[str, str]:

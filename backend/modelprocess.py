@@ -135,13 +135,14 @@ class ModelProcess:
         finally:
             self._lock.release()
 
-    def load(self, spec: ModelSpec) -> dict[str, Any]:
-        """Load the model in the process (no time limit: a large model may take minutes to download)."""
+    def load(self, spec: ModelSpec, prefer_local: bool = False) -> dict[str, Any]:
+        """Load the model in the process (no time limit: a large model may take minutes to download).
+        ``prefer_local``: what an earlier load of this spec downloaded, without asking the registry."""
         with self._lock:
             self._ensure_running()
             self.state = "loading"
             try:
-                info = self._exchange(("load", spec.to_dict(), str(self.artifacts_dir)), None)[1]
+                info = self._exchange(("load", spec.to_dict(), str(self.artifacts_dir), prefer_local), None)[1]
             finally:
                 if self.state == "loading":
                     self.state = "idle"
@@ -222,7 +223,8 @@ class ModelProcess:
         for hooks_id, (pre, post, secrets) in self._hook_sets.items():
             self._exchange(("hooks", hooks_id, pre, post, list(secrets)), None)
         if self.model_spec is not None:
-            self.info = self._exchange(("load", self.model_spec.to_dict(), str(self.artifacts_dir)), None)[1]
+            # The same model again, from disk: a restart does not depend on the registry being up.
+            self.info = self._exchange(("load", self.model_spec.to_dict(), str(self.artifacts_dir), True), None)[1]
         self.state = "idle"
         log.info("model process %s restarted with the same configuration (restart %d)", self.pid, self.restarts)
 

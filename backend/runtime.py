@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from .batching import DynamicBatcher, Retired
 from .continuation import Continuation
-from .errors import BackendError, NotConfigured
+from .errors import BackendError, NotConfigured, UpstreamUnavailable
 from .modelprocess import ModelProcess
 from .redact import SECRETS
 from .settings import Settings
@@ -34,6 +34,7 @@ from .zygote import Zygote
 log = logging.getLogger(__name__)
 
 HOOK_SWAP_WAIT_S = 1.0  # how long a hooks-only configure waits for a busy process before loading a new one
+RESTORE_MAX_BACKOFF_S = 30.0
 SERVE_ATTEMPTS = 3  # a request whose configuration was retired under it runs again on the new one, this often
 T = TypeVar("T")
 
@@ -92,6 +93,7 @@ class Serving:
             "load_seconds": round(float(self.info.get("load_seconds", 0.0)), 3),
             "configured_at": self.configured_at,
             "model_process": self.process.describe(),
+            **({"loaded_offline": self.info["offline"]} if self.info.get("offline") else {}),
         }
 
 
@@ -107,6 +109,7 @@ class LoadJob:
     finished_at: float | None = None
     error: BackendError | None = None
     superseded: bool = False  # a newer configure replaced it before it was ready: its load was stopped
+    restoring: bool = False  # the stored configuration, loaded at start: tried again while the registry is down
     done: threading.Event = field(default_factory=threading.Event)
     settled: threading.Event = field(default_factory=threading.Event)  # done, or superseded: its caller can answer
 
@@ -155,11 +158,13 @@ class Runtime:
         self._lock = threading.Lock()
         self._stamp: int | None = None
         self._next_poll = 0.0
+        self._restore_at: float | None = None  # when to try the stored configuration again
+        self._restore_failures = 0
         self.started_at = time.time()
 
     # -- configure -----------------------------------------------------------------------------
 
-    def configure(self, spec: ModelSpec) -> LoadJob | None:
+    def configure(self, spec: ModelSpec, restoring: bool = False) -> LoadJob | None:
         """Apply a spec. Returns None when it took effect at once, else the job loading it."""
         SECRETS.add(*spec.secrets())
         with self._lock:
@@ -172,7 +177,7 @@ class Runtime:
             return None
         with self._lock:
             previous = self.job
-            job = LoadJob(spec, next(self._seq), self._new_process())
+            job = LoadJob(spec, next(self._seq), self._new_process(), restoring=restoring)
             self.job = job
             # A newer configure wins: a load still under way need not finish. One that already swapped in
             # (its job not yet marked done) is serving now, and keeps serving until this one is ready.
@@ -221,7 +226,7 @@ class Runtime:
         try:
             sources = process.set_hooks(job.spec.digest, job.spec.pre_hook, job.spec.post_hook, job.spec.secrets())
             assert sources is not None
-            info = process.load(job.spec)
+            info = process.load(job.spec, prefer_local=job.restoring)
             batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)
             with self._lock:
                 if job.seq > self._swapped_seq and not job.superseded:
@@ -242,6 +247,10 @@ class Runtime:
             if job.error is not None:
                 self.last_error = {**job.error.to_dict(), "at": time.time(), "model_uri": job.spec.model_uri}
                 log.error("configure of %s failed: %s", job.spec.model_uri, job.error.error)
+                if job.restoring and isinstance(job.error, UpstreamUnavailable):
+                    self._restore_later()
+            elif job.restoring:
+                self._restore_failures = 0
             job.finish()
 
     def _swap(self, spec: ModelSpec, info: dict[str, Any], sources: dict[str, str], process: ModelProcess,
@@ -297,10 +306,26 @@ class Runtime:
             return None
         log.info("restoring configuration of %s from %s", spec.model_uri, self.store.configuration.path)
         try:
-            return self.configure(spec)
+            return self.configure(spec, restoring=True)
         except BackendError as exc:
             self.last_error = {**exc.to_dict(), "at": time.time(), "model_uri": spec.model_uri}
             return None
+
+    def _restore_later(self) -> None:
+        self._restore_failures += 1
+        delay = min(RESTORE_MAX_BACKOFF_S, 2.0 ** self._restore_failures)
+        self._restore_at = time.monotonic() + delay
+        if self.last_error is not None:
+            self.last_error["retry_in_s"] = delay
+        log.warning("the stored configuration could not be loaded (its registry is unreachable): trying again in %g s", delay)
+
+    def tick(self) -> None:
+        """The app's ticker: a stored configuration whose registry was down at start is tried again."""
+        due = self._restore_at
+        if due is None or time.monotonic() < due or self.active is not None or self.loading:
+            return
+        self._restore_at = None
+        self.restore()
 
     def follow_store(self) -> None:
         """Pick up a configuration another worker saved; a stat at most every STORE_POLL_S."""

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bigproject, bodies, churn, orchestrator_ready, ray_failover, serving
+from . import bigproject, bodies, churn, orchestrator_ready, ray_failover, serving, soak
 from .common import Table
 
 SECTIONS = {
@@ -24,11 +24,13 @@ SECTIONS = {
     "big": bigproject.run,
     "orchestrator": orchestrator_ready.run,
     "ray": ray_failover.run,
+    "soak": soak.run,
 }
 
 
 def main(argv: list[str]) -> int:
-    chosen = argv or [name for name in SECTIONS if name != "handoff"]  # serving runs the hand-off rows too
+    # serving runs the hand-off rows too; the soak (10 minutes) runs when asked for
+    chosen = argv or [name for name in SECTIONS if name not in ("handoff", "soak")]
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         print(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)

@@ -1,11 +1,13 @@
-"""Dependencies down, on a real gunicorn backend: a full disk under MODEL_DIR stops the task data cache,
-not the serving, and /health says why; task data that cannot be fetched fails those tasks alone, and
-the next round predicts them."""
+"""Dependencies down, on a real gunicorn backend: the registry's ``mlflow server`` gone (the loaded model
+serves on, the follower backs off and says so, a restart loads what was downloaded before); a full disk
+under MODEL_DIR stops the task data cache, not the serving, and /health says why; task data that cannot
+be fetched fails those tasks alone, and the next round predicts them."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -13,8 +15,39 @@ import pytest
 import requests
 
 from harness.calls import configure, labels
-from harness.servers import file_server
-from tests.support.hooks import IMAGE_CONFIG
+from harness.servers import MlflowServer, file_server, register_trainable, wait_until
+from lsmlflow.pickling import encode_hook
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG, sentiment_post
+
+
+def test_the_registry_down_stops_nothing_that_was_loaded(start_backend, tmp_path):
+    (tmp_path / "mlflow").mkdir()
+    registry = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        register_trainable(registry.url, "followed")
+        backend = start_backend(ALIAS_POLL_S="1")
+        body = {"model_uri": "models:/followed@champion", "tracking_uri": registry.url,
+                "post_hook": encode_hook(sentiment_post)}
+        assert requests.post(backend.url + "/configure", json=body, timeout=120).status_code == 200
+
+        def sentiment() -> tuple[str, str]:
+            answer = requests.post(backend.url + "/predict", timeout=30, json={
+                "tasks": [{"id": 1, "data": {"text": "great good"}}], "label_config": TEXT_CONFIG}).json()
+            return answer["results"][0]["result"][0]["value"]["choices"][0], answer["model_version"]
+
+        served = sentiment()
+        registry.stop(signal.SIGKILL)
+        assert sentiment() == served  # the loaded model serves on
+        wait_until(lambda: "cannot be checked" in requests.get(backend.url + "/health", timeout=1).json()
+                   ["registry"].get("problem", ""), 60, "the follower to say the registry is down")
+        problem = requests.get(backend.url + "/health", timeout=1).json()["registry"]["problem"]
+        assert "unreachable" in problem and "asking again in" in problem
+        backend.stop()
+        backend.start()  # with the registry still down: what was downloaded before serves
+        wait_until(lambda: requests.get(backend.url + "/health", timeout=1).json()["configured"], 60, "restored")
+        assert sentiment() == served
+    finally:
+        registry.stop()
 
 
 @contextlib.contextmanager

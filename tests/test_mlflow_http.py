@@ -46,7 +46,7 @@ def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images,
     assert response.status_code == 502
     assert "unreachable" in response.json()["error"]
     assert predict_labels(backend, images, "white") == (["light"], "brightness:1")
-    assert requests.get(backend.url + "/health", timeout=1).json()["last_error"]["type"] == "UpstreamUnavailable"
+    assert requests.get(backend.url + "/health", timeout=1).json()["last_error"]["type"] == "RegistryUnreachable"
 
 
 def test_real_dagshub_client_configures_the_backend(start_backend, images, dagshub_host, monkeypatch, capsys):

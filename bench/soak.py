@@ -1,0 +1,321 @@
+"""``python -m bench soak``: Label Studio-shaped rounds against the orchestrator while a chaos thread kills
+its parts, and the registry's ``mlflow server`` goes away for a while. Bounded: ``SOAK_S`` seconds
+(600 by default); ``tests/test_soak.py`` runs a short one in CI.
+
+- Eight clients, each labeling projects of text tasks as Label Studio does: ``/health``, ``/setup``,
+  then one ``/predict`` with every task that has no prediction yet; answered tasks are kept, pending
+  ones are sent again next round, and a round that fails (a part was just killed) is pressed again.
+- Every 20-40 s (scaled with the duration) one of: a backend's worker, a model process, a zygote, the
+  template, a backend's master, or the orchestrator itself (started again at once), killed outright.
+- Once, the registry's ``mlflow server`` is stopped for 30 s (scaled) and started again on its port;
+  one backend follows ``models:/<name>/latest``, so its follower polls the registry all the while.
+- ``/health`` of the orchestrator is sampled twice a second.
+
+At the end: every task predicted exactly once with the right label, no wrong answer, the processes and
+PSS of the start (no orphans, no growth), and the ``/health`` samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from harness.servers import ROOT, MlflowServer, OrchestratorProcess, base_env, wait_until
+
+from . import models
+from .common import Row, Table, pss_mib
+
+SOAK_S = 600.0
+CLIENTS = 8
+TASKS_PER_PROJECT = 120
+MODELS = ("models:/per_item_1ms/latest", "models:/free/1")
+FINISH_S = 120.0  # after the time is up, how long clients may take to finish their projects
+KILLABLE = ("worker", "model process", "zygote", "template", "backend master", "orchestrator")
+
+
+def say(message: str) -> None:
+    print(f"  soak {time.strftime('%H:%M:%S')}: {message}", file=sys.stderr, flush=True)
+
+
+def expected(text: str) -> str:
+    return "long" if len(text) > 8 else "short"
+
+
+@dataclass
+class Figures:
+    """What the run saw; every count is read at the end."""
+
+    tasks: Counter = field(default_factory=Counter)  # predictions received per task id
+    wrong: list = field(default_factory=list)
+    rounds: Counter = field(default_factory=Counter)  # by outcome
+    kills: Counter = field(default_factory=Counter)
+    health: list = field(default_factory=list)  # (seconds or None, during an orchestrator restart)
+    projects: int = 0
+    unfinished: int = 0  # tasks of projects not finished within FINISH_S after the end
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def our_processes(marker: str) -> dict[int, str]:
+    """pid -> name of every process started for this soak (their environment carries ``marker``)."""
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker.encode() in environ.read_bytes():
+                pid = int(environ.parent.name)
+                found[pid] = (environ.parent / "comm").read_text().strip()
+        except OSError:
+            continue
+    found.pop(os.getpid(), None)
+    return found
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def victims(marker: str, orchestrator_pid: int) -> dict[str, list[int]]:
+    """Our processes by the role the chaos thread knows them by."""
+    procs = our_processes(marker)
+    roles: dict[str, list[int]] = {role: [] for role in KILLABLE}
+    for pid, name in procs.items():
+        if pid == orchestrator_pid:
+            roles["orchestrator"].append(pid)
+        elif name == "lsb-backend":
+            roles["worker" if procs.get(_parent(pid)) == "lsb-backend" else "backend master"].append(pid)
+        elif name == "lsb-model":
+            roles["model process"].append(pid)
+        elif name == "lsb-zygote":
+            roles["zygote"].append(pid)
+        elif name == "lsb-template":
+            roles["template"].append(pid)
+    return roles
+
+
+class Soak:
+    def __init__(self, workdir: Path, seconds: float, clients: int = CLIENTS) -> None:
+        self.workdir, self.seconds, self.clients = workdir, seconds, clients
+        self.scale = max(0.1, seconds / SOAK_S)
+        self.marker = f"LSB_SOAK={workdir}"
+        self.figures = Figures()
+        self.stop = threading.Event()
+        self.orchestrator_down = threading.Event()
+        self.mlflow = MlflowServer(workdir / "mlflow")
+        self.orchestrator: OrchestratorProcess | None = None
+
+    # -- setting up -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        (self.workdir / "mlflow").mkdir()
+        self.mlflow.env = {**self.mlflow.env, "LSB_SOAK": str(self.workdir)}
+        self.mlflow.start()
+        subprocess.run([sys.executable, "-m", "bench.models", self.mlflow.url], cwd=ROOT, env=base_env(), check=True,
+                       capture_output=True)
+        env = {"MLFLOW_TRACKING_URI": self.mlflow.url, "LSB_SOAK": str(self.workdir), "ALIAS_POLL_S": "2",
+               "PREDICT_TIMEOUT_S": "20", "SUPERVISE_EVERY_S": "0.5", "WARM_SPARES": "0"}
+        self.orchestrator = OrchestratorProcess(self.workdir / "state", env).start()
+        for uri in MODELS:
+            body = {"model_uri": uri, "pre_hook": _hook(models.pre_hook), "post_hook": _hook(models.post_hook)}
+            answer = requests.post(self.orchestrator.url + "/configure", json=body, timeout=180)
+            assert answer.status_code == 200, answer.text
+
+    def close(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.remove_all()
+            self.orchestrator.stop()
+            self.orchestrator.kill_leftovers()
+        self.mlflow.stop()
+
+    # -- the clients ------------------------------------------------------------------------------
+
+    def client(self, number: int, until: float) -> None:
+        """Projects, one after another, each labeled to the end (its last one finished after ``until``,
+        within ``FINISH_S``)."""
+        assert self.orchestrator is not None
+        session = requests.Session()
+        give_up = until + FINISH_S
+        for project in itertools.count(1):
+            if time.monotonic() > until:
+                return
+            model = number % len(MODELS)
+            base = (number * 1000 + project) * 10_000
+            tasks = [{"id": base + i, "data": {"text": f"p{base} t{i} " + "x" * (i % 7)}} for i in range(TASKS_PER_PROJECT)]
+            predicted: set[int] = set()
+            while len(predicted) < len(tasks) and time.monotonic() < give_up:
+                remaining = [t for t in tasks if t["id"] not in predicted]
+                outcome = self.round(session, model, remaining, predicted)
+                with self.figures.lock:
+                    self.figures.rounds[outcome] += 1
+                if outcome != "complete" and outcome != "partial":
+                    say(f"client {number}: round {outcome}; pressing again")
+                    self.stop.wait(0.5)  # Label Studio's user presses again after a moment
+            with self.figures.lock:
+                self.figures.projects += 1 if len(predicted) == len(tasks) else 0
+                self.figures.unfinished += len(tasks) - len(predicted)
+
+    def round(self, session: requests.Session, model: int, tasks: list[dict], predicted: set[int]) -> str:
+        assert self.orchestrator is not None
+        base = f"{self.orchestrator.url}/models/{self.backend_ids[model]}"
+        try:
+            session.get(base + "/health", timeout=1)
+            session.post(base + "/setup", json={"project": "1.1", "schema": models.TEXT_CONFIG}, timeout=3)
+            answer = session.post(base + "/predict", json={"tasks": tasks, "label_config": models.TEXT_CONFIG,
+                                                           "project": "1.1", "params": {}}, timeout=100)
+        except requests.RequestException as exc:
+            return type(exc).__name__
+        if not answer.ok:
+            return str(answer.status_code)
+        results = answer.json()["results"]
+        if len(results) != len(tasks):
+            return "misaligned"
+        for task, prediction in zip(tasks, results):
+            if not prediction:
+                continue  # pending: next round
+            label = prediction["result"][0]["value"]["choices"][0]
+            with self.figures.lock:
+                self.figures.tasks[task["id"]] += 1
+                if label != expected(task["data"]["text"]):
+                    self.figures.wrong.append((task["id"], label))
+            predicted.add(task["id"])
+        return "complete" if len(predicted) and all(results) else "partial"
+
+    # -- chaos and samples ------------------------------------------------------------------------
+
+    def chaos(self, until: float) -> None:
+        assert self.orchestrator is not None
+        rng = random.Random(7)
+        roles = list(KILLABLE)
+        registry_down_at = time.monotonic() + self.seconds * 0.4
+        registry_done = False
+        while not self.stop.wait(rng.uniform(20, 40) * self.scale) and time.monotonic() < until:
+            if not registry_done and time.monotonic() >= registry_down_at:
+                registry_done = True
+                say("stopping the registry's mlflow server")
+                self.mlflow.stop(signal.SIGKILL)
+                with self.figures.lock:
+                    self.figures.kills["mlflow server (stopped a while)"] += 1
+                self.stop.wait(30 * self.scale)
+                self.mlflow.start()
+                say("the registry's mlflow server is back")
+                continue
+            role = roles[len(self.figures.kills) % len(roles)]
+            say(f"killing the {role}")
+            if role == "orchestrator":
+                self.orchestrator_down.set()
+                self.orchestrator.stop(signal.SIGKILL)
+                self.orchestrator.start()
+                self.orchestrator_down.clear()
+            else:
+                pids = victims(self.marker, self.orchestrator.proc.pid if self.orchestrator.proc else 0)[role]
+                if not pids:
+                    continue
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            with self.figures.lock:
+                self.figures.kills[role] += 1
+
+    def sample_health(self) -> None:
+        assert self.orchestrator is not None
+        while not self.stop.wait(0.5):
+            down = self.orchestrator_down.is_set()
+            started = time.perf_counter()
+            try:
+                ok = requests.get(self.orchestrator.url + "/health", timeout=1).ok
+            except requests.RequestException:
+                ok = False
+            seconds = time.perf_counter() - started
+            self.figures.health.append((seconds if ok else None, down or self.orchestrator_down.is_set()))
+
+    # -- the whole run ----------------------------------------------------------------------------
+
+    def settle(self) -> tuple[dict[str, int], float]:
+        """Once every backend answers: our processes by name, and their PSS."""
+        assert self.orchestrator is not None
+        orchestrator = self.orchestrator
+
+        def ready() -> bool:
+            listed = requests.get(orchestrator.url + "/backends", timeout=5).json()["backends"]
+            return len(listed) == len(MODELS) and all(b["state"] == "ready" for b in listed)
+
+        wait_until(ready, 120, "every backend ready")
+        for backend_id in self.backend_ids:  # a round each: the model processes are up
+            requests.post(f"{orchestrator.url}/models/{backend_id}/predict", timeout=60, json={
+                "tasks": [{"id": 1, "data": {"text": "settle"}}], "label_config": models.TEXT_CONFIG})
+        procs = our_processes(self.marker)
+        return dict(Counter(procs.values())), pss_mib(list(procs))
+
+    def run(self) -> dict:
+        self.start()
+        assert self.orchestrator is not None
+        listed = requests.get(self.orchestrator.url + "/backends", timeout=5).json()["backends"]
+        by_uri = {b["model"]["model_uri"]: b["id"] for b in listed}
+        self.backend_ids = [by_uri[uri] for uri in MODELS]
+        before, pss_before = self.settle()
+        say(f"started: {before}, {pss_before:.0f} MiB PSS; {self.clients} clients for {self.seconds:g} s")
+        until = time.monotonic() + self.seconds
+        threads = [threading.Thread(target=self.client, args=(n, until), name=f"client-{n}") for n in range(self.clients)]
+        chaos = threading.Thread(target=self.chaos, args=(until,), name="chaos")
+        sampler = threading.Thread(target=self.sample_health, name="health")
+        for thread in [*threads, chaos, sampler]:
+            thread.start()
+        chaos.join()
+        for thread in threads:
+            thread.join(timeout=self.seconds + 300)
+        self.stop.set()
+        sampler.join()
+        say("clients done; settling")
+        after, pss_after = self.settle()
+        f = self.figures
+        healthy = [s for s, down in f.health if s is not None]
+        return {
+            "seconds": self.seconds, "projects": f.projects, "tasks": len(f.tasks),
+            "predicted_twice": sum(1 for n in f.tasks.values() if n > 1), "wrong": len(f.wrong),
+            "rounds": dict(f.rounds), "kills": dict(f.kills),
+            "health_samples": len(f.health), "health_max_s": max(healthy, default=0.0),
+            "health_failed": sum(1 for s, down in f.health if s is None and not down),
+            "health_failed_while_orchestrator_restarted": sum(1 for s, down in f.health if s is None and down),
+            "processes_before": before, "processes_after": after,
+            "pss_mib_before": round(pss_before, 1), "pss_mib_after": round(pss_after, 1),
+            "clients_unfinished": sum(1 for t in threads if t.is_alive()), "tasks_unfinished": f.unfinished,
+        }
+
+
+def _hook(function) -> str:
+    from lsmlflow.pickling import encode_hook
+
+    return encode_hook(function)
+
+
+def soak(workdir: Path, seconds: float, clients: int = CLIENTS) -> dict:
+    runner = Soak(workdir, seconds, clients)
+    try:
+        return runner.run()
+    finally:
+        runner.stop.set()
+        runner.close()
+
+
+def run(table: Table, workdir: Path) -> None:
+    seconds = float(os.environ.get("SOAK_S") or SOAK_S)
+    figures = soak(workdir, seconds)
+    print(figures, flush=True)
+    table.add(Row("soak", f"tasks predicted in {seconds:g} s under chaos, each exactly once, the right label",
+                  figures["tasks"] - figures["predicted_twice"] - figures["wrong"], figures["tasks"], "tasks",
+                  "tasks predicted at all", higher_is_better=True, target="all of them"))
+    table.add(Row("soak", "PSS of everything started, after the soak vs before", figures["pss_mib_after"],
+                  figures["pss_mib_before"], "MiB", "before", target="no growth"))
+    table.add(Row("soak", "slowest /health of the orchestrator (samples every 0.5 s)", figures["health_max_s"], 1.0, "s",
+                  "Label Studio's 1 s limit", target="under 1 s"))
+    table.notes.append(f"soak: {figures}")
