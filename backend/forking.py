@@ -309,7 +309,7 @@ class ForkServer:
             if self.listener is not None:
                 watched.append(self.listener)
             ready, _, _ = select.select(watched, [], [], 1.0)
-            if not still_wanted():
+            if self.listener not in ready and not still_wanted():  # a connection waiting is asked first
                 return
             if self.wake[0] in ready:
                 os.read(self.wake[0], 4096)

@@ -200,6 +200,7 @@ class Soak:
         roles = list(KILLABLE)
         registry_down_at = time.monotonic() + self.seconds * 0.4
         registry_done = False
+        turn = 0
         while not self.stop.wait(rng.uniform(20, 40) * self.scale) and time.monotonic() < until:
             if not registry_done and time.monotonic() >= registry_down_at:
                 registry_done = True
@@ -211,7 +212,7 @@ class Soak:
                 self.mlflow.start()
                 say("the registry's mlflow server is back")
                 continue
-            role = roles[len(self.figures.kills) % len(roles)]
+            role, turn = roles[turn % len(roles)], turn + 1
             say(f"killing the {role}")
             if role == "orchestrator":
                 self.orchestrator_down.set()
@@ -283,7 +284,8 @@ class Soak:
             "seconds": self.seconds, "projects": f.projects, "tasks": len(f.tasks),
             "predicted_twice": sum(1 for n in f.tasks.values() if n > 1), "wrong": len(f.wrong),
             "rounds": dict(f.rounds), "kills": dict(f.kills),
-            "health_samples": len(f.health), "health_max_s": max(healthy, default=0.0),
+            "health_samples": len(f.health), "health_max_s": round(max(healthy, default=0.0), 3),
+            "health_over_1s": sum(1 for s in healthy if s > 1.0),
             "health_failed": sum(1 for s, down in f.health if s is None and not down),
             "health_failed_while_orchestrator_restarted": sum(1 for s, down in f.health if s is None and down),
             "processes_before": before, "processes_after": after,
