@@ -129,6 +129,16 @@ def oversized(buffer: bytes | bytearray, max_body: int) -> int | None:
     return wanted if wanted > max_body else None
 
 
+def _receive(sock: socket.socket) -> bytes | None:
+    """What a readable socket has (b"" when the client went away; None when nothing after all)."""
+    try:
+        return sock.recv(1 << 18)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def error_response(status: str, error: str, detail: str, kind: str) -> bytes:
     """A whole HTTP answer, JSON as the app's own errors, that closes the connection."""
     body = json.dumps({"error": error, "detail": detail, "type": kind}).encode()
@@ -214,12 +224,9 @@ class GuardedThreadWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
     def _on_readable(self, conn: TConn, sock: Any) -> None:
-        try:
-            data = sock.recv(1 << 18)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away
             self._stop_reading(conn)
             self._close(conn)
@@ -236,12 +243,15 @@ class GuardedThreadWorker(ThreadWorker):
             fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
     def _stop_reading(self, conn: TConn) -> None:
+        self._unwatch(conn, self.reading)
+
+    def _unwatch(self, conn: TConn, held: deque[TConn]) -> None:
         try:
             self.poller.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
         try:
-            self.reading.remove(conn)
+            held.remove(conn)
         except ValueError:
             pass
 
@@ -272,25 +282,15 @@ class GuardedThreadWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering, conn))
 
     def _on_lingering(self, conn: TConn, sock: Any) -> None:
-        try:
-            data = sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.lingered += len(data)
         if not data or conn.lingered > LINGER_MAX_BYTES:
             self._end_lingering(conn)
 
     def _end_lingering(self, conn: TConn) -> None:
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
-            self.lingering.remove(conn)
-        except ValueError:
-            pass
+        self._unwatch(conn, self.lingering)
         self._close(conn)
 
     def murder_pending(self) -> None:
