@@ -49,3 +49,33 @@ def end_with(identity: str, every_s: float = 0.5) -> threading.Thread:
     thread = threading.Thread(target=watch, name="owner-watch", daemon=True)
     thread.start()
     return thread
+
+
+def listening_pid(port: int) -> int | None:
+    """The process that listens on loopback TCP ``port`` and whose parent does not (a gunicorn master, not its
+    workers, which share the socket); None when there is none we can see."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                holders.add(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    for pid in holders:
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent not in holders:
+            return pid
+    return None

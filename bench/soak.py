@@ -111,6 +111,7 @@ class Soak:
         self.scale = max(0.1, seconds / SOAK_S)
         self.marker = f"LSB_SOAK={workdir}"
         self.figures = Figures()
+        self.project_ids = itertools.count(1)
         self.stop = threading.Event()
         self.orchestrator_down = threading.Event()
         self.mlflow = MlflowServer(workdir / "mlflow")
@@ -151,7 +152,7 @@ class Soak:
             if time.monotonic() > until:
                 return
             model = number % len(MODELS)
-            base = (number * 1000 + project) * 10_000
+            base = next(self.project_ids) * 10_000  # task ids unique across clients and projects
             tasks = [{"id": base + i, "data": {"text": f"p{base} t{i} " + "x" * (i % 7)}} for i in range(TASKS_PER_PROJECT)]
             predicted: set[int] = set()
             while len(predicted) < len(tasks) and time.monotonic() < give_up:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import requests
 
 from backend.errors import BackendError, Conflict, DeadlineExceeded, NotFound, UpstreamUnavailable
+from backend.lifetime import listening_pid, start_time
 from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
 
 from .drivers import BackendDriver, free_port, port_is_free
@@ -179,12 +180,29 @@ class BackendManager:
     def start(self, record: BackendRecord) -> None:
         """Start (or restart) the backend; it restores its configuration from its MODEL_DIR itself."""
         if record.driver == "process" and not port_is_free(record.port):
+            adopted = self._adoptable(record)
+            if adopted:  # an earlier process of this orchestrator started it, and died before saying so
+                log.warning("backend %s: adopting the backend already serving its port %d (%s)", record.id, record.port, adopted)
+                record.handle = adopted
+                record.state, record.started_at = "starting", time.time()
+                self.registry.put(record)
+                return
             record.port = free_port()  # someone took the port while it was down
         Path(record.model_dir).mkdir(parents=True, exist_ok=True)
         record.handle = self.driver.start(record)
         record.state = "starting"
         record.started_at = time.time()
         self.registry.put(record)
+
+    def _adoptable(self, record: BackendRecord) -> str:
+        """``pid:starttime`` of the process on the record's port if it is this backend: it takes the record's
+        own configure token, which only this orchestrator gave out; '' otherwise."""
+        try:
+            answer = self.http.get(f"{record.url}/configure", headers={"Authorization": f"Bearer {record.token}"}, timeout=2)
+        except requests.RequestException:
+            return ""
+        pid = listening_pid(record.port) if answer.status_code == 200 and record.token else None
+        return f"{pid}:{start_time(pid)}" if pid else ""
 
     def healthy(self, record: BackendRecord, timeout: float = 1.0) -> bool:
         """It answers /health; a spare must also have finished its warm imports."""

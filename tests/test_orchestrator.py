@@ -263,3 +263,31 @@ def _children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(stat.parent.name))
     return found
+
+
+def test_a_backend_started_by_an_orchestrator_that_died_before_recording_it_is_adopted_not_doubled(
+        start_orchestrator, images):
+    """The orchestrator restarts a backend and is killed before it writes the new handle down: the next
+    orchestrator finds the port taken by that very backend (it takes the record's token) and adopts it,
+    rather than starting a second one on another port and leaving the first to run for ever."""
+    import json
+    import sqlite3
+    from contextlib import closing
+
+    orchestrator = start_orchestrator(ORCHESTRATOR_ON_EXIT="keep")
+    status, made = configure(orchestrator, model_uri="models:/brightness/1")
+    assert status == 200
+    before = orchestrator.backends()[made["id"]]
+    orchestrator.stop(signal.SIGKILL)
+    with closing(sqlite3.connect(orchestrator.state_dir / "registry.db")) as db, db:
+        (raw,) = db.execute("SELECT record FROM backends WHERE id = ?", (made["id"],)).fetchone()
+        record = json.loads(raw)
+        record.update(handle="4194303:1", state="restarting", retry_at=0)  # what it knew before that start
+        db.execute("UPDATE backends SET record = ? WHERE id = ?", (json.dumps(record), made["id"]))
+    orchestrator.start()
+    wait_until(lambda: orchestrator.backends()[made["id"]]["state"] == "ready", 60, "the backend adopted")
+    after = orchestrator.backends()[made["id"]]
+    assert after["port"] == before["port"] and after["handle"] == before["handle"], (before, after)
+    assert predict(made["label_studio_url"], images, "white") == (["light"], "brightness:1")
+    orchestrator.remove_all()
+    assert port_is_free(before["port"])  # nothing left serving it
