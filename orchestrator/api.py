@@ -10,7 +10,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from backend.auth import require_basic_auth, require_configure_rights, require_training_rights
-from backend.errors import BadRequest, NotConfigured, NotFound
+from backend.errors import BadRequest, DeadlineExceeded, NotConfigured, NotFound, UpstreamUnavailable
 from backend.hookcodec import RUNTIME
 
 from .manager import BackendManager
@@ -21,6 +21,7 @@ from .supervisor import Supervisor
 
 api = Blueprint("orchestrator", __name__)
 
+HEALTH_TIMEOUT_S = 0.8  # inside Label Studio's 1 s for /health
 # Label Studio's calls at the root, sent to the most recently configured backend.
 LABEL_STUDIO_ROUTES = (
     "setup",
@@ -133,6 +134,8 @@ def _forward(record: BackendRecord, path: str) -> Response:
     carry the backend's own token, which only the orchestrator knows."""
     o = orchestrator()
     route = path.strip("/")
+    if route in ("", "health") and request.method == "GET":
+        return _backend_health(record)
     if route in CONFIGURE_RIGHTS_ROUTES or route in TRAINING_ROUTES:
         if route in TRAINING_ROUTES:
             require_training_rights(request, o.settings, route)
@@ -140,6 +143,17 @@ def _forward(record: BackendRecord, path: str) -> Response:
             require_configure_rights(request, o.settings, route)
         return o.proxy.forward(record, path, request, authorization=f"Bearer {record.token}" if record.token else None)
     return o.proxy.forward(record, path, request)
+
+
+def _backend_health(record: BackendRecord) -> Response:
+    """Label Studio's health check of one backend (1 s): its own answer, or, while it restarts, the
+    orchestrator's, UP and not configured, so that Label Studio does not mark the model as failed."""
+    o = orchestrator()
+    try:
+        return o.proxy.forward(record, "health", request, timeout_s=HEALTH_TIMEOUT_S)
+    except (UpstreamUnavailable, DeadlineExceeded) as exc:
+        return jsonify({"status": "UP", "model_class": "orchestrator", "configured": False, "backend": record.id,
+                        "backend_state": record.state, "detail": exc.error})
 
 
 def _newest() -> BackendRecord:
@@ -161,7 +175,7 @@ def root_health():
         if orchestrator().manager.driver.name == "process":  # its backends run this Python
             body["runtime"] = RUNTIME
         return jsonify(body)
-    return orchestrator().proxy.forward(record, "health", request)
+    return _backend_health(record)
 
 
 @api.route(f"/<any({', '.join(LABEL_STUDIO_ROUTES)}):route>", methods=["GET", "POST"])

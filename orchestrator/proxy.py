@@ -59,7 +59,7 @@ class Proxy:
                 headers=headers,
                 data=request.get_data(cache=False) or None,
                 stream=True,
-                timeout=(2.0, timeout_s),
+                timeout=(min(2.0, timeout_s), timeout_s),
                 allow_redirects=False,
             )
         except requests.Timeout as exc:

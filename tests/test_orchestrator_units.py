@@ -81,6 +81,19 @@ def test_basic_auth_guards_routes_but_not_label_studios_webhook(tmp_path):
     assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 503  # not 401: no backend yet
 
 
+def test_a_backend_that_does_not_answer_is_up_and_unconfigured_to_label_studios_health_check(tmp_path):
+    """Label Studio marks a model failed when /health errs (1 s): while a backend restarts, the orchestrator
+    answers for it, UP and not configured, and says why."""
+    client = make_client(tmp_path)
+    Registry(tmp_path / "state" / "registry.db").put(record(driver="process", state="restarting"))
+    for path in ("/models/abc123/health", "/models/abc123/"):
+        answer = client.get(path)
+        assert answer.status_code == 200, answer.json
+        assert answer.json["status"] == "UP" and answer.json["configured"] is False
+        assert answer.json["backend_state"] == "restarting" and "not answering" in answer.json["detail"]
+    assert client.post("/models/abc123/predict", json={}).status_code == 502  # the rest still says what it is
+
+
 def test_routes_that_start_trainings_or_name_a_load_need_the_orchestrators_credentials(tmp_path):
     client = make_client(tmp_path, basic_auth_user="ls", basic_auth_pass="pw", webhook_secret="hook-secret-123")
     Registry(tmp_path / "state" / "registry.db").put(record(driver="process"))
