@@ -21,7 +21,7 @@ from .answers import predictions_answer
 from .antenna.pipeline import define_pipeline
 from .auth import require_basic_auth, require_configure_rights, require_training_rights
 from .bodies import json_body
-from .continuation import PredictionCache
+from .continuation import Predictions
 from .errors import BackendError, BadRequest, NotFound
 from .follower import RegistryFollower
 from .hookcodec import RUNTIME
@@ -38,7 +38,7 @@ from .taskdata import TaskDataFetcher, dagshub_access
 from .ticker import Ticker
 from .training.trainer import Trainer
 from .validation import data_objects
-from .webhooks import WebhookLog
+from .webhooks import WebhookRecorder
 from .zygote import Zygote
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ class Services:
     metrics: BackendMetrics
     runtime: Runtime
     fetcher: TaskDataFetcher
-    cache: PredictionCache
-    webhooks: WebhookLog
+    cache: Predictions
+    webhooks: WebhookRecorder
     zygote: Zygote
     owns_zygote: bool = True
     quality: QualityLedger | None = None
@@ -229,7 +229,7 @@ def predict():
     context = params.get("context")
 
     def run(serving: Any) -> tuple[Any, Outcome]:
-        recalled = recall(serving, s.cache, tasks, label_config, context)  # what earlier rounds left
+        recalled = recall(serving, s.cache, tasks, label_config, deadline, context)  # what earlier rounds left
         inputs = s.fetcher.start_tasks(tasks, objects, s.label_studio_access(), dagshub_access(serving.spec),
                                        skip=recalled.known if recalled else frozenset())
         outcome = predict_tasks(serving, tasks, inputs, label_config=label_config, deadline=deadline,

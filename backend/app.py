@@ -12,7 +12,7 @@ from .answers import PlainValuesJSONProvider
 from .antenna.routes import antenna
 from .api import Services, api
 from .batching import DynamicBatcher
-from .continuation import Continuation, PredictionCache
+from .continuation import Continuation, PredictionCache, Predictions
 from .errors import register_error_handlers
 from .follower import RegistryFollower
 from .labelstudio import LabelStudioAuth
@@ -22,12 +22,14 @@ from .quality import QualityLedger
 from .redact import SECRETS, install_log_redaction
 from .runtime import Runtime, Serving
 from .settings import Settings
+from .shared import FILE_NAME, SCHEMA, SharedPredictions, SharedWebhookLog
+from .sqlitedb import SharedDb
 from .store import ConfigurationStore
 from .taskdata import TaskDataFetcher, fetch_limits
 from .ticker import Ticker
 from .training.records import TrainingRecords
 from .training.trainer import Trainer
-from .webhooks import WebhookLog
+from .webhooks import WebhookLog, WebhookRecorder
 from .zygote import Zygote
 
 
@@ -46,7 +48,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     metrics = BackendMetrics()
     store = ConfigurationStore(settings.model_dir)
-    cache = PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s)
+    cache, webhooks = _worker_state(settings)
     owns_zygote = zygote is None
     zygote = zygote or Zygote(settings.warm_imports, template=settings.template).start()
 
@@ -77,7 +79,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
             label_studio_auth=LabelStudioAuth(),
         ),
         cache=cache,
-        webhooks=WebhookLog(),
+        webhooks=webhooks,
         zygote=zygote,
         owns_zygote=owns_zygote,
         quality=quality,
@@ -90,6 +92,15 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
-    services.ticker = Ticker(1.0, [runtime.tick, trainer.tick, follower.tick, quality.flush]).start()
+    services.ticker = Ticker(1.0, [runtime.tick, runtime.follow_store, trainer.tick, follower.tick, quality.flush, cache.maintain]).start()
     atexit.register(services.close)
     return app
+
+
+def _worker_state(settings: Settings) -> tuple[Predictions, WebhookRecorder]:
+    """The prediction cache and the webhook log: in memory for one worker, in a file the workers share
+    for several (``backend/shared.py``), so that no task is predicted twice whichever worker a round reaches."""
+    if settings.workers <= 1:
+        return PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s), WebhookLog()
+    db = SharedDb(settings.model_dir / FILE_NAME, SCHEMA)
+    return SharedPredictions(db, settings.prediction_cache_bytes, settings.prediction_cache_ttl_s), SharedWebhookLog(db)

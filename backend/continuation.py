@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .batching import Chunk, DynamicBatcher
 
@@ -60,6 +60,11 @@ class PredictionCache:
         """Anything for this configuration: only then is it worth computing a request's keys."""
         return self._per_identity.get(identity, 0) > 0
 
+    def get_many(self, keys: Sequence[CacheKey]) -> dict[int, str]:
+        """The entries there are, by the keys' places."""
+        found = {index: self.get(key) for index, key in enumerate(keys)}
+        return {index: encoded for index, encoded in found.items() if encoded is not None}
+
     def get(self, key: CacheKey) -> str | None:
         with self._lock:
             entry = self._entries.get(key)
@@ -84,6 +89,22 @@ class PredictionCache:
             while self._bytes > self.max_bytes:
                 self._remove(next(iter(self._entries)))
 
+    def settle(self, done: Sequence[tuple[CacheKey, str]], released: Sequence[CacheKey] = ()) -> None:
+        """The background finished these (and gave up on ``released``)."""
+        for key, encoded in done:
+            self.put(key, encoded)
+
+    def claim(self, keys: Sequence[CacheKey]) -> set[CacheKey]:
+        """Which of these the background may take on: all of them, where there is one worker."""
+        return set(keys)
+
+    def watch(self, wanted: dict[int, CacheKey], deadline: float) -> dict[int, Future]:
+        """Futures of the tasks another worker predicts: none, where there is one worker."""
+        return {}
+
+    def maintain(self) -> None:
+        """Nothing to do in memory: ``put`` keeps the bounds (the shared store trims on the ticker)."""
+
     def keep_only(self, identity: str) -> None:
         """A new configuration serves: drop every other configuration's entries."""
         with self._lock:
@@ -101,6 +122,22 @@ class PredictionCache:
 
     def describe(self) -> dict[str, Any]:
         return {"entries": len(self._entries), "bytes": self._bytes, "max_bytes": self.max_bytes, "hits": self.hits}
+
+
+class Predictions(Protocol):
+    """What /predict and the background need of a prediction cache: the one above, or, with several
+    workers, the store they share (``shared.SharedPredictions``), where the background also claims its tasks."""
+
+    hits: int
+
+    def holds(self, identity: str) -> bool: ...
+    def get_many(self, keys: Sequence[CacheKey]) -> dict[int, str]: ...
+    def settle(self, done: Sequence[tuple[CacheKey, str]], released: Sequence[CacheKey] = ()) -> None: ...
+    def claim(self, keys: Sequence[CacheKey]) -> set[CacheKey]: ...
+    def watch(self, wanted: dict[int, CacheKey], deadline: float) -> dict[int, Future]: ...
+    def maintain(self) -> None: ...
+    def keep_only(self, identity: str) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 Finish = Callable[[list[Any], list[dict[str, Any]], str], list["str | Exception"]]
@@ -142,7 +179,7 @@ class _Progress:
 class Continuation:
     """The background queue of one configuration, and the thread that works it."""
 
-    def __init__(self, batcher: DynamicBatcher, cache: PredictionCache, hooks_id: str, batch_size: int,
+    def __init__(self, batcher: DynamicBatcher, cache: Predictions, hooks_id: str, batch_size: int,
                  finish: Finish, max_tasks: int, on_progress: Callable[[str, int], None] | None = None) -> None:
         self.batcher, self.cache, self.hooks_id, self.batch_size = batcher, cache, hooks_id, batch_size
         self.finish, self.max_tasks, self.on_progress = finish, max_tasks, on_progress
@@ -171,6 +208,10 @@ class Continuation:
                 return 0
             room = self.max_tasks - len(self._waiting)
             taken = [left for left in leftovers if left.key not in self._waiting][: max(room, 0)]
+            # Another worker's background may have taken a task since the request looked; what already
+            # runs here is finished here anyway.
+            ours = self.cache.claim([left.key for left in taken])
+            taken = [left for left in taken if left.key in ours or left.running is not None]
             if not self._waiting:
                 self.progress = _Progress(started_at=time.monotonic())
             for left in taken:
@@ -191,6 +232,7 @@ class Continuation:
         """A new configuration serves: drop the queue; what runs finishes but is not kept."""
         with self._cond:
             self._stopped = True
+            self.cache.settle([], released=list(self._waiting))
             for left in self._waiting.values():
                 left.done.cancel()
             self._waiting.clear()
@@ -277,11 +319,11 @@ class Continuation:
         if mine and all(isinstance(result, Exception) for result in finished):
             self._fail(mine, str(finished[0]))  # not one prediction fits: the hook, not the tasks
             return
+        self.cache.settle([(left.key, result) for left, result in zip(mine, finished) if isinstance(result, str)])
         for left, result in zip(mine, finished):
             if isinstance(result, Exception):
                 self._fail([left], str(result), model_failed=False)
             else:
-                self.cache.put(left.key, result)
                 self._done(left, result)
         with self._cond:
             self.progress.recent.append((time.monotonic(), len(mine)))
@@ -298,6 +340,7 @@ class Continuation:
     def _fail(self, leftovers: list[Leftover], reason: str, model_failed: bool = True) -> None:
         """These tasks get no prediction. Model calls that fail MAX_FAILED_IN_A_ROW times in a row (a broken
         hook, a hang) stop the queue; a task whose data failed counts for itself only."""
+        self.cache.settle([], released=[left.key for left in leftovers])
         with self._cond:
             for left in leftovers:
                 self._waiting.pop(left.key, None)

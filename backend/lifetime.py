@@ -26,7 +26,12 @@ def start_time(pid: int) -> str:
 
 def owner_identity() -> str:
     """``pid:starttime`` of the backend this process serves: the gunicorn master where there is one."""
-    pid = int(os.environ.get(OWNER_ENV) or os.getpid())
+    return process_identity(int(os.environ.get(OWNER_ENV) or os.getpid()))
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``pid:starttime`` of a process (this one by default): what ``alive`` checks."""
+    pid = os.getpid() if pid is None else pid
     return f"{pid}:{start_time(pid)}"
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from .answers import prediction_json
 from .batching import Chunk, DynamicBatcher
-from .continuation import Continuation, Leftover, PredictionCache, task_keys
+from .continuation import CacheKey, Continuation, Leftover, Predictions, task_keys
 from .errors import BackendError, DeadlineExceeded
 from .taskdata import PendingInputs
 from .validation import PredictionCompleter, validate_predictions
@@ -90,21 +90,26 @@ class Recalled:
         return set(self.answers) | set(self.waiting)
 
 
-def recall(serving: Serving, cache: PredictionCache, tasks: list[dict[str, Any]], label_config: str,
-           context: Any = None) -> Recalled | None:
-    """Look up the tasks in the cache and the background queue; None, at no cost, when both are empty."""
+def recall(serving: Serving, cache: Predictions, tasks: list[dict[str, Any]], label_config: str,
+           deadline: float, context: Any = None) -> Recalled | None:
+    """Look up the tasks in the cache, this worker's background queue and (with several workers) what the
+    others' backgrounds work on; None, at little cost, when there is nothing anywhere."""
     continuation = serving.continuation
     if context is not None or continuation is None or not (continuation.active or cache.holds(serving.identity)):
         return None
     recalled = Recalled(task_keys(serving.identity, label_config, tasks))
+    recalled.answers = cache.get_many(recalled.keys)
+    elsewhere: dict[int, CacheKey] = {}
     for index, key in enumerate(recalled.keys):
-        hit = cache.get(key)
-        if hit is not None:
-            recalled.answers[index] = hit
+        if index in recalled.answers:
             continue
         future = continuation.pending(key)
         if future is not None:
             recalled.waiting[index] = future
+        else:
+            elsewhere[index] = key
+    if elsewhere:
+        recalled.waiting.update(cache.watch(elsewhere, deadline))
     return recalled
 
 
@@ -190,7 +195,8 @@ def predict_tasks(
                     if continuation.pending(keys[index]) is None:
                         outcome.errors[index] = (
                             "not finished before the deadline, and the background queue is full "
-                            "(BACKGROUND_MAX_TASKS) or was replaced by a new configuration: retrieve predictions again"
+                            "(BACKGROUND_MAX_TASKS), was replaced by a new configuration, or another worker "
+                            "took the task: retrieve predictions again"
                         )
     outcome.left += len(still_waiting)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .agreement import Agreement, compare
+from .sqlitedb import SharedDb
 from .webhooks import annotations_in
 
 log = logging.getLogger(__name__)
@@ -39,19 +40,9 @@ class QualityLedger:
         self.path = path
         self._pending: list[tuple[int, str, str]] = []
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._shared = SharedDb(path, SCHEMA)
+        self._db = self._shared.db
         self._summary: tuple[float, dict[str, Any]] = (float("-inf"), {})
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
-            self._local.db = db
-        return db
 
     def note_predictions(self, tasks: list[dict[str, Any]], encoded: list[str | None], model_version: str) -> None:
         """Called by /predict with what it answered, as it encoded it; costs an append (the ticker writes them)."""

@@ -158,6 +158,7 @@ class Runtime:
         self._lock = threading.Lock()
         self._stamp: int | None = None
         self._next_poll = 0.0
+        self._follow_lock = threading.Lock()
         self._restore_at: float | None = None  # when to try the stored configuration again
         self._restore_failures = 0
         self.started_at = time.time()
@@ -327,15 +328,20 @@ class Runtime:
         self._restore_at = None
         self.restore()
 
-    def follow_store(self) -> None:
-        """Pick up a configuration another worker saved; a stat at most every STORE_POLL_S."""
-        now = time.monotonic()
-        if now < self._next_poll:
+    def follow_store(self, force: bool = False) -> None:
+        """Pick up a configuration another worker saved; a stat at most every STORE_POLL_S. Each request
+        and the ticker call it, so an idle worker serves the new configuration too (its /health agrees).
+        The next poll is due only once the load is registered: a request that comes meanwhile waits for it."""
+        if time.monotonic() < self._next_poll and not force:
             return
-        self._next_poll = now + self.settings.store_poll_s
-        stamp = self.store.configuration.stamp()
-        if stamp is not None and stamp != self._stamp:
-            self.restore()
+        with self._follow_lock:
+            now = time.monotonic()
+            if now < self._next_poll and not force:
+                return
+            stamp = self.store.configuration.stamp()
+            if stamp is not None and stamp != self._stamp:
+                self.restore()
+            self._next_poll = now + self.settings.store_poll_s
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -345,6 +351,9 @@ class Runtime:
         if active is not None:
             return active
         job = self.job
+        if job is None or job.done.is_set():
+            self.follow_store(force=True)  # a sibling worker may have saved one since the last poll
+            job = self.job
         if job is not None and not job.done.is_set():
             job.done.wait(wait_s)
             if self.active is not None:

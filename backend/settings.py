@@ -185,6 +185,7 @@ class Settings(AccessSettings):
     background_max_tasks: int = 50_000
     prediction_cache_bytes: int = 256 << 20
     prediction_cache_ttl_s: float = 3600.0
+    workers: int = 1  # gunicorn's WORKERS: with several, they share the cache above, claims and the webhook log
     # Training (backend/training) and following the registry (backend/follower.py).
     train_timeout_s: float = 3600.0
     train_cuda_visible_devices: str | None = None  # the training's own GPUs; by default the backend's
@@ -227,6 +228,7 @@ class Settings(AccessSettings):
             background_max_tasks=env_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
             prediction_cache_bytes=env_megabytes(env, "PREDICTION_CACHE_MB", 256),
             prediction_cache_ttl_s=env_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
+            workers=env_int(env, "WORKERS", 1, 1),
             train_timeout_s=env_float(env, "TRAIN_TIMEOUT_S", 3600.0, 1.0),
             train_cuda_visible_devices=env.get("TRAIN_CUDA_VISIBLE_DEVICES"),
             alias_poll_s=env_float(env, "ALIAS_POLL_S", 30.0, 0.1),

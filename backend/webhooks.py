@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 MAX_PROJECTS = 100
 EVENTS_PER_PROJECT = 1000
@@ -24,6 +24,14 @@ class _Project:
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EVENTS_PER_PROJECT))
     counts: Counter[str] = field(default_factory=Counter)
     last_at: float = 0.0
+
+
+class WebhookRecorder(Protocol):
+    """What /webhook and /health need of a log: ``WebhookLog``, or the workers' ``shared.SharedWebhookLog``."""
+
+    def record(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    def events(self, project_id: Any) -> list[dict[str, Any]]: ...
+    def describe(self) -> dict[str, Any]: ...
 
 
 def annotations_in(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -37,8 +45,21 @@ def _id_of(body: dict[str, Any], key: str) -> Any:
     return value.get("id") if isinstance(value, dict) else None
 
 
+def event_of(body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The project an event is about, and what is kept of it: the action, when, and the ids it names."""
+    event: dict[str, Any] = {"action": str(body.get("action") or "UNKNOWN")[:64], "at": time.time()}
+    for key in ("task", "annotation"):
+        if _id_of(body, key) is not None:
+            event[key] = _id_of(body, key)
+    annotations = body.get("annotations")
+    if isinstance(annotations, list):  # ANNOTATIONS_DELETED names several
+        event["annotations"] = [a.get("id") for a in annotations[:100] if isinstance(a, dict)]
+    return _id_of(body, "project"), event
+
+
 class WebhookLog:
-    """The events of the projects most recently heard from, each project's last EVENTS_PER_PROJECT."""
+    """The events of the projects most recently heard from, each project's last EVENTS_PER_PROJECT, in
+    this process (with several workers, ``shared.SharedWebhookLog`` keeps them for all)."""
 
     def __init__(self) -> None:
         self._projects: OrderedDict[Any, _Project] = OrderedDict()
@@ -47,15 +68,8 @@ class WebhookLog:
 
     def record(self, body: dict[str, Any]) -> dict[str, Any]:
         """Note one event; returns what was noted (what the answer echoes)."""
-        action = str(body.get("action") or "UNKNOWN")[:64]
-        project_id = _id_of(body, "project")
-        event: dict[str, Any] = {"action": action, "at": time.time()}
-        for key in ("task", "annotation"):
-            if _id_of(body, key) is not None:
-                event[key] = _id_of(body, key)
-        annotations = body.get("annotations")
-        if isinstance(annotations, list):  # ANNOTATIONS_DELETED names several
-            event["annotations"] = [a.get("id") for a in annotations[:100] if isinstance(a, dict)]
+        project_id, event = event_of(body)
+        action = event["action"]
         with self._lock:
             project = self._projects.get(project_id)
             if project is None:

@@ -10,6 +10,7 @@ its parts, and the registry's ``mlflow server`` goes away for a while. Bounded: 
 - Once, the registry's ``mlflow server`` is stopped for 30 s (scaled) and started again on its port;
   one backend follows ``models:/<name>/latest``, so its follower polls the registry all the while.
 - ``/health`` of the orchestrator is sampled twice a second.
+- ``SOAK_CHAOS=off``: the same load with nothing killed, so that memory growth is a leak alone.
 
 At the end: every task predicted exactly once with the right label, no wrong answer, the processes and
 PSS of the start (no orphans, no growth), and the ``/health`` samples.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import requests
 
+from backend.lifetime import process_identity
 from harness.servers import ROOT, MlflowServer, OrchestratorProcess, base_env, wait_until
 
 from . import models
@@ -106,8 +108,8 @@ def victims(marker: str, orchestrator_pid: int) -> dict[str, list[int]]:
 
 
 class Soak:
-    def __init__(self, workdir: Path, seconds: float, clients: int = CLIENTS) -> None:
-        self.workdir, self.seconds, self.clients = workdir, seconds, clients
+    def __init__(self, workdir: Path, seconds: float, clients: int = CLIENTS, chaos: bool = True) -> None:
+        self.workdir, self.seconds, self.clients, self.chaos_on = workdir, seconds, clients, chaos
         self.scale = max(0.1, seconds / SOAK_S)
         self.marker = f"LSB_SOAK={workdir}"
         self.figures = Figures()
@@ -242,8 +244,8 @@ class Soak:
 
     # -- the whole run ----------------------------------------------------------------------------
 
-    def settle(self) -> tuple[dict[str, int], float]:
-        """Once every backend answers: our processes by name, and their PSS."""
+    def settle(self) -> dict[str, tuple[str, float]]:
+        """Once every backend answers: each of our processes (``pid:starttime``), its name and its PSS."""
         assert self.orchestrator is not None
         orchestrator = self.orchestrator
 
@@ -255,8 +257,7 @@ class Soak:
         for backend_id in self.backend_ids:  # a round each: the model processes are up
             requests.post(f"{orchestrator.url}/models/{backend_id}/predict", timeout=60, json={
                 "tasks": [{"id": 1, "data": {"text": "settle"}}], "label_config": models.TEXT_CONFIG})
-        procs = our_processes(self.marker)
-        return dict(Counter(procs.values())), pss_mib(list(procs))
+        return {process_identity(pid): (name, pss_mib([pid])) for pid, name in our_processes(self.marker).items()}
 
     def run(self) -> dict:
         self.start()
@@ -264,11 +265,13 @@ class Soak:
         listed = requests.get(self.orchestrator.url + "/backends", timeout=5).json()["backends"]
         by_uri = {b["model"]["model_uri"]: b["id"] for b in listed}
         self.backend_ids = [by_uri[uri] for uri in MODELS]
-        before, pss_before = self.settle()
-        say(f"started: {before}, {pss_before:.0f} MiB PSS; {self.clients} clients for {self.seconds:g} s")
+        start = self.settle()
+        say(f"started: {_names(start)}, {_pss(start):.0f} MiB PSS; {self.clients} clients for {self.seconds:g} s"
+            + ("" if self.chaos_on else ", no chaos"))
         until = time.monotonic() + self.seconds
         threads = [threading.Thread(target=self.client, args=(n, until), name=f"client-{n}") for n in range(self.clients)]
-        chaos = threading.Thread(target=self.chaos, args=(until,), name="chaos")
+        chaos = threading.Thread(target=self.chaos if self.chaos_on else self.stop.wait, name="chaos",
+                                 args=(until,) if self.chaos_on else (self.seconds,))
         sampler = threading.Thread(target=self.sample_health, name="health")
         for thread in [*threads, chaos, sampler]:
             thread.start()
@@ -278,7 +281,8 @@ class Soak:
         self.stop.set()
         sampler.join()
         say("clients done; settling")
-        after, pss_after = self.settle()
+        end = self.settle()
+        lived = start.keys() & end.keys()  # the processes no kill touched, start to end: where a leak shows
         f = self.figures
         healthy = [s for s, down in f.health if s is not None]
         return {
@@ -289,10 +293,28 @@ class Soak:
             "health_over_1s": sum(1 for s in healthy if s > 1.0),
             "health_failed": sum(1 for s, down in f.health if s is None and not down),
             "health_failed_while_orchestrator_restarted": sum(1 for s, down in f.health if s is None and down),
-            "processes_before": before, "processes_after": after,
-            "pss_mib_before": round(pss_before, 1), "pss_mib_after": round(pss_after, 1),
+            "processes_before": _names(start), "processes_after": _names(end),
+            "pss_mib_before": round(_pss(start), 1), "pss_mib_after": round(_pss(end), 1),
+            "pss_mib_by_name_before": _pss_by_name(start), "pss_mib_by_name_after": _pss_by_name(end),
+            "survivors": len(lived), "survivors_pss_mib_before": round(sum(start[i][1] for i in lived), 1),
+            "survivors_pss_mib_after": round(sum(end[i][1] for i in lived), 1),
             "clients_unfinished": sum(1 for t in threads if t.is_alive()), "tasks_unfinished": f.unfinished,
         }
+
+
+def _names(snapshot: dict[str, tuple[str, float]]) -> dict[str, int]:
+    return dict(Counter(name for name, _ in snapshot.values()))
+
+
+def _pss(snapshot: dict[str, tuple[str, float]]) -> float:
+    return sum(pss for _, pss in snapshot.values())
+
+
+def _pss_by_name(snapshot: dict[str, tuple[str, float]]) -> dict[str, float]:
+    totals: Counter = Counter()
+    for name, pss in snapshot.values():
+        totals[name] += pss
+    return {name: round(total, 1) for name, total in sorted(totals.items())}
 
 
 def _hook(function) -> str:
@@ -301,8 +323,8 @@ def _hook(function) -> str:
     return encode_hook(function)
 
 
-def soak(workdir: Path, seconds: float, clients: int = CLIENTS) -> dict:
-    runner = Soak(workdir, seconds, clients)
+def soak(workdir: Path, seconds: float, clients: int = CLIENTS, chaos: bool = True) -> dict:
+    runner = Soak(workdir, seconds, clients, chaos)
     try:
         return runner.run()
     finally:
@@ -312,13 +334,17 @@ def soak(workdir: Path, seconds: float, clients: int = CLIENTS) -> dict:
 
 def run(table: Table, workdir: Path) -> None:
     seconds = float(os.environ.get("SOAK_S") or SOAK_S)
-    figures = soak(workdir, seconds)
+    chaos = os.environ.get("SOAK_CHAOS", "on") != "off"  # off: the same load, nothing killed (a leak alone)
+    figures = soak(workdir, seconds, chaos=chaos)
     print(figures, flush=True)
     table.add(Row("soak", f"tasks predicted in {seconds:g} s under chaos, each exactly once, the right label",
                   figures["tasks"] - figures["predicted_twice"] - figures["wrong"], figures["tasks"], "tasks",
                   "tasks predicted at all", higher_is_better=True, target="all of them"))
     table.add(Row("soak", "PSS of everything started, after the soak vs before", figures["pss_mib_after"],
                   figures["pss_mib_before"], "MiB", "before", target="no growth"))
+    table.add(Row("soak", f"PSS of the {figures['survivors']} processes no kill touched, after vs before",
+                  figures["survivors_pss_mib_after"], figures["survivors_pss_mib_before"], "MiB", "before",
+                  target="no growth"))
     table.add(Row("soak", "slowest /health of the orchestrator (samples every 0.5 s)", figures["health_max_s"], 1.0, "s",
                   "Label Studio's 1 s limit", target="under 1 s"))
     table.notes.append(f"soak: {figures}")

@@ -129,3 +129,86 @@ def test_several_workers_follow_the_stored_configuration(start_backend, images):
 
     wait_until(lambda: all(predict(backend, images, "white").json()["model_version"] == "brightness:2" for _ in range(6)),
                30, "both workers on v2")
+
+
+def test_several_workers_share_the_background_so_no_task_is_predicted_twice(start_backend, images, tmp_path):
+    """Label Studio's rounds reach any worker: what one worker's background works on or finished is
+    waited for or answered by the others, never predicted again (backend/shared.py)."""
+    from collections import Counter
+
+    from harness.calls import image_tasks
+    from harness.calls import predict as predict_tasks
+    from harness.servers import wait_until
+
+    backend = start_backend(WORKERS="2", THREADS="4", PREDICT_TIMEOUT_S="1")
+    record = tmp_path / "predicted"
+    response = configure(backend, post_hook=encode_hook(hooks.recording_post(str(record), 0.15)), batch_size=1)
+    assert response.status_code == 200, response.text
+
+    serving: set[int] = set()
+
+    def both_workers_serve() -> bool:
+        body = requests.get(backend.url + "/health", timeout=5).json()  # a connection each: either worker
+        if body["configured"]:
+            serving.add(body["pid"])
+        return len(serving) == 2
+
+    wait_until(both_workers_serve, 60, "both workers serving the configuration")
+    names = ["white", "black"] * 8  # 16 tasks of 0.15 s each against a 1 s deadline: several rounds
+    tasks = image_tasks(images, *names)
+    expected = {task["id"]: "light" if name == "white" else "dark" for task, name in zip(tasks, names)}
+    answered: dict[int, str | None] = {}
+
+    def round_of(sent: list[dict]) -> None:
+        result = predict_tasks(backend, sent, timeout=30)
+        assert result.status_code == 200, result.text
+        for task, label in zip(sent, labels(result)):
+            if label is not None:
+                answered[task["id"]] = label
+
+    round_of(tasks)
+    assert len(answered) < len(tasks)  # the rest went on in the background of the worker that took it
+    background = [task for task in tasks if task["id"] not in answered]
+
+    def next_rounds() -> bool:
+        rest = [task for task in tasks if task["id"] not in answered]
+        clients = [threading.Thread(target=round_of, args=(rest,)) for _ in range(4)]  # 4 connections: both workers
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        return len(answered) == len(tasks)
+
+    wait_until(next_rounds, 60, "every task answered")
+    assert answered == expected
+
+    hits: dict[int, int] = {}
+
+    def both_workers_answered_from_the_shared_cache() -> bool:
+        round_of(background)  # Label Studio would not ask again; a second project on the same model could
+        for _ in range(4):
+            body = requests.get(backend.url + "/health", timeout=5).json()
+            hits[body["pid"]] = body["prediction_cache"]["hits"]
+        return len([pid for pid, count in hits.items() if count]) >= 2
+
+    wait_until(both_workers_answered_from_the_shared_cache, 60, "both workers answering from the shared cache")
+    predicted = Counter(int(line) for line in record.read_text().split())
+    assert predicted == Counter(list(expected)), predicted  # every task through the model exactly once, across both workers
+
+
+def test_several_workers_keep_one_webhook_log(start_backend):
+    backend = start_backend(WORKERS="2")
+    for n in range(12):  # a connection each: they reach both workers
+        event = {"action": "ANNOTATION_CREATED", "project": {"id": 5}, "task": {"id": n}, "annotation": {"id": n}}
+        assert requests.post(backend.url + "/webhook", json=event, timeout=5).status_code == 201
+    from harness.servers import wait_until
+
+    shown: dict[int, dict] = {}
+
+    def both_workers_heard() -> bool:
+        body = requests.get(backend.url + "/health", timeout=5).json()
+        shown[body["pid"]] = body["webhooks"]["projects"]["5"]["events"]
+        return len(shown) == 2
+
+    wait_until(both_workers_heard, 30, "/health from both workers")
+    assert list(shown.values()) == [{"ANNOTATION_CREATED": 12}] * 2  # each worker shows all 12, wherever they went

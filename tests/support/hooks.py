@@ -138,6 +138,21 @@ def sleeping_post(seconds):
     return post
 
 
+def recording_post(path, seconds):
+    """A post hook that takes ``seconds`` per call and appends the id of every task it predicts to ``path``
+    (one line each, whichever process runs it): how a test counts the model's work across workers."""
+
+    def post(labels, tasks):
+        import time
+
+        time.sleep(seconds)
+        with open(path, "a") as handle:
+            handle.write("".join(f"{task['id']}\n" for task in tasks))
+        return choices_post(labels)
+
+    return post
+
+
 def box_post(labels, inputs):
     """For a RectangleLabels project: a centred box over half of each image, labelled by the model."""
     import hooks as ready
