@@ -48,6 +48,8 @@ def add_check_arguments(check: argparse.ArgumentParser) -> None:
     check.add_argument("--loader", choices=("pyfunc", "native"), default="pyfunc")
     check.add_argument("--batch-size", type=int, default=None, help="default: the backend's BATCH_SIZE")
     check.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run (default: %(default)s)")
+    check.add_argument("--draw", metavar="DIR", default="",
+                       help="also draw each image task's prediction onto its image, as DIR/task-<id>.png")
     check.add_argument("items", nargs="+", metavar="FILE_OR_TASK_JSON")
 
 
@@ -131,17 +133,20 @@ def run_check(args: argparse.Namespace) -> int:
                 inputs = fetcher.start_tasks(tasks, objects, LabelStudioAccess())
                 outcome = predict_tasks(serving, tasks, inputs, label_config=config,
                                         deadline=time.monotonic() + args.timeout, background=False)
+                failed = outcome.errors
+                extra = {"errors": [{"task": tasks[i].get("id"), "error": e} for i, e in sorted(failed.items())]} if failed else {}
+                answer = json.loads(answer_json(outcome.items, tasks, model_version, extra))  # what the backend sends
+                drawn = _draw(Path(args.draw), tasks, answer["results"], inputs, objects) if args.draw else []
             finally:
                 fetcher.close()
-            failed = outcome.errors
-            extra = {"errors": [{"task": tasks[i].get("id"), "error": e} for i, e in sorted(failed.items())]} if failed else {}
-            answer = json.loads(answer_json(outcome.items, tasks, model_version, extra))  # what the backend would send
             print(json.dumps(answer, indent=2))
     except (BackendError, ClientError) as exc:
         print(f"\nFAILED: {exc.error}\n  fix: {exc.detail}", file=sys.stderr)
         return 1
     for i, error in sorted(failed.items()):
         print(f"task {tasks[i].get('id')}: no prediction: {error}", file=sys.stderr)
+    for path in drawn:
+        print(f"drawn: {path}", file=sys.stderr)
     ready = [p for p in answer["results"] if p != []]
     regions = sum(len(p["result"]) for p in ready)
     print(
@@ -150,6 +155,22 @@ def run_check(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _draw(folder: Path, tasks: list[dict[str, Any]], results: list[Any], inputs: Any, objects: Any) -> list[Path]:
+    """Each image task's prediction on its image (hooks.draw); text tasks have nothing to draw."""
+    from .draw import draw_prediction
+
+    if not any(o.tag.lower() == "image" for o in objects):
+        print("--draw: the labeling config has no Image tag; nothing to draw", file=sys.stderr)
+        return []
+    drawn = []
+    for index, (task, prediction) in enumerate(zip(tasks, results)):
+        task_input = inputs.result(index)
+        if not prediction or task_input.error or not Path(str(task_input.value)).is_file():
+            continue
+        drawn.append(draw_prediction(task_input.value, prediction, folder / f"task-{task.get('id')}.png"))
+    return drawn
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -387,6 +387,48 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, t
     assert plain.returncode == 0 and "OK: 1 predictions" in plain.stderr, plain.stderr
     assert json.loads(plain.stdout)["results"][0]["meta"] == {"logits": [0.25, 0.75]}  # as the backend sends it
 
+    from PIL import Image
+
+    from tests.support.drawn_hooks import CAPTION_CONFIG
+
+    boxed = check("--label-config", CAPTION_CONFIG, "--post-hook", "tests.support.drawn_hooks:caption_post",
+                  "--draw", str(tmp_path / "drawn"), str(images["white"]))
+    assert boxed.returncode == 0, boxed.stderr
+    assert f"drawn: {tmp_path / 'drawn' / 'task-1.png'}" in boxed.stderr
+    drawn = Image.open(tmp_path / "drawn" / "task-1.png").convert("RGB")
+    assert drawn.size == (32, 24) and drawn.getpixel((16, 12)) != drawn.getpixel((1, 22))  # the box over the middle
+
     unsendable = check("--post-hook", "tests.support.hooks:set_post", str(images["white"]))
     assert unsendable.returncode == 1
     assert "FAILED: the prediction for task 1 (#0) cannot be sent as JSON" in unsendable.stderr
+
+
+def test_predictions_are_drawn_where_label_studio_puts_them(tmp_path):
+    """hooks.draw reads percent coordinates as Label Studio does: each shape tints the pixels it covers."""
+    import numpy as np
+    from PIL import Image
+
+    from hooks.draw import draw_prediction
+
+    width, height = 200, 100
+    photo = tmp_path / "grey.png"
+    Image.new("RGB", (width, height), (128, 128, 128)).save(photo)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[60:90, 150:190] = 1
+    box = hooks.rectangle((20, 10, 60, 40), "cat", width=width, height=height, from_name="b", to_name="i", score=0.9)
+    prediction = hooks.prediction([
+        box,
+        hooks.textarea("a cat", from_name="t", to_name="i", region=box),
+        hooks.polygon([(100, 10), (140, 10), (120, 40)], "dog", width=width, height=height, from_name="p", to_name="i"),
+        hooks.brush(mask, "grass", from_name="m", to_name="i"),
+        hooks.keypoint(30, 80, "eye", width=width, height=height, from_name="k", to_name="i", size=3),
+        hooks.choices("outdoor", from_name="c", to_name="i"),
+    ])
+    drawn = np.asarray(Image.open(draw_prediction(photo, prediction, tmp_path / "out" / "task-1.png")).convert("RGB"))
+    assert drawn.shape == (height, width, 3)
+
+    def tinted(x: int, y: int) -> bool:
+        return tuple(drawn[y, x]) != (128, 128, 128)
+
+    assert tinted(40, 25) and tinted(120, 20) and tinted(170, 75) and tinted(30, 80)  # inside each shape
+    assert not tinted(80, 60) and not tinted(190, 20) and not tinted(100, 95)  # between them: the photo as it was

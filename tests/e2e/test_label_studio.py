@@ -11,7 +11,6 @@ that cannot be installed or started fails the run; elsewhere these tests are ski
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,96 +18,25 @@ import sys
 import pytest
 import requests
 
-from harness.calls import configure as configure_call
-from harness.servers import OrchestratorProcess, base_env, free_port, wait_until
+from harness.servers import base_env, free_port, wait_until
 from lsmlflow import Client, LabelStudioError, connect_project
 from lsmlflow.pickling import encode_hook
+from tests.e2e.projects import (
+    BOXES_CONFIG,
+    backend_health,
+    configure,
+    connect,
+    new_project,
+    retrieve_predictions,
+    start_label_studio_or_skip,
+    start_orchestrator,
+    stored,
+    tasks_of,
+)
 from tests.support import hooks
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
-from tests.support.label_studio import LabelStudioUnavailable, start_label_studio
 
 pytestmark = pytest.mark.e2e
-
-BOXES_CONFIG = (
-    '<View><Image name="image" value="$image"/>'
-    '<RectangleLabels name="box" toName="image"><Label value="dark"/><Label value="light"/></RectangleLabels></View>'
-)
-
-
-def _start(folder):
-    try:
-        return start_label_studio(folder)
-    except LabelStudioUnavailable as exc:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"Label Studio is required under CI and is unavailable: {exc}")
-        pytest.skip(f"no Label Studio here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """Label Studio in its default token mode, and the Personal Access Token a user would make."""
-    server = _start(tmp_path_factory.mktemp("label-studio"))
-    server.default_token_mode()
-    yield server
-    server.stop()
-
-
-def start_orchestrator(folder, registry, **env):
-    return OrchestratorProcess(folder / "state", {"MLFLOW_TRACKING_URI": registry, **env}).start()
-
-
-@pytest.fixture(scope="module")
-def orchestrator(tmp_path_factory, registry, label_studio):
-    """Set up as the README says for a default Label Studio: its address and a PAT, nothing else."""
-    server = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), registry,
-                                LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
-    yield server
-    server.remove_all()
-    server.stop()
-
-
-def configure(orchestrator, model_uri, post_hook, pre_hook=hooks.brightness_pre):
-    response = configure_call(orchestrator, model_uri=model_uri, pre_hook=encode_hook(pre_hook), post_hook=encode_hook(post_hook))
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def new_project(label_studio, title, config, uploads=(), tasks=()):
-    project = label_studio.api("POST", "/api/projects", json={"title": title, "label_config": config})["id"]
-    if tasks:
-        label_studio.api("POST", f"/api/projects/{project}/import", json=list(tasks))
-    for path in uploads:  # stored by Label Studio: the backend must fetch them from it, with a token it accepts
-        with open(path, "rb") as handle:
-            label_studio.api("POST", f"/api/projects/{project}/import", files={"file": (path.name, handle, "image/png")})
-    return project
-
-
-def tasks_of(label_studio, project):
-    listed = label_studio.api("GET", f"/api/tasks?project={project}&page_size=5000")
-    tasks = listed["tasks"] if isinstance(listed, dict) else listed
-    return sorted(tasks, key=lambda t: t["id"])
-
-
-def connect(label_studio, project, url):
-    backend = label_studio.api("POST", "/api/ml", json={"url": url, "project": project, "title": "mlflow"})
-    assert backend["state"] == "CO", backend  # Connected: Label Studio's /health and /setup went through
-    return backend["id"]
-
-
-def retrieve_predictions(label_studio, project):
-    label_studio.api(
-        "POST",
-        f"/api/dm/actions?id=retrieve_tasks_predictions&project={project}",
-        json={"selectedItems": {"all": True, "excluded": []}},
-    )
-
-
-def stored(label_studio, task_id):
-    return label_studio.api("GET", f"/api/predictions?task={task_id}")
-
-
-def backend_health(url):
-    return requests.get(url + "health", timeout=5).json()
 
 
 def test_rectangles_on_uploaded_images_with_a_personal_access_token(label_studio, orchestrator, images):
@@ -224,7 +152,7 @@ def test_the_client_and_the_cli_connect_projects_with_a_personal_access_token(la
 
 
 def test_legacy_token_mode_with_only_the_token_setup_sends(tmp_path_factory, registry, images):
-    legacy = _start(tmp_path_factory.mktemp("label-studio-legacy"))
+    legacy = start_label_studio_or_skip(tmp_path_factory.mktemp("label-studio-legacy"))
     orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-legacy"), registry)  # no LABEL_STUDIO_*
     try:
         backend = configure(orchestrator, "models:/brightness/1", hooks.choices_post)

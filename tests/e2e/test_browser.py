@@ -1,0 +1,164 @@
+"""What an annotator sees: predictions made by the backend behind the orchestrator, retrieved by the real
+Label Studio in its default token mode (files uploaded to it), then opened in its labeling UI in a real
+browser (tests/support/browser.py), where what is drawn is read back: the regions panel, each shape's
+place on the image canvas, the highlighted text, the checked choice, a region's caption.
+
+Every case leaves a screenshot under ``artifacts/browser/`` (``LSBACKEND_ARTIFACTS`` moves it); two of
+them are in the README. Under CI a missing chromium or Playwright fails the run; elsewhere these tests
+are skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from examples.hooks import DETECTOR_CONFIG
+from tests.e2e.projects import configure, connect, new_project, retrieve_predictions, stored, tasks_of, under_ci
+from tests.support import drawn_hooks, hooks
+from tests.support.browser import Annotator, BrowserUnavailable
+from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(os.environ.get("LSBACKEND_ARTIFACTS") or ROOT / "artifacts") / "browser"
+CHECKED = ".lsf-choices input:checked, .ant-checkbox-checked input, .ant-radio-checked input"
+PLACE = 0.02  # of the image's size: strokes and rounding on a canvas about 770 pixels wide
+
+
+@pytest.fixture(scope="module")
+def annotator(label_studio):
+    try:
+        browser = Annotator(label_studio, ARTIFACTS)
+    except BrowserUnavailable as exc:
+        if under_ci():
+            pytest.fail(f"a browser is required under CI and is unavailable: {exc}")
+        pytest.skip(str(exc))
+    yield browser
+    browser.close()
+    assert not browser.console_errors, browser.console_errors  # the labeling UI threw nothing
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A white and a black photo, 320 x 240: big enough that the labeling UI scales them to its canvas (a
+    32 x 24 image is drawn at its own size, a few pixels on the screen)."""
+    root = tmp_path_factory.mktemp("photos")
+    made = {}
+    for name, grey in (("white", 240), ("black", 10)):
+        made[name] = root / f"{name}.png"
+        Image.new("RGB", (320, 240), (grey, grey, grey)).save(made[name])
+    return made
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A trap photo for the critter detector: a red moth in cell (1, 0), a blue beetle in cell (2, 2) of a 4x4 grid."""
+    path = tmp_path_factory.mktemp("scene") / "trap.png"
+    picture = Image.new("RGB", (320, 240), (10, 10, 10))
+    picture.paste((230, 20, 20), (80, 0, 160, 60))
+    picture.paste((20, 20, 230), (160, 120, 240, 180))
+    picture.save(path)
+    return path
+
+
+def predicted_in_label_studio(label_studio, orchestrator, title, config, model_uri, post_hook,
+                              pre_hook=hooks.brightness_pre, uploads=(), tasks=(), **fields):
+    """Configure the model, make the project, connect it, press "Retrieve predictions": its tasks, each with
+    the stored prediction of the backend."""
+    backend = configure(orchestrator, model_uri, post_hook, pre_hook=pre_hook, **fields)
+    project = new_project(label_studio, title, config, uploads=uploads, tasks=tasks)
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": True})
+    connect(label_studio, project, backend["label_studio_url"])
+    retrieve_predictions(label_studio, project)
+    listed = tasks_of(label_studio, project)
+    for task in listed:
+        assert len(stored(label_studio, task["id"])) == 1, f"{title}: task {task['id']} has no prediction"
+    return project, listed
+
+
+def near(box, expected):
+    return all(abs(a - b) <= PLACE for a, b in zip(box, expected))
+
+
+def test_a_detectors_boxes_are_drawn_on_the_objects(label_studio, orchestrator, annotator, scene):
+    project, [task] = predicted_in_label_studio(label_studio, orchestrator, "critter traps", DETECTOR_CONFIG,
+                                                "models:/critters/1", hooks.critter_boxes_post,
+                                                pre_hook=hooks.critter_cells_pre, uploads=[scene])
+    drawn = annotator.open_task(project, task["id"], "detector-boxes", regions=2, shapes=2)
+    assert sorted(row.split("\n")[0] for row in drawn.regions) == ["Beetle", "Moth"]
+    boxes = drawn.boxes("Rect")
+    assert len(boxes) == 2
+    assert any(near(box, [0.25, 0.0, 0.25, 0.25]) for box in boxes), boxes  # the moth's cell
+    assert any(near(box, [0.5, 0.5, 0.25, 0.25]) for box in boxes), boxes  # the beetle's cell
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "post_hook", "shape", "expected"),
+    [
+        ("polygon", drawn_hooks.POLYGON_CONFIG, drawn_hooks.polygon_post, "Line", [0.25, 0.25, 0.5, 0.5]),
+        ("brush", drawn_hooks.BRUSH_CONFIG, drawn_hooks.brush_post, "Brush", [0.25, 0.25, 0.5, 0.5]),
+        ("box", drawn_hooks.CAPTION_CONFIG, drawn_hooks.caption_post, "Rect", [0.25, 0.25, 0.5, 0.5]),
+    ],
+)
+def test_image_regions_are_drawn_where_the_hook_put_them(label_studio, orchestrator, annotator, photos,
+                                                         kind, config, post_hook, shape, expected):
+    project, tasks = predicted_in_label_studio(label_studio, orchestrator, f"{kind} regions", config,
+                                               "models:/brightness/1", post_hook,
+                                               uploads=[photos["white"], photos["black"]])
+    for task, label in zip(tasks, ["light", "dark"]):
+        drawn = annotator.open_task(project, task["id"], f"{kind}-{label}", regions=1, shapes=1)
+        assert [row.split("\n")[0] for row in drawn.regions] == [label]
+        [box] = drawn.boxes(shape)
+        assert near(box, expected), (kind, box)
+        if kind == "box":  # the per-region caption, as the annotator sees it once the region is selected
+            assert annotator.select_region(0).texts == [f"looks {label}"]
+
+
+def test_a_keypoint_is_drawn_at_its_place(label_studio, orchestrator, annotator, photos):
+    project, [task] = predicted_in_label_studio(label_studio, orchestrator, "keypoints", drawn_hooks.KEYPOINT_CONFIG,
+                                                "models:/brightness/1", drawn_hooks.keypoint_post,
+                                                uploads=[photos["white"]])
+    drawn = annotator.open_task(project, task["id"], "keypoint", regions=1, shapes=1)
+    assert [row.split("\n")[0] for row in drawn.regions] == ["light"]
+    [(x, y, w, h)] = drawn.boxes("Circle")
+    assert near((x + w / 2, y + h / 2), (0.25, 0.75))  # the point's centre
+
+
+def test_entity_spans_highlight_the_right_characters(label_studio, orchestrator, annotator):
+    texts = ["great lovely day", "awful bad weather"]
+    project, tasks = predicted_in_label_studio(label_studio, orchestrator, "tone spans", drawn_hooks.SPAN_CONFIG,
+                                               "models:/sentiment/1", drawn_hooks.first_word_post, pre_hook="",
+                                               tasks=[{"text": text} for text in texts])
+    for task, (word, label) in zip(tasks, [("great", "positive"), ("awful", "negative")]):
+        drawn = annotator.open_task(project, task["id"], f"spans-{label}", regions=1, spans=1)
+        assert drawn.spans == [word]
+        assert [row.split("\n") for row in drawn.regions] == [[label, word]]
+
+
+@pytest.mark.parametrize(
+    ("kind", "model_uri", "post_hook", "pre_hook", "fields"),
+    [
+        ("sklearn", "models:/brightness/1", hooks.choices_post, hooks.brightness_pre, {}),
+        ("pytorch", "models:/tiny_torch/1", hooks.torch_choices_post, hooks.torch_brightness_pre, {"loader": "native"}),
+    ],
+)
+def test_the_predicted_choice_is_checked(label_studio, orchestrator, annotator, photos, kind, model_uri,
+                                         post_hook, pre_hook, fields):
+    project, tasks = predicted_in_label_studio(label_studio, orchestrator, f"{kind} choices", IMAGE_CONFIG, model_uri,
+                                               post_hook, pre_hook=pre_hook, uploads=[photos["white"], photos["black"]],
+                                               **fields)
+    for task, label in zip(tasks, ["light", "dark"]):
+        drawn = annotator.open_task(project, task["id"], f"choices-{kind}-{label}", wait_for=CHECKED)
+        assert drawn.choices == [label]
+
+
+def test_a_text_classifiers_choice_is_checked(label_studio, orchestrator, annotator):
+    project, [task] = predicted_in_label_studio(label_studio, orchestrator, "sentiment", TEXT_CONFIG,
+                                                "models:/sentiment/1", hooks.sentiment_post, pre_hook="",
+                                                tasks=[{"text": "wonderful great"}])
+    assert annotator.open_task(project, task["id"], "choices-text", wait_for=CHECKED).choices == ["positive"]
