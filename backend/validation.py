@@ -193,11 +193,39 @@ def validation_key(prediction: dict[str, Any]) -> bytes | None:
 
 
 def _verdict(interface: LabelInterface, prediction: dict[str, Any]) -> list[str]:
-    """label-studio-sdk's list of problems; a prediction it cannot even read is one problem, not a crash."""
+    """label-studio-sdk's list of problems, then the rendering rules it lacks; a prediction it cannot even
+    read is one problem, not a crash."""
     try:
-        return interface.validate_prediction(prediction, return_errors=True) or []
+        problems = interface.validate_prediction(prediction, return_errors=True) or []
     except Exception as exc:  # noqa: BLE001 - whatever the hook returned, it is the hook's error
         return [f"the prediction cannot be read as Label Studio results ({type(exc).__name__}: {exc})"]
+    return problems + _rendering_problems(interface, prediction.get("result") or [])
+
+
+def _rendering_problems(interface: LabelInterface, results: list[Any]) -> list[str]:
+    """What the labeling UI, seen in a browser (tests/e2e/test_browser.py), does not draw although the SDK
+    accepts it: a region with a negative size (listed, never drawn), and a per-region TextArea whose id is
+    no labelled region's (drawn as a second, unlabelled region; its text shows on neither)."""
+    per_region = {c.name for c in interface.controls
+                  if c.tag.lower() == "textarea" and str(getattr(c, "attr", {}).get("perRegion", "")).lower() == "true"}
+    labelled = {r.get("id") for r in results if isinstance(r, dict) and str(r.get("type", "")).endswith("labels")}
+    problems = []
+    for index, region in enumerate(results):
+        if not isinstance(region, dict):
+            continue
+        raw = region.get("value")
+        value: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        negative = [k for k in ("width", "height") if _is_number(value.get(k)) and value[k] < 0]
+        if negative:
+            problems.append(f"Region {index}: negative {' and '.join(negative)} ({', '.join(str(value[k]) for k in negative)}): "
+                            "Label Studio lists the region but draws nothing; give x, y at the top-left corner "
+                            "and a positive width and height")
+        if region.get("from_name") in per_region and region.get("id") not in labelled:
+            problems.append(f"Region {index}: the per-region TextArea '{region.get('from_name')}' has id "
+                            f"{region.get('id')!r}, which no labelled region has: Label Studio draws it as a second, "
+                            "unlabelled region and shows its text on neither; give it the id of its region "
+                            "(hooks.textarea(..., region=box) does)")
+    return problems
 
 
 def validate_predictions(predictions: list[dict[str, Any]], tasks: list[Any], config: str) -> None:

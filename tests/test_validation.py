@@ -113,3 +113,26 @@ def test_predictions_alike_but_for_which_ids_a_relation_joins_are_told_apart():
         validate_predictions(predictions, [{"id": 1}, {"id": 2}, {"id": 3}], RELATIONS_CONFIG)
     assert "task 3 (#2)" in info.value.error
     assert "task 1 " not in info.value.error and "task 2 " not in info.value.error
+
+
+def _box_and_caption():
+    import hooks
+
+    box = hooks.rectangle((80, 60, 240, 180), "light", width=320, height=240, from_name="box", to_name="image")
+    return box, hooks.textarea("looks light", from_name="caption", to_name="image", region=box)
+
+
+def test_what_the_labeling_ui_does_not_draw_is_refused_though_the_sdk_accepts_it():
+    """The rules tests/e2e/test_browser.py proves on the screen: a negative size, a caption off its region."""
+    from tests.support.drawn_hooks import CAPTION_CONFIG
+
+    box, caption = _box_and_caption()
+    validate_predictions([complete_prediction([box, caption], "v")], [{"id": 1}], CAPTION_CONFIG)
+    flipped = dict(box, value={**box["value"], "width": -50.0})
+    with pytest.raises(PredictionsInvalid, match="negative width") as info:
+        validate_predictions([complete_prediction([flipped], "v")], [{"id": 1}], CAPTION_CONFIG)
+    assert "positive width and height" in info.value.error
+    stray = dict(caption, id="not-the-box")
+    with pytest.raises(PredictionsInvalid, match="per-region TextArea 'caption' has id 'not-the-box'") as info:
+        validate_predictions([complete_prediction([box, stray], "v")], [{"id": 1}], CAPTION_CONFIG)
+    assert "hooks.textarea(..., region=box)" in info.value.error

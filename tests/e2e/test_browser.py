@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import hooks as builders
+from backend.errors import PredictionsInvalid
+from backend.validation import complete_prediction, validate_predictions
 from examples.hooks import DETECTOR_CONFIG
 from tests.e2e.projects import configure, connect, new_project, retrieve_predictions, stored, tasks_of, under_ci
 from tests.support import drawn_hooks, hooks
@@ -162,3 +165,46 @@ def test_a_text_classifiers_choice_is_checked(label_studio, orchestrator, annota
                                                 "models:/sentiment/1", hooks.sentiment_post, pre_hook="",
                                                 tasks=[{"text": "wonderful great"}])
     assert annotator.open_task(project, task["id"], "choices-text", wait_for=CHECKED).choices == ["positive"]
+
+
+def stored_straight(label_studio, title, config, upload, results):
+    """A prediction stored through Label Studio's API, past the backend's validator: it answers 201."""
+    project = new_project(label_studio, title, config, uploads=[upload])
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": True})
+    [task] = tasks_of(label_studio, project)
+    label_studio.api("POST", "/api/predictions", json={"task": task["id"], "result": results, "model_version": "raw:1"})
+    return project, task
+
+
+@pytest.mark.parametrize("rule", ["negative size", "caption off its region"])
+def test_what_the_validator_refuses_is_drawn_wrongly_when_stored_past_it(label_studio, annotator, photos, rule):
+    """Each rule validation.py adds to label-studio-sdk's is there because the screen shows it matters."""
+    box = builders.rectangle((80, 60, 240, 180), "light", width=320, height=240, from_name="box", to_name="image")
+    caption = builders.textarea("looks light", from_name="caption", to_name="image", region=box)
+    if rule == "negative size":
+        bad, refused = [dict(box, value={**box["value"], "width": -50.0})], "negative width"
+    else:
+        bad, refused = [box, dict(caption, id="not-the-box")], "which no labelled region has"
+    with pytest.raises(PredictionsInvalid, match=refused):
+        validate_predictions([complete_prediction(bad, "v")], [{"id": 1}], drawn_hooks.CAPTION_CONFIG)
+    project, task = stored_straight(label_studio, f"raw {rule}", drawn_hooks.CAPTION_CONFIG, photos["white"], bad)
+    drawn = annotator.open_task(project, task["id"], f"raw-{rule.replace(' ', '-')}", regions=len(bad))
+    if rule == "negative size":
+        assert drawn.regions == ["light"] and drawn.boxes("Rect") == []  # listed, drawn nowhere
+    else:
+        assert sorted(drawn.regions) == ["", "light"]  # a second, unlabelled region; the caption on neither
+        assert len(drawn.boxes("Rect")) == 2 and drawn.texts == []
+
+
+def test_a_brush_without_the_image_size_still_draws(label_studio, annotator, photos):
+    """A rule the screen showed does not matter, so validation.py has none: the UI takes the image's size."""
+    import numpy as np
+
+    mask = np.zeros((240, 320), dtype=np.uint8)
+    mask[60:180, 80:240] = 1
+    brush = builders.brush(mask, "light", from_name="mask", to_name="image")
+    del brush["original_width"], brush["original_height"]
+    validate_predictions([complete_prediction([brush], "v")], [{"id": 1}], drawn_hooks.BRUSH_CONFIG)
+    project, task = stored_straight(label_studio, "raw brush", drawn_hooks.BRUSH_CONFIG, photos["white"], [brush])
+    [box] = annotator.open_task(project, task["id"], "raw-brush-without-size", regions=1, shapes=1).boxes("Brush")
+    assert near(box, [0.25, 0.25, 0.5, 0.5])
