@@ -1,7 +1,8 @@
 """Small real models for the quickstart and the tests, trained in seconds, registered in an MLflow registry.
 
 ``python -m examples.models <tracking_uri> [--no-torch]`` registers them all (a separate process keeps
-MLflow's process-wide state out of the caller).
+MLflow's process-wide state out of the caller); ``--no-torch`` only the scikit-learn ones, which
+requirements.txt alone can load (the torch and ONNX ones need requirements-dev.txt).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 IMAGE_MODEL = "brightness"  # sklearn: mean grey level of an image -> "dark" / "light"
 TEXT_MODEL = "sentiment"  # sklearn pipeline: text -> "positive" / "negative"
 TORCH_MODEL = "tiny_torch"  # torch module: (n, 1) brightness -> logits of (dark, light)
+ONNX_MODEL = "brightness_onnx"  # the brightness classifier exported by skl2onnx, run by onnxruntime
 DETECTOR_MODEL = "critters"  # sklearn: a grid cell's mean colour -> P(Beetle, Moth, background); hooks make boxes
 
 
@@ -67,6 +69,16 @@ def make_tiny_torch():
     return Brightness()
 
 
+def export_brightness_onnx():
+    """The brightness classifier as ONNX (float32 input "brightness"; outputs "label" and "probabilities")."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model = train_brightness()
+    return convert_sklearn(model, initial_types=[("brightness", FloatTensorType([None, 1]))],
+                           options={id(model): {"zipmap": False}}, target_opset=17)
+
+
 def train_wrong_sentiment():
     """A sentiment model that has it backwards: what a first, badly trained version looks like."""
     from sklearn.feature_extraction.text import CountVectorizer
@@ -116,6 +128,10 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
             mlflow.pytorch.log_model(
                 make_tiny_torch(), name="tiny", registered_model_name=TORCH_MODEL, serialization_format="pickle"
             )
+        import mlflow.onnx
+
+        with mlflow.start_run():
+            mlflow.onnx.log_model(export_brightness_onnx(), name="brightness_onnx", registered_model_name=ONNX_MODEL)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def test_entity_spans_highlight_the_right_characters(label_studio, orchestrator,
     [
         ("sklearn", "models:/brightness/1", hooks.choices_post, hooks.brightness_pre, {}),
         ("pytorch", "models:/tiny_torch/1", hooks.torch_choices_post, hooks.torch_brightness_pre, {"loader": "native"}),
+        ("onnx", "models:/brightness_onnx/1", hooks.onnx_choices_post, hooks.onnx_brightness_pre, {}),
     ],
 )
 def test_the_predicted_choice_is_checked(label_studio, orchestrator, annotator, photos, kind, model_uri,

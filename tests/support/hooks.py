@@ -23,6 +23,23 @@ def torch_brightness_pre(paths):
     return torch.tensor(values, dtype=torch.float32)
 
 
+def onnx_brightness_pre(paths):
+    """The ONNX export takes float32, as exported graphs do."""
+    import numpy as np
+    from PIL import Image
+
+    return np.array([[np.asarray(Image.open(p).convert("L"), dtype=float).mean() / 255.0] for p in paths], dtype=np.float32)
+
+
+def onnx_choices_post(outputs):
+    """onnxruntime's outputs by name: the labels, and each label's probability for the score."""
+    return [
+        {"result": [{"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": [str(label)]}}],
+         "score": float(max(probabilities))}
+        for label, probabilities in zip(outputs["label"], outputs["probabilities"])
+    ]
+
+
 def torch_choices_post(logits):
     names = ["dark", "light"]
     probs = logits.softmax(dim=1)
