@@ -14,6 +14,8 @@ import numpy as np
 IMAGE_MODEL = "brightness"  # sklearn: mean grey level of an image -> "dark" / "light"
 TEXT_MODEL = "sentiment"  # sklearn pipeline: text -> "positive" / "negative"
 TORCH_MODEL = "tiny_torch"  # torch module: (n, 1) brightness -> logits of (dark, light)
+NER_MODEL = "tiny_ner"  # transformers token-classification pipeline: PER and LOC spans, wired by hand
+SENTIMENT_PIPELINE = "tiny_sentiment"  # transformers text-classification pipeline: positive / negative
 ONNX_MODEL = "brightness_onnx"  # the brightness classifier exported by skl2onnx, run by onnxruntime
 DETECTOR_MODEL = "critters"  # sklearn: a grid cell's mean colour -> P(Beetle, Moth, background); hooks make boxes
 
@@ -79,6 +81,88 @@ def export_brightness_onnx():
                            options={id(model): {"zipmap": False}}, target_opset=17)
 
 
+# Tiny transformers pipelines whose answers follow their input: a word-level tokenizer built here (no
+# download), BERT configs a few numbers wide, and weights set by hand so that each word's kind reaches
+# the classifier unchanged (a test can say what they will answer).
+TINY_WORDS = {"ada": 1, "lovelace": 1, "london": 2, "paris": 2, "great": 3, "lovely": 3, "good": 3, "wonderful": 3,
+              "awful": 4, "bad": 4, "terrible": 4}
+TINY_WIDTH = 5
+
+
+def _tiny_pattern(kind: int) -> list[float]:
+    """A zero-mean vector peaking at ``kind``: it comes through LayerNorm pointing the same way."""
+    vector = [-1.0] * TINY_WIDTH
+    vector[kind] = float(TINY_WIDTH - 1)
+    return vector
+
+
+def _tiny_tokenizer(words: list[str]):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                             special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]")
+
+
+def _tiny_bert(model_class, labels: list[str], layers: int):
+    import torch
+    from transformers import BertConfig
+
+    words = sorted(TINY_WORDS) + ["day", "weather", "lived", "in", "."]
+    config = BertConfig(vocab_size=4 + len(words), hidden_size=TINY_WIDTH, num_hidden_layers=layers,
+                        num_attention_heads=1, intermediate_size=8, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    model = model_class(config)
+    with torch.no_grad():
+        embeddings = model.bert.embeddings
+        for index, word in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words):
+            embeddings.word_embeddings.weight[index] = torch.tensor(_tiny_pattern(TINY_WORDS.get(word, 0)))
+        embeddings.position_embeddings.weight.zero_()
+        embeddings.token_type_embeddings.weight.zero_()
+    return model.eval(), _tiny_tokenizer(words)
+
+
+def tiny_ner_pipeline():
+    """Token classification: the words of a name are PER, of a city LOC (aggregated into spans)."""
+    import torch
+    from transformers import BertForTokenClassification, pipeline
+
+    model, tokenizer = _tiny_bert(BertForTokenClassification, ["O", "PER", "LOC"], layers=0)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.tensor([_tiny_pattern(k) for k in (0, 1, 2)]))
+        model.classifier.bias.zero_()
+    return pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple")
+
+
+def tiny_sentiment_pipeline():
+    """Text classification: more good words than bad is positive. One layer whose attention averages the
+    words into [CLS] (queries and keys zero, values the identity); no feed-forward."""
+    import torch
+    from transformers import BertForSequenceClassification, pipeline
+
+    model, tokenizer = _tiny_bert(BertForSequenceClassification, ["negative", "positive"], layers=1)
+    identity = torch.eye(TINY_WIDTH)
+    with torch.no_grad():
+        layer = model.bert.encoder.layer[0]
+        attention = layer.attention.self
+        for linear in (attention.query, attention.key, layer.intermediate.dense, layer.output.dense):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        for linear in (attention.value, layer.attention.output.dense, model.bert.pooler.dense):
+            linear.weight.copy_(identity)
+            linear.bias.zero_()
+        model.classifier.weight.copy_(torch.tensor([_tiny_pattern(4), _tiny_pattern(3)]))
+        model.classifier.bias.zero_()
+    return pipeline("text-classification", model=model, tokenizer=tokenizer)
+
+
 def train_wrong_sentiment():
     """A sentiment model that has it backwards: what a first, badly trained version looks like."""
     from sklearn.feature_extraction.text import CountVectorizer
@@ -129,6 +213,16 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
                 make_tiny_torch(), name="tiny", registered_model_name=TORCH_MODEL, serialization_format="pickle"
             )
         import mlflow.onnx
+        import mlflow.transformers
+
+        needs = ["transformers", "tokenizers", "torch"]  # said, not inferred (inference looks for torchvision)
+        with mlflow.start_run():
+            mlflow.transformers.log_model(tiny_ner_pipeline(), name="ner", registered_model_name=NER_MODEL,
+                                          task="token-classification", pip_requirements=needs)
+        with mlflow.start_run():
+            mlflow.transformers.log_model(tiny_sentiment_pipeline(), name="sentiment",
+                                          registered_model_name=SENTIMENT_PIPELINE, task="text-classification",
+                                          pip_requirements=needs)
 
         with mlflow.start_run():
             mlflow.onnx.log_model(export_brightness_onnx(), name="brightness_onnx", registered_model_name=ONNX_MODEL)

@@ -311,7 +311,7 @@ def transformers_post(
             elif kind == "token-classification":
                 control = _control(label_config, "Labels", options)
                 text = _text_of(inputs, index)
-                for entity in item:
+                for entity in _spans_of(item, text):
                     if float(entity.get("score", 1.0)) < threshold:
                         continue
                     label = control.label(entity.get("entity_group") or entity.get("entity", "").split("-")[-1])
@@ -342,6 +342,30 @@ def transformers_post(
         return predictions
 
     return post
+
+
+def _spans_of(entities: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Entities as spans. A pipeline run without an aggregation strategy (one loaded from MLflow keeps
+    none) answers per token: consecutive tokens of one entity, only spaces between them, become one span
+    (``B-`` starts a new one), scored by their mean, as aggregation_strategy="simple" would have."""
+    if not entities or "entity_group" in entities[0]:
+        return list(entities)
+    merged: list[dict[str, Any]] = []
+    scores: list[list[float]] = []
+    for entity in sorted(entities, key=lambda e: int(e["start"])):
+        tag = str(entity.get("entity", ""))
+        label = tag.split("-", 1)[1] if tag[:2] in ("B-", "I-") else tag
+        last = merged[-1] if merged else None
+        if (last is not None and last["entity_group"] == label and not tag.startswith("B-")
+                and not text[int(last["end"]):int(entity["start"])].strip()):
+            last["end"] = int(entity["end"])
+            scores[-1].append(float(entity.get("score", 1.0)))
+            last["score"] = sum(scores[-1]) / len(scores[-1])
+            continue
+        merged.append({"entity_group": label, "start": int(entity["start"]), "end": int(entity["end"]),
+                       "score": float(entity.get("score", 1.0))})
+        scores.append([float(entity.get("score", 1.0))])
+    return merged
 
 
 def _transformers_kind(item: Any) -> str:

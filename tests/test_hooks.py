@@ -282,6 +282,20 @@ def test_transformers_classification_token_classification_and_speech(tmp_path):
         ("London", ["LOC"]),
     ]
 
+    # Per token, as a pipeline loaded from MLflow answers (no aggregation): one span per entity all the same.
+    tokens = [[
+        {"entity": "B-PER", "start": 0, "end": 3, "score": 0.9, "word": "ada"},
+        {"entity": "I-PER", "start": 4, "end": 12, "score": 0.7, "word": "lovelace"},
+        {"entity": "LOC", "start": 25, "end": 31, "score": 0.8, "word": "london"},
+        {"entity": "B-PER", "start": 31, "end": 32, "score": 0.6, "word": "."},  # B- starts another, never glued
+    ]]
+    merged = hooks.transformers_post()(tokens, label_config=NER, inputs=[text])
+    assert [(s["value"]["text"], s["value"]["labels"], round(s["score"], 2)) for s in merged[0]["result"]] == [
+        ("Ada Lovelace", ["PER"], 0.8),
+        ("London", ["LOC"], 0.8),
+        (".", ["PER"], 0.6),
+    ]
+
     speech = hooks.transformers_post()([{"text": " hello world "}], label_config=ASR)
     check(speech, ASR, 1)
     assert speech[0]["result"][0]["value"]["text"] == ["hello world"]

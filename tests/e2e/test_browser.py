@@ -29,6 +29,10 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("LSBACKEND_ARTIFACTS") or ROOT / "artifacts") / "browser"
+NER_CONFIG = (
+    '<View><Text name="text" value="$text"/>'
+    '<Labels name="entities" toName="text"><Label value="PER"/><Label value="LOC"/></Labels></View>'
+)
 CHECKED = ".lsf-choices input:checked, .ant-checkbox-checked input, .ant-radio-checked input"
 PLACE = 0.02  # of the image's size: strokes and rounding on a canvas about 770 pixels wide
 
@@ -161,11 +165,31 @@ def test_the_predicted_choice_is_checked(label_studio, orchestrator, annotator, 
         assert drawn.choices == [label]
 
 
-def test_a_text_classifiers_choice_is_checked(label_studio, orchestrator, annotator):
-    project, [task] = predicted_in_label_studio(label_studio, orchestrator, "sentiment", TEXT_CONFIG,
-                                                "models:/sentiment/1", hooks.sentiment_post, pre_hook="",
-                                                tasks=[{"text": "wonderful great"}])
-    assert annotator.open_task(project, task["id"], "choices-text", wait_for=CHECKED).choices == ["positive"]
+@pytest.mark.parametrize(
+    ("kind", "model_uri", "post_hook", "fields"),
+    [
+        ("sklearn", "models:/sentiment/1", hooks.sentiment_post, {}),
+        ("transformers", "models:/tiny_sentiment/1", builders.transformers_post(), {"loader": "native"}),
+    ],
+)
+def test_a_text_classifiers_choice_is_checked(label_studio, orchestrator, annotator, kind, model_uri, post_hook, fields):
+    project, tasks = predicted_in_label_studio(label_studio, orchestrator, f"{kind} sentiment", TEXT_CONFIG,
+                                               model_uri, post_hook, pre_hook="",
+                                               tasks=[{"text": "wonderful great day"}, {"text": "terrible bad weather"}],
+                                               **fields)
+    for task, label in zip(tasks, ["positive", "negative"]):
+        assert annotator.open_task(project, task["id"], f"choices-{kind}-{label}", wait_for=CHECKED).choices == [label]
+
+
+def test_a_transformers_ner_pipelines_entities_are_highlighted(label_studio, orchestrator, annotator):
+    """mlflow.transformers' token classification, loaded natively (its pyfunc drops the offsets), through
+    the ready-made hooks.transformers_post."""
+    project, [task] = predicted_in_label_studio(label_studio, orchestrator, "entities", NER_CONFIG,
+                                                "models:/tiny_ner/1", builders.transformers_post(), pre_hook="",
+                                                tasks=[{"text": "Ada Lovelace lived in London ."}], loader="native")
+    drawn = annotator.open_task(project, task["id"], "ner-transformers", regions=2, spans=2)
+    assert drawn.spans == ["Ada Lovelace", "London"]
+    assert sorted(row.split("\n")[0] for row in drawn.regions) == ["LOC", "PER"]
 
 
 def stored_straight(label_studio, title, config, upload, results):
