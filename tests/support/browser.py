@@ -122,6 +122,7 @@ class Annotator:
             raise BrowserUnavailable(f"chromium did not start: {exc}") from exc
         self.page = self._browser.new_page(viewport={"width": 1400, "height": 900})
         self.console_errors: list[str] = []
+        self._opened = "page"
         self.page.on("pageerror", lambda error: self.console_errors.append(str(error)))
         self._log_in()
 
@@ -149,19 +150,19 @@ class Annotator:
         if wait_for:
             self.page.wait_for_selector(wait_for, state="attached", timeout=DRAW_TIMEOUT_MS)
         self.page.wait_for_load_state("networkidle")
-        screen = self.page.evaluate(READ_SCREEN)
-        shot = self.artifacts / f"{name}.png"
-        self.page.screenshot(path=str(shot))
-        image = tuple(screen["image"]) if screen["image"] else None
-        return Drawn(screen["regions"], screen["shapes"], screen["spans"], screen["choices"], screen["texts"],
-                     image, shot, screen)
+        self._opened = name
+        return self._read(name)
 
     def select_region(self, index: int = 0) -> Drawn:
         """Click a row of the regions panel, as an annotator does to see a region's text area; read again."""
         self.page.locator(".lsf-outliner-item").nth(index).click()
         self.page.wait_for_selector('[data-testid="htx-textbox-content"]', timeout=DRAW_TIMEOUT_MS)
+        return self._read(f"{self._opened}-region-{index}-selected")
+
+    def _read(self, name: str) -> Drawn:
+        """What the page shows now, and its screenshot as ``name``.png."""
         screen = self.page.evaluate(READ_SCREEN)
-        shot = self.artifacts / f"selected-{len(list(self.artifacts.glob('selected-*')))}.png"
+        shot = self.artifacts / f"{name}.png"
         self.page.screenshot(path=str(shot))
         image = tuple(screen["image"]) if screen["image"] else None
         return Drawn(screen["regions"], screen["shapes"], screen["spans"], screen["choices"], screen["texts"],
