@@ -92,7 +92,9 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
     services.runtime.restore()
-    services.ticker = Ticker(1.0, [runtime.tick, runtime.follow_store, trainer.tick, follower.tick, quality.flush, cache.maintain]).start()
+    # Only a sibling worker writes the stored configuration behind this one's back: follow it when there are some.
+    siblings = [runtime.follow_store] if settings.workers > 1 else []
+    services.ticker = Ticker(1.0, [runtime.tick, *siblings, trainer.tick, follower.tick, quality.flush, cache.maintain]).start()
     atexit.register(services.close)
     return app
 
