@@ -78,19 +78,18 @@ def test_a_waiting_request_stops_at_its_deadline(db, other_worker):
 
 def test_the_shared_cache_is_bounded_by_size_and_age_and_follows_the_configuration(db):
     cache = SharedPredictions(db, max_bytes=30, ttl_s=3600)
-    for n, key in enumerate(KEYS + [("config", "labels", 3, "data")]):
+    keys = KEYS + [("config", "labels", 3, "data")]
+    for n, key in enumerate(keys):  # written 100 s ago, a second apart: "the oldest" is one entry
         cache.settle([(key, "x" * 10)])
-        time.sleep(0.002)  # distinct times of writing, so "the oldest" is one entry
+        db.db().execute("UPDATE predictions SET at = ? WHERE key = ?", (time.time() - 100 + n, shared._text(key)))
     cache._maintained = float("-inf")
     cache.maintain()
-    assert sorted(cache.get_many(KEYS + [("config", "labels", 3, "data")])) == [1, 2, 3]  # the oldest made room
+    assert sorted(cache.get_many(keys)) == [1, 2, 3]  # the oldest made room
     assert cache.describe()["bytes"] == 30 and cache.describe()["entries"] == 3
+    assert SharedPredictions(db, max_bytes=30, ttl_s=50).get_many(keys) == {}  # all older than a 50 s TTL
     cache.settle([(("other config", "labels", 1, "data"), "y")])
     cache.keep_only("other config")  # a new configuration serves, in every worker
     assert not cache.holds("config") and cache.holds("other config")
-    old = SharedPredictions(db, max_bytes=30, ttl_s=0.001)
-    time.sleep(0.01)
-    assert old.get_many([("other config", "labels", 1, "data")]) == {}  # too old
 
 
 def test_the_memory_and_shared_caches_answer_alike():
