@@ -309,6 +309,8 @@ def _torch_call(module: Any, device: str) -> Callable[[Any], Any]:
     def predict(inputs: Any) -> Any:
         if isinstance(inputs, torch.Tensor):
             inputs = inputs.to(device)
+        elif isinstance(inputs, (list, tuple)) and all(isinstance(item, torch.Tensor) for item in inputs):
+            inputs = [item.to(device) for item in inputs]  # torchvision detectors: one tensor per image
         with torch.no_grad():
             return module(inputs)
 

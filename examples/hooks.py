@@ -57,6 +57,31 @@ def sentiment_train(texts, annotations, params=None):
     return model.fit(texts, choice_labels(annotations))
 
 
+def pipeline_train(texts, annotations, current_model=None, params=None):
+    """A train_hook for a transformers text-classification pipeline: the serving pipeline's classification
+    head fine-tuned on what annotators chose (``params``: ``steps``, ``lr``), returned as a pipeline with
+    its tokenizer."""
+    import torch
+    from transformers import pipeline
+
+    from hooks import choice_labels
+
+    params = params or {}
+    model, tokenizer = current_model.model, current_model.tokenizer
+    chosen = [(text, label) for text, label in zip(texts, choice_labels(annotations)) if label in model.config.label2id]
+    batch = tokenizer([text for text, _ in chosen], padding=True, return_tensors="pt")
+    labels = torch.tensor([model.config.label2id[label] for _, label in chosen])
+    head = getattr(model, "classifier", None) or model  # the head only: a few examples should move it, not the rest
+    optimizer = torch.optim.AdamW(head.parameters(), lr=float(params.get("lr", 0.3)))
+    model.train()
+    for _ in range(int(params.get("steps", 30))):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return pipeline("text-classification", model=model.eval(), tokenizer=tokenizer)
+
+
 def critter_cells_pre(paths):
     """Each image as the mean colour of each cell of a 4x4 grid: 16 rows of (r, g, b) per image."""
     import numpy as np

@@ -141,9 +141,9 @@ def tiny_ner_pipeline():
     return pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple")
 
 
-def tiny_sentiment_pipeline():
-    """Text classification: more good words than bad is positive. One layer whose attention averages the
-    words into [CLS] (queries and keys zero, values the identity); no feed-forward."""
+def tiny_sentiment_pipeline(backwards: bool = False):
+    """Text classification: more good words than bad is positive (negative, ``backwards``). One layer whose
+    attention averages the words into [CLS] (queries and keys zero, values the identity); no feed-forward."""
     import torch
     from transformers import BertForSequenceClassification, pipeline
 
@@ -158,7 +158,8 @@ def tiny_sentiment_pipeline():
         for linear in (attention.value, layer.attention.output.dense, model.bert.pooler.dense):
             linear.weight.copy_(identity)
             linear.bias.zero_()
-        model.classifier.weight.copy_(torch.tensor([_tiny_pattern(4), _tiny_pattern(3)]))
+        rows = [_tiny_pattern(4), _tiny_pattern(3)]
+        model.classifier.weight.copy_(torch.tensor(rows[::-1] if backwards else rows))
         model.classifier.bias.zero_()
     return pipeline("text-classification", model=model, tokenizer=tokenizer)
 
@@ -174,16 +175,24 @@ def train_wrong_sentiment():
     return make_pipeline(CountVectorizer(), LogisticRegression()).fit(texts, labels)
 
 
-def register_trainable(tracking_uri: str, names: list[str], alias: str = "champion") -> None:
-    """Version 1 of each name, a sentiment model that has it backwards, with ``alias`` on it: where training starts."""
+def register_trainable(tracking_uri: str, names: list[str], alias: str = "champion", flavor: str = "sklearn") -> None:
+    """Version 1 of each name, a sentiment model that has it backwards, with ``alias`` on it: where training
+    starts. ``flavor``: a scikit-learn pipeline, or a transformers text-classification pipeline."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("fixtures")
-    model = train_wrong_sentiment()
     for name in names:
         with mlflow.start_run():
-            mlflow.sklearn.log_model(model, name="model", registered_model_name=name, pip_requirements=["scikit-learn"])
+            if flavor == "transformers":
+                import mlflow.transformers
+
+                mlflow.transformers.log_model(tiny_sentiment_pipeline(backwards=True), name="model",
+                                              registered_model_name=name, task="text-classification",
+                                              pip_requirements=["transformers", "tokenizers", "torch"])
+            else:
+                mlflow.sklearn.log_model(train_wrong_sentiment(), name="model", registered_model_name=name,
+                                         pip_requirements=["scikit-learn"])
         mlflow.MlflowClient().set_registered_model_alias(name, alias, "1")
 
 
@@ -229,7 +238,8 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
 
 
 if __name__ == "__main__":
-    if "--trainable" in sys.argv:  # python -m examples.models <uri> --trainable <name>[,<name>...]
-        register_trainable(sys.argv[1], sys.argv[sys.argv.index("--trainable") + 1].split(","))
+    if "--trainable" in sys.argv:  # python -m examples.models <uri> --trainable <name>[,<name>...] [--transformers]
+        register_trainable(sys.argv[1], sys.argv[sys.argv.index("--trainable") + 1].split(","),
+                           flavor="transformers" if "--transformers" in sys.argv else "sklearn")
     else:
         register_all(sys.argv[1], with_torch="--no-torch" not in sys.argv)

@@ -111,15 +111,17 @@ class OrchestratorProcess(Process):
     """``flask --app orchestrator run`` on a free loopback port, its state in ``state_dir``; with ``workers``,
     gunicorn with that many worker processes instead, as in production."""
 
-    def __init__(self, state_dir: Path, env: dict[str, str], port: int | None = None, workers: int = 0) -> None:
+    def __init__(self, state_dir: Path, env: dict[str, str], port: int | None = None, workers: int = 0,
+                 python_bin: Path = PYTHON_BIN) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = state_dir
         env = base_env(**{"ORCHESTRATOR_DIR": str(state_dir), "SUPERVISE_EVERY_S": "0.2", "MAX_BACKOFF_S": "2",
                           "WARM_SPARES": "0", **env})  # spares only where a test asks for them
-        args = [str(PYTHON_BIN / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
+        env["PATH"] = f"{python_bin}{os.pathsep}{env['PATH']}"  # python_bin: another environment's (the zoo's)
+        args = [str(python_bin / "flask"), "--app", "orchestrator", "run", "--port", str(self.port)]
         if workers:
-            args = [str(PYTHON_BIN / "gunicorn"), "-w", str(workers), "--threads", "4", "-b",
+            args = [str(python_bin / "gunicorn"), "-w", str(workers), "--threads", "4", "-b",
                     f"127.0.0.1:{self.port}", "orchestrator:create_app()"]
         super().__init__(args, env, state_dir.parent / f"orchestrator-{self.port}.log")
 
@@ -287,9 +289,11 @@ def prefix_proxy(prefix: str, upstream: str) -> ThreadedServer:
     return ThreadedServer(Handler)
 
 
-def register_trainable(tracking_uri: str, *names: str) -> None:
-    """Version 1 of a sentiment model that has it backwards, @champion, under each name (in one child process)."""
+def register_trainable(tracking_uri: str, *names: str, flavor: str = "sklearn") -> None:
+    """Version 1 of a sentiment model that has it backwards, @champion, under each name (in one child process);
+    ``flavor``: "sklearn" or "transformers"."""
     args = [sys.executable, "-m", "examples.models", tracking_uri, "--trainable", ",".join(names)]
+    args += ["--transformers"] if flavor == "transformers" else []
     subprocess.run(args, cwd=ROOT, env=base_env(), check=True, capture_output=True)
 
 

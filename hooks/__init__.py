@@ -28,9 +28,11 @@ from .adapters import (
     ultralytics_post,
 )
 from .labelconfig import Control, HookConfigError, find_control
+from .outline import mask_outline
 from .pre import (
     image_features_frame,
     images_to_numpy,
+    images_to_tensors,
     letterbox,
     letterbox_geometry,
     open_images,
@@ -57,9 +59,11 @@ __all__ = [
     "image_features_frame",
     "image_size",
     "images_to_numpy",
+    "images_to_tensors",
     "keypoint",
     "letterbox",
     "letterbox_geometry",
+    "mask_outline",
     "multi_choice_labels",
     "number",
     "open_images",

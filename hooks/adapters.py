@@ -164,6 +164,18 @@ def _brushes(control, masks, classes, scores, keep, class_names, width, height) 
     return _regions(control, keep, classes, scores, class_names, build)
 
 
+def _outlines(control, masks, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
+    """Per-detection masks (any size; resized to the image) to PolygonLabels results along their outlines."""
+    from .outline import mask_outline
+
+    def build(i, label, names):
+        mask = masks[i].reshape(masks.shape[-2:])
+        points = mask_outline(mask if mask.shape == (height, width) else _resize_mask(mask, width, height))
+        return r.polygon(points, label, width=width, height=height, **names) if len(points) >= 3 else None
+
+    return _regions(control, keep, classes, scores, class_names, build)
+
+
 def _masks(masks, keep, classes, scores, class_names, width, height, label_config, options) -> list[dict[str, Any]]:
     if has_control(label_config, "PolygonLabels") and getattr(masks, "xy", None) is not None:
         control = _control(label_config, "PolygonLabels", options)
@@ -178,9 +190,16 @@ def _masks(masks, keep, classes, scores, class_names, width, height, label_confi
 
 
 def _resize_mask(mask: Any, width: int, height: int) -> Any:
+    """A mask at the model's input size back to the image's: the centred letterbox padding a YOLO input
+    has (none where the aspect ratios agree) cut off, then resized."""
     import numpy as np
     from PIL import Image
 
+    rows, columns = mask.shape
+    gain = min(rows / height, columns / width)
+    pad_x, pad_y = (columns - width * gain) / 2, (rows - height * gain) / 2
+    top, left = round(pad_y - 0.1), round(pad_x - 0.1)
+    mask = mask[top : rows - round(pad_y + 0.1), left : columns - round(pad_x + 0.1)]
     return np.asarray(Image.fromarray((mask > 0.5).astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
 
 
@@ -225,7 +244,8 @@ def torchvision_detection_post(
 ) -> PostHook:
     """torchvision detection dicts (``boxes`` in pixel xyxy, ``labels``, ``scores``; ``masks`` optional) per image.
 
-    The image size comes from the files (``inputs``); ``letterbox`` undoes the pre hook's letterbox.
+    Boxes become RectangleLabels; with ``masks`` (Mask R-CNN), PolygonLabels along each mask's outline
+    or BrushLabels, whichever the config has. The image size comes from the files (``inputs``); ``letterbox`` undoes the pre hook's letterbox.
     """
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
@@ -237,7 +257,10 @@ def torchvision_detection_post(
             labels, scores = _array(item["labels"]).reshape(-1), _array(item["scores"]).reshape(-1).astype(float)
             keep = [i for i in range(len(scores)) if scores[i] >= threshold]
             found = []
-            if "masks" in item and label_config and has_control(label_config, "BrushLabels"):
+            if "masks" in item and label_config and has_control(label_config, "PolygonLabels"):
+                control = _control(label_config, "PolygonLabels", options)
+                found += _outlines(control, _array(item["masks"]), labels, scores, keep, class_names, width, height)
+            elif "masks" in item and label_config and has_control(label_config, "BrushLabels"):
                 control = _control(label_config, "BrushLabels", options)
                 found += _brushes(control, _array(item["masks"]), labels, scores, keep, class_names, width, height)
             else:
@@ -294,12 +317,15 @@ def transformers_post(
     **names: str,
 ) -> PostHook:
     """transformers pipeline outputs, one per input: text/image classification (``[{label, score}]``, best
-    first) to Choices; token classification (``[{entity_group|entity, start, end, score}]``) to Labels spans
-    on the input text; speech recognition (``{"text"}``) to a TextArea. ``task="auto"`` tells them apart."""
+    first, or MLflow's pyfunc DataFrame of ``label`` and ``score``) to Choices; token classification
+    (``[{entity_group|entity, start, end, score}]``) to Labels spans on the input text; speech recognition
+    (``{"text"}``) to a TextArea. ``task="auto"`` tells them apart."""
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
     def post(output: Any, label_config: str | None = None, inputs: Sequence[Any] | None = None) -> list[dict[str, Any]]:
         predictions = []
+        if hasattr(output, "to_dict") and hasattr(output, "columns"):  # MLflow's pyfunc: a row of label, score per input
+            output = output.to_dict("records")
         for index, item in enumerate(_per_task(output, inputs) if not isinstance(output, dict) else [output]):
             kind = task if task != "auto" else _transformers_kind(item)
             found: list[dict[str, Any]] = []

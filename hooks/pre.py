@@ -67,6 +67,20 @@ def images_to_numpy(
     return pre
 
 
+def images_to_tensors(scale: float = 1 / 255) -> PreHook:
+    """A pre hook for torchvision detection models: one (3, H, W) float tensor per image, each at its own
+    size (the model resizes and batches them itself), scaled to 0..1."""
+
+    def pre(paths: Sequence[Any]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        return [torch.from_numpy(np.asarray(image, dtype=np.float32) * scale).permute(2, 0, 1).contiguous()
+                for image in open_images(paths)]
+
+    return pre
+
+
 def image_features_frame(columns: Sequence[str] = ("brightness",)) -> PreHook:
     """A pre hook for pyfunc models with a tabular signature: simple per-image features as a DataFrame.
 

@@ -238,6 +238,80 @@ def test_torchvision_detections_with_sizes_from_the_files(pictures):
     assert predictions[1]["result"] == []
 
 
+def brushed_box(result):
+    """(x0, y0, x1, y1) in pixels of a brush result's painted area, decoded as Label Studio does."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    value = result["value"]
+    painted = decode_rle(value["rle"]).reshape(result["original_height"], result["original_width"], 4)[..., 3] > 0
+    rows, columns = np.nonzero(painted)
+    return columns.min(), rows.min(), columns.max() + 1, rows.max() + 1
+
+
+def test_mask_rcnn_masks_become_polygons_along_their_outline_or_brushes(pictures):
+    masks = np.zeros((1, 1, H, W), dtype=np.float32)
+    masks[0, 0, 10:60, 20:120] = 0.9  # Mask R-CNN: a probability per pixel, at the image's size
+    output = [{"boxes": np.array([[20, 10, 120, 60]]), "labels": np.array([1]), "scores": np.array([0.9]),
+               "masks": masks}] * 2
+    post = hooks.torchvision_detection_post(class_names={1: "cat", 2: "dog"})
+    polygons = post(output, label_config=POLYGONS, inputs=pictures)
+    check(polygons, POLYGONS, 2)
+    points = polygons[0]["result"][0]["value"]["points"]
+    assert sorted((x * W / 100, y * H / 100) for x, y in points) == [(20, 10), (20, 60), (120, 10), (120, 60)]
+    brushes = post(output, label_config=BRUSHES, inputs=pictures)
+    check(brushes, BRUSHES, 2)
+    assert brushed_box(brushes[0]["result"][0]) == (20, 10, 120, 60)
+
+
+def test_ultralytics_masks_at_the_letterboxed_input_size_land_on_the_image():
+    """Without retina_masks, YOLO's masks are at its input's size: the image scaled and padded to a
+    multiple of 32 (200 x 100 -> 224 x 128 at scale 1.12, 8 rows of padding above and below...)."""
+    scale = 224 / W
+    rows = 128
+    pad = (rows - H * scale) / 2
+    mask = np.zeros((1, rows, 224), dtype=np.float32)
+    mask[0, round(pad + 10 * scale) : round(pad + 60 * scale), round(20 * scale) : round(120 * scale)] = 1.0
+    segmented = Result(Boxes([[20, 10, 120, 60]], [0], [0.9]), masks=type("Masks", (), {"xy": None, "data": mask})())
+    brushes = hooks.ultralytics_post()([segmented], label_config=BRUSHES)
+    check(brushes, BRUSHES, 1)
+    x0, y0, x1, y1 = brushed_box(brushes[0]["result"][0])
+    assert abs(x0 - 20) <= 1 and abs(y0 - 10) <= 1 and abs(x1 - 120) <= 1 and abs(y1 - 60) <= 1, (x0, y0, x1, y1)
+
+
+@pytest.mark.parametrize(
+    ("painted", "outline"),
+    [
+        ((slice(2, 5), slice(3, 9)), [(9, 2), (9, 5), (3, 5), (3, 2)]),  # a rectangle: its four corners
+        ((slice(0, 3), slice(0, 3)), [(3, 0), (3, 3), (0, 3), (0, 0)]),  # touching the edges
+    ],
+)
+def test_a_masks_outline_runs_along_its_pixels_edges(painted, outline):
+    mask = np.zeros((10, 12), dtype=bool)
+    mask[painted] = True
+    assert hooks.mask_outline(mask) == outline
+
+
+def test_outlines_of_concave_round_and_empty_masks():
+    notched = np.zeros((10, 10), dtype=np.uint8)
+    notched[2:8, 2:8], notched[4:8, 4:6] = 1, 0
+    assert hooks.mask_outline(notched) == [(8, 2), (8, 8), (6, 8), (6, 4), (4, 4), (4, 8), (2, 8), (2, 2)]
+    yy, xx = np.mgrid[:60, :60]
+    disc = (yy - 30) ** 2 + (xx - 30) ** 2 < 400
+    ring = hooks.mask_outline(disc)
+    assert 8 <= len(ring) <= 40  # a staircase of ~160 corners, simplified
+    assert all(abs(((x - 30) ** 2 + (y - 30) ** 2) ** 0.5 - 20) <= 1.5 for x, y in ring)
+    assert hooks.mask_outline(np.zeros((4, 4))) == []
+
+
+def test_images_to_tensors_keeps_each_image_at_its_size(pictures, tmp_path):
+    torch = pytest.importorskip("torch")
+    other = tmp_path / "tall.png"
+    Image.new("RGB", (30, 50), (255, 0, 0)).save(other)
+    first, second = hooks.images_to_tensors()([pictures[0], str(other)])
+    assert isinstance(first, torch.Tensor) and first.shape == (3, H, W) and second.shape == (3, 50, 30)
+    assert float(second[0].min()) == 1.0 and float(second[1].max()) == 0.0
+
+
 def test_letterboxed_coordinates_are_mapped_back(pictures):
     pre = hooks.images_to_numpy(size=64, letterboxed=True)
     batch = pre(pictures)

@@ -90,7 +90,9 @@ def register(model: Any, name: str, tags: dict[str, str], policy: TrainingPolicy
     flavor = flavor_of(model, policy.flavor)
     module = importlib.import_module(f"mlflow.{flavor}")
     keyword = {"pyfunc": "python_model", "transformers": "transformers_model"}.get(flavor)
-    arguments = {keyword: model} if keyword else {}
+    arguments: dict[str, Any] = {keyword: model} if keyword else {}
+    if flavor == "pytorch":  # MLflow's default, "pt2", traces forward() and needs an input example; any module pickles
+        arguments["serialization_format"] = "pickle"
     positional = () if keyword else (model,)
     try:
         info = module.log_model(*positional, name=ARTIFACT_NAME, registered_model_name=name,

@@ -14,6 +14,7 @@ from lsmlflow.pickling import encode_hook
 from tests.support import hooks
 from tests.support.label_studio import LabelStudioUnavailable, start_label_studio
 
+PLACE = 0.02  # of the image's size: strokes and rounding on a canvas about 770 pixels wide
 BOXES_CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<RectangleLabels name="box" toName="image"><Label value="dark"/><Label value="light"/></RectangleLabels></View>'
@@ -83,3 +84,33 @@ def stored(label_studio, task_id):
 
 def backend_health(url):
     return requests.get(url + "health", timeout=5).json()
+
+
+def predicted_in_label_studio(label_studio, orchestrator, title, config, model_uri, post_hook,
+                              pre_hook=hooks.brightness_pre, uploads=(), tasks=(), **fields):
+    """Configure the model, make the project, connect it, press "Retrieve predictions": its tasks, each with
+    the stored prediction of the backend."""
+    backend = configure(orchestrator, model_uri, post_hook, pre_hook=pre_hook, **fields)
+    project = new_project(label_studio, title, config, uploads=uploads, tasks=tasks)
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": True})
+    connect(label_studio, project, backend["label_studio_url"])
+    retrieve_predictions(label_studio, project)
+    listed = tasks_of(label_studio, project)
+    for task in listed:
+        assert len(stored(label_studio, task["id"])) == 1, f"{title}: task {task['id']} has no prediction"
+    return project, listed
+
+
+def near(box, expected):
+    return all(abs(a - b) <= PLACE for a, b in zip(box, expected))
+
+
+def logged_flavors(tracking_uri, name, version, folder):
+    """The MLflow flavors a registered version was logged with, from its MLmodel file."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
+
+    stored_at = MlflowClient(tracking_uri=tracking_uri).get_model_version_download_uri(name, str(version))
+    path = download_artifacts(artifact_uri=f"{stored_at}/MLmodel", tracking_uri=tracking_uri, dst_path=str(folder))
+    return set(Model.load(path).flavors)

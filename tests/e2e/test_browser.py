@@ -10,9 +10,6 @@ are skipped, saying why.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
@@ -20,34 +17,17 @@ import hooks as builders
 from backend.errors import PredictionsInvalid
 from backend.validation import complete_prediction, validate_predictions
 from examples.hooks import DETECTOR_CONFIG
-from tests.e2e.projects import configure, connect, new_project, retrieve_predictions, stored, tasks_of, under_ci
+from tests.e2e.projects import near, new_project, predicted_in_label_studio, tasks_of
 from tests.support import drawn_hooks, hooks
-from tests.support.browser import Annotator, BrowserUnavailable
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("LSBACKEND_ARTIFACTS") or ROOT / "artifacts") / "browser"
 NER_CONFIG = (
     '<View><Text name="text" value="$text"/>'
     '<Labels name="entities" toName="text"><Label value="PER"/><Label value="LOC"/></Labels></View>'
 )
 CHECKED = ".lsf-choices input:checked, .ant-checkbox-checked input, .ant-radio-checked input"
-PLACE = 0.02  # of the image's size: strokes and rounding on a canvas about 770 pixels wide
-
-
-@pytest.fixture(scope="module")
-def annotator(label_studio):
-    try:
-        browser = Annotator(label_studio, ARTIFACTS)
-    except BrowserUnavailable as exc:
-        if under_ci():
-            pytest.fail(f"a browser is required under CI and is unavailable: {exc}")
-        pytest.skip(str(exc))
-    yield browser
-    browser.close()
-    assert not browser.console_errors, browser.console_errors  # the labeling UI threw nothing
 
 
 @pytest.fixture(scope="module")
@@ -60,36 +40,6 @@ def photos(tmp_path_factory):
         made[name] = root / f"{name}.png"
         Image.new("RGB", (320, 240), (grey, grey, grey)).save(made[name])
     return made
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    """A trap photo for the critter detector: a red moth in cell (1, 0), a blue beetle in cell (2, 2) of a 4x4 grid."""
-    path = tmp_path_factory.mktemp("scene") / "trap.png"
-    picture = Image.new("RGB", (320, 240), (10, 10, 10))
-    picture.paste((230, 20, 20), (80, 0, 160, 60))
-    picture.paste((20, 20, 230), (160, 120, 240, 180))
-    picture.save(path)
-    return path
-
-
-def predicted_in_label_studio(label_studio, orchestrator, title, config, model_uri, post_hook,
-                              pre_hook=hooks.brightness_pre, uploads=(), tasks=(), **fields):
-    """Configure the model, make the project, connect it, press "Retrieve predictions": its tasks, each with
-    the stored prediction of the backend."""
-    backend = configure(orchestrator, model_uri, post_hook, pre_hook=pre_hook, **fields)
-    project = new_project(label_studio, title, config, uploads=uploads, tasks=tasks)
-    label_studio.api("PATCH", f"/api/projects/{project}", json={"show_collab_predictions": True})
-    connect(label_studio, project, backend["label_studio_url"])
-    retrieve_predictions(label_studio, project)
-    listed = tasks_of(label_studio, project)
-    for task in listed:
-        assert len(stored(label_studio, task["id"])) == 1, f"{title}: task {task['id']} has no prediction"
-    return project, listed
-
-
-def near(box, expected):
-    return all(abs(a - b) <= PLACE for a, b in zip(box, expected))
 
 
 def test_a_detectors_boxes_are_drawn_on_the_objects(label_studio, orchestrator, annotator, scene):

@@ -18,6 +18,7 @@ import sys
 import pytest
 import requests
 
+import hooks as builders
 from harness.servers import base_env, free_port, wait_until
 from lsmlflow import Client, LabelStudioError, connect_project
 from lsmlflow.pickling import encode_hook
@@ -26,6 +27,7 @@ from tests.e2e.projects import (
     backend_health,
     configure,
     connect,
+    logged_flavors,
     new_project,
     retrieve_predictions,
     start_label_studio_or_skip,
@@ -203,23 +205,37 @@ def test_a_big_project_is_stored_over_two_rounds_without_losing_or_repeating_wor
         orchestrator.stop()
 
 
-def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_annotators_chose(label_studio, orchestrator, mlflow_server):
+TRAINABLE = {  # flavor: (post hook, train hook, what annotators chose); the transformers tokenizer knows a few words
+    "sklearn": (hooks.sentiment_post, hooks.sentiment_train,
+                {"great good": "positive", "lovely fine": "positive", "wonderful great": "positive",
+                 "good lovely": "positive", "bad awful": "negative", "terrible bad": "negative",
+                 "awful horrid": "negative", "horrid terrible": "negative"}),
+    "transformers": (builders.transformers_post(), hooks.pipeline_train,
+                     {"great good": "positive", "lovely wonderful": "positive", "wonderful great": "positive",
+                      "good lovely": "positive", "bad awful": "negative", "terrible bad": "negative",
+                      "awful terrible": "negative", "bad terrible": "negative"}),
+}
+
+
+@pytest.mark.parametrize("flavor", sorted(TRAINABLE))
+def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_annotators_chose(label_studio, orchestrator,
+                                                                                             mlflow_server, flavor, tmp_path):
     """The loop closed through MLflow: annotate in Label Studio, press Start Training (its API), a new registered
-    version with its lineage, the alias moved, the backend swapped, and retrieved predictions that changed."""
+    version with its lineage (logged by ``register``'s branch for the flavor the train_hook returned), the alias
+    moved, the backend swapped, and retrieved predictions that changed."""
     from mlflow import MlflowClient
 
     from harness.servers import register_trainable
 
-    name = "e2e-sentiment"
-    register_trainable(mlflow_server.url, name)  # version 1 @champion has it backwards
+    name = f"e2e-sentiment-{flavor}"
+    post_hook, train_hook, texts = TRAINABLE[flavor]
+    register_trainable(mlflow_server.url, name, flavor=flavor)  # version 1 @champion has it backwards
     response = requests.post(orchestrator.url + "/configure", timeout=120, json={
-        "model_uri": f"models:/{name}@champion", "tracking_uri": mlflow_server.url, "post_hook": encode_hook(hooks.sentiment_post),
-        "train_hook": encode_hook(hooks.sentiment_train), "training": {"gate_tasks": 50},
+        "model_uri": f"models:/{name}@champion", "tracking_uri": mlflow_server.url, "post_hook": encode_hook(post_hook),
+        "train_hook": encode_hook(train_hook), "training": {"gate_tasks": 50},
     })
     assert response.status_code == 200, response.text
     url = response.json()["label_studio_url"]
-    texts = {"great good": "positive", "lovely fine": "positive", "wonderful great": "positive", "good lovely": "positive",
-             "bad awful": "negative", "terrible bad": "negative", "awful horrid": "negative", "horrid terrible": "negative"}
     project = new_project(label_studio, "learning", TEXT_CONFIG, tasks=[{"text": t} for t in texts])
     tasks = tasks_of(label_studio, project)
     ml_backend = connect(label_studio, project, url)
@@ -246,6 +262,7 @@ def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_anno
     assert version.tags["ls.project_id"] == str(project) and version.tags["ls.annotation_count"] == str(len(tasks))
     assert version.tags["ls.host"] == label_studio.url and version.tags["lsbackend.parent_version"] == f"{name}:1"
     assert str(mlflow.get_model_version_by_alias(name, "champion").version) == job["version"]
+    assert flavor in logged_flavors(mlflow_server.url, name, job["version"], tmp_path)  # register's branch for it
     first_run = mlflow.get_run(mlflow.get_model_version(name, "1").run_id)
     assert first_run.data.metrics["annotators.choices_kept"] == 0.0  # what annotators kept of version 1, in MLflow
 

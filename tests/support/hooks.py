@@ -9,6 +9,7 @@ from examples.hooks import (  # noqa: F401
     choices_post,
     critter_boxes_post,
     critter_cells_pre,
+    pipeline_train,
     sentiment_post,
     sentiment_train,
 )
