@@ -1,3 +1,3 @@
-"""What ``gunicorn wsgi:app`` reads in this folder: the backend's settings, kept in backend/gunicorn_conf.py."""
+"""What ``gunicorn wsgi:app`` reads in this folder: the backend's settings, kept in backend/web/gunicorn_conf.py."""
 
-from backend.gunicorn_conf import *
+from backend.web.gunicorn_conf import *

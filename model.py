@@ -1,6 +1,6 @@
 """The configured model's pipeline, at the top of the checkout where readers look for it: the code is
-``backend/pipeline.py`` (``pre_hook -> model.predict -> post_hook`` on one batch)."""
+``backend/model/pipeline.py`` (``pre_hook -> model.predict -> post_hook`` on one batch)."""
 
-from backend.pipeline import Pipeline, StageTimer
+from backend.model.pipeline import Pipeline, StageTimer
 
 __all__ = ["Pipeline", "StageTimer"]

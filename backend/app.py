@@ -8,29 +8,29 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from .answers import PlainValuesJSONProvider
-from .antenna.routes import antenna
-from .api import Services, api
-from .batching import DynamicBatcher
-from .continuation import Continuation, PredictionCache, Predictions
-from .errors import register_error_handlers
-from .follower import RegistryFollower
-from .labelstudio import LabelStudioAuth
-from .metrics import BackendMetrics
-from .prediction import finish_outputs
-from .quality import QualityLedger
-from .redact import SECRETS, install_log_redaction
-from .runtime import Runtime, Serving
-from .settings import Settings
-from .shared import FILE_NAME, SCHEMA, SharedPredictions, SharedWebhookLog
-from .sqlitedb import SharedDb
-from .store import ConfigurationStore
-from .taskdata import TaskDataFetcher, fetch_limits
-from .ticker import Ticker
-from .training.records import TrainingRecords
-from .training.trainer import Trainer
-from .webhooks import WebhookLog, WebhookRecorder
-from .zygote import Zygote
+from backend.antenna.routes import antenna
+from backend.core.errors import register_error_handlers
+from backend.core.metrics import BackendMetrics
+from backend.core.redact import SECRETS, install_log_redaction
+from backend.core.settings import Settings
+from backend.core.ticker import Ticker
+from backend.isolation.zygote import Zygote
+from backend.labeling.answers import PlainValuesJSONProvider
+from backend.quality.ledger import QualityLedger
+from backend.quality.webhooks import WebhookLog, WebhookRecorder
+from backend.serving.batching import DynamicBatcher
+from backend.serving.continuation import Continuation, PredictionCache, Predictions
+from backend.serving.follower import RegistryFollower
+from backend.serving.prediction import finish_outputs
+from backend.serving.runtime import Runtime, Serving
+from backend.serving.shared import FILE_NAME, SCHEMA, SharedPredictions, SharedWebhookLog
+from backend.state.sqlitedb import SharedDb
+from backend.state.store import ConfigurationStore
+from backend.state.training_records import TrainingRecords
+from backend.tasks.fetcher import TaskDataFetcher, fetch_limits
+from backend.tasks.labelstudio import LabelStudioAuth
+from backend.training.trainer import Trainer
+from backend.web.api import Services, api
 
 
 def create_app(settings: Settings | None = None, env: Mapping[str, str] | None = None, zygote: Zygote | None = None) -> Flask:
@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
 
 def _worker_state(settings: Settings) -> tuple[Predictions, WebhookRecorder]:
     """The prediction cache and the webhook log: in memory for one worker, in a file the workers share
-    for several (``backend/shared.py``), so that no task is predicted twice whichever worker a round reaches."""
+    for several (``backend/serving/shared.py``), so that no task is predicted twice whichever worker a round reaches."""
     if settings.workers <= 1:
         return PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s), WebhookLog()
     db = SharedDb(settings.model_dir / FILE_NAME, SCHEMA)

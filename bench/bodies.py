@@ -1,4 +1,4 @@
-"""Big request bodies: the backend's worker (backend/worker.py) against gunicorn's stock gthread, side by side.
+"""Big request bodies: the backend's worker (backend/web/worker.py) against gunicorn's stock gthread, side by side.
 
 Each size is a ``/predict`` body of Label Studio-shaped tasks (~550 bytes each, as "Retrieve predictions"
 sends them) to an unconfigured backend: the body is read and parsed whole, then the answer is the 503

@@ -18,7 +18,7 @@ def main() -> int:
     import torch
 
     import hooks
-    from backend.loading import _torch_call, choose_device
+    from backend.model.loading import _torch_call, choose_device
 
     report: dict[str, object] = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
     device = choose_device("mlflow.pytorch")
@@ -70,9 +70,9 @@ def model_process_device() -> str:
     import mlflow.pytorch
     import torch
 
-    from backend.modelprocess import ModelProcess
-    from backend.spec import ModelSpec
-    from backend.zygote import Zygote
+    from backend.config.spec import ModelSpec
+    from backend.isolation.modelprocess import ModelProcess
+    from backend.isolation.zygote import Zygote
     
     folder = Path(tempfile.mkdtemp())
     model = torch.nn.Sequential(torch.nn.Linear(1, 2))

@@ -321,9 +321,9 @@ def hand_off(table: Table, registry: str, workdir: Path) -> None:
 
     import mlflow.pyfunc
 
-    from backend.modelprocess import ModelProcess
-    from backend.spec import ModelSpec
-    from backend.zygote import Zygote
+    from backend.config.spec import ModelSpec
+    from backend.isolation.modelprocess import ModelProcess
+    from backend.isolation.zygote import Zygote
 
     mlflow.set_tracking_uri(registry)
     model = mlflow.pyfunc.load_model("models:/free/1")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import requests
 
-from backend.lifetime import process_identity
+from backend.core.lifetime import process_identity
 from harness.servers import ROOT, MlflowServer, OrchestratorProcess, base_env, wait_until
 
 from . import models

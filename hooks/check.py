@@ -86,20 +86,20 @@ class _LocalServing:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Load, fetch and predict through the backend's own entry point (``backend.prediction.predict_tasks``)."""
-    from backend.answers import answer_json
-    from backend.batching import DynamicBatcher
-    from backend.errors import BackendError
-    from backend.hookcodec import decode_hook
-    from backend.labelstudio import LabelStudioAccess
-    from backend.loading import load_model
-    from backend.outbound import AddressPolicy
-    from backend.pipeline import Pipeline
-    from backend.prediction import predict_tasks
-    from backend.settings import Settings
-    from backend.spec import parse_model_spec
-    from backend.taskdata import FetchLimits, LocalFiles, TaskDataFetcher
-    from backend.validation import data_objects
+    """Load, fetch and predict through the backend's own entry point (``backend.serving.prediction.predict_tasks``)."""
+    from backend.config.spec import parse_model_spec
+    from backend.core.errors import BackendError
+    from backend.core.settings import Settings
+    from backend.labeling.answers import answer_json
+    from backend.labeling.validation import data_objects
+    from backend.model.hookcodec import decode_hook
+    from backend.model.loading import load_model
+    from backend.model.pipeline import Pipeline
+    from backend.serving.batching import DynamicBatcher
+    from backend.serving.prediction import predict_tasks
+    from backend.tasks.fetcher import FetchLimits, LocalFiles, TaskDataFetcher
+    from backend.tasks.labelstudio import LabelStudioAccess
+    from backend.tasks.outbound import AddressPolicy
     from lsmlflow.errors import ClientError
     from lsmlflow.pickling import encode_hook, load_reference
 

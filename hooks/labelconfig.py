@@ -22,7 +22,7 @@ def _interface(config: str) -> Any:
     pickles by reference) would travel with every hook.
     """
     try:
-        from backend.validation import parse_label_config
+        from backend.labeling.validation import parse_label_config
     except ImportError:
         from label_studio_sdk.label_interface import LabelInterface
 

@@ -68,7 +68,7 @@ def cmd_serve(args: argparse.Namespace, settings: ClientSettings) -> int:
         env["WORKERS"] = str(args.workers)
     if args.model_dir:
         env["MODEL_DIR"] = str(Path(args.model_dir).resolve())
-    return _exec([sys.executable, "-m", "gunicorn", "-c", "python:backend.gunicorn_conf", "wsgi:app"], env)
+    return _exec([sys.executable, "-m", "gunicorn", "-c", "python:backend.web.gunicorn_conf", "wsgi:app"], env)
 
 
 def cmd_orchestrator(args: argparse.Namespace, settings: ClientSettings) -> int:

@@ -14,8 +14,8 @@ import requests
 from flask import Blueprint, Response, jsonify, request
 
 from backend.antenna.wire import service_info
-from backend.bodies import json_body
-from backend.errors import Unprocessable
+from backend.core.errors import Unprocessable
+from backend.web.bodies import json_body
 
 from .api import orchestrator
 from .registry import BackendRecord

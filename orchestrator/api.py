@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from backend.auth import require_basic_auth, require_configure_rights, require_training_rights
-from backend.errors import BadRequest, DeadlineExceeded, NotConfigured, NotFound, UpstreamUnavailable
-from backend.hookcodec import RUNTIME
+from backend.core.errors import BadRequest, DeadlineExceeded, NotConfigured, NotFound, UpstreamUnavailable
+from backend.model.hookcodec import RUNTIME
+from backend.web.auth import require_basic_auth, require_configure_rights, require_training_rights
 
 from .manager import BackendManager
 from .proxy import Proxy
@@ -36,7 +36,7 @@ LABEL_STUDIO_ROUTES = (
 )
 # A backend's routes that need configure rights, reachable through the orchestrator with its own.
 CONFIGURE_RIGHTS_ROUTES = ("train/status", "configure/status")
-# Routes that start trainings: the orchestrator's basic auth, webhook secret or configure token (backend/auth.py).
+# Routes that start trainings: the orchestrator's basic auth, webhook secret or configure token (backend/web/auth.py).
 TRAINING_ROUTES = ("train", "webhook")
 # Label Studio sends no credentials to the webhook it creates; health and Antenna's probes are public too.
 OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health",

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 
 from flask import Flask
 
-from backend.errors import register_error_handlers
-from backend.redact import SECRETS, install_log_redaction
+from backend.core.errors import register_error_handlers
+from backend.core.redact import SECRETS, install_log_redaction
 
 from .antenna import antenna
 from .api import Orchestrator, api

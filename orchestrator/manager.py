@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import requests
 
-from backend.errors import BackendError, Conflict, DeadlineExceeded, NotFound, UpstreamUnavailable
-from backend.lifetime import listening_pid, start_time
-from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
+from backend.config.spec import ModelSpec, decode_configure_body, parse_model_spec
+from backend.core.errors import BackendError, Conflict, DeadlineExceeded, NotFound, UpstreamUnavailable
+from backend.core.lifetime import listening_pid, start_time
 
 from .drivers import BackendDriver, free_port, port_is_free
 from .gpus import assign_gpu
@@ -31,7 +31,7 @@ from .registry import BackendRecord, Registry
 from .settings import OrchestratorSettings
 
 if TYPE_CHECKING:
-    from backend.antenna.pipeline import PipelineDefinition
+    from backend.config.antenna_pipeline import PipelineDefinition
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _antenna_pipeline(spec: ModelSpec) -> PipelineDefinition | None:
     """The Antenna pipeline a configure defines (label-studio-sdk is imported only for one that does)."""
     if not spec.label_config:
         return None
-    from backend.antenna.pipeline import define_pipeline
+    from backend.config.antenna_pipeline import define_pipeline
 
     return define_pipeline(spec)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import requests
 from flask import Request, Response
 
-from backend.errors import DeadlineExceeded, UpstreamUnavailable
+from backend.core.errors import DeadlineExceeded, UpstreamUnavailable
 
 from .registry import BackendRecord
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from backend.redact import redact_value
+from backend.core.redact import redact_value
 
 STATES = ("starting", "pending", "ready", "restarting", "stopped")
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.settings import (
+from backend.core.settings import (
     AccessSettings,
     basic_auth_from,
     comma_list,
@@ -42,12 +42,12 @@ class OrchestratorSettings(AccessSettings):
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     configure_token: str = ""
-    webhook_secret: str = ""  # what Label Studio's webhooks send as X-Webhook-Secret (backend/auth.py)
+    webhook_secret: str = ""  # what Label Studio's webhooks send as X-Webhook-Secret (backend/web/auth.py)
     gpus: tuple[str, ...] | None = None  # None: detect; () : none
     backend_threads: int = 8
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
     spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"  # also the template's (below)
-    fork_backends: bool = True  # process driver: fork backends from one template process (backend/template.py)
+    fork_backends: bool = True  # process driver: fork backends from one template process (backend/isolation/template.py)
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.settings import Settings
-from backend.zygote import Zygote
+from backend.core.settings import Settings
+from backend.isolation.zygote import Zygote
 from harness.servers import (
     Backend,
     MlflowServer,

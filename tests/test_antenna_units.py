@@ -8,10 +8,10 @@ import math
 import pytest
 
 from backend.antenna.convert import Stamp, Unit, from_antenna, from_label_studio, region_box
-from backend.antenna.pipeline import default_slug, define_pipeline, model_label
 from backend.antenna.wire import SourceImage, parse_request
-from backend.errors import BadRequest, PredictionsInvalid, Unprocessable
-from backend.spec import ModelSpec, parse_model_spec
+from backend.config.antenna_pipeline import default_slug, define_pipeline, model_label
+from backend.config.spec import ModelSpec, parse_model_spec
+from backend.core.errors import BadRequest, PredictionsInvalid, Unprocessable
 from examples.hooks import DETECTOR_CONFIG, IMAGE_CONFIG
 
 STAMP = Stamp("2026-12-01T00:00:00+00:00", 0.01)

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from backend.batching import Chunk, DynamicBatcher, Retired
-from backend.errors import HookFailed
+from backend.core.errors import HookFailed
+from backend.serving.batching import Chunk, DynamicBatcher, Retired
 from harness.servers import wait_until
 from lsmlflow.pickling import encode_hook
 from tests.support import hooks

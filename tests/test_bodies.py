@@ -1,4 +1,4 @@
-"""Request bodies through the backend's worker (backend/worker.py): big ones whole and in linear time,
+"""Request bodies through the backend's worker (backend/web/worker.py): big ones whole and in linear time,
 kept-alive connections that carry several, and the 413 from the headers that closes the connection."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from backend.worker import BufferedUnreader, MemoryBody, oversized
+from backend.web.worker import BufferedUnreader, MemoryBody, oversized
 from bench.bodies import label_studio_body
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from backend.batching import DynamicBatcher
-from backend.continuation import Continuation, Leftover, PredictionCache, task_keys
-from backend.errors import HookFailed
-from backend.taskdata import TaskInput
+from backend.core.errors import HookFailed
+from backend.serving.batching import DynamicBatcher
+from backend.serving.continuation import Continuation, Leftover, PredictionCache, task_keys
+from backend.tasks.fetcher import TaskInput
 from harness.servers import wait_until
 
 

@@ -133,7 +133,7 @@ def test_several_workers_follow_the_stored_configuration(start_backend, images):
 
 def test_several_workers_share_the_background_so_no_task_is_predicted_twice(start_backend, images, tmp_path):
     """Label Studio's rounds reach any worker: what one worker's background works on or finished is
-    waited for or answered by the others, never predicted again (backend/shared.py)."""
+    waited for or answered by the others, never predicted again (backend/serving/shared.py)."""
     from collections import Counter
 
     from harness.calls import image_tasks

@@ -8,8 +8,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from backend.errors import BadRequest, HookUnusable
-from backend.hookcodec import decode_hook
+from backend.core.errors import BadRequest, HookUnusable
+from backend.model.hookcodec import decode_hook
 from lsmlflow.pickling import encode_hook
 from tests.support.hooks import choices_post
 

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 import hooks
-from backend.errors import PredictionsInvalid
-from backend.validation import validate_predictions
+from backend.core.errors import PredictionsInvalid
+from backend.labeling.validation import validate_predictions
 from harness.servers import ROOT, base_env
 
 W, H = 200, 100

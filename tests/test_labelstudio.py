@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import json
 
-from backend.labelstudio import LabelStudioAccess, LabelStudioAuth, access_for, token_kind
+from backend.tasks.labelstudio import LabelStudioAccess, LabelStudioAuth, access_for, token_kind
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 

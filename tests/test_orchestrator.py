@@ -188,7 +188,7 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlive_i
     assert answer["result"][0]["value"]["choices"] == ["light"]
     # model process <- its zygote <- the template, which also forked the backend's gunicorn master.
     (model_pid, _), (zygote_pid, _), (template_pid, template_cmdline) = answer["meta"]["ancestors"][:3]
-    assert "backend.template" in template_cmdline
+    assert "backend.isolation.template" in template_cmdline
     master = int(orchestrator.backends()[first["id"]]["handle"].partition(":")[0])
     assert _parent(master) == template_pid and _parent(zygote_pid) == template_pid
     names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in (template_pid, master, zygote_pid, model_pid)]
@@ -208,7 +208,7 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlive_i
     answer = predict_images(second["label_studio_url"], images, "white").json()["results"][0]
     assert answer["result"][0]["value"]["choices"] == ["dark"]
     new_template = answer["meta"]["ancestors"][2][0]
-    assert new_template != template_pid and "backend.template" in answer["meta"]["ancestors"][2][1]
+    assert new_template != template_pid and "backend.isolation.template" in answer["meta"]["ancestors"][2][1]
 
     # The template ends with its orchestrator; backends kept running do not.
     orchestrator.stop()
@@ -232,8 +232,8 @@ def test_without_the_template_backends_start_as_new_pythons(start_orchestrator, 
     assert status == 200 and first["state"] == "ready", first
     answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
     commands = [cmdline for _, cmdline in answer["meta"]["ancestors"]]
-    assert "backend.zygote" in commands[1] and "gunicorn" in commands[2] and "flask" in commands[4]
-    assert not any("backend.template" in c for c in commands)
+    assert "backend.isolation.zygote" in commands[1] and "gunicorn" in commands[2] and "flask" in commands[4]
+    assert not any("backend.isolation.template" in c for c in commands)
 
 
 def test_gunicorn_workers_share_one_template_and_start_each_new_model_once(start_orchestrator, images):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from docker.types import DeviceRequest
 
-from backend.hookcodec import RUNTIME
+from backend.model.hookcodec import RUNTIME
 from orchestrator import create_app
 from orchestrator.drivers import DockerDriver, ProcessDriver
 from orchestrator.gpus import assign_gpu
@@ -180,7 +180,7 @@ def test_ray_actor_options_place_by_gpus_resource_and_labels():
 
 
 def test_the_ray_driver_says_what_is_missing_before_anything_starts(tmp_path, monkeypatch):
-    from backend.errors import UpstreamUnavailable
+    from backend.core.errors import UpstreamUnavailable
     from orchestrator.drivers import make_driver, raydriver
     from orchestrator.drivers.base import free_port
 

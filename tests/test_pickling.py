@@ -27,7 +27,7 @@ def test_hooks_are_checked_against_the_servers_runtime_before_they_are_sent():
 
 
 def test_hooks_of_the_servers_own_package_go_by_reference_and_the_users_by_value(client_side):
-    from backend.hookcodec import decode_hook
+    from backend.model.hookcodec import decode_hook
     from hooks.pre import read_texts
 
     assert encode_hook(read_texts) == "hooks.pre:read_texts"  # readable on /health, imported by the server
@@ -74,7 +74,7 @@ def test_the_cli_loads_hooks_from_files_and_modules_and_says_what_is_wrong(tmp_p
 
 
 def test_a_configure_body_carries_every_hook_encoded(client_side):
-    from backend.hookcodec import TRAIN_ARGUMENTS, decode_hook
+    from backend.model.hookcodec import TRAIN_ARGUMENTS, decode_hook
     from lsmlflow.client import configure_body
 
     def train(inputs, annotations):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.settings import Settings, is_loopback
+from backend.core.settings import Settings, is_loopback
 
 
 def test_defaults_bind_loopback():

@@ -1,4 +1,4 @@
-"""What several workers share (backend/shared.py), with two "workers" in one test: the other one is
+"""What several workers share (backend/serving/shared.py), with two "workers" in one test: the other one is
 named after a real process, so that it can die."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from backend import shared
-from backend.continuation import PredictionCache
-from backend.lifetime import process_identity
-from backend.shared import SharedPredictions
-from backend.sqlitedb import SharedDb
+from backend.core.lifetime import process_identity
+from backend.serving import shared
+from backend.serving.continuation import PredictionCache
+from backend.serving.shared import SharedPredictions
+from backend.state.sqlitedb import SharedDb
 from harness.servers import wait_until
 
 KEYS = [("config", "labels", n, "data") for n in range(3)]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backend.errors import BadRequest
-from backend.spec import ModelSpec, decode_configure_body, parse_model_spec
+from backend.config.spec import ModelSpec, decode_configure_body, parse_model_spec
+from backend.core.errors import BadRequest
 from orchestrator.registry import BackendRecord
 
 DAGSHUB = {

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.diskcache import DiskCache
-from backend.labelstudio import LabelStudioAccess
-from backend.outbound import AddressPolicy
-from backend.taskdata import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
-from backend.validation import data_objects
+from backend.labeling.validation import data_objects
+from backend.tasks.diskcache import DiskCache
+from backend.tasks.fetcher import NEVER_READ, FetchLimits, LocalFiles, TaskDataFetcher
+from backend.tasks.labelstudio import LabelStudioAccess
+from backend.tasks.outbound import AddressPolicy
 from harness.servers import RawServer, trickling
 from tests.support.hooks import IMAGE_CONFIG
 

@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend.datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
-from backend.labelstudio import LabelStudioAccess
-from backend.outbound import AddressPolicy
-from backend.taskdata import DagshubAccess, FetchLimits, KeyedLocks, LocalFiles, TaskDataFetcher
-from backend.validation import data_objects
+from backend.labeling.validation import data_objects
+from backend.tasks.datapoints import DatapointDirectory, DatapointNotFound, DatasourceRef
+from backend.tasks.fetcher import DagshubAccess, FetchLimits, KeyedLocks, LocalFiles, TaskDataFetcher
+from backend.tasks.labelstudio import LabelStudioAccess
+from backend.tasks.outbound import AddressPolicy
 from harness.servers import file_server
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 

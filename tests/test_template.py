@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.forking import ForkClient, ForkUnavailable
-from backend.template import request_zygote
-from backend.zygote import Zygote
+from backend.isolation.forking import ForkClient, ForkUnavailable
+from backend.isolation.zygote import Zygote, request_zygote
 from harness.servers import ROOT, wait_until
 from orchestrator.drivers.template import SOCKET_PATH_MAX, BackendTemplate, socket_path
 
@@ -25,7 +24,7 @@ def template(tmp_path):
     path = tmp_path / "t.sock"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backend.template", str(path), ""],
+        [sys.executable, "-m", "backend.isolation.template", str(path), ""],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -113,6 +112,6 @@ def _templates_at(path: Path) -> list[int]:
             cmdline, stat = (entry / "cmdline").read_bytes(), (entry / "stat").read_text()
         except OSError:
             continue
-        if b"backend.template\0" + os.fsencode(path) in cmdline and stat.rpartition(")")[2].split()[0] != "Z":
+        if b"backend.isolation.template\0" + os.fsencode(path) in cmdline and stat.rpartition(")")[2].split()[0] != "Z":
             found.append(int(entry.name))
     return found

@@ -14,7 +14,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from backend.lifetime import start_time
+from backend.core.lifetime import start_time
 from harness.servers import register_trainable, wait_until
 from lsmlflow.pickling import encode_hook
 from tests.support.hooks import TEXT_CONFIG, sentiment_post, sentiment_train

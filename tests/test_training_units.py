@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from backend.agreement import compare
-from backend.training.policy import TrainingPolicy
+from backend.config.training_policy import TrainingPolicy
+from backend.quality.agreement import compare
 
 
 def test_automatic_training_waits_for_enough_annotations_a_quiet_moment_and_the_interval():
@@ -62,7 +62,7 @@ def test_training_targets_from_annotations():
 
 
 def test_a_dagshub_configure_may_add_a_train_hook_and_name_an_alias_as_its_version():
-    from backend.spec import parse_model_spec
+    from backend.config.spec import parse_model_spec
 
     spec = parse_model_spec({"host": "https://dagshub.com", "username": "u", "repo": "u/r", "model": "m", "version": "champion",
                              "authtoken": "t", "train_hook": "examples.hooks:sentiment_train", "training": {"every": 5}})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from backend.errors import PredictionsInvalid
-from backend.validation import PredictionCompleter, complete_prediction, data_objects, validate_predictions
+from backend.core.errors import PredictionsInvalid
+from backend.labeling.validation import PredictionCompleter, complete_prediction, data_objects, validate_predictions
 from tests.support.hooks import IMAGE_CONFIG, TEXT_CONFIG
 
 REGION = {"from_name": "brightness", "to_name": "image", "type": "choices", "value": {"choices": ["dark"]}}

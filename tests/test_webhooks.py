@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from backend import shared, webhooks
-from backend.shared import SharedWebhookLog
-from backend.sqlitedb import SharedDb
-from backend.webhooks import WebhookLog
+from backend.quality import webhooks
+from backend.quality.webhooks import WebhookLog
+from backend.serving import shared
+from backend.serving.shared import SharedWebhookLog
+from backend.state.sqlitedb import SharedDb
 
 
 @pytest.mark.parametrize("make_log", [WebhookLog, "shared"])

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import PredictionsInvalid
-from .pipeline import Algorithm, PipelineDefinition
-from .wire import BoundingBox, ExistingDetection, SourceImage, parse_bbox
+from backend.antenna.wire import BoundingBox, ExistingDetection, SourceImage, parse_bbox
+from backend.config.antenna_pipeline import Algorithm, PipelineDefinition
+from backend.core.errors import PredictionsInvalid
 
 MIN_SCORE = 1e-9  # a chosen label scored 0 must still be the argmax Antenna takes as the label
 

@@ -16,15 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..labelstudio import LabelStudioAccess
-from ..prediction import StageTimer, predict_tasks
-from ..redact import redact
-from ..runtime import Serving
-from ..taskdata import FetchError, PendingInputs, TaskDataFetcher, TaskInput, dagshub_access
-from ..validation import PredictionCompleter, data_objects, validate_predictions
-from .convert import Stamp, Unit, from_antenna, from_label_studio
-from .pipeline import PipelineDefinition
-from .wire import BoundingBox, ExistingDetection, PipelineRequest, SourceImage, now
+from backend.antenna.convert import Stamp, Unit, from_antenna, from_label_studio
+from backend.antenna.wire import BoundingBox, ExistingDetection, PipelineRequest, SourceImage, now
+from backend.config.antenna_pipeline import PipelineDefinition
+from backend.core.redact import redact
+from backend.labeling.validation import PredictionCompleter, data_objects, validate_predictions
+from backend.serving.prediction import StageTimer, predict_tasks
+from backend.serving.runtime import Serving
+from backend.tasks.fetcher import FetchError, PendingInputs, TaskDataFetcher, TaskInput, dagshub_access
+from backend.tasks.labelstudio import LabelStudioAccess
 
 
 @dataclass

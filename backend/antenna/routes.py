@@ -11,14 +11,14 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from ..api import services
-from ..bodies import json_body
-from ..errors import Unprocessable
-from ..runtime import Serving
-from ..spec import ModelSpec
-from .pipeline import PipelineDefinition, define_pipeline
-from .process import ProcessContext, process
-from .wire import parse_request, service_info
+from backend.antenna.process import ProcessContext, process
+from backend.antenna.wire import parse_request, service_info
+from backend.config.antenna_pipeline import PipelineDefinition, define_pipeline
+from backend.config.spec import ModelSpec
+from backend.core.errors import Unprocessable
+from backend.serving.runtime import Serving
+from backend.web.api import services
+from backend.web.bodies import json_body
 
 antenna = Blueprint("antenna", __name__)
 

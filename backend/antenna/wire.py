@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import Unprocessable
+from backend.core.errors import Unprocessable
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from ..labelstudio import LabelStudioAccess, LabelStudioAuth, LabelStudioRefused
+from backend.tasks.labelstudio import LabelStudioAccess, LabelStudioAuth, LabelStudioRefused
 
 EXPORT_TIMEOUT_S = 600.0
 

@@ -31,21 +31,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError, HookFailed
-from ..hookcodec import TRAIN_ARGUMENTS, decode_hook
-from ..labelstudio import LabelStudioAccess
-from ..lifetime import end_with
-from ..loading import choose_device, load_model, mlflow_scope
-from ..redact import SECRETS, install_log_redaction
-from ..settings import Settings, log_level_from
-from ..spec import ModelSpec, hook_fingerprint
-from ..store import JsonFile
-from ..taskdata import TaskDataFetcher, dagshub_access, fetch_limits
-from ..validation import data_objects
-from .export import ExportFailed, annotated_examples, export_annotated_tasks, export_url
-from .policy import TrainingPolicy
-from .promotion import Evaluation, TrainingFailed, decide, evaluate, promote, register
-from .records import TrainingRecords
+from backend.config.spec import ModelSpec, hook_fingerprint
+from backend.config.training_policy import TrainingPolicy
+from backend.core.errors import BackendError, HookFailed
+from backend.core.lifetime import end_with
+from backend.core.redact import SECRETS, install_log_redaction
+from backend.core.settings import Settings, log_level_from
+from backend.labeling.validation import data_objects
+from backend.model.hookcodec import TRAIN_ARGUMENTS, decode_hook
+from backend.model.loading import choose_device, load_model, mlflow_scope
+from backend.state.store import JsonFile
+from backend.state.training_records import TrainingRecords
+from backend.tasks.fetcher import TaskDataFetcher, dagshub_access, fetch_limits
+from backend.tasks.labelstudio import LabelStudioAccess
+from backend.training.export import ExportFailed, annotated_examples, export_annotated_tasks, export_url
+from backend.training.promotion import Evaluation, TrainingFailed, decide, evaluate, promote, register
 
 log = logging.getLogger("backend.training")
 

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..agreement import Agreement, compare
-from ..errors import BackendError
-from ..hookcodec import Hook
-from ..loading import load_model
-from ..spec import ModelSpec
-from ..validation import complete_prediction, validate_predictions
-from .policy import TrainingPolicy
+from backend.config.spec import ModelSpec
+from backend.config.training_policy import TrainingPolicy
+from backend.core.errors import BackendError
+from backend.labeling.validation import complete_prediction, validate_predictions
+from backend.model.hookcodec import Hook
+from backend.model.loading import load_model
+from backend.quality.agreement import Agreement, compare
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def evaluate(spec: ModelSpec, artifacts_dir: Path, pre_hook: Hook, post_hook: Ho
              tasks: list[dict[str, Any]], annotations: list[list[dict[str, Any]]], label_config: str,
              batch_size: int) -> Evaluation:
     """Load ``spec``'s model as the backend does and predict the tasks through the hooks."""
-    from backend.pipeline import Pipeline
+    from backend.model.pipeline import Pipeline
 
     try:
         loaded = load_model(spec, artifacts_dir)

@@ -23,14 +23,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import Conflict, NotConfigured
-from ..labelstudio import LabelStudioAccess
-from ..lifetime import owner_identity
-from ..metrics import BackendMetrics
-from ..settings import Settings
-from ..webhooks import annotations_in
-from .policy import TrainingPolicy
-from .records import TrainingRecords
+from backend.config.training_policy import TrainingPolicy
+from backend.core.errors import Conflict, NotConfigured
+from backend.core.lifetime import owner_identity
+from backend.core.metrics import BackendMetrics
+from backend.core.settings import Settings
+from backend.quality.webhooks import annotations_in
+from backend.state.training_records import TrainingRecords
+from backend.tasks.labelstudio import LabelStudioAccess
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from backend.settings import BACKEND_ENVIRONMENT
+from backend.core.settings import BACKEND_ENVIRONMENT
 
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings

@@ -1,6 +1,6 @@
 """The default driver: each backend is a gunicorn process on its own loopback port.
 
-Backends are forked from the backends' template (``backend.template``; ``FORK_BACKENDS=off`` starts
+Backends are forked from the backends' template (``backend.isolation.template``; ``FORK_BACKENDS=off`` starts
 each as a new Python, as does a template that does not answer). Either way they run in their own
 session, so they outlive an orchestrator restart and are re-adopted by their handle
 ("pid:starttime", which a recycled pid cannot match). Their output goes to a log file beside their
@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from backend.forking import ForkUnavailable, describe_exit, wait_status
-from backend.lifetime import start_time
-from backend.settings import comma_list
-from backend.template import SERVER_IMPORTS
-from backend.zygote import NOT_FOR_HOOKS, default_imports
+from backend.core.lifetime import start_time
+from backend.core.settings import comma_list
+from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
+from backend.isolation.template import SERVER_IMPORTS
+from backend.isolation.zygote import NOT_FOR_HOOKS, default_imports
 
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
@@ -30,7 +30,7 @@ from .template import BackendTemplate
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout, or site-packages once installed
-GUNICORN_CONFIG = "python:backend.gunicorn_conf"
+GUNICORN_CONFIG = "python:backend.web.gunicorn_conf"
 # The orchestrator's own settings are not the backend's: each backend gets its own below.
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
@@ -115,7 +115,7 @@ class ProcessDriver:
                 child = subprocess.Popen(
                     [sys.executable, "-m", "gunicorn", *GUNICORN_ARGS],
                     env=env,
-                    cwd=PROJECT_ROOT,  # where python -m finds backend.gunicorn_conf and wsgi
+                    cwd=PROJECT_ROOT,  # where python -m finds backend.web.gunicorn_conf and wsgi
                     stdin=subprocess.DEVNULL,
                     stdout=output,
                     stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from backend.errors import UpstreamUnavailable
+from backend.core.errors import UpstreamUnavailable
 
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings

@@ -70,7 +70,7 @@ class BackendHost:
                "LSB_PARENT": str(os.getpid())}
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
         command = [self.python, "-c", LAUNCHER, self.python, "-m", "gunicorn", "--config",
-                   "python:backend.gunicorn_conf", "--chdir", self.root, "wsgi:app"]
+                   "python:backend.web.gunicorn_conf", "--chdir", self.root, "wsgi:app"]
         with open(self.log_path, "ab") as log:
             self.child = subprocess.Popen(command, env=env, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,4 +1,4 @@
-"""The process driver's side of the backends' template (``backend.template``): start it once, ask it for backends.
+"""The process driver's side of the backends' template (``backend.isolation.template``): start it once, ask it for backends.
 
 Several processes of one orchestrator (gunicorn workers) share one template: its socket sits in the
 state folder, and whoever finds none answering starts it, under a lock. Each stays connected as an
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from backend.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd
+from backend.isolation.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class BackendTemplate:
         log_file = self.state_dir / "template.log"
         with open(log_file, "ab") as output:
             self._proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "backend.template", str(self.path), ",".join(self.modules)],
+                [sys.executable, "-m", "backend.isolation.template", str(self.path), ",".join(self.modules)],
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,

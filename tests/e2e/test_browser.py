@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import hooks as builders
-from backend.errors import PredictionsInvalid
-from backend.validation import complete_prediction, validate_predictions
+from backend.core.errors import PredictionsInvalid
+from backend.labeling.validation import complete_prediction, validate_predictions
 from examples.hooks import DETECTOR_CONFIG
 from tests.e2e.projects import near, new_project, predicted_in_label_studio, tasks_of
 from tests.support import drawn_hooks, hooks

@@ -1,0 +1,5 @@
+"""Where user code runs, away from the HTTP worker: the model process and its host, the zygote that
+forks it warm, the backends' template that forks backends and zygotes, and the fork protocol.
+
+May import: core, config, model.
+"""

@@ -1,0 +1,181 @@
+"""The model process's side: hooks are decoded, the model loaded and the pipeline run here, never in
+the gunicorn worker (``modelprocess`` is the worker's side and says why).
+
+One request at a time on a stream socket, each a pickled tuple, each answered::
+
+    ("hooks", hooks_id, pre_hook, post_hook, secrets)   -> ("ok", {"pre_hook": source, "post_hook": source,
+                                                                "wants": the keywords the hooks take})
+    ("load", spec, artifacts_dir, prefer_local)          -> ("ok", model info); prefer_local: the copy on disk
+                                                            if this spec was loaded before (restores, restarts)
+    ("call", hooks_id, values, tasks, context, label_config)
+                                                         -> ("ok", outputs, {stage: seconds})
+                                                            (tasks and label_config only if a hook wants them)
+    ("forget", hooks_id)                                 -> ("ok",)
+    ("resolve", spec)                                    -> ("ok", {"uri", "label"}): the version the spec's
+                                                            alias or "latest" names in the registry now
+    anything that fails                                  -> ("error", BackendError.to_dict())
+
+Before each stage the process writes the stage's number to a shared page, so that if a hook ends
+the process outright (``os._exit``, a crash) the worker can still say which stage did it.
+Outputs go back as plain values: numpy and torch values become the numbers and lists they hold
+here, so the worker never needs those libraries and never unpickles anything but plain data.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import mmap
+import os
+import pickle
+import signal
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from backend.core.errors import BackendError, HookUnusable, NotConfigured, PredictionsInvalid
+from backend.core.redact import SECRETS, install_log_redaction
+
+log = logging.getLogger(__name__)
+
+STAGES = ("idle", "decoding hooks", "loading the model", "pre_hook", "model.predict", "post_hook")
+STAGE_BYTES = 8
+MAX_HOOK_SETS = 4  # the serving hooks and a few predecessors still finishing queued work
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles numpy and torch values (anything with ``tolist``) as the plain values they hold."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        tolist = getattr(obj, "tolist", None)
+        if callable(tolist) and not isinstance(obj, type):
+            value = tolist()
+            if type(value) in (list, int, float, bool, str, bytes, complex):
+                return type(value), (value,)
+        return NotImplemented
+
+
+def dumps_plain(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    _PlainPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
+class ModelHost:
+    """What one model process holds: the loaded model and the hook sets by id."""
+
+    def __init__(self, stage: mmap.mmap | None = None) -> None:
+        self.stage = stage
+        self.loaded: Any = None
+        self.hooks: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+
+    def mark(self, name: str) -> None:
+        if self.stage is not None:
+            self.stage[0] = STAGES.index(name)
+
+    def handle(self, message: tuple) -> tuple:
+        kind = message[0]
+        try:
+            if kind == "hooks":
+                return ("ok", self._hooks(*message[1:]))
+            if kind == "load":
+                return ("ok", self._load(*message[1:]))
+            if kind == "call":
+                return self._call(*message[1:])
+            if kind == "resolve":
+                return ("ok", self._resolve(*message[1:]))
+            if kind == "forget":
+                self.hooks.pop(message[1], None)
+                return ("ok",)
+            raise BackendError(f"unknown request {kind!r} to the model process", "This is a bug in the backend.")
+        except BackendError as exc:
+            if exc.__cause__ is not None:  # a hook's or MLflow's own exception: its traceback is for the log
+                log.error("%s", exc.error, exc_info=exc.__cause__)
+            return ("error", exc.to_dict())
+        except BaseException as exc:
+            log.exception("%s failed in the model process", kind)
+            return ("error", BackendError(f"{kind} failed in the model process: {type(exc).__name__}: {exc}",
+                                          "The backend's log has the traceback.").to_dict())
+        finally:
+            self.mark("idle")
+
+    def _hooks(self, hooks_id: str, pre_raw: str, post_raw: str, secrets: list[str]) -> dict[str, str]:
+        from backend.model.hookcodec import decode_hook
+
+        SECRETS.add(*secrets)
+        self.mark("decoding hooks")
+        pre, post = decode_hook(pre_raw, "pre_hook"), decode_hook(post_raw, "post_hook")
+        self.hooks[hooks_id] = (pre, post)
+        self.hooks.move_to_end(hooks_id)
+        while len(self.hooks) > MAX_HOOK_SETS:
+            self.hooks.popitem(last=False)
+        # What the worker need send with each call: the keywords these hooks take.
+        return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}  # type: ignore[dict-item]
+
+    def _load(self, spec_dict: dict[str, Any], artifacts_dir: str, prefer_local: bool = False) -> dict[str, Any]:
+        from backend.config.spec import ModelSpec
+        from backend.model.loading import load_model
+
+        spec = ModelSpec.from_dict(spec_dict)
+        SECRETS.add(spec.tracking_password, spec.tracking_token, spec.tracking_username)
+        self.mark("loading the model")
+        self.loaded = load_model(spec, Path(artifacts_dir), prefer_local)
+        return self.loaded.info()
+
+    def _resolve(self, spec_dict: dict[str, Any]) -> dict[str, str]:
+        """Ask the registry which version the spec names now; MLflow is imported here already, never in the worker."""
+        from backend.config.spec import ModelSpec
+        from backend.model.loading import mlflow_scope, resolve_model_uri, translate_mlflow_error
+
+        spec = ModelSpec.from_dict(spec_dict)
+        try:
+            with mlflow_scope(spec) as client:
+                resolved = resolve_model_uri(client, spec.model_uri)
+        except Exception as exc:  # noqa: BLE001 - MLflow's and the network's, named by translate_mlflow_error
+            raise translate_mlflow_error(exc, spec) from None
+        return {"uri": resolved.uri, "label": resolved.label}
+
+    def _call(self, hooks_id: str, values: list, tasks: list | None, context: Any, label_config: str) -> tuple:
+        from backend.model.pipeline import Pipeline
+
+        if self.loaded is None:
+            raise NotConfigured("the model process has no model loaded", "Configure the backend again.")
+        hooks = self.hooks.get(hooks_id)
+        if hooks is None:
+            raise HookUnusable("these hooks were replaced while the prediction waited", "Send the request again.")
+        timings: dict[str, float] = {}
+        pipeline = Pipeline(self.loaded, hooks[0], hooks[1])
+        outputs = pipeline.run_batch(values, tasks, context, label_config, timer=timings.__setitem__, mark=self.mark)
+        return ("ok", outputs, timings)
+
+
+def _reply(conn: Connection, reply: tuple) -> None:
+    try:
+        conn.send_bytes(dumps_plain(reply))
+    except (pickle.PicklingError, TypeError, AttributeError, RecursionError, ValueError) as exc:
+        error = PredictionsInvalid(
+            f"the post_hook's output cannot leave the model process: {type(exc).__name__}: {exc}",
+            "Return plain dicts, lists, strings and numbers (numpy and torch values are converted for you).",
+        )
+        conn.send_bytes(dumps_plain(("error", error.to_dict())))
+
+
+def serve(conn_fd: int, stage_fd: int) -> int:
+    """The model process's loop, until the worker closes its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the worker decides when this process ends
+    install_log_redaction()
+    conn = Connection(conn_fd)
+    stage = mmap.mmap(stage_fd, STAGE_BYTES)
+    os.close(stage_fd)
+    host = ModelHost(stage)
+    log.info("model process %d ready", os.getpid())
+    while True:
+        try:
+            message = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return 0
+        started = time.perf_counter()
+        _reply(conn, host.handle(message))
+        log.debug("%s answered in %.1f ms", message[0], (time.perf_counter() - started) * 1000)

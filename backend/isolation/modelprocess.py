@@ -1,0 +1,347 @@
+"""The worker's side of a model process: hooks and the model run in a process of their own.
+
+Why a process and not a thread of the gunicorn worker: a hook is user code, written in a hurry. In
+the worker, ``sys.exit()`` in a hook ended the worker and made gunicorn's master exit too;
+``os._exit`` or a crash took every request of the worker with it; a hung call held its thread for
+good (a thread cannot be stopped) and with it the model; a CPU-bound model held the GIL that
+``/health`` needs. In a process of its own, each of these costs at most the batch that was running:
+
+- anything a hook raises, ``SystemExit`` and ``KeyboardInterrupt`` included, comes back as the usual
+  500 naming the stage;
+- a process that ends is noticed at once (its socket closes); its batch fails naming the stage it was
+  in (read from a page the process shares), and a new process is forked from the zygote and given
+  the same hooks and model, without a new configure; from the third crash in a row (no good call
+  between) restarts back off, up to 30 s;
+- a call that runs past ``PREDICT_TIMEOUT_S`` is killed and handled the same way;
+- a new model gets a new process (the old one serves until the new one is ready), so a hung call of
+  an old configuration never delays the next one.
+
+The price is one hop per model call (the inputs are file paths and texts, the outputs the post hook's
+predictions) and a second copy of the hooks' imports; the zygote keeps the start of a process at a fork.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import logging
+import mmap
+import os
+import pickle
+import select
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from backend.config.spec import ModelSpec
+from backend.core.errors import (
+    BackendError,
+    DeadlineExceeded,
+    HookFailed,
+    NotConfigured,
+    PredictionsInvalid,
+    error_from_dict,
+)
+from backend.isolation.forking import describe_exit
+from backend.isolation.modelhost import MAX_HOOK_SETS, STAGE_BYTES, STAGES
+from backend.isolation.zygote import Zygote, ZygoteUnavailable
+
+log = logging.getLogger(__name__)
+
+CRASH_WINDOW_S = 60.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+class ModelProcessCrashed(HookFailed):
+    """500: the model process ended while it ran a batch (a hook called os._exit, or it crashed)."""
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads only plain data: whatever a post hook returns, it cannot run code in the worker."""
+
+    ALLOWED = frozenset({"set", "frozenset", "list", "dict", "tuple", "int", "float", "bool", "str", "bytes", "complex"})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in self.ALLOWED:
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def loads_plain(data: bytes) -> Any:
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise PredictionsInvalid(
+            f"the post_hook returned a {exc} value, which the backend does not accept",
+            "Return plain dicts, lists, strings and numbers (numpy and torch values are converted for you).",
+        ) from None
+
+
+def _stage_page() -> tuple[int, mmap.mmap]:
+    """A small shared page (a memfd where there is one) the model process writes its stage to."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("lsbackend-stage")
+    else:  # pragma: no cover - non-Linux
+        handle, path = tempfile.mkstemp(prefix="lsbackend-stage-")
+        os.unlink(path)
+        fd = handle
+    os.ftruncate(fd, STAGE_BYTES)
+    return fd, mmap.mmap(fd, STAGE_BYTES)
+
+
+class ModelProcess:
+    """One model process: forked from the zygote, given hooks and a model, restarted after a crash."""
+
+    def __init__(self, zygote: Zygote, artifacts_dir: Path, call_timeout_s: float) -> None:
+        self.zygote = zygote
+        self.artifacts_dir = artifacts_dir.resolve()
+        self.call_timeout_s = call_timeout_s
+        self.state = "new"  # new | idle | busy | loading | crashed | restarting | stopped
+        self.pid: int | None = None
+        self.model_spec: ModelSpec | None = None
+        self.info: dict[str, Any] = {}
+        self.restarts = 0
+        self.last_exit = ""
+        self.busy_since: float | None = None
+        self._lock = threading.Lock()  # one exchange at a time
+        # Guards taking and replacing the connection: stop() runs beside a hung exchange (that is its job), and
+        # a connection closed twice would close whatever file reused its descriptor number.
+        self._conn_lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._stage: mmap.mmap | None = None
+        self._hook_sets: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
+        self._wants: dict[str, frozenset[str]] = {}  # by hook set: the keywords its hooks take
+        self._crashes: deque[float] = deque(maxlen=16)
+        self._exits: dict[int, int] = {}
+        self._exited = threading.Condition()
+        self._restart_at = 0.0
+
+    # -- what the runtime and the batcher call ---------------------------------------------------
+
+    def set_hooks(self, hooks_id: str, pre_hook: str, post_hook: str, secrets: tuple[str, ...] = (),
+                  wait_s: float | None = None) -> dict[str, str] | None:
+        """Decode a hook set in the process; None when it stayed busy for ``wait_s`` (a call is running)."""
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            return None
+        try:
+            self._ensure_running()
+            sources = self._exchange(("hooks", hooks_id, pre_hook, post_hook, list(secrets)), None)[1]
+            self._wants[hooks_id] = frozenset(sources.pop("wants", ()))
+            self._hook_sets[hooks_id] = (pre_hook, post_hook, tuple(secrets))
+            self._hook_sets.move_to_end(hooks_id)
+            while len(self._hook_sets) > MAX_HOOK_SETS:
+                self._wants.pop(self._hook_sets.popitem(last=False)[0], None)
+            return sources
+        finally:
+            self._lock.release()
+
+    def load(self, spec: ModelSpec, prefer_local: bool = False) -> dict[str, Any]:
+        """Load the model in the process (no time limit: a large model may take minutes to download).
+        ``prefer_local``: what an earlier load of this spec downloaded, without asking the registry."""
+        with self._lock:
+            self._ensure_running()
+            self.state = "loading"
+            try:
+                info = self._exchange(("load", spec.to_dict(), str(self.artifacts_dir), prefer_local), None)[1]
+            finally:
+                if self.state == "loading":
+                    self.state = "idle"
+            self.model_spec, self.info = spec, info
+        return info
+
+    def resolve(self, spec: ModelSpec, wait_s: float) -> dict[str, str] | None:
+        """Which version the spec's alias (or "latest") names now, asked in the process (which has MLflow
+        imported); None when the process stayed busy for ``wait_s``."""
+        if not self._lock.acquire(timeout=wait_s):
+            return None
+        try:
+            self._ensure_running()
+            return self._exchange(("resolve", spec.to_dict()), self.call_timeout_s)[1]
+        finally:
+            self._lock.release()
+
+    def call(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]] | None, context: Any,
+             label_config: str) -> tuple[list[Any], dict[str, float]]:
+        """One batch through the pipeline; the outputs and the seconds of each stage. Tasks and the
+        labeling config go only to hooks that take them: tasks are most of what there is to send."""
+        wants = self._wants.get(hooks_id, frozenset({"tasks", "label_config"}))
+        if "tasks" not in wants:
+            tasks = None
+        if "label_config" not in wants:
+            label_config = ""
+        with self._lock:
+            self._ensure_running()
+            if self.model_spec is not None and self.info == {}:
+                raise NotConfigured("the model process has no model", "Configure the backend again.")
+            self.state, self.busy_since = "busy", time.monotonic()
+            try:
+                reply = self._exchange(("call", hooks_id, values, tasks, context, label_config), self.call_timeout_s)
+                self._crashes.clear()  # back off only for crashes in a row
+            finally:
+                self.busy_since = None
+                if self.state == "busy":
+                    self.state = "idle"
+            return reply[1], reply[2]
+
+    def stop(self) -> None:
+        """End the process at once, whatever it is doing (a retired configuration, a hung call)."""
+        with self._conn_lock:
+            self.state = "stopped"
+            conn, self._conn = self._conn, None
+        self._kill()
+        if conn is not None:
+            conn.close()
+
+    def describe(self) -> dict[str, Any]:
+        shown: dict[str, Any] = {"pid": self.pid, "state": self.state, "restarts": self.restarts}
+        if self.busy_since is not None:
+            shown["busy_s"] = round(time.monotonic() - self.busy_since, 1)
+        if self.last_exit:
+            shown["last_exit"] = self.last_exit
+        return shown
+
+    # -- the process itself ------------------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        """A live process holding this object's hooks and model; a crashed one is forked again (backoff)."""
+        if self.state == "stopped":
+            raise NotConfigured("this configuration was replaced", "Send the request again.")
+        if self._conn is not None and self.state not in ("crashed", "restarting"):
+            return
+        wait = self._restart_at - time.monotonic()
+        if wait > 0:
+            raise NotConfigured(
+                f"the model process keeps ending ({len(self._crashes)} times in {CRASH_WINDOW_S:g} s, last: {self.last_exit})",
+                f"It is restarted in {wait:.0f} s. Fix the hook named in the backend's log and configure again.",
+            )
+        first = self.pid is None
+        self._fork()
+        if first:
+            return
+        self.restarts += 1
+        self.state = "restarting"
+        for hooks_id, (pre, post, secrets) in self._hook_sets.items():
+            self._exchange(("hooks", hooks_id, pre, post, list(secrets)), None)
+        if self.model_spec is not None:
+            # The same model again, from disk: a restart does not depend on the registry being up.
+            self.info = self._exchange(("load", self.model_spec.to_dict(), str(self.artifacts_dir), True), None)[1]
+        self.state = "idle"
+        log.info("model process %s restarted with the same configuration (restart %d)", self.pid, self.restarts)
+
+    def _fork(self) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stage_fd, stage = _stage_page()
+        try:
+            pid = self.zygote.fork(theirs.fileno(), stage_fd, timeout=300)
+        except ZygoteUnavailable as exc:
+            mine.close()
+            stage.close()
+            raise BackendError(str(exc), "The backend's log says why; restart the backend if this persists.") from exc
+        finally:
+            theirs.close()
+            os.close(stage_fd)
+        conn = Connection(mine.detach())
+        with self._conn_lock:
+            stopped = self.state == "stopped"  # stop() came while this fork ran: the new process is not wanted
+            if not stopped:
+                old, self._conn, self._stage, self.pid = self._conn, conn, stage, pid
+                self._poller = select.poll()
+                self._poller.register(conn.fileno(), select.POLLIN)
+                self.state = "idle"
+        self.zygote.on_exit(pid, partial(self._on_exit, pid))
+        if stopped:
+            os.kill(pid, signal.SIGKILL)
+            conn.close()
+            stage.close()
+            raise NotConfigured("this configuration was replaced", "Send the request again.")
+        if old is not None:
+            old.close()
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        with self._exited:
+            self._exits[pid] = status
+            self._exited.notify_all()
+
+    def _exit_of(self, pid: int | None, wait_s: float = 1.0) -> str:
+        with self._exited:
+            self._exited.wait_for(lambda: pid in self._exits, wait_s)
+            return describe_exit(self._exits.pop(pid, None) if pid is not None else None)
+
+    def _kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _exchange(self, message: tuple, timeout: float | None) -> tuple:
+        """Send one request and read its answer; the caller holds the lock."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+            if not self._readable(timeout):
+                self._kill()
+                self._lost(f"ran past {timeout:g} s (PREDICT_TIMEOUT_S)")
+                raise DeadlineExceeded(
+                    f"the model call did not finish within {timeout:g} s; the model process was stopped",
+                    "A hook or the model hung. It restarts with the same configuration; fix what hangs, "
+                    "or raise PREDICT_TIMEOUT_S if the model is that slow.",
+                )
+            data = conn.recv_bytes()
+        except (EOFError, OSError) as exc:
+            if self.state == "stopped":
+                raise NotConfigured("this configuration was replaced while it ran", "Send the request again.") from exc
+            stage = STAGES[self._stage[0]] if self._stage is not None and self._stage[0] < len(STAGES) else "?"
+            how = self._exit_of(self.pid)
+            self._lost(how)
+            raise ModelProcessCrashed(
+                f"the model process ended while running {stage} ({how})",
+                f"A hook or the model ended its process (os._exit, a crash, running out of memory). The backend "
+                f"restarted it with the same configuration; fix the {stage}.",
+            ) from exc
+        reply = loads_plain(data)
+        if reply[0] == "error":
+            raise error_from_dict(reply[1])
+        return reply
+
+    def _readable(self, timeout: float | None) -> bool:
+        """An answer (or the end of the process) is there to read; one poll object, not a selector per call."""
+        return bool(self._poller.poll(None if timeout is None else timeout * 1000))
+
+    def _lost(self, how: str) -> None:
+        """The process is gone (or killed): the next exchange forks a new one, after a backoff if it keeps happening."""
+        now = time.monotonic()
+        self.last_exit = how
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > CRASH_WINDOW_S:
+            self._crashes.popleft()
+        recent = len(self._crashes)
+        self._restart_at = now + (0.0 if recent <= 2 else min(MAX_RESTART_DELAY_S, 2.0 ** (recent - 3)))
+        with self._conn_lock:
+            if self.state != "stopped":
+                self.state = "crashed"
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        log.error("model process %s %s", self.pid, how)
+        threading.Thread(target=self._restart_soon, name="model-restart", daemon=True).start()
+
+    def _restart_soon(self) -> None:
+        """Bring the process back before the next request needs it."""
+        delay = self._restart_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        with self._lock:
+            if self.state == "crashed":
+                try:
+                    self._ensure_running()
+                except BackendError as exc:
+                    log.error("restarting the model process failed: %s", exc.error)
