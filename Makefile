@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: setup run test test-fast quick lint typecheck serve orchestrator bench clean
+.PHONY: setup run test test-fast quick lint typecheck docs serve orchestrator bench clean
 
 # The fast lane (~25 s): what needs no server, no model process and no Label Studio.
 QUICK = tests/test_architecture.py tests/test_template.py tests/test_pickling.py tests/test_compose.py tests/test_antenna_units.py tests/test_training_units.py tests/test_spec.py tests/test_settings.py tests/test_validation.py tests/test_hookcodec.py \
@@ -52,5 +52,9 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or an undescribed setting fails it.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet, which hides the warnings --strict counts
+
 clean:
-	rm -rf .demo model_dir orchestrator_state .pytest_cache
+	rm -rf .demo model_dir orchestrator_state .pytest_cache site

@@ -79,7 +79,7 @@ def connect_project(
 ) -> Connection:
     """Point ``project``'s ML backend at ``backend_url`` and, with ``retrieve``, have Label Studio ask it
     for predictions of every task (Label Studio waits for the answer; a big project is finished over
-    further rounds, see the README). Raises LabelStudioError with Label Studio's own reason, e.g.
+    further rounds, see docs/big-projects.md). Raises LabelStudioError with Label Studio's own reason, e.g.
     when it cannot reach ``backend_url`` (it must be an address Label Studio's machine can reach)."""
     from label_studio_sdk.client import LabelStudio
 

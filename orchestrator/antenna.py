@@ -32,6 +32,7 @@ def _with_pipelines() -> list[BackendRecord]:
 
 @antenna.get("/info")
 def info():
+    """Antenna: the pipelines of every configured backend."""
     records = _with_pipelines()
     description = f"One pipeline per configured model: {len(records)} of {len(orchestrator().manager.registry.backends())} backends."
     return jsonify(service_info([r.model["pipeline"] for r in records], description))
@@ -39,11 +40,13 @@ def info():
 
 @antenna.get("/livez")
 def livez():
+    """Antenna: the orchestrator is alive."""
     return jsonify({"status": True})
 
 
 @antenna.get("/readyz")
 def readyz():
+    """Antenna: the slugs whose backends are ready."""
     records = _with_pipelines()
     http = orchestrator().manager.http
 
@@ -62,6 +65,7 @@ def readyz():
 
 @antenna.post("/process")
 def process() -> Response:
+    """Antenna: /process sent to the backend whose pipeline has the request's slug."""
     slug = json_body().get("pipeline")
     records = {r.model["pipeline"]["slug"]: r for r in _with_pipelines()}
     record = records.get(slug) if isinstance(slug, str) else None

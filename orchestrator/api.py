@@ -75,6 +75,7 @@ def _is_webhook() -> bool:
 
 @api.post("/configure")
 def configure():
+    """Start or reconfigure the model's backend; its answer passes through."""
     o = orchestrator()
     require_configure_rights(request, o.settings)
     record, status, answer, created = o.manager.configure(request.get_data())
@@ -88,6 +89,7 @@ def configure():
 
 @api.get("/backends")
 def list_backends():
+    """Every backend: state, model, URL, uptime, restarts, last error, which is newest."""
     o = orchestrator()
     newest = o.manager.registry.newest_configured()
     return jsonify(
@@ -103,6 +105,7 @@ def list_backends():
 
 @api.get("/backends/<backend_id>")
 def get_backend(backend_id: str):
+    """One backend, with its own /health and its last log lines (?log_lines=50)."""
     o = orchestrator()
     record = o.manager.get(backend_id)
     lines = request.args.get("log_lines", "20")
@@ -113,6 +116,7 @@ def get_backend(backend_id: str):
 
 @api.delete("/backends/<backend_id>")
 def delete_backend(backend_id: str):
+    """Stop a backend, free its port, remove its container and folder, forget it."""
     o = orchestrator()
     require_configure_rights(request, o.settings)
     record = o.manager.delete(backend_id)
@@ -122,6 +126,7 @@ def delete_backend(backend_id: str):
 @api.route("/models/<backend_id>/", defaults={"path": ""}, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 @api.route("/models/<backend_id>/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 def model_route(backend_id: str, path: str) -> Response:
+    """Any route of one backend (Label Studio's ML backend URL for that model)."""
     o = orchestrator()
     record = o.manager.get(backend_id)
     if path.strip("/").startswith("configure") and not (request.method == "GET" and path.strip("/") == "configure/status"):
@@ -180,4 +185,5 @@ def root_health():
 
 @api.route(f"/<any({', '.join(LABEL_STUDIO_ROUTES)}):route>", methods=["GET", "POST"])
 def root_route(route: str) -> Response:
+    """Label Studio's routes at the root, forwarded to the newest backend."""
     return _forward(_newest(), route)

@@ -37,6 +37,7 @@ def _pipeline_of(spec: ModelSpec | None) -> PipelineDefinition | None:
 
 @antenna.get("/info")
 def info():
+    """Antenna: this backend's pipeline (its algorithms and category maps)."""
     spec = _configured_spec()
     pipeline = _pipeline_of(spec)
     description = (
@@ -49,11 +50,13 @@ def info():
 
 @antenna.get("/livez")
 def livez():
+    """Antenna: the process is alive."""
     return jsonify({"status": True})
 
 
 @antenna.get("/readyz")
 def readyz():
+    """Antenna: the pipeline slugs that can process now."""
     active = services().runtime.active
     pipeline = _pipeline_of(active.spec if active is not None else None)
     if pipeline is None:
@@ -64,6 +67,7 @@ def readyz():
 
 @antenna.post("/process")
 def process_images():
+    """Antenna: detections and classifications for a batch of source images."""
     s = services()
     deadline = time.monotonic() + s.settings.process_timeout_s
     request = parse_request(json_body())

@@ -191,11 +191,13 @@ def _status() -> dict[str, Any]:
 @api.get("/")
 @api.get("/health")
 def health():
+    """Label Studio's health check (it allows 1 s): status, what serves, the model process, caches, training."""
     return jsonify(_status())
 
 
 @api.post("/setup")
 def setup():
+    """Label Studio connecting a project: the model version it will store predictions under."""
     s = services()
     body = json_body(required=False)
     s.remember_label_studio(body.get("hostname"), body.get("access_token"))
@@ -205,12 +207,14 @@ def setup():
 
 @api.get("/versions")
 def versions():
+    """The model versions this backend can name (the serving one)."""
     active = services().runtime.active
     return jsonify({"versions": [active.model_version] if active else []})
 
 
 @api.post("/predict")
 def predict():
+    """Predictions for Label Studio's tasks, one per task, validated against the labeling config, by the deadline."""
     s = services()
     deadline = time.monotonic() + s.settings.predict_timeout_s
     body = json_body()
@@ -274,6 +278,7 @@ def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:
 
 @api.post("/webhook")
 def webhook():
+    """Label Studio's project events: annotations (for agreement and automatic training) and START_TRAINING."""
     s = services()
     require_training_rights(request, s.settings, "the webhook")
     body = json_body(required=False)
@@ -325,6 +330,7 @@ def train():
 
 @api.get("/train/status")
 def train_status():
+    """The current training and the recent ones: stage, run, version, gate, outcome."""
     s = services()
     require_configure_rights(request, s.settings)
     return jsonify(_trainer(s).status())
@@ -332,6 +338,7 @@ def train_status():
 
 @api.post("/configure")
 def configure():
+    """Serve a model with these hooks: 200 once it serves, 202 with a status URL while it loads."""
     s = services()
     require_configure_rights(request, s.settings)
     spec = parse_model_spec(decode_configure_body(request.get_data()))
@@ -351,6 +358,7 @@ def configure():
 
 @api.get("/configure")
 def configuration():
+    """What is configured, credentials redacted."""
     s = services()
     require_configure_rights(request, s.settings)
     body = _status()
@@ -361,6 +369,7 @@ def configuration():
 
 @api.get("/configure/status")
 def configure_status():
+    """How the latest configure's load is going (the 202's status URL)."""
     s = services()
     require_configure_rights(request, s.settings, "configure status")
     job = s.runtime.job
@@ -371,6 +380,7 @@ def configure_status():
 
 @api.get("/metrics")
 def metrics():
+    """Prometheus metrics."""
     s = services()
     m = s.metrics
     active = s.runtime.active

@@ -1,5 +1,5 @@
 """Real Label Studio for the end-to-end tests, in its default token mode, the orchestrator set up for it
-as the README says, and the browser an annotator uses; one of each per test module."""
+as the quickstart says, and the browser an annotator uses; one of each per test module."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def label_studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def orchestrator(tmp_path_factory, registry, label_studio):
-    """Set up as the README says for a default Label Studio: its address and a PAT, nothing else."""
+    """Set up as the quickstart says for a default Label Studio: its address and a PAT, nothing else."""
     server = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), registry,
                                 LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
     yield server
