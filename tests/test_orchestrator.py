@@ -178,7 +178,8 @@ def _parent(pid: int) -> int:
         return int(stat.read().rpartition(")")[2].split()[1])
 
 
-def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlive_it(start_orchestrator, images):
+def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlives_its_orchestrator(start_orchestrator,
+                                                                                                images):
     orchestrator = start_orchestrator(LABEL_STUDIO_API_KEY="envkey-0123456789abcdef", ORCHESTRATOR_ON_EXIT="keep")
     status, first = configure(
         orchestrator, model_uri="models:/brightness/1", post_hook=encode_hook(hooks.ancestry_peeking_post)
@@ -210,10 +211,24 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlive_i
     new_template = answer["meta"]["ancestors"][2][0]
     assert new_template != template_pid and "backend.isolation.template" in answer["meta"]["ancestors"][2][1]
 
-    # The template ends with its orchestrator; backends kept running do not.
+    # The orchestrator gone, its backends kept: the template stays while they live. The orchestrator started
+    # again adopts them and forks its next new backend from that same template, sharing its pages.
     orchestrator.stop()
-    wait_until(lambda: not os.path.exists(f"/proc/{new_template}") or _is_zombie(new_template), 15, "template gone")
     assert predict(second["url"], images, "black") == (["light"], "brightness:2")
+    assert not _is_zombie(new_template)
+    again = start_orchestrator(LABEL_STUDIO_API_KEY="envkey-0123456789abcdef", ORCHESTRATOR_ON_EXIT="keep")
+    status, third = configure(
+        again, model_uri="models:/brightness@champion", post_hook=encode_hook(hooks.ancestry_peeking_post)
+    )
+    assert status == 200 and third["created"], third
+    answer = predict_images(third["label_studio_url"], images, "white").json()["results"][0]
+    assert answer["result"][0]["value"]["choices"] == ["light"]
+    assert answer["meta"]["ancestors"][2][0] == new_template
+
+    # With its last owner and the last backend it forked, the template ends.
+    again.remove_all()
+    again.stop()
+    wait_until(lambda: not os.path.exists(f"/proc/{new_template}") or _is_zombie(new_template), 15, "template gone")
 
 
 def _is_zombie(pid: int) -> bool:

@@ -263,6 +263,7 @@ class ForkServer:
         signal.set_wakeup_fd(self.wake[1])
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self._asked_by: dict[int, socket.socket] = {}
+        self.children: set[int] = set()  # forks not yet reaped
 
     @staticmethod
     def send(connection: socket.socket, message: tuple) -> None:
@@ -290,6 +291,7 @@ class ForkServer:
             os.close(received)
         if pid > 0:
             self._asked_by[pid] = connection
+            self.children.add(pid)
             self.send(connection, ("forked", number, pid))
         return pid
 
@@ -342,6 +344,7 @@ class ForkServer:
         return True
 
     def _report(self, pid: int, status: int) -> None:
+        self.children.discard(pid)
         connection = self._asked_by.pop(pid, None)
         if connection is not None:
             self.send(connection, ("exited", pid, status))

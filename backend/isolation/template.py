@@ -10,11 +10,14 @@ so its forks may (each sets its own CUDA_VISIBLE_DEVICES before anything uses CU
 The orchestrator's process driver starts it (``python -m backend.isolation.template PATH MODULES``) and asks it
 for backends; each backend's worker asks it for its zygote (``BACKEND_TEMPLATE``: the socket's path).
 A backend it forked runs in a session of its own and outlives it, exactly like one started as a new
-Python; where the template is gone, the driver and the worker start new Pythons instead.
+Python; where the template is gone, the driver and the worker start new Pythons instead. It lives while
+an owner is connected or one of its forks lives, so an orchestrator restarted while its backends run
+(``ORCHESTRATOR_ON_EXIT=keep``, or a crash) finds it again, and so do the backends' workers.
 
 Protocol (``forking``), at PATH (a SOCK_SEQPACKET socket, mode 0600)::
 
     driver -> template   ("owner", 0)                                   the template lives while an owner is connected
+                                                                        (or a fork of its lives)
                          ("backend", n, argv, cwd, deadline) + fds [environment, log file]   (deadline: time.time())
     worker -> template   ("zygote", n, modules)    + fds [environment, the worker's zygote socket, log file]
     template -> client   ("forked", n, pid) | ("fork-failed", n, reason), ("exited", pid, wait status)
@@ -144,16 +147,21 @@ def template_main(path: str, modules: list[str]) -> None:
                 os.close(received)
             server.send(connection, ("fork-failed", number, f"not a request: {kind!r} with {len(fds)} descriptors"))
 
+    def wanted() -> bool:
+        """While an owner is connected, or a backend or zygote it forked lives: an orchestrator that restarts
+        (or was killed) finds it again at the same socket, and what it restarts forks from here, sharing
+        these pages, rather than as a new Python with copies of its own."""
+        return bool(owners or server.connections or server.children)
+
     def closed(connection: socket.socket) -> bool:
-        """Stop once no owner is left, unless somebody is still connected or connecting (another process of
-        the orchestrator may not have said yet that it owns this one; a worker may be asking for a zygote)."""
+        """Stop once unwanted, unless somebody is connecting (another process of the orchestrator may not
+        have said yet that it owns this one; a worker may be asking for a zygote)."""
         owners.discard(connection)
-        return not owners and not server.connections and not select.select([listener], [], [], 0)[0]
+        return not wanted() and not select.select([listener], [], [], 0)[0]
 
     log.info("template: ready at %s (%d modules imported)", path, len(modules) - len(failed))
     try:
-        server.run(handle, closed, still_wanted=lambda: bool(owners or server.connections)
-                   or (not ever_owned and os.getppid() == parent))
+        server.run(handle, closed, still_wanted=lambda: wanted() or (not ever_owned and os.getppid() == parent))
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)

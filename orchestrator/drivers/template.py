@@ -2,7 +2,8 @@
 
 Several processes of one orchestrator (gunicorn workers) share one template: its socket sits in the
 state folder, and whoever finds none answering starts it, under a lock. Each stays connected as an
-owner; the template ends when the last one has gone, and the backends it forked keep running.
+owner; the template ends when the last one has gone and none of its forks lives. An orchestrator
+restarted while its backends run connects to it again.
 """
 
 from __future__ import annotations
