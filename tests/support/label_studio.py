@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from harness.servers import Process, free_port, wait_until
+from tests.support.environments import CACHE, cached_environment
 
 VERSION = "1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
 USER, PASSWORD = "admin@example.com", "adminpass123"
-CACHE = Path(os.environ.get("LSBACKEND_E2E_CACHE") or Path.home() / ".cache" / "lsbackend-e2e")
 
 
 class LabelStudioUnavailable(Exception):
@@ -30,25 +28,10 @@ class LabelStudioUnavailable(Exception):
 
 def ensure_installed() -> Path:
     """The ``label-studio`` executable of the cached virtual environment, installing it the first time."""
-    venv = CACHE / f"ls-{VERSION}"
-    executable, done = venv / "bin" / "label-studio", venv / ".installed"
-    if executable.exists() and done.exists():
-        return executable
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "pip"), "install", "-q", f"label-studio=={VERSION}"],
-    ]
-    for step in steps:
-        try:
-            result = subprocess.run(step, capture_output=True, text=True, timeout=900, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise LabelStudioUnavailable(f"installing label-studio failed: {exc}") from exc
-        if result.returncode != 0:
-            raise LabelStudioUnavailable(f"installing label-studio failed: {result.stderr[-1500:]}")
-    done.touch()
-    return executable
+    try:
+        return cached_environment(f"ls-{VERSION}", [f"label-studio=={VERSION}"], CACHE, 900) / "bin" / "label-studio"
+    except RuntimeError as exc:
+        raise LabelStudioUnavailable(f"installing label-studio failed: {exc}") from exc
 
 
 def _environment(data_dir: Path, port: int) -> dict[str, str]:

@@ -1,17 +1,15 @@
 """The model zoo's own virtual environment: torchvision and ultralytics on the CUDA torch they need
-(which runs on CPU here), with requirements.txt, made once per machine under ``~/.cache/lsbackend-e2e``
-(``LSBACKEND_E2E_CACHE``) and keyed by ``requirements-zoo.txt``, so a change of pins makes a new one."""
+(which runs on CPU here), with requirements.txt, made once per machine (``environments``) and keyed by
+``requirements-zoo.txt``, so a change of pins makes a new one."""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from harness.servers import ROOT, base_env
-from tests.support.label_studio import CACHE
+from tests.support.environments import CACHE, cached_environment
 
 REQUIREMENTS = ROOT / "requirements-zoo.txt"
 
@@ -23,22 +21,11 @@ class ZooUnavailable(Exception):
 def zoo_python() -> Path:
     """The python of the cached zoo environment, installing it the first time (a few minutes, ~5.5 GB)."""
     pins = REQUIREMENTS.read_bytes() + (ROOT / "requirements.txt").read_bytes()
-    venv = CACHE / f"zoo-{hashlib.sha256(pins).hexdigest()[:12]}"
-    python, done = venv / "bin" / "python", venv / ".installed"
-    if python.exists() and done.exists():
-        return python
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    for step in ([sys.executable, "-m", "venv", str(venv)],
-                 [str(venv / "bin" / "pip"), "install", "-q", "-r", str(REQUIREMENTS)]):
-        try:
-            result = subprocess.run(step, capture_output=True, text=True, timeout=1800, check=False, cwd=ROOT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ZooUnavailable(f"making the zoo environment failed: {exc}") from exc
-        if result.returncode != 0:
-            raise ZooUnavailable(f"making the zoo environment failed: {result.stderr[-1500:]}")
-    done.touch()
-    return python
+    try:
+        venv = cached_environment(f"zoo-{hashlib.sha256(pins).hexdigest()[:12]}", ["-r", str(REQUIREMENTS)], ROOT, 1800)
+    except RuntimeError as exc:
+        raise ZooUnavailable(str(exc)) from exc
+    return venv / "bin" / "python"
 
 
 # What the zoo's processes run with: offline, and ultralytics' settings file under the test cache.
