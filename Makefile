@@ -37,8 +37,11 @@ orchestrator: setup
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
 
+# The suite in TEST_JOBS processes (pytest-xdist), a test file to each: on 2 cores, 3 overlap one
+# test's waiting for its servers with another's work. TEST_JOBS=0 runs it in this process alone.
+TEST_JOBS ?= 3
 test: setup
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q $(QUICK) -k "not checker and not real_backend" $(ARGS)

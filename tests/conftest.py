@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,11 +36,25 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory) -> str:
-    """A SQLite MLflow registry holding the fixture models (brightness v1, v2 @champion=1, sentiment, tiny_torch)."""
+    """A SQLite MLflow registry holding the fixture models (brightness v1, v2 @champion=1, sentiment, tiny_torch).
+
+    Under pytest-xdist (``make test``) the run's workers build it once, under a lock in the run's own
+    folder, and each works on a copy of the database (tests register versions and move aliases); the
+    models' artifacts, written once, are shared."""
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    register_models(uri)
-    return uri
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        register_models(f"sqlite:///{root / 'mlflow.db'}")
+        return f"sqlite:///{root / 'mlflow.db'}"
+    run_folder = tmp_path_factory.getbasetemp().parent  # pytest-N/popen-gwK -> pytest-N: this run's alone
+    built = run_folder / "registry-built" / "mlflow.db"
+    with open(run_folder / "registry.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            built.parent.mkdir(exist_ok=True)
+            register_models(f"sqlite:///{built.parent / 'building.db'}")
+            (built.parent / "building.db").rename(built)
+    shutil.copyfile(built, root / "mlflow.db")
+    return f"sqlite:///{root / 'mlflow.db'}"
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ as a template: each run copies it, which cuts Label Studio's start from ~30 s to
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -128,12 +129,14 @@ def start_label_studio(folder: Path) -> LabelStudio:
     executable = ensure_installed()
     template = CACHE / f"data-template-{VERSION}"
     folder.mkdir(parents=True, exist_ok=True)
-    if not (template / ".ready").exists():
-        first = LabelStudio(folder / "first-start", executable).start(timeout=300)  # runs the migrations
-        first.stop()
-        shutil.rmtree(template, ignore_errors=True)
-        shutil.copytree(first.data_dir, template)
-        (template / ".ready").touch()
+    with open(CACHE / ".data-template.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test processes side by side: one of them migrates, once
+        if not (template / ".ready").exists():
+            first = LabelStudio(folder / "first-start", executable).start(timeout=300)  # runs the migrations
+            first.stop()
+            shutil.rmtree(template, ignore_errors=True)
+            shutil.copytree(first.data_dir, template)
+            (template / ".ready").touch()
     server = LabelStudio(folder, executable)
     shutil.copytree(template, server.data_dir)
     return server.start()
