@@ -10,7 +10,8 @@ its parts, and the registry's ``mlflow server`` goes away for a while. Bounded: 
 - Once, the registry's ``mlflow server`` is stopped for 30 s (scaled) and started again on its port;
   one backend follows ``models:/<name>/latest``, so its follower polls the registry all the while.
 - ``/health`` of the orchestrator is sampled twice a second.
-- ``SOAK_CHAOS=off``: the same load with nothing killed, so that memory growth is a leak alone.
+- ``SOAK_CHAOS=off``: the same load with nothing killed, so that memory growth is a leak alone;
+  ``SOAK_KILL=worker,zygote,...``: only those parts killed, in turn (by default every one of KILLABLE).
 
 At the end: every task predicted exactly once with the right label, no wrong answer, the processes and
 PSS of the start (no orphans, no growth), and the ``/health`` samples.
@@ -202,7 +203,7 @@ class Soak:
     def chaos(self, until: float) -> None:
         assert self.orchestrator is not None
         rng = random.Random(7)
-        roles = list(KILLABLE)
+        roles = kill_roles()
         registry_down_at = time.monotonic() + self.seconds * 0.4
         registry_done = False
         turn = 0
@@ -338,7 +339,17 @@ def soak(workdir: Path, seconds: float, clients: int = CLIENTS, chaos: bool = Tr
         runner.close()
 
 
+def kill_roles() -> list[str]:
+    """What the chaos thread kills in turn: ``SOAK_KILL``'s parts, or every one of KILLABLE."""
+    chosen = [r.strip() for r in os.environ.get("SOAK_KILL", "").split(",") if r.strip()]
+    unknown = set(chosen) - set(KILLABLE)
+    if unknown:
+        raise ValueError(f"SOAK_KILL names {sorted(unknown)}; choose from {list(KILLABLE)}")
+    return [r for r in KILLABLE if r in chosen] if chosen else list(KILLABLE)
+
+
 def run(table: Table, workdir: Path) -> None:
+    kill_roles()  # a misspelt SOAK_KILL fails here, not in the chaos thread
     seconds = float(os.environ.get("SOAK_S") or SOAK_S)
     chaos = os.environ.get("SOAK_CHAOS", "on") != "off"  # off: the same load, nothing killed (a leak alone)
     figures = soak(workdir, seconds, chaos=chaos)
