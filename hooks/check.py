@@ -103,6 +103,10 @@ def run_check(args: argparse.Namespace) -> int:
     from lsmlflow.errors import ClientError
     from lsmlflow.pickling import encode_hook, load_reference
 
+    if args.draw and (problem := _unwritable(Path(args.draw))):  # before the model loads, not after
+        print(f"\nFAILED: --draw cannot write to {args.draw}: {problem}\n  fix: name a folder you can write to "
+              "(it is made if it does not exist).", file=sys.stderr)
+        return 1
     config = _label_config(args.label_config)
     failed: dict[int, str] = {}
     try:
@@ -155,6 +159,16 @@ def run_check(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1 if failed else 0
+
+
+def _unwritable(folder: Path) -> str:
+    """Why the drawings cannot go to ``folder`` ("" where they can); the folder is made if missing."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hooks-check-"):
+            return ""
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
 
 
 def _draw(folder: Path, tasks: list[dict[str, Any]], results: list[Any], inputs: Any, objects: Any) -> list[Path]:

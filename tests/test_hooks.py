@@ -491,6 +491,19 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, t
     assert "FAILED: the prediction for task 1 (#0) cannot be sent as JSON" in unsendable.stderr
 
 
+def test_draw_to_an_unwritable_folder_fails_before_any_model_loads(tmp_path, images, capsys):
+    from hooks.check import main
+    from tests.support.hooks import IMAGE_CONFIG
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    code = main(["check", "--label-config", IMAGE_CONFIG, "--model", "models:/not-loaded/1", "--post-hook", "x:y",
+                 "--draw", str(blocked / "drawn"), str(images["white"])])
+    assert code == 1
+    said = capsys.readouterr().err
+    assert f"FAILED: --draw cannot write to {blocked / 'drawn'}: Not a directory" in said and "fix:" in said
+
+
 def test_predictions_are_drawn_where_label_studio_puts_them(tmp_path):
     """hooks.draw reads percent coordinates as Label Studio does: each shape tints the pixels it covers."""
     import numpy as np
