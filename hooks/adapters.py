@@ -157,9 +157,7 @@ def _rectangles(control, xyxy, classes, scores, keep, class_names, width, height
 def _brushes(control, masks, classes, scores, keep, class_names, width, height) -> list[dict[str, Any]]:
     """Per-detection masks (any size; resized to the image) to BrushLabels results."""
 
-    def build(i, label, names):
-        mask = masks[i].reshape(masks.shape[-2:])
-        return r.brush(mask if mask.shape == (height, width) else _resize_mask(mask, width, height), label, **names)
+    build = lambda i, label, names: r.brush(_image_mask(masks, i, width, height), label, **names)
 
     return _regions(control, keep, classes, scores, class_names, build)
 
@@ -169,8 +167,7 @@ def _outlines(control, masks, classes, scores, keep, class_names, width, height)
     from .outline import mask_outline
 
     def build(i, label, names):
-        mask = masks[i].reshape(masks.shape[-2:])
-        points = mask_outline(mask if mask.shape == (height, width) else _resize_mask(mask, width, height))
+        points = mask_outline(_image_mask(masks, i, width, height))
         return r.polygon(points, label, width=width, height=height, **names) if len(points) >= 3 else None
 
     return _regions(control, keep, classes, scores, class_names, build)
@@ -187,6 +184,12 @@ def _masks(masks, keep, classes, scores, class_names, width, height, label_confi
         return _regions(control, keep, classes, scores, class_names, build)
     control = _control(label_config, "BrushLabels", options)
     return _brushes(control, _array(masks.data), classes, scores, keep, class_names, width, height)
+
+
+def _image_mask(masks: Any, index: int, width: int, height: int) -> Any:
+    """Detection ``index``'s mask at the image's size: as it is where it already is, else ``_resize_mask``."""
+    mask = masks[index].reshape(masks.shape[-2:])
+    return mask if mask.shape == (height, width) else _resize_mask(mask, width, height)
 
 
 def _resize_mask(mask: Any, width: int, height: int) -> Any:
@@ -245,7 +248,8 @@ def torchvision_detection_post(
     """torchvision detection dicts (``boxes`` in pixel xyxy, ``labels``, ``scores``; ``masks`` optional) per image.
 
     Boxes become RectangleLabels; with ``masks`` (Mask R-CNN), PolygonLabels along each mask's outline
-    or BrushLabels, whichever the config has. The image size comes from the files (``inputs``); ``letterbox`` undoes the pre hook's letterbox.
+    or BrushLabels, whichever the config has. The image size comes from the files (``inputs``);
+    ``letterbox`` undoes the pre hook's letterbox.
     """
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
