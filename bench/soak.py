@@ -33,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-from backend.core.lifetime import process_identity
+from backend.core.lifetime import parent_pid, process_identity
 from harness.servers import ROOT, MlflowServer, OrchestratorProcess, base_env, wait_until
 
 from . import models
@@ -85,13 +85,6 @@ def our_processes(marker: str) -> dict[int, str]:
     return found
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def victims(marker: str, orchestrator_pid: int) -> dict[str, list[int]]:
     """Our processes by the role the chaos thread knows them by."""
     procs = our_processes(marker)
@@ -100,7 +93,7 @@ def victims(marker: str, orchestrator_pid: int) -> dict[str, list[int]]:
         if pid == orchestrator_pid:
             roles["orchestrator"].append(pid)
         elif name == "lsb-backend":
-            roles["worker" if procs.get(_parent(pid)) == "lsb-backend" else "backend master"].append(pid)
+            roles["worker" if procs.get(parent_pid(pid)) == "lsb-backend" else "backend master"].append(pid)
         elif name == "lsb-model":
             roles["model process"].append(pid)
         elif name == "lsb-zygote":
@@ -258,9 +251,14 @@ class Soak:
 
         def ready() -> bool:
             listed = requests.get(orchestrator.url + "/backends", timeout=5).json()["backends"]
-            return len(listed) == len(MODELS) and all(b["state"] == "ready" for b in listed)
+            if len(listed) != len(MODELS) or any(b["state"] != "ready" for b in listed):
+                return False
+            # and renewed: each backend's master a child of the template (a killed one's are forked again)
+            procs = our_processes(self.marker)
+            masters = [pid for pid, name in procs.items() if name == "lsb-backend" and procs.get(parent_pid(pid)) != "lsb-backend"]
+            return all(procs.get(parent_pid(pid)) == "lsb-template" for pid in masters)
 
-        wait_until(ready, 120, "every backend ready")
+        wait_until(ready, 180, "every backend ready, and forked from the template")
         for backend_id in self.backend_ids:  # a round each: the model processes are up
             requests.post(f"{orchestrator.url}/models/{backend_id}/predict", timeout=60, json={
                 "tasks": [{"id": 1, "data": {"text": "settle"}}], "label_config": models.TEXT_CONFIG})

@@ -47,7 +47,7 @@ def create_app(
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's setting
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s), supervisor)
+    app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s, manager.registry.get), supervisor)
     app.register_blueprint(api)
     app.register_blueprint(antenna)
     register_error_handlers(app)

@@ -204,13 +204,19 @@ class BackendManager:
         pid = listening_pid(record.port) if answer.status_code == 200 and record.token else None
         return f"{pid}:{start_time(pid)}" if pid else ""
 
-    def healthy(self, record: BackendRecord, timeout: float = 1.0) -> bool:
-        """It answers /health; a spare must also have finished its warm imports."""
+    def health(self, record: BackendRecord, timeout: float = 1.0) -> dict[str, Any] | None:
+        """Its /health answer; None where it does not answer 200 with a JSON object."""
         try:
             response = self.http.get(f"{record.url}/health", timeout=timeout)
-            return response.status_code == 200 and not (record.spare and response.json().get("warming"))
+            answer = response.json() if response.status_code == 200 else None
         except (requests.RequestException, ValueError):
-            return False
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    def healthy(self, record: BackendRecord, timeout: float = 1.0) -> bool:
+        """It answers /health; a spare must also have finished its warm imports."""
+        answer = self.health(record, timeout)
+        return answer is not None and not (record.spare and answer.get("warming"))
 
     def starting_elsewhere(self, record: BackendRecord) -> bool:
         """Another process of this orchestrator (a gunicorn worker) is starting it: it is registered, and that
@@ -289,10 +295,7 @@ class BackendManager:
     def describe(self, record: BackendRecord, log_lines: int = 20) -> dict[str, Any]:
         """The record, the backend's own /health when it answers, and its recent log."""
         body = record.public()
-        try:
-            body["health"] = self.http.get(f"{record.url}/health", timeout=1.0).json()
-        except (requests.RequestException, ValueError):
-            body["health"] = None
+        body["health"] = self.health(record)
         if body["health"] and body["health"].get("training"):
             body["training"] = body["health"]["training"]  # its state and last outcome, at a glance
         body["log"] = self.driver.logs(record, log_lines)

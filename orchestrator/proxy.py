@@ -2,10 +2,13 @@
 
 Only the transport is ours: a backend that cannot be reached is a 502 naming it, one that does
 not answer within PROXY_TIMEOUT_S (longer than Label Studio's 100 s, so the backend's own 504
-comes first) is a 504. Whatever the backend answers, errors included, goes back unchanged.
+comes first) is a 504. Whatever the backend answers, errors included, goes back unchanged. A
+backend that moved (renewed on another port) while the request was on its way is asked again there.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import requests
 from flask import Request, Response
@@ -32,8 +35,9 @@ CHUNK = 1 << 16
 class Proxy:
     """One pooled HTTP session to every backend."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, locate: Callable[[str], BackendRecord | None] = lambda _: None) -> None:
         self.timeout_s = timeout_s
+        self.locate = locate  # a backend's record as it stands now (the registry's)
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64)
         self.session.mount("http://", adapter)
@@ -43,35 +47,25 @@ class Proxy:
         """``authorization``: what the backend is sent instead of the client's own (its configure token);
         ``timeout_s``: how long its answer may take, PROXY_TIMEOUT_S by default."""
         timeout_s = timeout_s or self.timeout_s
-        url = f"{record.url}/{path.lstrip('/')}"
-        if request.query_string:
-            url += "?" + request.query_string.decode("latin-1")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         if authorization is not None:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["Authorization"] = authorization
-        try:
-            # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
-            # the answer is streamed back as it arrives.
-            upstream = self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=request.get_data(cache=False) or None,
-                stream=True,
-                timeout=(min(2.0, timeout_s), timeout_s),
-                allow_redirects=False,
-            )
-        except requests.Timeout as exc:
-            raise DeadlineExceeded(
-                f"backend {record.id} did not answer within {timeout_s:g} s",
-                "GET /backends/<id> shows its state and log.",
-            ) from exc
-        except requests.ConnectionError as exc:
-            raise UpstreamUnavailable(
-                f"backend {record.id} is not answering ({record.state})",
-                "It may be restarting: GET /backends/<id> shows its state, restarts and log.",
-            ) from exc
+        # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
+        # the answer is streamed back as it arrives.
+        body = request.get_data(cache=False) or None
+        for attempt in range(3):
+            try:
+                upstream = self._send(record, path, request, headers, body, timeout_s)
+                break
+            except requests.ConnectionError as exc:
+                moved = self.locate(record.id)
+                if moved is None or moved.url == record.url or attempt == 2:
+                    raise UpstreamUnavailable(
+                        f"backend {record.id} is not answering ({record.state})",
+                        "It may be restarting: GET /backends/<id> shows its state, restarts and log.",
+                    ) from exc
+                record = moved  # renewed on another port since: asked there (it moves once a renewal)
         response = Response(
             upstream.raw.stream(CHUNK, decode_content=False),
             status=upstream.status_code,
@@ -79,3 +73,17 @@ class Proxy:
         )
         response.call_on_close(upstream.close)
         return response
+
+    def _send(self, record: BackendRecord, path: str, request: Request, headers: dict[str, str], body: bytes | None,
+              timeout_s: float) -> requests.Response:
+        url = f"{record.url}/{path.lstrip('/')}"
+        if request.query_string:
+            url += "?" + request.query_string.decode("latin-1")
+        try:
+            return self.session.request(request.method, url, headers=headers, data=body, stream=True,
+                                        timeout=(min(2.0, timeout_s), timeout_s), allow_redirects=False)
+        except requests.Timeout as exc:
+            raise DeadlineExceeded(
+                f"backend {record.id} did not answer within {timeout_s:g} s",
+                "GET /backends/<id> shows its state and log.",
+            ) from exc

@@ -1,19 +1,29 @@
-"""Keeps backends alive: restarts the dead with backoff, marks the started ready, adopts after a restart.
+"""Keeps backends alive: restarts the dead with backoff, marks the started ready, adopts after a restart,
+and renews the running ones the driver says would be better started again.
 
 One supervisor per state folder, whatever serves the orchestrator: a lock file elects it, so several
 gunicorn workers of one orchestrator do not restart a backend twice. After an orchestrator restart
 the first pass finds each registered backend by its handle: running ones are adopted as they are,
 the others are restarted and restore their configuration from their own MODEL_DIR.
+
+A renewal never interrupts serving: the replacement starts beside the backend, on its own port and the
+same MODEL_DIR, restores the same configuration, and only once it answers with it ready does the
+record point at it; the old one then stops gracefully, finishing what it was answering. The proxy
+sends a request that met the old one closing to the new one (``api._forward``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import functools
 import logging
 import threading
 import time
-from typing import IO
+from collections.abc import Callable
+from typing import IO, Any
 
+from .drivers.base import free_port
 from .manager import BackendManager
 from .registry import BackendRecord
 
@@ -29,6 +39,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
+        self._renew_after: dict[str, float] = {}  # a backend whose renewal failed: not tried again before then
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
@@ -67,18 +78,31 @@ class Supervisor:
                 log.exception("supervisor pass failed")
 
     def tick(self) -> None:
-        """One pass; tests call it directly."""
+        """One pass; tests call it directly. At most one renewal a pass: replacements start one at a time."""
+        renewable: list[tuple[str, str]] = []
         for record in self.manager.registry.all():
-            lock = self.manager.lock_for(record.id)
-            if not lock.acquire(blocking=False):
-                continue  # a configure or delete is working on it
-            try:
-                current = self.manager.registry.get(record.id)
-                if current is not None:
-                    self._check(current)
-            finally:
-                lock.release()
+            current = self._locked(record.id, self._check)
+            if current is not None and current.state == "ready" and time.time() >= self._renew_after.get(record.id, 0):
+                reason = self.manager.driver.renewal_reason(current)
+                if reason:
+                    renewable.append((record.id, reason))
         self.manager.replenish_spares()
+        for backend_id, reason in renewable[:1]:
+            self._locked(backend_id, functools.partial(self._renew, reason=reason))
+
+    def _locked(self, backend_id: str, action: Callable[[BackendRecord], None]) -> BackendRecord | None:
+        """``action`` on the backend's current record, under its lock; None where a configure or delete is
+        working on it, or it is gone. The record as it stands after the action."""
+        lock = self.manager.lock_for(backend_id)
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            current = self.manager.registry.get(backend_id)
+            if current is not None:
+                action(current)
+            return current
+        finally:
+            lock.release()
 
     def _check(self, record: BackendRecord) -> None:
         manager, now = self.manager, time.time()
@@ -128,3 +152,54 @@ class Supervisor:
             "backend %s: %s; restarting in %.1f s. Last log: %s", record.id, record.last_error, backoff, last_lines
         )
         self.manager.registry.put(record)
+
+    def _renew(self, record: BackendRecord, reason: str) -> None:
+        """Start the backend again beside itself and move it there once the replacement serves the same
+        configuration; a backend training or working through a background queue is left for a later pass."""
+        manager, settings = self.manager, self.settings
+        before = manager.health(record)
+        if before is None or record.state != "ready" or _busy(before):
+            return
+        log.info("backend %s: renewing it (%s)", record.id, reason)
+        replacement = dataclasses.replace(record, port=free_port(), handle="", state="starting", started_at=time.time())
+        replacement.handle = manager.driver.start(replacement)
+        problem = manager.driver.renewal_reason(replacement)
+        deadline = time.monotonic() + settings.start_timeout_s
+        while not problem:
+            after = manager.health(replacement, timeout=0.5)
+            if after is not None and _serves_as(after, before):
+                break
+            if self._stop.is_set():
+                problem = "the orchestrator is stopping"
+            elif not manager.driver.is_running(replacement):
+                problem = f"its replacement stopped: {manager.driver.exit_reason(replacement)}"
+            elif time.monotonic() > deadline:
+                problem = f"its replacement did not serve its configuration within {settings.start_timeout_s:g} s"
+            else:
+                self._stop.wait(0.1)
+        if problem:
+            manager.driver.stop(replacement)
+            self._renew_after[record.id] = time.time() + RENEW_RETRY_S
+            log.warning("backend %s: not renewed (%s); it serves on as it is, tried again in %g s. Its replacement's "
+                        "log: %s", record.id, problem, RENEW_RETRY_S, manager.driver.logs(replacement, 5))
+            return
+        old = dataclasses.replace(record)
+        record.port, record.handle, record.started_at = replacement.port, replacement.handle, replacement.started_at
+        manager.registry.put(record)
+        manager.driver.stop(old)  # SIGTERM first: what it was answering, it finishes
+        log.info("backend %s: renewed; now %s on port %d", record.id, record.handle, record.port)
+
+
+RENEW_RETRY_S = 600.0
+
+
+def _busy(health: dict[str, Any]) -> bool:
+    """Work a restart would cut short: a training, or tasks waiting in the background."""
+    training = (health.get("training") or {}).get("state")
+    return training in ("running", "queued") or bool((health.get("background") or {}).get("queued"))
+
+
+def _serves_as(after: dict[str, Any], before: dict[str, Any]) -> bool:
+    """The replacement has restored what the backend serves, loaded and warm."""
+    same = all(after.get(key) == before.get(key) for key in ("configured", "model_version"))
+    return same and not after.get("loading") and not after.get("warming")

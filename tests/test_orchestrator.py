@@ -211,6 +211,18 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlives_
     new_template = answer["meta"]["ancestors"][2][0]
     assert new_template != template_pid and "backend.isolation.template" in answer["meta"]["ancestors"][2][1]
 
+    # The first backend still holds the killed template's pages, alone: it is renewed, forked again from the
+    # new template beside itself and moved there once it serves, while Label Studio's URL answers throughout.
+    def renewed() -> bool:
+        assert predict(first["label_studio_url"], images, "black") == (["dark"], "brightness:1")
+        now = int(orchestrator.backends()[first["id"]]["handle"].partition(":")[0])
+        return now != master and _parent(now) == new_template
+
+    wait_until(renewed, 60, "the first backend forked again from the new template")
+    answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
+    assert answer["meta"]["ancestors"][2][0] == new_template
+    wait_until(lambda: _is_zombie(master), 20, "the first backend's old process gone")
+
     # The orchestrator gone, its backends kept: the template stays while they live. The orchestrator started
     # again adopts them and forks its next new backend from that same template, sharing its pages.
     orchestrator.stop()

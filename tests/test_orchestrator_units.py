@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from docker.types import DeviceRequest
+from flask import Flask, request
 
+from backend.core.errors import UpstreamUnavailable
 from backend.model.hookcodec import RUNTIME
 from orchestrator import create_app
 from orchestrator.drivers import DockerDriver, ProcessDriver
+from orchestrator.drivers.base import free_port
 from orchestrator.gpus import assign_gpu
+from orchestrator.proxy import Proxy
 from orchestrator.registry import BackendRecord, Registry
 from orchestrator.settings import OrchestratorSettings
 
@@ -211,3 +217,33 @@ def test_a_ray_node_without_the_shared_folder_or_the_project_says_which(tmp_path
         _check_paths(sys.executable, str(tmp_path), str(model_dir))
     with pytest.raises(RuntimeError, match="set RAY_BACKEND_PYTHON"):
         _check_paths(str(tmp_path / "python"), str(PROJECT_ROOT), str(model_dir))
+
+
+class _Echo(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_request_that_meets_a_renewed_backends_old_port_goes_to_its_new_one_body_and_all():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    old, renewed = record(driver="process", port=free_port()), record(driver="process", port=server.server_port)
+    app = Flask(__name__)
+    body = b'{"tasks": [1]}'
+    try:
+        with app.test_request_context("/predict", method="POST", data=body):
+            answer = Proxy(5.0, lambda _: renewed).forward(old, "predict", request)
+            assert answer.status_code == 200 and b"".join(answer.response) == body
+        for unmoved in (old, None):  # it has not moved, or is gone: a 502 naming it
+            with app.test_request_context("/predict", method="POST", data=body), \
+                    pytest.raises(UpstreamUnavailable, match="abc123 is not answering"):
+                Proxy(5.0, lambda _, unmoved=unmoved: unmoved).forward(old, "predict", request)
+    finally:
+        server.shutdown()

@@ -24,6 +24,15 @@ def start_time(pid: int) -> str:
     return fields_after_name[19] if fields_after_name[0] != "Z" else ""
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of ``pid`` as /proc says (0 where it has none to say): who forked it, or who adopted it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rpartition(")")[2].split()[1])
+
+
 def owner_identity() -> str:
     """``pid:starttime`` of the backend this process serves: the gunicorn master where there is one."""
     return process_identity(int(os.environ.get(OWNER_ENV) or os.getpid()))

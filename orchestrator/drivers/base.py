@@ -36,6 +36,10 @@ class BackendDriver(Protocol):
     def pending_reason(self, record: BackendRecord) -> str:
         """Why it is started but not placed anywhere yet ("" when it is, or when the driver never waits to place)."""
 
+    def renewal_reason(self, record: BackendRecord) -> str:
+        """Why a running backend would be better started again ("" when it would not): the supervisor then
+        starts its replacement beside it and moves it there once ready (``Supervisor._renew``)."""
+
 
 def free_port() -> int:
     """A loopback port nobody listens on now."""

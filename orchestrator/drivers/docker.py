@@ -136,6 +136,9 @@ class DockerDriver:
     def pending_reason(self, record: BackendRecord) -> str:
         return ""  # started is placed
 
+    def renewal_reason(self, record: BackendRecord) -> str:
+        return ""  # a container shares nothing with the others that a restart would give back
+
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         container = self._container(record)
         if container is None:

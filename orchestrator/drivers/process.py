@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.core.lifetime import start_time
+from backend.core.lifetime import parent_pid, start_time
 from backend.core.settings import comma_list
 from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
 from backend.isolation.template import SERVER_IMPORTS
@@ -180,6 +180,22 @@ class ProcessDriver:
 
     def pending_reason(self, record: BackendRecord) -> str:
         return ""  # started is placed
+
+    def renewal_reason(self, record: BackendRecord) -> str:
+        """A running backend that is not the template's child: forked from a template since gone (killed, say)
+        or started as a new Python while none answered. It holds imports of its own (or the old template's
+        pages, kept alive by it alone); forked again from the template, it shares them with the others."""
+        pid = self._pid(record)
+        if self.template is None or not pid or not self.is_running(record):
+            return ""
+        try:
+            template = self.template.pid()  # starts one where the last was killed
+        except ForkUnavailable:
+            return ""  # nothing to move it to
+        parent = parent_pid(pid)
+        if parent in (0, template):
+            return ""
+        return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         return tail(log_path(record), lines)

@@ -225,6 +225,9 @@ class RayDriver:
                 return f"no {resource} is free: {amount:g} wanted, {free.get(resource, 0.0):g} of {total[resource]:g} free"
         return ""
 
+    def renewal_reason(self, record: BackendRecord) -> str:
+        return ""  # an actor on its node shares nothing with the others that a restart would give back
+
     def pending_reason(self, record: BackendRecord) -> str:
         """Why Ray has not placed the backend, or "" once it has (or when it is gone: is_running says so)."""
         name = record.handle or actor_name(record)

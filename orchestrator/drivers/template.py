@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from backend.isolation.forking import ForkClient, ForkUnavailable, describe_exit
 log = logging.getLogger(__name__)
 
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
+RETRY_START_S = 60.0  # a template that did not start is not started again before this
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -60,6 +62,7 @@ class BackendTemplate:
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
         self._proc: subprocess.Popen | None = None
+        self._failed_at = float("-inf")  # when a start last failed: not tried again for RETRY_START_S
 
     def spawn(self, env: Mapping[str, str], log_fd: int, argv: list[str], cwd: Path) -> int:
         """A backend forked from the template: ``argv`` as gunicorn's command line, ``env`` its environment,
@@ -80,16 +83,30 @@ class BackendTemplate:
         status = self._exits.get(pid)
         return "" if status is None else describe_exit(status)
 
+    def pid(self) -> int:
+        """The template's pid (the parent of every backend it forked); started here where none answers."""
+        client = self.connect()
+        credentials = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", credentials)[0])
+
     def connect(self) -> ForkClient:
-        """The connection to the template, as one of its owners; started here where none answers."""
+        """The connection to the template, as one of its owners; started here where none answers (but not
+        again within RETRY_START_S of a start that failed: meanwhile backends start as new Pythons at once)."""
         with self._lock:
             if self._client is not None and not self._client.ended.is_set():
                 return self._client
             sock = self._connect()
             if sock is None:
+                if time.monotonic() - self._failed_at < RETRY_START_S:
+                    raise ForkUnavailable(f"the backends' template did not start {RETRY_START_S:g} s ago; "
+                                          f"{self.state_dir / 'template.log'} says why")
                 with open(self.state_dir / "template.lock", "w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # one of this orchestrator's processes starts it
-                    sock = self._connect() or self._start()
+                    try:
+                        sock = self._connect() or self._start()
+                    except ForkUnavailable:
+                        self._failed_at = time.monotonic()
+                        raise
             client = ForkClient(sock, "template-reader", forks_die_with_server=False)
             client.send(("owner", 0))
             self._client = client
