@@ -18,6 +18,9 @@ NER_MODEL = "tiny_ner"  # transformers token-classification pipeline: PER and LO
 SENTIMENT_PIPELINE = "tiny_sentiment"  # transformers text-classification pipeline: positive / negative
 ONNX_MODEL = "brightness_onnx"  # the brightness classifier exported by skl2onnx, run by onnxruntime
 DETECTOR_MODEL = "critters"  # sklearn: a grid cell's mean colour -> P(Beetle, Moth, background); hooks make boxes
+# What each model needs to be served, said rather than inferred: MLflow infers it by loading the model
+# again in a new Python, seconds per model.
+SKLEARN = ["scikit-learn"]
 
 
 def train_brightness():
@@ -192,7 +195,7 @@ def register_trainable(tracking_uri: str, names: list[str], alias: str = "champi
                                               pip_requirements=["transformers", "tokenizers", "torch"])
             else:
                 mlflow.sklearn.log_model(train_wrong_sentiment(), name="model", registered_model_name=name,
-                                         pip_requirements=["scikit-learn"])
+                                         pip_requirements=SKLEARN)
         mlflow.MlflowClient().set_registered_model_alias(name, alias, "1")
 
 
@@ -202,24 +205,27 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment("fixtures")
     with mlflow.start_run():
-        mlflow.sklearn.log_model(train_brightness(), name="brightness", registered_model_name=IMAGE_MODEL)
+        mlflow.sklearn.log_model(train_brightness(), name="brightness", registered_model_name=IMAGE_MODEL,
+                                 pip_requirements=SKLEARN)
     with mlflow.start_run():
         # A second version that says the opposite, so tests can tell versions apart.
         flipped = train_brightness()
         flipped.classes_ = flipped.classes_[::-1].copy()
-        mlflow.sklearn.log_model(flipped, name="brightness", registered_model_name=IMAGE_MODEL)
+        mlflow.sklearn.log_model(flipped, name="brightness", registered_model_name=IMAGE_MODEL, pip_requirements=SKLEARN)
     mlflow.MlflowClient().set_registered_model_alias(IMAGE_MODEL, "champion", "1")
     with mlflow.start_run():
-        mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=TEXT_MODEL)
+        mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=TEXT_MODEL,
+                                 pip_requirements=SKLEARN)
     with mlflow.start_run():
         mlflow.sklearn.log_model(train_critters(), name="critters", registered_model_name=DETECTOR_MODEL,
-                                 pyfunc_predict_fn="predict_proba")
+                                 pyfunc_predict_fn="predict_proba", pip_requirements=SKLEARN)
     if with_torch:
         import mlflow.pytorch
 
         with mlflow.start_run():
             mlflow.pytorch.log_model(
-                make_tiny_torch(), name="tiny", registered_model_name=TORCH_MODEL, serialization_format="pickle"
+                make_tiny_torch(), name="tiny", registered_model_name=TORCH_MODEL, serialization_format="pickle",
+                pip_requirements=["torch"],
             )
         import mlflow.onnx
         import mlflow.transformers
@@ -234,7 +240,8 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
                                           pip_requirements=needs)
 
         with mlflow.start_run():
-            mlflow.onnx.log_model(export_brightness_onnx(), name="brightness_onnx", registered_model_name=ONNX_MODEL)
+            mlflow.onnx.log_model(export_brightness_onnx(), name="brightness_onnx", registered_model_name=ONNX_MODEL,
+                                  pip_requirements=["onnx", "onnxruntime"])
 
 
 if __name__ == "__main__":

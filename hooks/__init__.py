@@ -39,7 +39,7 @@ from .pre import (
     read_texts,
     texts_frame,
 )
-from .results import brush, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
+from .results import brush, certainty, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
 from .targets import Box, Polygon, Span, boxes, choice_labels, multi_choice_labels, polygons, spans
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -52,6 +52,7 @@ __all__ = [
     "Span",
     "boxes",
     "brush",
+    "certainty",
     "choice_labels",
     "choices",
     "easyocr_post",

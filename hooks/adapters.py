@@ -49,6 +49,14 @@ def _control(label_config: str | None, tags: str | Sequence[str], options: Mappi
     )
 
 
+def _prediction(found: list[dict[str, Any]], model_version: str | None, score: str, probabilities: Any) -> dict[str, Any]:
+    """A task's prediction, scored by ``score`` from the class probabilities where the model gave them
+    (a classifier), by its regions' mean score where it did not (a detector)."""
+    if probabilities is None:
+        return r.prediction(found, model_version=model_version)
+    return r.prediction(found, model_version=model_version, score=score, probabilities=probabilities)
+
+
 def _per_task(output: Any, inputs: Sequence[Any] | None) -> list[Any]:
     items = list(output) if not isinstance(output, dict) else [output]
     if inputs is not None and len(items) != len(inputs):
@@ -85,12 +93,14 @@ def ultralytics_post(
     label_map: Mapping[Any, str | None] | None = None,
     on_unknown: str = "skip",
     model_version: str | None = None,
+    score: str = "max",
     **names: str,
 ) -> PostHook:
     """Ultralytics-style results (``boxes``, ``masks``, ``keypoints``, ``probs``, ``names``, ``orig_shape``).
 
     Boxes become RectangleLabels; masks become PolygonLabels (or BrushLabels if that is what the
-    config has); keypoints become KeyPointLabels; classification ``probs`` become Choices.
+    config has); keypoints become KeyPointLabels; classification ``probs`` become Choices, scored by
+    ``score`` (``"max"``, ``"margin"`` or ``"entropy"`` of the probabilities: ``results.certainty``).
     """
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
@@ -100,9 +110,10 @@ def ultralytics_post(
             height, width = (int(v) for v in item.orig_shape[:2])  # orig_shape is (height, width)
             class_names = getattr(item, "names", None)
             found: list[dict[str, Any]] = []
+            probs = None
             if getattr(item, "probs", None) is not None:
                 control = _control(label_config, "Choices", options)
-                probs = _array(getattr(item.probs, "data", item.probs))
+                probs = _array(getattr(item.probs, "data", item.probs)).reshape(-1)
                 top = int(probs.argmax())
                 label = control.label(top, class_names)
                 if label is not None:
@@ -128,7 +139,7 @@ def ultralytics_post(
                 else:
                     control = _control(label_config, "RectangleLabels", options)
                     found += _rectangles(control, _array(boxes.xyxy), classes, scores, keep, class_names, width, height)
-            predictions.append(r.prediction(found, model_version=model_version))
+            predictions.append(_prediction(found, model_version, score, probs))
         return predictions
 
     return post
@@ -284,10 +295,12 @@ def sklearn_post(
     label_map: Mapping[Any, str | None] | None = None,
     on_unknown: str = "error",
     model_version: str | None = None,
+    score: str = "max",
     **names: str,
 ) -> PostHook:
     """scikit-learn ``predict`` (one label per row) or ``predict_proba`` (one row of probabilities,
-    with ``classes`` = the estimator's ``classes_``) to Choices."""
+    with ``classes`` = the estimator's ``classes_``) to Choices; a row of probabilities scores its task
+    by ``score``: ``"max"``, ``"margin"`` or ``"entropy"`` (``results.certainty``)."""
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
     def post(output: Any, label_config: str | None = None, inputs: Sequence[Any] | None = None) -> list[dict[str, Any]]:
@@ -295,18 +308,19 @@ def sklearn_post(
         values = _array(output.values if hasattr(output, "values") and hasattr(output, "columns") else output)
         predictions = []
         for row in values if values.ndim > 1 and values.shape[-1] > 1 else values.reshape(-1):
-            if values.ndim > 1 and values.shape[-1] > 1:
+            probabilities = row if values.ndim > 1 and values.shape[-1] > 1 else None
+            if probabilities is not None:
                 top = int(row.argmax())
                 label = control.label(classes[top]) if classes is not None else control.label(top, list(control.labels))
-                score = float(row[top])
+                top_score: float | None = float(row[top])
             else:
-                label, score = control.label(row.item() if hasattr(row, "item") else row), None
+                label, top_score = control.label(row.item() if hasattr(row, "item") else row), None
             found = (
                 []
                 if label is None
-                else [r.choices(label, from_name=control.from_name, to_name=control.to_name, score=score)]
+                else [r.choices(label, from_name=control.from_name, to_name=control.to_name, score=top_score)]
             )
-            predictions.append(r.prediction(found, model_version=model_version))
+            predictions.append(_prediction(found, model_version, score, probabilities))
         return predictions
 
     return post
@@ -318,12 +332,15 @@ def transformers_post(
     label_map: Mapping[Any, str | None] | None = None,
     on_unknown: str = "skip",
     model_version: str | None = None,
+    score: str = "max",
     **names: str,
 ) -> PostHook:
     """transformers pipeline outputs, one per input: text/image classification (``[{label, score}]``, best
     first, or MLflow's pyfunc DataFrame of ``label`` and ``score``) to Choices; token classification
     (``[{entity_group|entity, start, end, score}]``) to Labels spans on the input text; speech recognition
-    (``{"text"}``) to a TextArea. ``task="auto"`` tells them apart."""
+    (``{"text"}``) to a TextArea. ``task="auto"`` tells them apart. A classification scores its task by
+    ``score``, ``"max"``, ``"margin"`` or ``"entropy"`` of the class scores it has (``top_k=None`` gives
+    them all; with only the winner's, the rest counts as one class more: ``results.certainty``)."""
     options = {"label_map": label_map, "on_unknown": on_unknown, **names}
 
     def post(output: Any, label_config: str | None = None, inputs: Sequence[Any] | None = None) -> list[dict[str, Any]]:
@@ -333,6 +350,7 @@ def transformers_post(
         for index, item in enumerate(_per_task(output, inputs) if not isinstance(output, dict) else [output]):
             kind = task if task != "auto" else _transformers_kind(item)
             found: list[dict[str, Any]] = []
+            probabilities = None
             if kind == "asr":
                 control = _control(label_config, "TextArea", options)
                 found.append(
@@ -360,6 +378,7 @@ def transformers_post(
             else:
                 control = _control(label_config, "Choices", options)
                 ranked = [item] if isinstance(item, dict) else sorted(item, key=lambda e: -float(e["score"]))
+                probabilities = [float(e["score"]) for e in ranked] or None
                 best: dict[str, Any] | None = ranked[0] if ranked else None
                 label = control.label(best["label"]) if best and float(best["score"]) >= threshold else None
                 if best is not None and label is not None:
@@ -368,7 +387,7 @@ def transformers_post(
                             label, from_name=control.from_name, to_name=control.to_name, score=float(best["score"])
                         )
                     )
-            predictions.append(r.prediction(found, model_version=model_version))
+            predictions.append(_prediction(found, model_version, score, probabilities))
         return predictions
 
     return post

@@ -193,14 +193,59 @@ def rating(value: int, *, from_name: str, to_name: str, score: float | None = No
     return _base(from_name, to_name, "rating", {"rating": int(value)}, score, None)
 
 
+CERTAINTY = ("max", "margin", "entropy")
+
+
+def certainty(probabilities: Iterable[float], method: str = "margin") -> float:
+    """How sure the model is of a task, from its class probabilities, in [0, 1] (low: label this first).
+
+    ``"max"``: the top probability. ``"margin"``: the top one minus the second. ``"entropy"``: one minus
+    the distribution's entropy over its largest, log(number of classes). Probabilities that sum to less
+    than 1 (the top few of many, or only the winner's) leave the rest to one class more; ones that sum to
+    more (independent sigmoids) are scaled to 1."""
+    if method not in CERTAINTY:
+        raise ValueError(f"certainty is one of {', '.join(CERTAINTY)}, not {method!r}")
+    values = [float(p) for p in probabilities]
+    if not values or not all(0.0 <= p <= 1.0 for p in values):  # also refuses NaN
+        raise ValueError(f"class probabilities must be numbers in [0, 1] (softmax the logits first); got {values[:8]}")
+    total = sum(values)
+    if total < 1.0 - 1e-6:
+        values.append(1.0 - total)
+    elif total > 1.0 + 1e-6:
+        values = [p / total for p in values]
+    ranked = sorted(values, reverse=True)
+    if method == "max":
+        return ranked[0]
+    if method == "margin":
+        return ranked[0] - (ranked[1] if len(ranked) > 1 else 0.0)
+    if len(ranked) < 2:
+        return 1.0
+    entropy = -sum(p * math.log(p) for p in ranked if p > 0)
+    return max(0.0, 1.0 - entropy / math.log(len(ranked)))
+
+
 def prediction(
-    results: list[dict[str, Any]], *, score: str | float = "mean", model_version: str | None = None
+    results: list[dict[str, Any]],
+    *,
+    score: str | float = "mean",
+    model_version: str | None = None,
+    probabilities: Iterable[float] | None = None,
 ) -> dict[str, Any]:
-    """One task's prediction: its results, a score (the mean or min of the results', or a number), a version."""
-    scores = [r["score"] for r in results if isinstance(r.get("score"), (int, float))]
-    if isinstance(score, str):
+    """One task's prediction: its results, a score and, optionally, a version.
+
+    The score Label Studio sorts tasks by: with the model's class ``probabilities``, how sure it is
+    (``"max"``, ``"margin"`` or ``"entropy"``: ``certainty``); without, the ``"mean"``, ``"min"`` or
+    ``"max"`` of the results' own scores (a detector's regions); or a number."""
+    if probabilities is not None and score in CERTAINTY:
+        combined: float | None = certainty(probabilities, str(score))
+    elif isinstance(score, str):
+        if score in CERTAINTY and score != "max":
+            raise ValueError(f"score={score!r} is computed from the class probabilities: pass probabilities=..., "
+                             "this task's row of the model's output")
         if score not in ("mean", "min", "max"):
-            raise ValueError("score must be 'mean', 'min', 'max' or a number")
+            raise ValueError(f"score is 'mean', 'min', 'max' (of the results' scores), 'margin' or 'entropy' (with "
+                             f"probabilities=...), or a number; got {score!r}")
+        scores = [r["score"] for r in results if isinstance(r.get("score"), (int, float))]
         combine: dict[str, Callable[[list[float]], float]] = {"mean": lambda s: sum(s) / len(s), "min": min, "max": max}
         combined = combine[score](scores) if scores else None
     else:

@@ -335,6 +335,32 @@ def test_sklearn_predict_and_predict_proba():
         hooks.sklearn_post()(np.array(["bird"]), label_config=CLASSES)
 
 
+def test_certainty_scores_put_the_tasks_the_model_doubts_first():
+    assert hooks.certainty([0.5, 0.5], "margin") == 0.0 and hooks.certainty([0.9, 0.1], "margin") == pytest.approx(0.8)
+    assert hooks.certainty([0.25] * 4, "entropy") == pytest.approx(0.0) and hooks.certainty([1.0, 0.0], "entropy") == 1.0
+    assert hooks.certainty([0.2, 0.5, 0.3], "max") == 0.5
+    assert hooks.certainty([0.7], "margin") == pytest.approx(0.4)  # only the winner's: the rest is one class more
+    assert hooks.certainty([0.6, 0.6], "max") == pytest.approx(0.5)  # independent sigmoids: scaled to sum to 1
+    with pytest.raises(ValueError, match="softmax the logits"):
+        hooks.certainty([2.3, -1.0])
+    with pytest.raises(ValueError, match="pass probabilities="):
+        hooks.prediction([], score="entropy")
+
+    # Three tasks, the model sure of the first, torn on the second, leaning on the third: each way of
+    # scoring ranks them the same, and Label Studio, sorting by score, shows the torn one first.
+    rows = np.array([[0.02, 0.98], [0.49, 0.51], [0.3, 0.7]])
+    for method in ("max", "margin", "entropy"):
+        scored = hooks.sklearn_post(classes=["cat", "dog"], score=method)(rows, label_config=CLASSES)
+        check(scored, CLASSES, 3)
+        assert [p["result"][0]["value"]["choices"] for p in scored] == [["dog"]] * 3
+        by_doubt = sorted(range(3), key=lambda i: scored[i]["score"])
+        assert by_doubt == [1, 2, 0], (method, [p["score"] for p in scored])
+    ranked = [[{"label": "CAT", "score": 0.5}, {"label": "DOG", "score": 0.5}], [{"label": "DOG", "score": 0.9},
+                                                                              {"label": "CAT", "score": 0.1}]]
+    margins = hooks.transformers_post(score="margin", label_map={"CAT": "cat", "DOG": "dog"})(ranked, label_config=CLASSES)
+    assert [p["score"] for p in margins] == [0.0, pytest.approx(0.8)]
+
+
 def test_transformers_classification_token_classification_and_speech(tmp_path):
     ranked = [[{"label": "CAT", "score": 0.6}, {"label": "DOG", "score": 0.4}], [{"label": "DOG", "score": 0.99}]]
     choices = hooks.transformers_post()(ranked, label_config=CLASSES)
@@ -432,33 +458,28 @@ def test_ready_hooks_pickle_by_value_and_run_where_hooks_is_not_installed(tmp_pa
     assert prediction["result"][0]["value"]["rectanglelabels"] == ["dog"]
 
 
-def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, tmp_path):
+def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, tmp_path, capsys):
+    from hooks.check import main
     from tests.support.hooks import IMAGE_CONFIG
 
-    base = [
-        sys.executable,
-        "-m",
-        "hooks",
-        "check",
-        "--label-config",
-        IMAGE_CONFIG,
-        "--model",
-        "models:/brightness/1",
-        "--tracking-uri",
-        registry,
-        "--pre-hook",
-        "examples.hooks:brightness_pre",
-    ]
+    base = ["check", "--label-config", IMAGE_CONFIG, "--model", "models:/brightness/1", "--tracking-uri", registry,
+            "--pre-hook", "examples.hooks:brightness_pre"]
 
     def check(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*base, *args], cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180, check=False
-        )
+        """In this process (a new Python each would spend its seconds importing MLflow again); the first runs
+        as a user runs it, ``python -m hooks``."""
+        code = main([*base, *args])
+        said = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, said.out, said.err)
 
     # Two images, and two tasks without data: [] at their place and the reason, as the backend answers.
     tasks = tmp_path / "tasks.json"
     tasks.write_text(json.dumps([{"data": {"image": "/no/such.png"}}, {"data": {"image": 5}}]))
-    partly = check("--post-hook", "examples.hooks:choices_post", str(images["white"]), str(images["black"]), str(tasks))
+    partly = subprocess.run(
+        [sys.executable, "-m", "hooks", *base, "--post-hook", "examples.hooks:choices_post", str(images["white"]),
+         str(images["black"]), str(tasks)],
+        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=180, check=False,
+    )
     assert partly.returncode == 1, partly.stderr
     shown = json.loads(partly.stdout)
     assert [p["result"][0]["value"]["choices"] for p in shown["results"][:2]] == [["light"], ["dark"]]

@@ -76,6 +76,7 @@ def test_backends_land_by_what_they_ask_move_when_their_node_dies_and_leave_noth
     env = {
         "ORCHESTRATOR_DRIVER": "ray", "RAY_ADDRESS": made.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "MLFLOW_TRACKING_URI": registry, "LOCAL_FILES_ROOTS": str(images["white"].parent), "ORCHESTRATOR_ON_EXIT": "keep",
+        "CONFIGURE_WAIT_S": "90",  # a load on a busy machine (the suite in parallel) may pass the default 20 s
     }
     orchestrator = OrchestratorProcess(state_dir, env).start()
     body = {"pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.gpu_peeking_post)}

@@ -68,7 +68,7 @@ def test_image_regions_are_drawn_where_the_hook_put_them(label_studio, orchestra
                                                "models:/brightness/1", post_hook,
                                                uploads=[photos["white"], photos["black"]])
     for task, label in zip(tasks, ["light", "dark"]):
-        drawn = annotator.open_task(project, task["id"], f"{kind}-{label}", regions=1, shapes=1)
+        drawn = annotator.open_task(project, task["id"], f"{kind}-{label}", regions=1, shapes=1, kind=shape)
         assert [row.split("\n")[0] for row in drawn.regions] == [label]
         [box] = drawn.boxes(shape)
         assert near(box, expected), (kind, box)
@@ -181,5 +181,6 @@ def test_a_brush_without_the_image_size_still_draws(label_studio, annotator, pho
     del brush["original_width"], brush["original_height"]
     validate_predictions([complete_prediction([brush], "v")], [{"id": 1}], drawn_hooks.BRUSH_CONFIG)
     project, task = stored_straight(label_studio, "raw brush", drawn_hooks.BRUSH_CONFIG, photos["white"], [brush])
-    [box] = annotator.open_task(project, task["id"], "raw-brush-without-size", regions=1, shapes=1).boxes("Brush")
+    drawn = annotator.open_task(project, task["id"], "raw-brush-without-size", regions=1, shapes=1, kind="Brush")
+    [box] = drawn.boxes("Brush")
     assert near(box, [0.25, 0.25, 0.5, 0.5])

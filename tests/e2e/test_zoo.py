@@ -88,7 +88,7 @@ def test_the_zoo_draws_each_critter_where_it_is(label_studio, zoo_orchestrator, 
                                                 case, model, config, hooks, shape):
     project, [task] = predicted_in_label_studio(label_studio, zoo_orchestrator, case, config, f"models:/{model}/1",
                                                 uploads=[scene], **hooks)
-    drawn = annotator.open_task(project, task["id"], f"zoo-{case}", regions=2, shapes=2)
+    drawn = annotator.open_task(project, task["id"], f"zoo-{case}", regions=2, shapes=2, kind=shape)
     labels = [row.split("\n")[0] for row in drawn.regions]
     assert sorted(labels) == ["Beetle", "Moth"], drawn.regions
     boxes = drawn.boxes(shape)

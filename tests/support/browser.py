@@ -99,7 +99,8 @@ READ_SCREEN = r"""() => {
 DRAWN_ENOUGH = f"""(want) => {{
   const screen = ({READ_SCREEN})();
   const imageReady = !window.Konva || !window.Konva.stages.length || (screen.image && screen.image[0] > 100);
-  return imageReady && screen.regions.length >= want.regions && screen.shapes.length >= want.shapes
+  const shapes = screen.shapes.filter(shape => !want.kind || shape.kind === want.kind);
+  return imageReady && screen.regions.length >= want.regions && shapes.length >= want.shapes
          && screen.spans.length >= want.spans;
 }}"""
 
@@ -136,12 +137,13 @@ class Annotator:
         self.page.wait_for_url(lambda url: "/user/login" not in url, timeout=DRAW_TIMEOUT_MS)
 
     def open_task(self, project: int, task_id: int, name: str, regions: int = 0, shapes: int = 0, spans: int = 0,
-                  wait_for: str = "") -> Drawn:
+                  wait_for: str = "", kind: str = "") -> Drawn:
         """Open a task in the labeling UI and read what is drawn once the panel lists ``regions`` regions, the
-        image holds ``shapes`` shapes, the text ``spans`` highlights, and ``wait_for`` (a selector) is on the
-        page; past DRAW_TIMEOUT_MS, a screenshot of what is there is kept and the wait fails."""
+        image holds ``shapes`` shapes (of ``kind``, where given: a brush's mask is painted after its node is
+        there), the text ``spans`` highlights, and ``wait_for`` (a selector) is on the page; past
+        DRAW_TIMEOUT_MS, a screenshot of what is there is kept and the wait fails."""
         self.page.goto(f"{self.label_studio.url}/projects/{project}/data?task={task_id}")
-        want = {"regions": regions, "shapes": shapes, "spans": spans}
+        want = {"regions": regions, "shapes": shapes, "spans": spans, "kind": kind}
         try:
             self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200)
         except Exception:
