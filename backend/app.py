@@ -16,21 +16,26 @@ from backend.core.settings import Settings
 from backend.core.ticker import Ticker
 from backend.isolation.zygote import Zygote
 from backend.labeling.answers import PlainValuesJSONProvider
+from backend.labeling.validation import data_objects
 from backend.quality.ledger import QualityLedger
 from backend.quality.webhooks import WebhookLog, WebhookRecorder
 from backend.serving.batching import DynamicBatcher
 from backend.serving.continuation import Continuation, PredictionCache, Predictions
 from backend.serving.follower import RegistryFollower
-from backend.serving.prediction import finish_outputs
+from backend.serving.prediction import finish_outputs, resume
+from backend.serving.push import SCHEMA as PUSH_SCHEMA
+from backend.serving.push import Outbox, Pusher
 from backend.serving.runtime import Runtime, Serving
 from backend.serving.shared import FILE_NAME, SCHEMA, SharedPredictions, SharedWebhookLog
 from backend.state.sqlitedb import SharedDb
 from backend.state.store import ConfigurationStore
 from backend.state.training_records import TrainingRecords
-from backend.tasks.fetcher import TaskDataFetcher, fetch_limits
+from backend.tasks.fetcher import TaskDataFetcher, dagshub_access, fetch_limits
 from backend.tasks.labelstudio import LabelStudioAuth
 from backend.training.trainer import Trainer
 from backend.web.api import Services, api
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, env: Mapping[str, str] | None = None, zygote: Zygote | None = None) -> Flask:
@@ -55,16 +60,31 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     def on_loaded(serving: Serving) -> None:
         metrics.model_loaded.set(1)
         metrics.model_load_seconds.set(float(serving.info.get("load_seconds", 0.0)))
+        resume_waiting(serving)
+
+    def resume_waiting(serving: Serving) -> None:
+        """What the background had not finished when this backend last stopped goes on (the push's outbox kept it)."""
+        if settings.background:
+            for label_config, tasks in pusher.outbox.waiting(serving.model_version):
+                inputs = services.fetcher.start_tasks(tasks, data_objects(label_config), services.label_studio_access(),
+                                                      dagshub_access(serving.spec))
+                taken = resume(serving, tasks, inputs, label_config)
+                log.info("resumed %d of %d task(s) the background had not finished before the restart", taken, len(tasks))
 
     def make_continuation(*, hooks_id: str, identity: str, model_version: str, batch_size: int,
                           batcher: DynamicBatcher) -> Continuation:
         cache.keep_only(identity)
+        pusher.serve(model_version)
         return Continuation(
             batcher, cache, hooks_id, batch_size, finish_outputs(model_version),
             settings.background_max_tasks, on_progress=lambda state, n: metrics.background_tasks.labels(state).set(n),
+            on_adopt=lambda tasks, label_config: pusher.remember(tasks, label_config, model_version),
+            on_done=lambda task, encoded: pusher.offer(task, encoded, model_version),
+            on_failed=lambda task, reason: pusher.failed(task, reason, model_version),
         )
 
     limits = fetch_limits(settings)
+    label_studio_auth = LabelStudioAuth()
     runtime = Runtime(settings, store, zygote, make_continuation, on_loaded=on_loaded)
     records = TrainingRecords(settings.model_dir)
     quality = QualityLedger(settings.model_dir / "quality.sqlite")
@@ -76,7 +96,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         runtime=runtime,
         fetcher=TaskDataFetcher(
             store.cache_dir, settings.fetch_concurrency, limits, cache_max_bytes=settings.cache_max_bytes,
-            label_studio_auth=LabelStudioAuth(),
+            label_studio_auth=label_studio_auth,
         ),
         cache=cache,
         webhooks=webhooks,
@@ -87,6 +107,12 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     )
     trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
     services.trainer = trainer
+    pusher = Pusher(Outbox(SharedDb(settings.model_dir / "push.sqlite", PUSH_SCHEMA)), services.label_studio_access,
+                    label_studio_auth, enabled=settings.push_predictions,
+                    on_result=lambda result, n: metrics.pushed_predictions.labels(result).inc(n),
+                    on_stored=lambda rows: quality.note_predictions([{"id": row.task} for row in rows],
+                                                                   [row.prediction for row in rows], rows[0].model_version))
+    services.pusher = pusher
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
     app.register_blueprint(antenna)

@@ -89,7 +89,7 @@ def register(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     for name, kind, fixed, per_item in (
         ("per_item_1ms", CostModel, 0.0, 1.0), ("fixed_20ms", CostModel, 20.0, 1.0), ("free", CostModel, 0.0, 0.0),
-        ("per_item_1_5ms", CostModel, 0.0, 1.5), ("busy_20ms", BusyModel, 20.0, 1.0),
+        ("per_item_1_5ms", CostModel, 0.0, 1.5), ("busy_20ms", BusyModel, 20.0, 1.0), ("per_item_15ms", CostModel, 0.0, 15.0),
     ):
         with mlflow.start_run():
             mlflow.pyfunc.log_model(

@@ -17,6 +17,7 @@ TORCH_MODEL = "tiny_torch"  # torch module: (n, 1) brightness -> logits of (dark
 NER_MODEL = "tiny_ner"  # transformers token-classification pipeline: PER and LOC spans, wired by hand
 SENTIMENT_PIPELINE = "tiny_sentiment"  # transformers text-classification pipeline: positive / negative
 ONNX_MODEL = "brightness_onnx"  # the brightness classifier exported by skl2onnx, run by onnxruntime
+SENTIMENT_PROBA_MODEL = "sentiment_proba"  # the sentiment pipeline answering predict_proba: how sure it is, per class
 DETECTOR_MODEL = "critters"  # sklearn: a grid cell's mean colour -> P(Beetle, Moth, background); hooks make boxes
 # What each model needs to be served, said rather than inferred: MLflow infers it by loading the model
 # again in a new Python, seconds per model.
@@ -216,6 +217,9 @@ def register_all(tracking_uri: str, with_torch: bool = True) -> None:
     with mlflow.start_run():
         mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=TEXT_MODEL,
                                  pip_requirements=SKLEARN)
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(train_sentiment(), name="sentiment", registered_model_name=SENTIMENT_PROBA_MODEL,
+                                 pyfunc_predict_fn="predict_proba", pip_requirements=SKLEARN)
     with mlflow.start_run():
         mlflow.sklearn.log_model(train_critters(), name="critters", registered_model_name=DETECTOR_MODEL,
                                  pyfunc_predict_fn="predict_proba", pip_requirements=SKLEARN)

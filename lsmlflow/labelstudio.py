@@ -113,5 +113,8 @@ def connect_project(
                                selected_items={"all": True, "excluded": []})
             stored = sdk.predictions.list(project=project)
         count = sum(1 for p in stored if not model_version or p.model_version == model_version)
+        if model_version and count:  # whose scores order the Data Manager and uncertainty sampling (Settings > Predictions)
+            with _label_studio_errors(label_studio_url, f"setting project {project}'s model version"):
+                sdk.projects.update(id=project, model_version=model_version)
         say(f"project {project} has {count} prediction(s){f' of {model_version}' if model_version else ''}")
     return Connection(project, int(ml.id or 0), url, not existing, interactive, count)

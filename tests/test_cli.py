@@ -111,7 +111,10 @@ def test_serve_configure_status_check_against_a_real_backend(user, images):
 
         status = run("status", "--url", url)
         assert status.returncode == 0 and "brightness:1" in status.stdout and "models:/brightness/1" in status.stdout
-        assert json.loads(run("status", "--url", url, "--json").stdout)["model_version"] == "brightness:1"
+        shown = json.loads(run("status", "--url", url, "--json").stdout)
+        assert shown["model_version"] == "brightness:1"
+        assert shown["push"].startswith("off: no Label Studio address and token")  # none given: each press stores its part
+        assert "off: no Label Studio address" in status.stdout
 
         failed = run("configure", "--url", url, "--model", "models:/no-such-model/1", "--post-hook", "myhooks:post")
         assert failed.returncode == 1 and failed.stderr.count("error: ") == 1 and "no-such-model" in failed.stderr
@@ -145,6 +148,7 @@ def test_the_orchestrator_command_configures_routes_and_stops_its_backends_on_ct
         assert answer["backend_id"] in status.stdout and "brightness:1" in status.stdout
         [row] = json.loads(run("status", "--url", url, "--json").stdout)["backends"]
         assert (row["state"], row["version"], row["url"]) == ("ready", "brightness:1", answer["url"])
+        assert row["push"].startswith("off: ")
         handle = requests.get(f"{url}/backends/{answer['backend_id']}", timeout=5).json()["handle"]
         backend_pid = int(handle.partition(":")[0])
     finally:

@@ -67,7 +67,7 @@ def test_the_images_are_this_checkout_and_its_mlflow():
         assert re.search(rf"^COPY .*{re.escape(needed)}", dockerfile, re.MULTILINE), needed
     pinned = re.search(r"^mlflow==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)[1]
     assert services["mlflow"]["image"].endswith(f":v{pinned}")
-    tested = re.search(r'^VERSION = "(\S+)"', (ROOT / "tests/support/label_studio.py").read_text(), re.MULTILINE)[1]
+    tested = re.search(r'^VERSION = "(\S+)"', (ROOT / "harness/label_studio.py").read_text(), re.MULTILINE)[1]
     assert services["label-studio"]["image"].endswith(f":{tested}")  # the Label Studio the e2e tests run
 
 

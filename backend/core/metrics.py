@@ -35,6 +35,14 @@ class BackendMetrics:
         self.background_eta_seconds = Gauge(
             "lsbackend_background_eta_seconds", "Estimated seconds until the background queue is done.", registry=r
         )
+        self.pushed_predictions = Counter(
+            "lsbackend_pushed_predictions", "Background predictions written into Label Studio (stored) or given up (failed).",
+            ["result"], registry=r,
+        )
+        self.push_tasks = Gauge(
+            "lsbackend_push_tasks", "Per project, the last day's background predictions stored in Label Studio, left to "
+            "store, and failed.", ["project", "state"], registry=r,
+        )
         self.cached_predictions = Counter(
             "lsbackend_cached_predictions", "Predictions answered from the background's cache.", registry=r
         )

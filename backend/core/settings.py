@@ -183,6 +183,7 @@ class Settings(AccessSettings):
     # Big projects: what does not fit before the deadline goes on in the background into this cache.
     background: bool = True
     background_max_tasks: int = 50_000
+    push_predictions: bool = True  # write what the background finishes into Label Studio (backend/serving/push.py)
     prediction_cache_bytes: int = 256 << 20
     prediction_cache_ttl_s: float = 3600.0
     workers: int = 1  # gunicorn's WORKERS: with several, they share the cache above, claims and the webhook log
@@ -226,6 +227,7 @@ class Settings(AccessSettings):
             max_request_bytes=env_megabytes(env, "MAX_REQUEST_MB", 100),
             background=env_switch(env, "BACKGROUND", True),
             background_max_tasks=env_int(env, "BACKGROUND_MAX_TASKS", 50_000, 0),
+            push_predictions=env_switch(env, "PUSH_PREDICTIONS", True),
             prediction_cache_bytes=env_megabytes(env, "PREDICTION_CACHE_MB", 256),
             prediction_cache_ttl_s=env_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
             workers=env_int(env, "WORKERS", 1, 1),

@@ -180,9 +180,15 @@ class Continuation:
     """The background queue of one configuration, and the thread that works it."""
 
     def __init__(self, batcher: DynamicBatcher, cache: Predictions, hooks_id: str, batch_size: int,
-                 finish: Finish, max_tasks: int, on_progress: Callable[[str, int], None] | None = None) -> None:
+                 finish: Finish, max_tasks: int, on_progress: Callable[[str, int], None] | None = None,
+                 on_adopt: Callable[[list[dict[str, Any]], str], None] | None = None,
+                 on_done: Callable[[dict[str, Any], str], None] | None = None,
+                 on_failed: Callable[[dict[str, Any], str], None] | None = None) -> None:
+        """``on_adopt``: the tasks (and their labeling config) taken on; ``on_done``/``on_failed``: each task as
+        it is finished (its encoded prediction) or given up (why)."""
         self.batcher, self.cache, self.hooks_id, self.batch_size = batcher, cache, hooks_id, batch_size
         self.finish, self.max_tasks, self.on_progress = finish, max_tasks, on_progress
+        self.on_adopt, self.on_done, self.on_failed = on_adopt, on_done, on_failed
         self._queue: deque[Leftover] = deque()
         self._waiting: dict[CacheKey, Leftover] = {}  # queued or running, by key
         self._running: dict[Future, list[Leftover]] = {}
@@ -224,6 +230,8 @@ class Continuation:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="background", daemon=True)
                 self._thread.start()
+            if taken and self.on_adopt is not None:  # under the lock: before any of them can be done
+                self.on_adopt([left.task for left in taken], taken[0].label_config)  # one request, one labeling config
             self._cond.notify_all()
         self._report()
         return len(taken)
@@ -334,6 +342,8 @@ class Continuation:
         with self._cond:
             self._waiting.pop(left.key, None)
             self.progress.done += 1
+        if self.on_done is not None and not left.done.done():  # not once a new configuration stopped the queue
+            self.on_done(left.task, encoded)
         if not left.done.done():
             left.done.set_result(encoded)
 
@@ -346,6 +356,8 @@ class Continuation:
                 self._waiting.pop(left.key, None)
                 if not left.done.done():
                     left.done.set_exception(RuntimeError(reason))
+                    if self.on_failed is not None:
+                        self.on_failed(left.task, reason)
             self.progress.failed += len(leftovers)
             self.progress.last_error = reason
             if model_failed:

@@ -214,6 +214,16 @@ def _resolver(inputs: PendingInputs, index: int) -> Callable[[], Any]:
     return lambda: inputs.result(index)
 
 
+def resume(serving: Serving, tasks: list[dict[str, Any]], inputs: PendingInputs, label_config: str) -> int:
+    """Hand tasks a stopped backend left unfinished (their data being fetched as ``inputs``) to this
+    configuration's background; how many it took."""
+    if serving.continuation is None or not tasks:
+        return 0
+    keys = task_keys(serving.identity, label_config, tasks)
+    return serving.continuation.adopt(
+        [Leftover(keys[i], tasks[i], label_config, resolve=_resolver(inputs, i)) for i in range(len(tasks))])
+
+
 def _submit(
     serving: Serving,
     tasks: list[dict[str, Any]],

@@ -135,17 +135,30 @@ class LabelStudioAuth:
             return {"Authorization": f"Bearer {access.token}"}
         return {"Authorization": self._exchanged(access, fresh)}
 
-    def _exchanged(self, access: LabelStudioAccess, fresh: bool) -> str:
+    def client(self, access: LabelStudioAccess) -> Any:
+        """label-studio-sdk's client for ``access`` (one per address and token), for Label Studio's API."""
         from label_studio_sdk.client import LabelStudio
+
+        if not access.url or token_kind(access.token) == "none":
+            raise LabelStudioRefused(f"no Label Studio address and token: {PAT_HELP}")
+        key = (access.url, access.token)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = LabelStudio(base_url=access.url.rstrip("/") + "/", api_key=access.token, timeout=self.timeout_s)
+                self._clients[key] = client
+            return client
+
+    def _exchanged(self, access: LabelStudioAccess, fresh: bool) -> str:
         from label_studio_sdk.core.api_error import ApiError
 
         key = (access.url, access.token)
+        if fresh:
+            with self._lock:
+                self._clients.pop(key, None)
+        client = self.client(access)
         with self._lock:
-            client = None if fresh else self._clients.get(key)
             try:
-                if client is None:
-                    client = LabelStudio(base_url=access.url.rstrip("/") + "/", api_key=access.token, timeout=self.timeout_s)
-                    self._clients[key] = client
                 # The SDK's own wrapper exchanges the PAT on first use and again once the access token expired.
                 return client._client_wrapper.get_headers()["Authorization"]
             except ApiError as exc:

@@ -25,7 +25,7 @@ from backend.core.redact import redact
 from backend.core.settings import Settings
 from backend.core.ticker import Ticker
 from backend.isolation.zygote import Zygote
-from backend.labeling.answers import predictions_answer
+from backend.labeling.answers import prediction_json, predictions_answer
 from backend.labeling.validation import data_objects
 from backend.model.hookcodec import RUNTIME
 from backend.quality.ledger import QualityLedger
@@ -33,6 +33,7 @@ from backend.quality.webhooks import WebhookRecorder
 from backend.serving.continuation import Predictions
 from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import Outcome, predict_tasks, recall
+from backend.serving.push import Pusher
 from backend.serving.runtime import Runtime
 from backend.state.store import ConfigurationStore, StoredFileBroken
 from backend.tasks.fetcher import TaskDataFetcher, dagshub_access
@@ -66,6 +67,7 @@ class Services:
     follower: RegistryFollower | None = None
     trainer: Trainer | None = None
     ticker: Ticker | None = None
+    pusher: Pusher | None = None
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
     _label_studio_checked: float = float("-inf")
@@ -113,6 +115,8 @@ class Services:
             self.ticker.stop()
         if self.trainer is not None:
             self.trainer.close()
+        if self.pusher is not None:
+            self.pusher.stop()
         self.runtime.close()
         self.fetcher.close()
         if self.owns_zygote:
@@ -169,6 +173,8 @@ def _status() -> dict[str, Any]:
     body["prediction_cache"] = s.cache.describe()
     body["task_data_cache"] = s.fetcher.cache.describe()
     body["label_studio"] = s.label_studio_access().describe()
+    if s.pusher is not None:
+        body["push"] = s.pusher.describe()
     body["webhooks"] = s.webhooks.describe()
     training = s.trainer.describe() if s.trainer else None
     if training is not None:
@@ -216,7 +222,7 @@ def versions():
 def predict():
     """Predictions for Label Studio's tasks, one per task, validated against the labeling config, by the deadline."""
     s = services()
-    deadline = time.monotonic() + s.settings.predict_timeout_s
+    began, deadline = time.time(), time.monotonic() + s.settings.predict_timeout_s
     body = json_body()
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
@@ -245,12 +251,26 @@ def predict():
     if not tasks:
         return jsonify({"results": [], "model_version": s.runtime.require_model(wait_s).model_version})
     serving, outcome = s.runtime.serve(wait_s, run)
+    if s.pusher is not None and context is None:  # what the push has sent, or sends now, Label Studio must not store twice
+        answered = [i for i, item in enumerate(outcome.items) if item is not None]
+        withheld = s.pusher.outbox.reconcile([tasks[i].get("id") for i in answered], serving.model_version, began)
+        for i in answered:
+            if tasks[i].get("id") in withheld:
+                outcome.items[i] = None
+
+    handed: set[int] = set()
+    if outcome.left and s.pusher is not None and context is None:  # past the deadline: the push stores it all, in bulk
+        encoded = {i: item if isinstance(item, str) else prediction_json(item, tasks[i], i)
+                   for i, item in enumerate(outcome.items) if item is not None}
+        handed = s.pusher.hand_over(tasks, encoded, serving.model_version)
+        for i in handed:
+            outcome.items[i] = None
 
     extra: dict[str, Any] = {}
     if outcome.errors:
         extra["errors"] = [{"task": tasks[i].get("id"), "error": redact(message)} for i, message in sorted(outcome.errors.items())]
     if outcome.left:
-        extra["pending"] = _pending(serving, len(tasks), outcome.left)
+        extra["pending"] = _pending(serving, len(tasks), outcome.left, len(handed))
         s.metrics.partial_answers.inc()
     s.metrics.predictions.inc(sum(1 for item in outcome.items if item is not None))
     s.metrics.failed_tasks.inc(len(outcome.errors))
@@ -259,12 +279,19 @@ def predict():
     return predictions_answer(outcome.items, tasks, serving.model_version, extra, on_encoded=keep)
 
 
-def _pending(serving: Any, total: int, left: int) -> dict[str, Any]:
+def _pending(serving: Any, total: int, left: int, handed: int) -> dict[str, Any]:
     """What an answer at the deadline says about the rest, and the log line that tells the user."""
+    s = services()
     progress = serving.continuation.describe()
-    rate, timeout = progress["rate_per_s"], services().settings.predict_timeout_s
-    rounds = math.ceil(progress["queued"] / (rate * timeout)) if rate else None
+    rate, timeout = progress["rate_per_s"], s.settings.predict_timeout_s
     eta = progress.get("eta_s")
+    if handed or (s.pusher is not None and not s.pusher.why_off()):
+        log.warning("%d of %d tasks done at the %g s deadline, %d go on in the background; all are written into Label "
+                    "Studio as they finish%s: no need to press 'Retrieve predictions' again",
+                    total - left, total, timeout, left, f" (~{rate:.1f} tasks/s, done in ~{eta:.0f} s)" if eta else "")
+        return {"tasks": left, "eta_s": eta, "rounds_if_pressed_now": 0, "pushed": handed + left,
+                "detail": "These tasks are written into Label Studio as they finish (GET /health: push)."}
+    rounds = math.ceil(progress["queued"] / (rate * timeout)) if rate else None
     log.warning(
         "answered %d of %d tasks before the %g s deadline; %d go on in the background%s. Press 'Retrieve predictions' "
         "again to store them%s",
@@ -391,5 +418,9 @@ def metrics():
         m.background_tasks.labels("failed").set(progress["failed"])
         m.background_eta_seconds.set(progress.get("eta_s") or 0)
         m.model_process_restarts.set(active.process.restarts)
+    if s.pusher is not None:
+        for project, counts in s.pusher.outbox.progress().items():
+            for state in ("stored", "left", "failed"):
+                m.push_tasks.labels(str(project), state).set(counts[state])
     return Response(m.render(), mimetype=m.content_type)
 

@@ -9,10 +9,10 @@ import pytest
 import requests
 
 from harness.calls import configure as configure_call
+from harness.label_studio import LabelStudioUnavailable, start_label_studio
 from harness.servers import OrchestratorProcess
 from lsmlflow.pickling import encode_hook
 from tests.support import hooks
-from tests.support.label_studio import LabelStudioUnavailable, start_label_studio
 
 PLACE = 0.02  # of the image's size: strokes and rounding on a canvas about 770 pixels wide
 BOXES_CONFIG = (

@@ -4,14 +4,16 @@ orchestrator through Label Studio's own API, "retrieve predictions" run by Label
 read back from it. A second Label Studio keeps the legacy mode, where only the token ``/setup`` sends
 is at hand.
 
-Label Studio is installed once per machine (tests/support/label_studio.py). Under CI a Label Studio
+Label Studio is installed once per machine (harness/label_studio.py). Under CI a Label Studio
 that cannot be installed or started fails the run; elsewhere these tests are skipped, saying why.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -127,6 +129,8 @@ def test_the_client_and_the_cli_connect_projects_with_a_personal_access_token(la
         [prediction] = stored(label_studio, task["id"])
         assert prediction["model_version"] == served.model_version == "brightness:1"
         assert prediction["result"][0]["value"]["choices"] == [label]
+    # The version whose scores order the Data Manager and uncertainty sampling: the served one.
+    assert label_studio.api("GET", f"/api/projects/{project}")["model_version"] == "brightness:1"
 
     again = connect_project(project, served.url, label_studio_url=label_studio.url, api_key=label_studio.pat,
                             interactive=True, retrieve=False)
@@ -172,34 +176,125 @@ def test_legacy_token_mode_with_only_the_token_setup_sends(tmp_path_factory, reg
         legacy.stop()
 
 
-def test_a_big_project_is_stored_over_two_rounds_without_losing_or_repeating_work(
-    tmp_path_factory, registry, label_studio
-):
+def _stored_per_task(label_studio, project):
+    by_task: dict = {}
+    for prediction in label_studio.api("GET", f"/api/predictions?project={project}"):
+        by_task.setdefault(prediction["task"], []).append(prediction)
+    return by_task
+
+
+def test_one_press_stores_a_big_project_each_task_once_across_a_backend_crash(tmp_path_factory, registry, label_studio):
+    """Past Label Studio's deadline the background writes each prediction into Label Studio as it finishes:
+    one press, every task stored exactly once even though the backend is killed halfway (the outbox and the
+    unfinished tasks are on disk, and the restarted backend goes on), and a second press stores nothing."""
     orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-big"), registry, PREDICT_TIMEOUT_S="3",
                                       LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.pat)
     try:
-        count = 400  # 14 ms each: 5.6 s of work against a 3 s deadline (Label Studio itself takes ~20 ms a task)
-        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.014), pre_hook=None)
+        count = 300  # 30 ms each: 9 s of work against a 3 s deadline (Label Studio itself takes ~20 ms a task)
+        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.03), pre_hook=None)
+        url = backend["label_studio_url"]
         words = ["great lovely good", "awful bad terrible"]
         project = new_project(label_studio, "big", TEXT_CONFIG,
                               tasks=[{"text": f"{words[i % 2]} {i}"} for i in range(count)])
+        connect(label_studio, project, url)
+
+        retrieve_predictions(label_studio, project)
+        assert backend_health(url)["background"]["queued"] > 0  # the rest goes on
+        pid = int(orchestrator.backends()[backend["id"]]["handle"].partition(":")[0])
+        os.killpg(pid, signal.SIGKILL)  # the whole backend, mid-way
+        wait_until(lambda: len(_stored_per_task(label_studio, project)) == count, 120, "every task stored, one press")
+        assert int(orchestrator.backends()[backend["id"]]["handle"].partition(":")[0]) != pid  # restarted meanwhile
+        wait_until(lambda: backend_health(url)["push"]["projects"][str(project)]["left"] == 0, 30,
+                   "the last chunk's answer from Label Studio")
+        push = backend_health(url)["push"]
+        assert push["mode"] == "on" and "why" not in push
+        progress = push["projects"][str(project)]
+        # The round handed what it had done at its deadline to the push too: all of it written in bulk.
+        assert progress == {"stored": count, "left": 0, "failed": 0}, progress
+        metrics = requests.get(url + "metrics", timeout=10).text
+        assert f'lsbackend_push_tasks{{project="{project}",state="stored"}} {float(progress["stored"])}' in metrics
+
+        retrieve_predictions(label_studio, project)  # pressed again: nothing new, nothing twice
+        by_task = _stored_per_task(label_studio, project)
+        assert len(by_task) == count and all(len(p) == 1 for p in by_task.values())
+        labels = {t: p[0]["result"][0]["value"]["choices"][0] for t, p in by_task.items()}
+        assert sorted(set(labels.values())) == ["negative", "positive"]
+        assert {p[0]["model_version"] for p in by_task.values()} == {"sentiment:1"}
+    finally:
+        orchestrator.remove_all()
+        orchestrator.stop()
+
+
+def test_a_label_studio_briefly_down_gets_every_pushed_prediction_once_when_it_is_back(tmp_path_factory, registry):
+    own = start_label_studio_or_skip(tmp_path_factory.mktemp("label-studio-down"))  # stopped and started here
+    pat = own.default_token_mode()
+    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-down"), registry, PREDICT_TIMEOUT_S="2",
+                                      LABEL_STUDIO_URL=own.url, LABEL_STUDIO_API_KEY=pat)
+    try:
+        count = 200  # 30 ms each: 6 s of work against a 2 s deadline
+        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.03), pre_hook=None)
+        url = backend["label_studio_url"]
+        project = new_project(own, "down", TEXT_CONFIG, tasks=[{"text": f"great {i}"} for i in range(count)])
+        connect(own, project, url)
+        retrieve_predictions(own, project)
+        own.stop()
+        progress = lambda: backend_health(url)["push"]["projects"][str(project)]
+        wait_until(lambda: "did not take them" in progress().get("last_error", ""), 30, "a push that found it down")
+        own.start()
+        wait_until(lambda: len(_stored_per_task(own, project)) == count, 120, "every task stored once it is back")
+        wait_until(lambda: progress()["left"] == 0, 30, "the outbox written out")
+        by_task = _stored_per_task(own, project)
+        assert len(by_task) == count and all(len(p) == 1 for p in by_task.values())
+        assert progress()["failed"] == 0
+    finally:
+        orchestrator.remove_all()
+        orchestrator.stop()
+        own.stop()
+
+
+def test_scores_that_measure_doubt_put_the_least_certain_tasks_first_in_label_studio(label_studio, orchestrator):
+    """``sklearn_post(score="margin")`` on predict_proba: Label Studio's Data Manager, sorted by prediction score,
+    and its uncertainty sampling both serve the tasks the model is torn on first."""
+    post = builders.sklearn_post(classes=["negative", "positive"], score="margin")
+    backend = configure(orchestrator, "models:/sentiment_proba/1", post, pre_hook=None)
+    texts = ["great lovely good", "great bad", "awful bad terrible", "good awful", "wonderful"]  # sure, torn, sure, torn, leaning
+    project = new_project(label_studio, "doubt", TEXT_CONFIG, tasks=[{"text": t} for t in texts])
+    connect(label_studio, project, backend["label_studio_url"])
+    retrieve_predictions(label_studio, project)
+    # Which version's scores count: Settings > Predictions (ls-mlflow connect sets it to the served version).
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"model_version": "sentiment_proba:1"})
+
+    query = json.dumps({"ordering": ["tasks:predictions_score"]})
+    listed = label_studio.api("GET", f"/api/tasks?project={project}&fields=all", params={"query": query})["tasks"]
+    ordered = [task["data"]["text"] for task in listed]
+    assert set(ordered[:2]) == {"great bad", "good awful"} and ordered[2:] == ["wonderful", "great lovely good",
+                                                                               "awful bad terrible"], ordered
+    scores = [task["predictions_score"] for task in listed]
+    assert scores == sorted(scores) and scores[0] < 0.05 and scores[-1] > 0.5, scores
+
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"sampling": "Uncertainty sampling"})
+    first = label_studio.api("GET", f"/api/projects/{project}/next")
+    assert first["data"]["text"] in {"great bad", "good awful"}, first["data"]
+
+
+def test_without_a_token_that_may_write_the_push_is_off_says_why_and_rounds_store_the_rest(tmp_path_factory, registry,
+                                                                                            label_studio):
+    """Label Studio in its default token mode, the backend given no token: /setup's legacy token is refused."""
+    orchestrator = start_orchestrator(tmp_path_factory.mktemp("orchestrator-refused"), registry, PREDICT_TIMEOUT_S="2")
+    try:
+        count = 200  # 14 ms each: 2.8 s of work against a 2 s deadline
+        backend = configure(orchestrator, "models:/sentiment/1", hooks.sleeping_sentiment_post(0.014), pre_hook=None)
+        project = new_project(label_studio, "refused", TEXT_CONFIG, tasks=[{"text": f"great {i}"} for i in range(count)])
         connect(label_studio, project, backend["label_studio_url"])
-
         retrieve_predictions(label_studio, project)
-        first = label_studio.api("GET", f"/api/predictions?project={project}")
-        assert 0 < len(first) < count  # a part stored, the rest left for the next round, none of it lost
-        wait_until(lambda: backend_health(backend["label_studio_url"])["background"]["queued"] == 0, 120,
-                   "the background to finish the rest")
-
-        retrieve_predictions(label_studio, project)
-        predictions = label_studio.api("GET", f"/api/predictions?project={project}")
-        by_task = {}
-        for prediction in predictions:
-            by_task.setdefault(prediction["task"], []).append(prediction["result"][0]["value"]["choices"])
-        assert len(by_task) == count and all(len(p) == 1 for p in by_task.values())  # each exactly once
-        health = backend_health(backend["label_studio_url"])
-        assert health["batching"]["items"] == count  # no task went through the model twice
-        assert health["prediction_cache"]["hits"] == count - len(first)
+        health = lambda: backend_health(backend["label_studio_url"])
+        wait_until(lambda: health()["push"]["mode"] == "off", 60, "the push turned off by Label Studio's refusal")
+        why = health()["push"]["why"]
+        assert "Label Studio refused to store predictions" in why and "LABEL_STUDIO_API_KEY" in why, why
+        wait_until(lambda: health()["background"]["queued"] == 0, 60, "the background done")
+        retrieve_predictions(label_studio, project)  # as before the push: the next round stores the rest
+        by_task = _stored_per_task(label_studio, project)
+        assert len(by_task) == count and all(len(p) == 1 for p in by_task.values())
     finally:
         orchestrator.remove_all()
         orchestrator.stop()

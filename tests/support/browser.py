@@ -128,7 +128,7 @@ class Annotator:
         self._log_in()
 
     def _log_in(self) -> None:
-        from tests.support.label_studio import PASSWORD, USER
+        from harness.label_studio import PASSWORD, USER
 
         self.page.goto(self.label_studio.url + "/user/login/")
         self.page.fill("input[name=email]", USER)

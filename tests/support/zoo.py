@@ -8,8 +8,8 @@ import hashlib
 import subprocess
 from pathlib import Path
 
+from harness.environments import CACHE, cached_environment
 from harness.servers import ROOT, base_env
-from tests.support.environments import CACHE, cached_environment
 
 REQUIREMENTS = ROOT / "requirements-zoo.txt"
 

@@ -1,4 +1,4 @@
-"""Real Label Studio on loopback for the end-to-end tests, installed and migrated once per machine.
+"""Real Label Studio on loopback for the end-to-end tests and the benchmarks, installed and migrated once per machine.
 
 The ``label-studio`` package lives in its own virtual environment (it pins its own Django stack)
 under ``~/.cache/lsbackend-e2e`` (``LSBACKEND_E2E_CACHE``), and a migrated data folder is kept there
@@ -15,8 +15,8 @@ from typing import Any
 
 import requests
 
+from harness.environments import CACHE, cached_environment
 from harness.servers import Process, free_port, wait_until
-from tests.support.environments import CACHE, cached_environment
 
 VERSION = "1.23.2"
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -113,7 +113,8 @@ class LabelStudio(Process):
     def api(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
         if self.pat:
             self._use_pat()  # the SDK refreshes the access token when it expires
-        response = self.session.request(method, self.url + path, timeout=180, **kwargs)
+        kwargs.setdefault("timeout", 180)
+        response = self.session.request(method, self.url + path, **kwargs)
         expected = (expect,) if isinstance(expect, int) else expect
         assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
         return response.json() if response.content else None
