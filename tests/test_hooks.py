@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 
@@ -510,6 +511,29 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, t
     unsendable = check("--post-hook", "tests.support.hooks:set_post", str(images["white"]))
     assert unsendable.returncode == 1
     assert "FAILED: the prediction for task 1 (#0) cannot be sent as JSON" in unsendable.stderr
+
+
+def test_loading_leaves_mlflows_process_wide_uris_as_it_found_them(tmp_path, monkeypatch):
+    """hooks check loads in its caller's process: afterwards a client given only a tracking URI must still read
+    its registry there (a registry URI put back by value pinned every later client to the old one)."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    from backend.config.spec import parse_model_spec
+    from backend.model.loading import mlflow_scope
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking_state, "_tracking_uri", None)
+    monkeypatch.setattr(registry_state, "_registry_uri", None)
+    spec = parse_model_spec({"model_uri": "models:/m/1", "tracking_uri": f"sqlite:///{tmp_path / 'a.db'}"})
+    with mlflow_scope(spec):
+        assert registry_state._registry_uri == spec.tracking_uri
+    assert (tracking_state._tracking_uri, registry_state._registry_uri) == (None, None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    other = f"sqlite:///{tmp_path / 'b.db'}"
+    assert MlflowClient(tracking_uri=other)._registry_uri == other
 
 
 def test_draw_to_an_unwritable_folder_fails_before_any_model_loads(tmp_path, images, capsys):

@@ -97,24 +97,28 @@ def mlflow_scope(spec: ModelSpec) -> Iterator[Any]:
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
     }
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
     with _MLFLOW_LOCK:
-        saved_env = {key: os.environ.get(key) for key in env}
-        saved_tracking = mlflow.get_tracking_uri()
-        saved_registry = mlflow.get_registry_uri()
+        # As they were, unset included: MLflow's setters also write MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI,
+        # and a registry URI put back by value would pin every later client (hooks check runs in its caller).
+        saved_env = {key: os.environ.get(key) for key in (*env, "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved_tracking, saved_registry = tracking_state._tracking_uri, registry_state._registry_uri
         try:
             for key, value in env.items():
                 if value:
                     os.environ[key] = value
                 else:
                     os.environ.pop(key, None)
-            tracking = spec.tracking_uri or saved_tracking
-            registry = spec.registry_uri or spec.tracking_uri or saved_registry
+            tracking = spec.tracking_uri or mlflow.get_tracking_uri()
+            registry = spec.registry_uri or spec.tracking_uri or mlflow.get_registry_uri()
             mlflow.set_tracking_uri(tracking)
             mlflow.set_registry_uri(registry)
             yield _LazyClient(lambda: MlflowClient(tracking_uri=tracking, registry_uri=registry))
         finally:
-            mlflow.set_tracking_uri(saved_tracking)
-            mlflow.set_registry_uri(saved_registry)
+            mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]  # None: unset again
+            registry_state._registry_uri = saved_registry
             for key, value in saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)

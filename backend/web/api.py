@@ -30,7 +30,7 @@ from backend.labeling.validation import data_objects
 from backend.model.hookcodec import RUNTIME
 from backend.quality.ledger import QualityLedger
 from backend.quality.webhooks import WebhookRecorder
-from backend.serving.continuation import Predictions
+from backend.serving.continuation import Predictions, task_keys
 from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import Outcome, predict_tasks, recall
 from backend.serving.push import Pusher
@@ -263,6 +263,9 @@ def predict():
         encoded = {i: item if isinstance(item, str) else prediction_json(item, tasks[i], i)
                    for i, item in enumerate(outcome.items) if item is not None}
         handed = s.pusher.hand_over(tasks, encoded, serving.model_version)
+        if handed:  # and to the cache, as the background's are: a round pressed before the push ends predicts none again
+            keys = task_keys(serving.identity, label_config, tasks)
+            s.cache.settle([(keys[i], encoded[i]) for i in handed])
         for i in handed:
             outcome.items[i] = None
 
