@@ -95,13 +95,15 @@ READ_SCREEN = r"""() => {
   return out;
 }"""
 
-# Ready once the image is drawn at its size (a first frame can be a few pixels wide) and what is wanted is on it.
+# Ready once the image is drawn at its size (a first frame can be a few pixels wide) and what is wanted is on it:
+# then the screen as read at that moment (the canvas may be redrawn a moment later, a brush repainted).
 DRAWN_ENOUGH = f"""(want) => {{
   const screen = ({READ_SCREEN})();
   const imageReady = !window.Konva || !window.Konva.stages.length || (screen.image && screen.image[0] > 100);
   const shapes = screen.shapes.filter(shape => !want.kind || shape.kind === want.kind);
-  return imageReady && screen.regions.length >= want.regions && shapes.length >= want.shapes
-         && screen.spans.length >= want.spans;
+  const ready = imageReady && screen.regions.length >= want.regions && shapes.length >= want.shapes
+                && screen.spans.length >= want.spans;
+  return ready ? screen : null;
 }}"""
 
 
@@ -153,7 +155,9 @@ class Annotator:
             self.page.wait_for_selector(wait_for, state="attached", timeout=DRAW_TIMEOUT_MS)
         self.page.wait_for_load_state("networkidle")
         self._opened = name
-        return self._read(name)
+        # What is wanted, read in the same moment it is there (after the network settled, as an annotator sees it).
+        screen = self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200).json_value()
+        return self._drawn(screen, name)
 
     def select_region(self, index: int = 0) -> Drawn:
         """Click a row of the regions panel, as an annotator does to see a region's text area; read again."""
@@ -163,7 +167,9 @@ class Annotator:
 
     def _read(self, name: str) -> Drawn:
         """What the page shows now, and its screenshot as ``name``.png."""
-        screen = self.page.evaluate(READ_SCREEN)
+        return self._drawn(self.page.evaluate(READ_SCREEN), name)
+
+    def _drawn(self, screen: dict, name: str) -> Drawn:
         shot = self.artifacts / f"{name}.png"
         self.page.screenshot(path=str(shot))
         image = tuple(screen["image"]) if screen["image"] else None
