@@ -65,11 +65,15 @@ def small_disk(path: Path, size: str = "4m"):
 
 
 def fill(path: Path) -> Path:
+    """Fill ``path``'s disk to the last page: big writes, then small files until not even one more fits."""
     filler = path / "filler"
     with open(filler, "wb") as handle, contextlib.suppress(OSError):
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()
+    with contextlib.suppress(OSError):
+        for n in range(1024):
+            (filler.parent / f"filler-{n}").write_bytes(b"\0" * 512)
     return filler
 
 

@@ -513,7 +513,7 @@ def test_checker_runs_the_pipeline_and_fails_with_the_reason(registry, images, t
     assert "FAILED: the prediction for task 1 (#0) cannot be sent as JSON" in unsendable.stderr
 
 
-def test_loading_leaves_mlflows_process_wide_uris_as_it_found_them(tmp_path, monkeypatch):
+def test_the_checker_leaves_mlflows_process_wide_uris_as_it_found_them(tmp_path, monkeypatch):
     """hooks check loads in its caller's process: afterwards a client given only a tracking URI must still read
     its registry there (a registry URI put back by value pinned every later client to the old one)."""
     from mlflow.tracking import MlflowClient

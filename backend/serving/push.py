@@ -93,6 +93,10 @@ class Outbox:
         self.db, self.clock = db, clock
         self.owner = process_identity()
 
+    def exists(self) -> bool:
+        """Whether the push was ever used here: until then nothing reads or writes MODEL_DIR for it."""
+        return self.db.path.exists()
+
     def add(self, project: int, task: int, model_version: str, encoded: str) -> None:
         self.add_many([(project, task, encoded)], model_version)
 
@@ -124,6 +128,8 @@ class Outbox:
     def waiting(self, model_version: str) -> list[tuple[str, list[dict[str, Any]]]]:
         """The tasks a stopped backend left unfinished, by labeling config."""
         by_config: dict[str, list[dict[str, Any]]] = {}
+        if not self.exists():
+            return []
         with self.db.snapshot() as db:
             for config, body in db.execute(
                     "SELECT c.config, w.body FROM waiting w JOIN label_configs c ON c.digest = w.label_config "
@@ -168,7 +174,7 @@ class Outbox:
         out: the answer stores them."""
         ids = [task for task in tasks if _is_id(task)]
         withheld: set[Any] = set()
-        if not ids or not self._holds_any(ids, model_version):  # the usual case: a read, no write lock
+        if not ids or not self.exists() or not self._holds_any(ids, model_version):  # usually a read, no write lock
             return withheld
         with self.db.transaction() as db:
             for chunk in in_chunks(ids):
@@ -204,6 +210,8 @@ class Outbox:
     def progress(self) -> dict[int, dict[str, Any]]:
         """Per project: how many are stored, left and failed, and the last failure's reason."""
         shown: dict[int, dict[str, Any]] = {}
+        if not self.exists():
+            return shown
         with self.db.snapshot() as db:
             for project, state, count in db.execute("SELECT project, state, COUNT(*) FROM outbox GROUP BY project, state"):
                 entry = shown.setdefault(project, {"stored": 0, "left": 0, "failed": 0})
@@ -329,8 +337,9 @@ class Pusher:
     def serve(self, model_version: str) -> None:
         """The version being served: only its predictions are pushed."""
         self.model_version = model_version
-        self.outbox.keep_only(model_version)
-        self._start()  # rows a restart left: sent on
+        if self.outbox.exists():
+            self.outbox.keep_only(model_version)
+            self._start()  # rows a restart left: sent on
 
     def stop(self) -> None:
         with self._wake:

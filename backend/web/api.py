@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sqlite3
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -253,7 +254,11 @@ def predict():
     serving, outcome = s.runtime.serve(wait_s, run)
     if s.pusher is not None and context is None:  # what the push has sent, or sends now, Label Studio must not store twice
         answered = [i for i, item in enumerate(outcome.items) if item is not None]
-        withheld = s.pusher.outbox.reconcile([tasks[i].get("id") for i in answered], serving.model_version, began)
+        try:
+            withheld = s.pusher.outbox.reconcile([tasks[i].get("id") for i in answered], serving.model_version, began)
+        except sqlite3.Error as exc:  # MODEL_DIR full or broken: answer all, as without the push
+            log.warning("the push's outbox could not be read (%s): answering every finished task", exc)
+            withheld = set()
         for i in answered:
             if tasks[i].get("id") in withheld:
                 outcome.items[i] = None
