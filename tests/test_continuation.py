@@ -57,6 +57,18 @@ class Runner:
         return [f"prediction of {v}" for v in values], {}
 
 
+class HeldRunner(Runner):
+    """A runner whose batches wait for ``release``: what the test does first happens while all is queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def call(self, *args):
+        self.release.wait(10)
+        return super().call(*args)
+
+
 def make_queue(cache, runner, max_tasks=100):
     finish = lambda outputs, tasks, config: [f'"{o}"' for o in outputs]
     return Continuation(DynamicBatcher(runner, 0), cache, "hooks", 2, finish, max_tasks)
@@ -67,11 +79,12 @@ def leftover(n, value):
 
 
 def test_the_background_fills_the_cache_and_a_round_can_wait_for_what_is_queued():
-    cache, runner = PredictionCache(1 << 20, 3600), Runner()
+    cache, runner = PredictionCache(1 << 20, 3600), HeldRunner()  # nothing finishes before the second adopt
     queue = make_queue(cache, runner)
     leftovers = [leftover(n, f"task {n}") for n in range(5)]
     assert queue.adopt(leftovers) == 5
     assert queue.adopt([leftover(0, "again")]) == 0  # already queued: not taken twice
+    runner.release.set()
     assert queue.pending(leftovers[4].key).result(timeout=10) == '"prediction of task 4"'
     wait_until(lambda: not queue.active, 10, "the queue to empty")
     assert [cache.get(left.key) for left in leftovers] == [f'"prediction of task {n}"' for n in range(5)]
@@ -90,18 +103,12 @@ def test_failures_fail_their_tasks_and_a_run_of_them_stops_the_queue():
 
 
 def test_a_new_configuration_drops_the_queue():
-    cache, release = PredictionCache(1 << 20, 3600), threading.Event()
-
-    class Held(Runner):
-        def call(self, *args):
-            release.wait(10)
-            return super().call(*args)
-
-    queue = make_queue(cache, Held())
+    cache, runner = PredictionCache(1 << 20, 3600), HeldRunner()
+    queue = make_queue(cache, runner)
     leftovers = [leftover(n, f"task {n}") for n in range(6)]
     queue.adopt(leftovers)
     queue.stop()
-    release.set()
+    runner.release.set()
     assert all(left.done.cancelled() for left in leftovers) and not queue.active
     assert queue.adopt([leftover(7, "late")]) == 0
 
