@@ -20,7 +20,7 @@ from backend.labeling.validation import data_objects
 from backend.quality.ledger import QualityLedger
 from backend.quality.webhooks import WebhookLog, WebhookRecorder
 from backend.serving.batching import DynamicBatcher
-from backend.serving.continuation import Continuation, PredictionCache, Predictions
+from backend.serving.continuation import CACHE_FILE, Continuation, PredictionCache, Predictions
 from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import finish_outputs, resume
 from backend.serving.push import SCHEMA as PUSH_SCHEMA
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
     store = ConfigurationStore(settings.model_dir)
     cache, webhooks = _worker_state(settings)
     owns_zygote = zygote is None
-    zygote = zygote or Zygote(settings.warm_imports, template=settings.template).start()
+    zygote = zygote or Zygote(settings.warm_imports, template=settings.template, model_dir=settings.model_dir).start()
 
     def on_loaded(serving: Serving) -> None:
         metrics.model_loaded.set(1)
@@ -129,6 +129,10 @@ def _worker_state(settings: Settings) -> tuple[Predictions, WebhookRecorder]:
     """The prediction cache and the webhook log: in memory for one worker, in a file the workers share
     for several (``backend/serving/shared.py``), so that no task is predicted twice whichever worker a round reaches."""
     if settings.workers <= 1:
-        return PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s), WebhookLog()
+        cache = PredictionCache(settings.prediction_cache_bytes, settings.prediction_cache_ttl_s)
+        taken = cache.load(settings.model_dir / CACHE_FILE)  # what the last run of this backend finished
+        if taken:
+            log.info("prediction cache: %d prediction(s) kept from this backend's last run", taken)
+        return cache, WebhookLog()
     db = SharedDb(settings.model_dir / FILE_NAME, SCHEMA)
     return SharedPredictions(db, settings.prediction_cache_bytes, settings.prediction_cache_ttl_s), SharedWebhookLog(db)

@@ -7,6 +7,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backend.core.memory import children_by_parent, pss_bytes, rss_bytes
+
 
 @dataclass
 class Row:
@@ -63,54 +65,21 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(parent, []).append(int(stat.parent.name))
-    return tree
-
-
-def tree_pids(pid: int) -> list[int]:
-    """A process and all its descendants."""
-    tree, found, todo = _children(), [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(tree.get(current, []))
-    return found
-
-
-def _sum_field(pids: list[int], filename: str, field: str) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/{filename}").read_text().splitlines():
-                if line.startswith(field):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
 def rss_mib(pids: list[int]) -> float:
     """Resident memory of these processes, in MiB; pages they share count once per process."""
-    return _sum_field(pids, "status", "VmRSS:")
+    return rss_bytes(pids) / (1 << 20)
 
 
 def pss_mib(pids: list[int]) -> float:
     """Proportional memory of these processes, in MiB: each shared page split between all that share it."""
-    return _sum_field(pids, "smaps_rollup", "Pss:")
+    return pss_bytes(pids) / (1 << 20)
 
 
 def tree_cpu_seconds(pid: int) -> dict[int, tuple[int, float]]:
     """CPU time (user + system) so far of a process and each descendant, with its depth below ``pid``:
     taken before and after a load, it says where that load's CPU went."""
     ticks = os.sysconf("SC_CLK_TCK")
-    children = _children()
+    children = children_by_parent()
     found: dict[int, tuple[int, float]] = {}
     todo = [(pid, 0)]
     while todo:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import requests
 
+from backend.core.memory import tree_pids
 from examples.hooks import brightness_pre, choices_post
 from harness.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
 from lsmlflow.pickling import encode_hook
 
-from .common import Row, Table, median, pss_mib, rss_mib, tree_pids
+from .common import Row, Table, median, pss_mib, rss_mib
 
 OLD_FIXED_WAIT_S = 10.0
 BACKENDS = 10

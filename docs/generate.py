@@ -23,7 +23,7 @@ ROUTE_SOURCES = {
     "backend": [ROOT / "backend/web/api.py", ROOT / "backend/antenna/routes.py"],
     "orchestrator": [ROOT / "orchestrator/api.py", ROOT / "orchestrator/antenna.py"],
 }
-READERS = {"env_int", "env_float", "env_switch", "env_megabytes"}
+READERS = {"env_int", "env_float", "env_switch", "env_megabytes", "env_bytes"}
 ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]+$")
 log = logging.getLogger("mkdocs.plugins.generate")
 

@@ -146,6 +146,12 @@ def _push_summary(push: dict | None) -> str:
             + (f" ({push['rate_per_s']}/s)" if push.get("rate_per_s") else ""))
 
 
+def _memory(record: dict) -> str:
+    """What a backend holds now (PSS), or, asleep, what waking it will take."""
+    held = record.get("memory_now_bytes") if record.get("state") != "sleeping" else record.get("memory_bytes")
+    return f"{held / (1 << 20):.0f} MiB" if held else ""
+
+
 def cmd_status(args: argparse.Namespace, settings: ClientSettings) -> int:
     client = _client(args, settings)
     if client.is_orchestrator():
@@ -155,7 +161,8 @@ def cmd_status(args: argparse.Namespace, settings: ClientSettings) -> int:
             training = (health.get("training") or {}).get("last") or {}
             rows.append({
                 "id": record["id"], "state": record.get("state"), "model": record.get("model", {}).get("model_uri"),
-                "version": health.get("model_version"), "url": record.get("label_studio_url"),
+                "version": health.get("model_version") or record.get("model_version"), "memory": _memory(record),
+                "url": record.get("label_studio_url"),
                 "training": training.get("outcome") or (health.get("training") or {}).get("state"),
                 "push": _push_summary(health.get("push")), "last_error": record.get("last_error"),
             })
@@ -163,8 +170,8 @@ def cmd_status(args: argparse.Namespace, settings: ClientSettings) -> int:
             print(json.dumps({"orchestrator": args.url, "backends": rows}, indent=2))
             return 0
         print(f"orchestrator at {args.url}: {len(rows)} backend(s)")
-        columns = (("id", 14), ("state", 9), ("model", 32), ("version", 18), ("training", 10), ("push", 34), ("url", 40),
-                   ("last_error", 60))
+        columns = (("id", 14), ("state", 9), ("model", 32), ("version", 18), ("memory", 10), ("training", 10), ("push", 34),
+                   ("url", 40), ("last_error", 60))
         print("  ".join(name.upper().ljust(width) for name, width in columns).rstrip())
         for row in rows:
             print("  ".join(_short(row[name], width).ljust(width) for name, width in columns).rstrip())

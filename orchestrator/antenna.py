@@ -11,13 +11,13 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 
 from backend.antenna.wire import service_info
 from backend.core.errors import Unprocessable
 from backend.web.bodies import json_body
 
-from .api import orchestrator
+from .api import orchestrator, send
 from .registry import BackendRecord
 
 antenna = Blueprint("antenna", __name__)
@@ -72,5 +72,4 @@ def process() -> Response:
     if record is None:
         known = ", ".join(repr(s) for s in sorted(records)) or "none yet (configure a model with a label_config)"
         raise Unprocessable(f"unknown pipeline {slug!r}", f"The pipelines here are {known}; GET /info lists them.")
-    o = orchestrator()
-    return o.proxy.forward(record, "process", request, timeout_s=o.settings.process_timeout_s + 15.0)
+    return send(record, "process", timeout_s=orchestrator().settings.process_timeout_s + 15.0)

@@ -4,6 +4,8 @@ Antenna's routes, by pipeline slug, are in ``antenna``."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,7 @@ from backend.model.hookcodec import RUNTIME
 from backend.web.auth import require_basic_auth, require_configure_rights, require_training_rights
 
 from .manager import BackendManager
+from .metrics import OrchestratorMetrics
 from .proxy import Proxy
 from .registry import BackendRecord
 from .settings import OrchestratorSettings
@@ -51,6 +54,7 @@ class Orchestrator:
     manager: BackendManager
     proxy: Proxy
     supervisor: Supervisor
+    metrics: OrchestratorMetrics
 
 
 def orchestrator() -> Orchestrator:
@@ -92,15 +96,25 @@ def list_backends():
     """Every backend: state, model, URL, uptime, restarts, last error, which is newest."""
     o = orchestrator()
     newest = o.manager.registry.newest_configured()
+    fleet = o.manager.fleet
+    fleet.measure()
     return jsonify(
         {
-            "backends": [{**r.public(), **_urls(r)} for r in o.manager.registry.backends()],
+            "backends": [{**r.public(), **fleet.describe(r), **_urls(r)} for r in o.manager.registry.backends()],
             "spares": [{"id": r.id, "state": r.state, "port": r.port} for r in o.manager.registry.spares()],
             "newest": newest.id if newest else None,
             "driver": o.manager.driver.name,
             "max_backends": o.settings.max_backends,
+            "memory": fleet.summary(),
         }
     )
+
+
+@api.get("/metrics")
+def metrics() -> Response:
+    """Prometheus metrics: backends by state, memory against the budget, wakes and sleeps."""
+    o = orchestrator()
+    return Response(o.metrics.render(), content_type=o.metrics.content_type)
 
 
 @api.get("/backends/<backend_id>")
@@ -141,19 +155,66 @@ def _forward(record: BackendRecord, path: str) -> Response:
     route = path.strip("/")
     if route in ("", "health") and request.method == "GET":
         return _backend_health(record)
+    setup_key = _setup_key() if route == "setup" else ""  # read before the proxy takes the body
+    if setup_key and record.state == "sleeping" and setup_key == record.setup_key:
+        return jsonify({"model_version": record.model_version or "unconfigured"})  # nothing new for it to remember
     if route in CONFIGURE_RIGHTS_ROUTES or route in TRAINING_ROUTES:
         if route in TRAINING_ROUTES:
             require_training_rights(request, o.settings, route)
         else:
             require_configure_rights(request, o.settings, route)
-        return o.proxy.forward(record, path, request, authorization=f"Bearer {record.token}" if record.token else None)
-    return o.proxy.forward(record, path, request)
+        return send(record, path, authorization=f"Bearer {record.token}" if record.token else None)
+    response = send(record, path)
+    if setup_key and response.status_code == 200 and setup_key != record.setup_key:
+        o.manager.registry.update(record.id, setup_key=setup_key)  # a sleeping backend's /setup is answered here
+    return response
+
+
+def send(record: BackendRecord, path: str, authorization: str | None = None, timeout_s: float | None = None) -> Response:
+    """A request to the backend, waking it first where it sleeps; while it is on its way the backend is not idle."""
+    o = orchestrator()
+    fleet = o.manager.fleet
+    woke_s = 0.0
+    if record.state == "sleeping":
+        began = time.monotonic()
+        record = fleet.wake(record)
+        woke_s = time.monotonic() - began
+    fleet.begin(record.id)
+    try:
+        try:
+            response = o.proxy.forward(record, path, request, authorization=authorization, timeout_s=timeout_s)
+        except UpstreamUnavailable:
+            current = o.manager.registry.get(record.id)
+            if current is None or current.state != "sleeping":
+                raise
+            # put to sleep between the look at its state and the request (another orchestrator process's pass)
+            response = o.proxy.forward(fleet.wake(current), path, request, authorization=authorization, timeout_s=timeout_s)
+    except BaseException:
+        fleet.end(record.id)
+        raise
+    response.call_on_close(lambda: fleet.end(record.id))
+    if woke_s:
+        response.headers["X-Backend-Woke-S"] = f"{woke_s:.3f}"  # this request waited for the backend to wake
+    return response
+
+
+def _setup_key() -> str:
+    """Which Label Studio and token a /setup names (a digest: the registry holds no secret)."""
+    body = request.get_json(silent=True, cache=True)
+    body = body if isinstance(body, dict) else {}
+    named = f"{body.get('hostname') or ''}\0{body.get('access_token') or ''}"
+    return hashlib.sha256(named.encode()).hexdigest()[:24]
 
 
 def _backend_health(record: BackendRecord) -> Response:
-    """Label Studio's health check of one backend (1 s): its own answer, or, while it restarts, the
-    orchestrator's, UP and not configured, so that Label Studio does not mark the model as failed."""
+    """Label Studio's health check of one backend (1 s): its own answer; while it sleeps, the orchestrator's
+    from its record, without waking it; while it restarts, UP and not configured, so that Label Studio
+    does not mark the model as failed."""
     o = orchestrator()
+    if record.state == "sleeping":
+        return jsonify({"status": "UP", "model_class": "MLflowBackend", "configured": True, "sleeping": True,
+                        "model_version": record.model_version, "backend": record.id, "backend_state": record.state,
+                        "detail": "asleep after no request for a while: the next request wakes it"})
     try:
         return o.proxy.forward(record, "health", request, timeout_s=HEALTH_TIMEOUT_S)
     except (UpstreamUnavailable, DeadlineExceeded) as exc:

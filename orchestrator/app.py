@@ -19,6 +19,7 @@ from .api import Orchestrator, api
 from .drivers import BackendDriver, make_driver
 from .gpus import detect_gpus
 from .manager import BackendManager
+from .metrics import OrchestratorMetrics
 from .proxy import Proxy
 from .registry import Registry
 from .settings import OrchestratorSettings
@@ -47,7 +48,8 @@ def create_app(
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's setting
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.extensions["orchestrator"] = Orchestrator(settings, manager, Proxy(settings.proxy_timeout_s, manager.registry.get), supervisor)
+    proxy = Proxy(settings.proxy_timeout_s, manager.registry.get)
+    app.extensions["orchestrator"] = Orchestrator(settings, manager, proxy, supervisor, OrchestratorMetrics(manager))
     app.register_blueprint(api)
     app.register_blueprint(antenna)
     register_error_handlers(app)

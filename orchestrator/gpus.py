@@ -26,6 +26,29 @@ def detect_gpus() -> tuple[str, ...]:
     return tuple(line.strip() for line in listed.splitlines() if line.strip().isdigit())
 
 
+def gpu_memory_by_pid() -> dict[int, int]:
+    """Bytes of GPU memory each process holds, as nvidia-smi lists its compute processes; {} without one."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return {}
+    try:
+        listed = subprocess.run(
+            [nvidia_smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    held: dict[int, int] = {}
+    for line in listed.splitlines():
+        pid, _, mib = (part.strip() for part in line.partition(","))
+        if pid.isdigit() and mib.isdigit():
+            held[int(pid)] = held.get(int(pid), 0) + int(mib) * (1 << 20)
+    return held
+
+
 def assign_gpu(gpus: tuple[str, ...], in_use: Iterable[str]) -> str:
     """Round robin over the host's GPUs: the one with the fewest backends, lowest index on a tie."""
     if not gpus:

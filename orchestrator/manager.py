@@ -26,6 +26,7 @@ from backend.core.errors import BackendError, Conflict, DeadlineExceeded, NotFou
 from backend.core.lifetime import listening_pid, start_time
 
 from .drivers import BackendDriver, free_port, port_is_free
+from .fleet import Fleet
 from .gpus import assign_gpu
 from .registry import BackendRecord, Registry
 from .settings import OrchestratorSettings
@@ -66,6 +67,7 @@ class BackendManager:
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()  # guards the dict of per-backend locks only
         self._create_lock = threading.Lock()  # one creation (limit check, spare claim) at a time
+        self.fleet = Fleet(self)  # sleep when idle, wake on demand, the memory budgets
 
     def lock_for(self, backend_id: str) -> threading.Lock:
         with self._locks_guard:
@@ -86,7 +88,10 @@ class BackendManager:
             if record is None:
                 record = self._create(backend_id, {k: v for k, v in spec.public().items() if k in PUBLIC_MODEL_FIELDS})
             elif not self.starting_elsewhere(record) and not self.driver.is_running(record):
-                self.start(record)  # down and waiting for its backoff: a configure is reason enough to try now
+                if record.state == "sleeping":
+                    record.wakes += 1
+                    self.fleet.events["wake"] += 1
+                self.start(record)  # asleep, or down and waiting for its backoff: a configure is reason enough
             try:
                 self.wait_ready(record)
                 status, answer = self._send_configure(record, raw)
@@ -96,10 +101,13 @@ class BackendManager:
                 raise
             if status < 300:
                 record.model = {**record.model, "pipeline": pipeline.config() if pipeline else None}
+                record.idle_stop_s, record.always_on = spec.idle_stop_s, spec.always_on
                 record.configured_at = time.time()
                 record.state = "ready"
                 record.failures = 0
                 self.registry.put(record)
+                if status == 200:  # loaded: what it holds now is what it adds (fleet.py)
+                    self.fleet.note_loaded(record)
             elif created:
                 self.remove(record)
             return record, status, answer, created
@@ -130,7 +138,11 @@ class BackendManager:
             record = self._new_record(backend_id, model, spare=False)
         log.info("backend %s: new, for %s on port %s%s", backend_id, model.get("model_uri"), record.port,
                  f", GPU {record.gpu}" if record.gpu else "")
-        self.start(record)
+        try:
+            self.start(record)
+        except BackendError:  # no room within the memory budget: nothing is left behind
+            self.registry.delete(record.id)
+            raise
         return record
 
     def _new_record(self, backend_id: str, model: dict[str, Any], spare: bool) -> BackendRecord:
@@ -173,6 +185,8 @@ class BackendManager:
             spares, everything = self.registry.spares(), self.registry.all()
             if len(spares) >= self.settings.warm_spares or len(everything) >= self.settings.max_backends:
                 return
+            if not self.fleet.spare_fits():
+                return  # a spare never puts a backend to sleep
             record = self._new_record(f"spare-{secrets.token_hex(4)}", {}, spare=True)
         log.info("spare %s: starting on port %s", record.id, record.port)
         self.start(record)
@@ -189,10 +203,11 @@ class BackendManager:
                 return
             record.port = free_port()  # someone took the port while it was down
         Path(record.model_dir).mkdir(parents=True, exist_ok=True)
-        record.handle = self.driver.start(record)
-        record.state = "starting"
-        record.started_at = time.time()
-        self.registry.put(record)
+        with self.fleet.room_for(record):  # OverBudget where it cannot fit even with the idle ones asleep
+            record.handle = self.driver.start(record)
+            record.state = "starting"
+            record.started_at = time.time()
+            self.registry.put(record)
 
     def _adoptable(self, record: BackendRecord) -> str:
         """``pid:starttime`` of the process on the record's port if it is this backend: it takes the record's

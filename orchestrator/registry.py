@@ -16,7 +16,7 @@ from typing import Any
 
 from backend.core.redact import redact_value
 
-STATES = ("starting", "pending", "ready", "restarting", "stopped")
+STATES = ("starting", "pending", "ready", "restarting", "stopped", "sleeping")
 
 
 @dataclass
@@ -41,6 +41,18 @@ class BackendRecord:
     last_error: str = ""
     spare: bool = False  # started ahead without a model; becomes a model's backend on its first configure
     host: str = "127.0.0.1"  # where it listens: loopback, or its Ray node's address (which changes when it moves)
+    renewing: str = ""  # the handle of its replacement while a renewal starts one (supervisor.py): stopped if orphaned
+    # Sleep and the memory budget (orchestrator/fleet.py).
+    idle_stop_s: float | None = None  # the model's own; None: the orchestrator's IDLE_STOP_S
+    always_on: bool = False
+    last_used_at: float = 0.0  # the last request routed to it (written at most every few seconds)
+    memory_bytes: int = 0  # its PSS when last measured awake: what waking it will take
+    gpu_memory_bytes: int = 0  # the same on its GPU
+    model_version: str = ""  # what it served when it fell asleep: /health and /setup answer with it meanwhile
+    setup_key: str = ""  # a digest of the Label Studio address and token its last /setup carried
+    slept_at: float = 0.0
+    sleeps: int = 0
+    wakes: int = 0
 
     @property
     def url(self) -> str:
@@ -73,8 +85,32 @@ class Registry:
         return sqlite3.connect(self._path, timeout=10)
 
     def put(self, record: BackendRecord) -> None:
+        """Write the whole record; its ``last_used_at`` only ever moves forward (``touch`` writes it alone)."""
         with self._lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute("SELECT json_extract(record, '$.last_used_at') FROM backends WHERE id = ?", (record.id,)).fetchone()
+            if row and isinstance(row[0], (int, float)) and row[0] > record.last_used_at:
+                record.last_used_at = row[0]
             db.execute("INSERT OR REPLACE INTO backends VALUES (?, ?)", (record.id, json.dumps(asdict(record))))
+
+    def touch(self, backend_id: str, at: float) -> None:
+        """A request was routed to it at ``at``: what its idle time counts from."""
+        with self._lock, self._connect() as db:
+            db.execute(
+                "UPDATE backends SET record = json_set(record, '$.last_used_at', ?) "
+                "WHERE id = ? AND coalesce(json_extract(record, '$.last_used_at'), 0) < ?",
+                (at, backend_id, at),
+            )
+
+    def update(self, backend_id: str, **values: Any) -> None:
+        """Set some fields of a record in place, leaving the others as whoever wrote them last left them."""
+        unknown = set(values) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"no such record fields: {', '.join(sorted(unknown))}")
+        paths = ", ".join("?, ?" for _ in values)
+        arguments = [item for name, value in values.items() for item in (f"$.{name}", value)]
+        with self._lock, self._connect() as db:
+            db.execute(f"UPDATE backends SET record = json_set(record, {paths}) WHERE id = ?", (*arguments, backend_id))
 
     def get(self, backend_id: str) -> BackendRecord | None:
         with self._lock, self._connect() as db:

@@ -11,6 +11,7 @@ from backend.core.settings import (
     AccessSettings,
     basic_auth_from,
     comma_list,
+    env_bytes,
     env_float,
     env_int,
     env_megabytes,
@@ -45,6 +46,9 @@ class OrchestratorSettings(AccessSettings):
     webhook_secret: str = ""  # what Label Studio's webhooks send as X-Webhook-Secret (backend/web/auth.py)
     gpus: tuple[str, ...] | None = None  # None: detect; () : none
     backend_threads: int = 8
+    idle_stop_s: float = 0.0  # a backend with no request for this long sleeps (orchestrator/fleet.py); 0: never
+    memory_budget: int = 0  # bytes of PSS for everything the orchestrator started; 0: no budget
+    gpu_memory_budget: int = 0  # bytes of GPU memory per GPU for the backends on it; 0: no budget
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
     spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"  # also the template's (below)
     fork_backends: bool = True  # process driver: fork backends from one template process (backend/isolation/template.py)
@@ -99,6 +103,9 @@ class OrchestratorSettings(AccessSettings):
             webhook_secret=env.get("WEBHOOK_SECRET", ""),
             gpus=None if gpus is None else comma_list(gpus),
             backend_threads=env_int(env, "BACKEND_THREADS", 8, 1),
+            idle_stop_s=env_float(env, "IDLE_STOP_S", 0.0),
+            memory_budget=env_bytes(env, "MEMORY_BUDGET", 0),
+            gpu_memory_budget=env_bytes(env, "GPU_MEMORY_BUDGET", 0),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
             fork_backends=env_switch(env, "FORK_BACKENDS", True),

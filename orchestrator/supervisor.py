@@ -23,7 +23,10 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+from backend.core.errors import OverBudget
+
 from .drivers.base import free_port
+from .fleet import busy
 from .manager import BackendManager
 from .registry import BackendRecord
 
@@ -40,6 +43,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
         self._renew_after: dict[str, float] = {}  # a backend whose renewal failed: not tried again before then
+        self._renew_failures: dict[str, int] = {}  # renewals failed in a row, by backend
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
@@ -86,6 +90,7 @@ class Supervisor:
                 reason = self.manager.driver.renewal_reason(current)
                 if reason:
                     renewable.append((record.id, reason))
+        self.manager.fleet.tick()
         self.manager.replenish_spares()
         for backend_id, reason in renewable[:1]:
             self._locked(backend_id, functools.partial(self._renew, reason=reason))
@@ -106,11 +111,13 @@ class Supervisor:
 
     def _check(self, record: BackendRecord) -> None:
         manager, now = self.manager, time.time()
-        if manager.starting_elsewhere(record):
+        if record.renewing:  # a renewal this process is not running (it holds the lock while it does): orphaned
+            self._stop_orphaned_replacement(record)
+        if manager.starting_elsewhere(record) or record.state == "sleeping":  # a request wakes it (fleet.py)
             return
         if record.state == "stopped" and not manager.driver.is_running(record):
             log.info("backend %s: stopped when the orchestrator last exited; starting it again", record.id)
-            manager.start(record)
+            self._start(record)
             return
         if manager.driver.is_running(record):
             pending = manager.driver.pending_reason(record)
@@ -141,7 +148,27 @@ class Supervisor:
         if now >= record.retry_at:
             record.restarts += 1
             log.info("backend %s: restart %d", record.id, record.restarts)
-            manager.start(record)
+            self._start(record)
+
+    def _start(self, record: BackendRecord) -> None:
+        """Start it again; where the memory budget has no room for it, it sleeps until a request wakes it."""
+        try:
+            self.manager.start(record)
+        except OverBudget as exc:
+            record.state, record.handle, record.slept_at = "sleeping", "", time.time()
+            record.last_error = f"asleep rather than restarted: {exc.error}"
+            self.manager.registry.put(record)
+            log.warning("backend %s: %s", record.id, record.last_error)
+
+    def _stop_orphaned_replacement(self, record: BackendRecord) -> None:
+        """The replacement an orchestrator started for a renewal and died before moving the backend to it."""
+        handle, _, port = record.renewing.rpartition("@")
+        orphan = dataclasses.replace(record, handle=handle, port=int(port) if port.isdigit() else record.port)
+        if orphan.handle != record.handle and self.manager.driver.is_running(orphan):
+            log.warning("backend %s: stopping the replacement %s an interrupted renewal left behind", record.id, handle)
+            self.manager.driver.stop(orphan)
+        record.renewing = ""
+        self.manager.registry.put(record)
 
     def _died(self, record: BackendRecord, now: float) -> None:
         record.failures += 1
@@ -158,11 +185,13 @@ class Supervisor:
         configuration; a backend training or working through a background queue is left for a later pass."""
         manager, settings = self.manager, self.settings
         before = manager.health(record)
-        if before is None or record.state != "ready" or _busy(before):
+        if before is None or record.state != "ready" or busy(before):
             return
         log.info("backend %s: renewing it (%s)", record.id, reason)
         replacement = dataclasses.replace(record, port=free_port(), handle="", state="starting", started_at=time.time())
         replacement.handle = manager.driver.start(replacement)
+        record.renewing = f"{replacement.handle}@{replacement.port}"  # an orchestrator that dies now: the next stops it
+        manager.registry.put(record)
         problem = manager.driver.renewal_reason(replacement)
         deadline = time.monotonic() + settings.start_timeout_s
         while not problem:
@@ -179,24 +208,25 @@ class Supervisor:
                 self._stop.wait(0.1)
         if problem:
             manager.driver.stop(replacement)
-            self._renew_after[record.id] = time.time() + RENEW_RETRY_S
+            record.renewing = ""
+            manager.registry.put(record)
+            self._renew_failures[record.id] = failures = self._renew_failures.get(record.id, 0) + 1
+            retry_s = min(RENEW_RETRY_S, RENEW_FIRST_RETRY_S * 2 ** (failures - 1))
+            self._renew_after[record.id] = time.time() + retry_s
             log.warning("backend %s: not renewed (%s); it serves on as it is, tried again in %g s. Its replacement's "
-                        "log: %s", record.id, problem, RENEW_RETRY_S, manager.driver.logs(replacement, 5))
+                        "log: %s", record.id, problem, retry_s, manager.driver.logs(replacement, 5))
             return
+        self._renew_failures.pop(record.id, None)
         old = dataclasses.replace(record)
         record.port, record.handle, record.started_at = replacement.port, replacement.handle, replacement.started_at
+        record.renewing = ""
         manager.registry.put(record)
         manager.driver.stop(old)  # SIGTERM first: what it was answering, it finishes
         log.info("backend %s: renewed; now %s on port %d", record.id, record.handle, record.port)
 
 
+RENEW_FIRST_RETRY_S = 30.0  # a failed renewal is tried again after this, doubling up to RENEW_RETRY_S
 RENEW_RETRY_S = 600.0
-
-
-def _busy(health: dict[str, Any]) -> bool:
-    """Work a restart would cut short: a training, or tasks waiting in the background."""
-    training = (health.get("training") or {}).get("state")
-    return training in ("running", "queued") or bool((health.get("background") or {}).get("queued"))
 
 
 def _serves_as(after: dict[str, Any], before: dict[str, Any]) -> bool:

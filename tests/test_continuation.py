@@ -122,3 +122,25 @@ def test_tasks_whose_data_failed_fail_alone_and_do_not_stop_the_queue():
     queue.adopt(missing + [good])
     assert good.done.result(timeout=10) == '"prediction of task 9"'
     assert queue.describe()["failed"] == 5 and cache.get(good.key)
+
+
+def test_the_cache_is_kept_across_a_stop_with_each_entry_s_age(tmp_path):
+    clock = Clock()
+    cache = PredictionCache(1 << 20, ttl_s=60, clock=clock)
+    cache.put(("config", "labels", 1, "data"), '"one"')
+    clock.now = 50
+    cache.put(("config", "labels", "task-2", "data"), '"two"')
+    assert cache.save(tmp_path / "cache.json") == 2  # the backend stops (to sleep, say)
+
+    later = Clock()
+    later.now = 1000.0  # another process: its own monotonic clock
+    restored = PredictionCache(1 << 20, ttl_s=60, clock=later)
+    assert restored.load(tmp_path / "cache.json") == 2 and not (tmp_path / "cache.json").exists()
+    assert restored.get(("config", "labels", "task-2", "data")) == '"two"'
+    later.now += 20  # the first was made 70 s ago now: too old, though it was kept
+    assert restored.get(("config", "labels", 1, "data")) is None
+    assert restored.get(("config", "labels", "task-2", "data")) == '"two"'
+    assert restored.load(tmp_path / "cache.json") == 0  # read once; a missing or broken file is nothing
+    (tmp_path / "cache.json").write_text("{not json")
+    assert restored.load(tmp_path / "cache.json") == 0
+    assert PredictionCache(1 << 20, 60).save(tmp_path / "cache.json") == 0 and not (tmp_path / "cache.json").exists()

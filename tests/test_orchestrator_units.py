@@ -164,6 +164,13 @@ def test_settings_reject_what_they_cannot_use():
     assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true"}).on_exit == "stop"
     assert OrchestratorSettings.from_env({}).on_exit == "keep"
     assert OrchestratorSettings.from_env({"FLASK_RUN_FROM_CLI": "true", "ORCHESTRATOR_ON_EXIT": "keep"}).on_exit == "keep"
+    sizes = {"6G": 6 << 30, "1500M": 1500 << 20, "512MiB": 512 << 20, "2.5g": int(2.5 * (1 << 30)), "1000": 1000}
+    for raw, size in sizes.items():
+        assert OrchestratorSettings.from_env({"MEMORY_BUDGET": raw}).memory_budget == size
+    with pytest.raises(ValueError, match="MEMORY_BUDGET must be a size"):
+        OrchestratorSettings.from_env({"MEMORY_BUDGET": "lots"})
+    with pytest.raises(ValueError, match="GPU_MEMORY_BUDGET must not be negative"):
+        OrchestratorSettings.from_env({"GPU_MEMORY_BUDGET": "-1G"})
 
 
 def test_ray_actor_options_place_by_gpus_resource_and_labels():
@@ -247,3 +254,21 @@ def test_a_request_that_meets_a_renewed_backends_old_port_goes_to_its_new_one_bo
                 Proxy(5.0, lambda _, unmoved=unmoved: unmoved).forward(old, "predict", request)
     finally:
         server.shutdown()
+
+
+def test_a_backends_last_use_only_moves_forward_whoever_writes_its_record(tmp_path):
+    registry = Registry(tmp_path / "registry.db")
+    stale = record(model={"model_uri": "models:/m/1"})
+    registry.put(stale)
+    registry.touch(stale.id, 100.0)
+    registry.touch(stale.id, 50.0)  # an older request's end, written late
+    assert registry.get(stale.id).last_used_at == 100.0
+    stale.state = "ready"  # a writer that read the record before the touch
+    registry.put(stale)
+    current = registry.get(stale.id)
+    assert current.state == "ready" and current.last_used_at == 100.0
+    registry.update(stale.id, memory_bytes=123, model_version="v2")
+    current = registry.get(stale.id)
+    assert (current.memory_bytes, current.model_version, current.state) == (123, "v2", "ready")
+    with pytest.raises(ValueError, match="no such record fields: colour"):
+        registry.update(stale.id, colour="red")

@@ -2,8 +2,8 @@
 worker with a (logical) GPU and a worker without, the orchestrator attached as a separate process.
 
 Backends land by what they ask for, serve through the orchestrator, come back configured on another
-node when theirs dies, wait as "pending" (naming the GPU) when no node can take them, and leave no
-process behind when deleted. Skipped, with the reason, where Ray is not installed.
+node when theirs dies, wait as "pending" (naming the GPU) when no node can take them, hold no actor
+and no GPU while asleep, and leave no process behind when deleted. Skipped, with the reason, where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -134,6 +134,18 @@ def test_backends_land_by_what_they_ask_move_when_their_node_dies_and_leave_noth
                        90, f"{backend['id']} serving again on the new node")
         assert predict(gpu["label_studio_url"], images, "white") == ("light", "0")
         assert orchestrator.backends()[gpu["id"]]["state"] == "ready"
+
+        # Asleep, a backend holds no actor and no GPU on the cluster; a prediction places it again.
+        again = requests.post(orchestrator.url + "/configure", timeout=120,
+                              json={**body, "model_uri": "models:/brightness/1", "gpus": 1, "idle_stop_s": 1})
+        assert again.status_code == 200, again.text
+        wait_until(lambda: orchestrator.backends()[gpu["id"]]["handle"] == "", 60, "the GPU backend asleep")
+        assert orchestrator.backends()[gpu["id"]]["state"] == "sleeping"
+        with pytest.raises(ValueError):
+            ray.get_actor(f"lsbackend-{gpu['id']}", namespace="lsbackend")
+        wait_until(lambda: ray.available_resources().get("GPU", 0) >= 1, 30, "its GPU free on the cluster")
+        assert predict(gpu["label_studio_url"], images, "white") == ("light", "0")
+        assert orchestrator.backends()[gpu["id"]]["wakes"] == 1
 
         for backend in (gpu, cpu):
             assert requests.delete(f"{orchestrator.url}/backends/{backend['id']}", timeout=60).status_code == 200

@@ -42,6 +42,14 @@ def test_dagshub_latest_by_default():
 def test_plain_form():
     spec = parse_model_spec({"model_uri": "models:/m@prod", "tracking_uri": "http://x/", "batch_size": 4, "loader": "native"})
     assert (spec.model_uri, spec.tracking_uri, spec.batch_size, spec.loader) == ("models:/m@prod", "http://x", 4, "native")
+    assert (spec.idle_stop_s, spec.always_on) == (None, False)  # the orchestrator's IDLE_STOP_S applies
+
+
+def test_both_forms_say_how_the_orchestrator_treats_the_model_when_idle():
+    plain = parse_model_spec({"model_uri": "m", "idle_stop_s": 600, "always_on": False})
+    dagshub = parse_model_spec({**DAGSHUB, "idle_stop_s": 0, "always_on": True})
+    assert (plain.idle_stop_s, plain.always_on, dagshub.idle_stop_s, dagshub.always_on) == (600.0, False, 0.0, True)
+    assert plain.model_key == parse_model_spec({"model_uri": "m"}).model_key  # the same model, the same backend
 
 
 @pytest.mark.parametrize(
@@ -59,6 +67,9 @@ def test_plain_form():
         (b'{"model_uri": "m", "gpus": -1}', "'gpus' must be a whole number of GPUs"),
         (b'{"model_uri": "m", "gpus": "1"}', "'gpus' must be a whole number of GPUs"),
         (b'{"model_uri": 5}', "must be a string"),
+        (b'{"model_uri": "m", "idle_stop_s": -1}', "'idle_stop_s' must be a number of seconds"),
+        (b'{"model_uri": "m", "idle_stop_s": "soon"}', "'idle_stop_s' must be a number of seconds"),
+        (b'{"model_uri": "m", "always_on": "yes"}', "'always_on' must be true or false"),
     ],
 )
 def test_malformed_configure(body, message):

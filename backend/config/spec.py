@@ -40,6 +40,8 @@ PLAIN_KEYS = frozenset(
         "label_config",
         "pipeline",
         "gpus",
+        "idle_stop_s",
+        "always_on",
     }
 )
 SECRET_FIELDS = ("tracking_username", "tracking_password", "tracking_token")
@@ -77,6 +79,9 @@ class ModelSpec:
     label_config: str = field(default="", repr=False)  # a Label Studio labeling config: Antenna's pipeline
     pipeline: dict[str, Any] = field(default_factory=dict)  # its slug, name, description, version (antenna.pipeline)
     gpus: int | None = None  # GPUs the orchestrator's ray driver gives this model's backend (BACKEND_GPUS if None)
+    # The orchestrator's, for this model's backend (orchestrator/fleet.py); a backend alone ignores them.
+    idle_stop_s: float | None = None  # asleep after this long without a request (IDLE_STOP_S if None; 0: never)
+    always_on: bool = False  # never put to sleep, never evicted for the memory budget
 
     @property
     def model_key(self) -> str:
@@ -226,6 +231,7 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
         gpus=gpus,
         **_training_fields(data, model_uri),
         **_antenna_fields(data, model_uri),
+        **_fleet_fields(data),
     )
 
 
@@ -259,7 +265,18 @@ def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
         ),
         **_training_fields(data, model_uri),
         **_antenna_fields(data, model_uri),
+        **_fleet_fields(data),
     )
+
+
+def _fleet_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """``idle_stop_s`` and ``always_on``: how the orchestrator treats this model's backend when idle."""
+    idle, always_on = data.get("idle_stop_s"), data.get("always_on", False)
+    if idle is not None and (isinstance(idle, bool) or not isinstance(idle, (int, float)) or not 0 <= idle < 1e9):
+        raise BadRequest("'idle_stop_s' must be a number of seconds, 0 or more (0: never sleeps)", f"got {idle!r}")
+    if not isinstance(always_on, bool):
+        raise BadRequest("'always_on' must be true or false", f"got {always_on!r}")
+    return {"idle_stop_s": None if idle is None else float(idle), "always_on": always_on}
 
 
 def _training_fields(data: dict[str, Any], model_uri: str) -> dict[str, Any]:

@@ -101,6 +101,13 @@ class NotConfigured(BackendError):
     status = 503
 
 
+class OverBudget(BackendError):
+    """503: starting what was asked would take more memory than the budget allows, even with every idle
+    backend asleep (the orchestrator's MEMORY_BUDGET, GPU_MEMORY_BUDGET)."""
+
+    status = 503
+
+
 class Unprocessable(BackendError):
     """422: valid JSON that does not fit the API's schema (FastAPI's status, which Antenna expects)."""
 

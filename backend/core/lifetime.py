@@ -49,6 +49,36 @@ def alive(identity: str) -> bool:
     return pid.isdigit() and bool(started) and start_time(int(pid)) == started
 
 
+ADOPTED_DIR = "processes"  # under MODEL_DIR: what the backend runs outside its own process tree
+
+
+def note_adopted(model_dir: Path, name: str, pid: int) -> Path | None:
+    """Say that ``pid`` works for this backend though it is not its descendant (a zygote forked from the
+    template): the orchestrator counts its tree in the backend's memory. The note, or None where the
+    folder cannot be written (it is only a measurement)."""
+    folder = model_dir / ADOPTED_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():  # notes of processes gone since (a worker that was killed)
+            if not alive(old.read_text().strip()):
+                old.unlink(missing_ok=True)
+        owner = int(os.environ.get(OWNER_ENV) or os.getpid())  # the backend's master: a renewal's twin shares MODEL_DIR
+        note = folder / f"{name}-{owner}-{os.getpid()}"
+        note.write_text(process_identity(pid))
+        return note
+    except OSError:
+        return None
+
+
+def adopted_pids(model_dir: Path, owner: int) -> list[int]:
+    """The live processes ``note_adopted`` named for the backend whose master is ``owner``."""
+    try:
+        notes = [note.read_text().strip() for note in (model_dir / ADOPTED_DIR).glob(f"*-{owner}-*")]
+    except OSError:
+        return []
+    return [int(identity.partition(":")[0]) for identity in notes if alive(identity)]
+
+
 def end_with(identity: str, every_s: float = 0.5) -> threading.Thread:
     """Watch ``identity`` from a daemon thread; when it is gone, kill this process's whole group (the
     caller leads its own session, so that is this process and whatever it started)."""

@@ -62,6 +62,25 @@ def env_megabytes(env: Mapping[str, str], name: str, default_mb: float) -> int:
     return int(env_float(env, name, default_mb, 0.001) * (1 << 20))
 
 
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def env_bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size setting in bytes, or with a unit (``MEMORY_BUDGET=6G``, ``1500M``, ``512MiB``; binary units)."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    number = raw.rstrip("BbIi").rstrip()  # 6G, 6GB, 6GiB alike
+    unit = number[-1:].lower() if number[-1:].isalpha() else ""
+    try:
+        value = float(number[: len(number) - len(unit)]) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"{name} must be a size in bytes or with a unit (K, M, G, T), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {raw!r}")
+    return int(value)
+
+
 def env_switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = (env.get(name) or "").strip().lower()
     if not raw:

@@ -31,10 +31,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 
+from backend.core.lifetime import alive, note_adopted, process_identity
 from backend.core.settings import log_level_from
 from backend.isolation.forking import (
     PR_SET_PDEATHSIG,
@@ -103,7 +105,8 @@ class Zygote:
     """The worker's handle on its zygote: start it, fork model processes, learn how they ended."""
 
     def __init__(
-        self, warm_imports: tuple[str, ...] = (), env: dict[str, str] | None = None, template: str = ""
+        self, warm_imports: tuple[str, ...] = (), env: dict[str, str] | None = None, template: str = "",
+        model_dir: Path | None = None,
     ) -> None:
         """``env``: the zygote's environment (and its forks'), by default this process's. ``template``: the
         socket of the backends' template (``backend.isolation.template``) to fork the zygote from; else, or where it
@@ -111,6 +114,8 @@ class Zygote:
         self.initial_imports = tuple(dict.fromkeys(default_imports(os.environ if env is None else env) + warm_imports))
         self.env = env
         self.template = template
+        self.model_dir = model_dir  # where a zygote forked from the template is noted (lifetime.note_adopted)
+        self._note: Path | None = None
         self.forked_from_template = False
         self.warm_errors: dict[str, str] = {}
         self.warmed = threading.Event()  # the initial imports are done (spares report it on /health)
@@ -130,6 +135,8 @@ class Zygote:
             try:
                 pid = self._from_template(env, theirs) if self.template else None
                 self.forked_from_template = pid is not None
+                if pid is not None and self.model_dir is not None:  # not in the backend's tree: say whose it is
+                    self._note = note_adopted(self.model_dir, "zygote", pid)
                 self._proc = None if pid is not None else self._new_python(env, theirs)
                 self._pid = pid if pid is not None else self._proc.pid  # type: ignore[union-attr]
             except OSError as exc:
@@ -176,12 +183,19 @@ class Zygote:
         if client is not None:
             client.close()
         if running and pid is not None:
+            identity = process_identity(pid)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            if proc is None:  # the template's child, not ours to wait for: gone once /proc says so
+                deadline = time.monotonic() + 5.0
+                while alive(identity) and time.monotonic() < deadline:
+                    time.sleep(0.01)
         if proc is not None:
             proc.wait(5)
+        if self._note is not None:  # only now: until it has ended, its memory is this backend's
+            self._note.unlink(missing_ok=True)
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from backend.serving.batching import Chunk, DynamicBatcher
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 CacheKey = tuple[str, str, Any, str]  # configuration identity, labeling config digest, task id, data digest
 MAX_CHUNKS_IN_FLIGHT = 2  # enough to keep the model busy, few enough that requests' chunks go first
 MAX_FAILED_IN_A_ROW = 3
+CACHE_FILE = "prediction-cache.json"  # under MODEL_DIR: one worker's cache between a stop and the next start
 
 
 def _digest(value: Any) -> str:
@@ -94,6 +96,40 @@ class PredictionCache:
         for key, encoded in done:
             self.put(key, encoded)
 
+    def save(self, path: Path) -> int:
+        """Write what is held, with each entry's age, for the next start of this backend (it is stopped to
+        sleep, or restarted): a finished prediction is not computed again. How many were written."""
+        with self._lock:
+            now = self.clock()
+            entries = [[list(key), now - at, encoded] for key, (at, encoded) in self._entries.items()]
+        if not entries:
+            path.unlink(missing_ok=True)
+            return 0
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(entries, separators=(",", ":")))
+        partial.chmod(0o600)
+        partial.replace(path)
+        return len(entries)
+
+    def load(self, path: Path) -> int:
+        """What ``save`` wrote, those still young enough; the file is read once. How many were taken."""
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return 0
+        finally:
+            path.unlink(missing_ok=True)
+        now, taken = self.clock(), 0
+        for key, age, encoded in entries if isinstance(entries, list) else []:
+            if isinstance(age, (int, float)) and 0 <= age <= self.ttl_s and isinstance(encoded, str):
+                restored: CacheKey = tuple(key)  # as task_keys made it
+                self.put(restored, encoded)
+                with self._lock:
+                    if restored in self._entries:  # its age as it was, so the TTL still counts from its making
+                        self._entries[restored] = (now - age, encoded)
+                        taken += 1
+        return taken
+
     def claim(self, keys: Sequence[CacheKey]) -> set[CacheKey]:
         """Which of these the background may take on: all of them, where there is one worker."""
         return set(keys)
@@ -137,6 +173,7 @@ class Predictions(Protocol):
     def watch(self, wanted: dict[int, CacheKey], deadline: float) -> dict[int, Future]: ...
     def maintain(self) -> None: ...
     def keep_only(self, identity: str) -> None: ...
+    def save(self, path: Path) -> int: ...
     def describe(self) -> dict[str, Any]: ...
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from backend.core.lifetime import alive, process_identity
@@ -167,6 +168,10 @@ class SharedPredictions:
         db.executemany("DELETE FROM claims WHERE owner = ?", [(owner,) for owner in owners if not alive(owner)])
         claimed = db.execute("SELECT count(*) FROM claims").fetchone()[0]
         self._stats = {"entries": entries, "bytes": size, "claimed": claimed}
+
+    def save(self, path: Path) -> int:
+        """Nothing to write: the entries are in the shared file already, for the next start too."""
+        return 0
 
     def keep_only(self, identity: str) -> None:
         """A new configuration serves: every worker follows it, so the others' entries go for all."""

@@ -31,7 +31,7 @@ from backend.labeling.validation import data_objects
 from backend.model.hookcodec import RUNTIME
 from backend.quality.ledger import QualityLedger
 from backend.quality.webhooks import WebhookRecorder
-from backend.serving.continuation import Predictions, task_keys
+from backend.serving.continuation import CACHE_FILE, Predictions, task_keys
 from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import Outcome, predict_tasks, recall
 from backend.serving.push import Pusher
@@ -120,6 +120,13 @@ class Services:
             self.pusher.stop()
         self.runtime.close()
         self.fetcher.close()
+        # Stopped to sleep (orchestrator/fleet.py) or restarted: what was finished is there at the next start.
+        try:
+            self.cache.save(self.settings.model_dir / CACHE_FILE)
+            if self.quality is not None:
+                self.quality.flush()
+        except (OSError, sqlite3.Error) as exc:  # MODEL_DIR full or gone: the next start computes them again
+            log.warning("could not keep the prediction cache or the quality ledger's last notes: %s", exc)
         if self.owns_zygote:
             self.zygote.close()
 

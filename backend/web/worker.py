@@ -293,6 +293,27 @@ class GuardedThreadWorker(ThreadWorker):
         self._unwatch(conn, self.lingering)
         self._close(conn)
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:  # the graceful stop begins: before it waits, the idle go
+            self.murder_keepalived()
+
+    def murder_keepalived(self) -> None:
+        """gthread's, and at shutdown every idle connection at once: a graceful stop finishes the requests in
+        flight, not the grace period on a pooled connection nobody uses (an orchestrator's proxy keeps
+        some; it puts an idle backend to sleep, and a wake can wait for that)."""
+        if self.alive:
+            return super().murder_keepalived()
+        while self.keepalived_conns:
+            self._unwatch_and_close(self.keepalived_conns[0], self.keepalived_conns)
+        for conn in [c for c in self.reading if not getattr(c, "prebuffer", b"")]:  # connected, nothing sent
+            self._unwatch_and_close(conn, self.reading)
+        return None
+
+    def _unwatch_and_close(self, conn: TConn, held: deque[TConn]) -> None:
+        self._unwatch(conn, held)
+        self._close(conn)
+
     def murder_pending(self) -> None:
         """gthread's timeouts, and ours: a request not read whole in time gets a 408 and the door."""
         super().murder_pending()

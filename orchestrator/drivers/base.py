@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..registry import BackendRecord
@@ -39,6 +40,30 @@ class BackendDriver(Protocol):
     def renewal_reason(self, record: BackendRecord) -> str:
         """Why a running backend would be better started again ("" when it would not): the supervisor then
         starts its replacement beside it and moves it there once ready (``Supervisor._renew``)."""
+
+    def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
+        """What each of these running backends holds, by id, for the memory budgets (those the driver
+        cannot measure are left out)."""
+
+    def overhead(self) -> int:
+        """Bytes the driver holds for the backends whatever runs (the process driver's template, at its RSS:
+        every page it maps, as if no fork shared them)."""
+
+    def total(self, records: list[BackendRecord]) -> int:
+        """PSS of everything the driver runs for these backends, measured at once, each process once, the
+        process driver's template included: what MEMORY_BUDGET holds. (The sum of ``memory`` is not it:
+        a process forked from the template a moment ago shares its pages before anyone knows whose it is.)"""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A backend's memory: PSS of its processes (a page shared by n processes counts 1/n to each); the
+    private part of it (pages no other process maps: what stopping it frees, and what starting it again
+    adds); and, where it has a GPU, what its processes hold there."""
+
+    pss: int
+    private: int = 0
+    gpu: int = 0
 
 
 def free_port() -> int:

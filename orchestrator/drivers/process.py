@@ -17,14 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-from backend.core.lifetime import parent_pid, start_time
+from backend.core.lifetime import adopted_pids, parent_pid, start_time
+from backend.core.memory import children_by_parent, pss_and_private_bytes, pss_bytes, rss_bytes, tree_pids
 from backend.core.settings import comma_list
 from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
 from backend.isolation.template import SERVER_IMPORTS
 from backend.isolation.zygote import NOT_FOR_HOOKS, default_imports
 
+from ..gpus import gpu_memory_by_pid
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
+from .base import Memory
 from .template import BackendTemplate
 
 log = logging.getLogger(__name__)
@@ -174,6 +177,19 @@ class ProcessDriver:
             if not self.is_running(record):
                 break
         self._children.pop(pid, None)
+        self._end_adopted(record)
+
+    def _end_adopted(self, record: BackendRecord) -> None:
+        """Its zygotes (forked from the template, so not in its process group): each worker ends its own as it
+        exits, and one whose worker was killed goes here; stopped means every process of it is gone."""
+        deadline = time.monotonic() + 5.0
+        while (left := adopted_pids(Path(record.model_dir), self._pid(record))) and time.monotonic() < deadline:
+            for adopted in left:
+                try:
+                    os.killpg(adopted, signal.SIGKILL)  # the zygote leads its group: it and its model processes
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.02)
 
     def forget(self, record: BackendRecord) -> None:
         """Nothing outlives a stopped process but its folder, which the manager removes."""
@@ -196,6 +212,40 @@ class ProcessDriver:
         if parent in (0, template):
             return ""
         return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"
+
+    def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
+        """PSS of each backend's processes (gunicorn, its workers, its model processes); on its GPU, what
+        nvidia-smi says those processes hold. One pass over /proc for all of them."""
+        tree = children_by_parent()
+        on_gpus = gpu_memory_by_pid() if any(r.gpu for r in records) else {}
+        measured = {}
+        for record in records:
+            if not self.is_running(record):
+                continue
+            pids = tree_pids(self._pid(record), tree)
+            for adopted in adopted_pids(Path(record.model_dir), self._pid(record)):  # its zygotes, forked from the template
+                pids += tree_pids(adopted, tree)
+            gpu = sum(on_gpus.get(pid, 0) for pid in pids) if record.gpu else 0
+            pss, private = pss_and_private_bytes(pids)
+            measured[record.id] = Memory(pss=pss, private=private, gpu=gpu)
+        return measured
+
+    def overhead(self) -> int:
+        pid = self.template.running_pid() if self.template is not None else 0
+        return rss_bytes([pid]) if pid else 0
+
+    def total(self, records: list[BackendRecord]) -> int:
+        """The template and every process forked from it (backends, zygotes, model processes), and the trees
+        of the backends started as new Pythons and of their zygotes."""
+        tree = children_by_parent()
+        template = self.template.running_pid() if self.template is not None else 0
+        pids = set(tree_pids(template, tree)) if template else set()
+        for record in records:
+            if self.is_running(record):
+                pids.update(tree_pids(self._pid(record), tree))
+                for adopted in adopted_pids(Path(record.model_dir), self._pid(record)):
+                    pids.update(tree_pids(adopted, tree))
+        return pss_bytes(sorted(pids))
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         return tail(log_path(record), lines)

@@ -26,6 +26,7 @@ from backend.core.errors import UpstreamUnavailable
 from ..registry import BackendRecord
 from ..settings import OrchestratorSettings
 from . import rayhost
+from .base import Memory
 from .process import PROJECT_ROOT, backend_environment, log_path, tail
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,15 @@ class RayDriver:
 
     def forget(self, record: BackendRecord) -> None:
         """Nothing outlives a killed actor but the backend's folder, which the manager removes."""
+
+    def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
+        return {}  # on the cluster's nodes: Ray's own scheduling keeps what fits there
+
+    def overhead(self) -> int:
+        return 0
+
+    def total(self, records: list[BackendRecord]) -> int:
+        return 0
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         """From the actor, on its node; else from the log file (on the shared ORCHESTRATOR_DIR)."""

@@ -85,9 +85,13 @@ class BackendTemplate:
 
     def pid(self) -> int:
         """The template's pid (the parent of every backend it forked); started here where none answers."""
-        client = self.connect()
-        credentials = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return int(struct.unpack("3i", credentials)[0])
+        return _peer_pid(self.connect())
+
+    def running_pid(self) -> int:
+        """The template's pid where this process is connected to it now, else 0; never starts one."""
+        with self._lock:
+            client = self._client
+        return _peer_pid(client) if client is not None and not client.ended.is_set() else 0
 
     def connect(self) -> ForkClient:
         """The connection to the template, as one of its owners; started here where none answers (but not
@@ -144,3 +148,9 @@ class BackendTemplate:
         proc.kill()
         proc.wait()
         raise ForkUnavailable(f"the backends' template did not listen at {self.path} ({log_file} says why)")
+
+
+def _peer_pid(client: ForkClient) -> int:
+    """The pid at the other end of the client's socket, as the kernel says (SO_PEERCRED)."""
+    credentials = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", credentials)[0])

@@ -1,0 +1,221 @@
+"""``python -m bench fleet``: a hundred models on one machine, most of them idle.
+
+A hundred registered models (small scikit-learn ones, and a few torch ones), each its own backend on
+one orchestrator; eight clients pick models by a Zipf law (a few are busy, most rarely asked) for a
+bounded time. Run twice, side by side: every model awake (no budget, nothing sleeps), and with
+IDLE_STOP_S and a MEMORY_BUDGET of a fraction of what the awake run held. What it reports:
+
+- PSS of everything the orchestrator started, sampled each second: the peak against the budget;
+- the first prediction of a sleeping model (the request that woke it): p50 and p95;
+- predictions of awake models: p95 against the all-awake run's;
+- wakes and sleeps (idle, budget), and every answer checked: the right label from the right model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from backend.core.memory import pss_bytes, tree_pids
+from examples.hooks import brightness_pre, choices_post
+from harness.servers import ROOT, OrchestratorProcess, base_env, register_models, wait_until
+from lsmlflow.pickling import encode_hook
+
+from .common import Row, Table, percentile
+
+SKLEARN_MODELS = int(os.environ.get("FLEET_SKLEARN", "95"))
+TORCH_MODELS = int(os.environ.get("FLEET_TORCH", "5"))
+CLIENTS = 8
+SECONDS = float(os.environ.get("FLEET_SECONDS", "120"))
+ZIPF_S = 1.1
+IDLE_STOP_S = 20.0
+BUDGET_SHARE = 0.3  # the budget: this share of what every model awake held
+
+ALIASES = """
+import mlflow, sys
+mlflow.set_tracking_uri(sys.argv[1])
+client = mlflow.MlflowClient()
+for i in range(int(sys.argv[2])):
+    client.set_registered_model_alias("brightness", f"m{i}", "1")
+for i in range(int(sys.argv[3])):
+    client.set_registered_model_alias("tiny_torch", f"t{i}", "1")
+"""
+
+
+def torch_pre(paths):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    values = [[np.asarray(Image.open(p).convert("L"), dtype=float).mean() / 255.0] for p in paths]
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def torch_post(logits):
+    names = ["dark", "light"]
+    return [{"result": [{"from_name": "brightness", "to_name": "image", "type": "choices",
+                         "value": {"choices": [names[int(row.argmax())]]}}]} for row in logits]
+
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<Choices name="brightness" toName="image"><Choice value="dark"/><Choice value="light"/></Choices></View>"""
+
+
+@dataclass
+class Model:
+    uri: str
+    body: dict
+    backend: str = ""
+    expected: dict = field(default_factory=dict)  # image name -> label
+
+
+def models() -> list[Model]:
+    sklearn = {"pre_hook": encode_hook(brightness_pre), "post_hook": encode_hook(choices_post)}
+    torch = {"pre_hook": encode_hook(torch_pre), "post_hook": encode_hook(torch_post), "loader": "native"}
+    found = [Model(f"models:/brightness@m{i}", {"model_uri": f"models:/brightness@m{i}", **sklearn})
+             for i in range(SKLEARN_MODELS)]
+    found += [Model(f"models:/tiny_torch@t{i}", {"model_uri": f"models:/tiny_torch@t{i}", **torch})
+              for i in range(TORCH_MODELS)]
+    random.Random(7).shuffle(found)  # the torch ones anywhere in the popularity ranking
+    for model in found:
+        model.expected = {"white": "light", "black": "dark"}
+    return found
+
+
+@dataclass
+class Figures:
+    awake_s: list[float] = field(default_factory=list)  # predictions that found their backend awake
+    woke_s: list[float] = field(default_factory=list)  # predictions that woke their backend
+    errors: Counter = field(default_factory=Counter)
+    answered: set[str] = field(default_factory=set)
+    pss: list[int] = field(default_factory=list)
+
+
+def started_pss(orchestrator: OrchestratorProcess) -> int:
+    """PSS of everything the orchestrator started: its process tree less itself."""
+    pids = [pid for pid in tree_pids(orchestrator.proc.pid) if pid != orchestrator.proc.pid]
+    return pss_bytes(pids)
+
+
+def predict(session: requests.Session, orchestrator: OrchestratorProcess, model: Model, images: dict[str, Path],
+            figures: Figures, lock: threading.Lock) -> None:
+    name = random.choice(("white", "black"))
+    tasks = [{"id": 1, "data": {"image": str(images[name])}}]
+    began = time.perf_counter()
+    try:
+        answer = session.post(f"{orchestrator.url}/models/{model.backend}/predict",
+                              json={"tasks": tasks, "label_config": CONFIG}, timeout=100)
+    except requests.RequestException as exc:
+        with lock:
+            figures.errors[type(exc).__name__] += 1
+        return
+    seconds = time.perf_counter() - began
+    with lock:
+        if answer.status_code != 200:
+            figures.errors[f"{answer.status_code} {answer.text[:120]}"] += 1
+            return
+        got = answer.json()["results"][0]["result"][0]["value"]["choices"][0]
+        if got != model.expected[name]:
+            figures.errors[f"wrong label from {model.uri}"] += 1
+            return
+        figures.answered.add(model.uri)
+        (figures.woke_s if "X-Backend-Woke-S" in answer.headers else figures.awake_s).append(seconds)
+
+
+def one_run(workdir: Path, registry: str, images: dict[str, Path], budget: int) -> tuple[Figures, dict]:
+    """The whole fleet configured, one prediction each, then the clients for SECONDS."""
+    env = {"MLFLOW_TRACKING_URI": registry, "MAX_BACKENDS": str(SKLEARN_MODELS + TORCH_MODELS + 2),
+           "WARM_SPARES": "0", "FETCH_ALLOW_PRIVATE": "127.0.0.1", "SUPERVISE_EVERY_S": "1",
+           "LOCAL_FILES_ROOTS": str(next(iter(images.values())).parent)}
+    if budget:
+        env.update(MEMORY_BUDGET=str(budget), IDLE_STOP_S=str(IDLE_STOP_S))
+    orchestrator = OrchestratorProcess(workdir / f"state-{'budget' if budget else 'awake'}", env).start()
+    fleet, figures, lock = models(), Figures(), threading.Lock()
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            figures.pss.append(started_pss(orchestrator))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        with requests.Session() as session:
+            for model in fleet:
+                answer = session.post(orchestrator.url + "/configure", json=model.body, timeout=300)
+                assert answer.status_code == 200, answer.text
+                model.backend = answer.json()["id"]
+                predict(session, orchestrator, model, images, figures, lock)
+        weights = [1 / (rank + 1) ** ZIPF_S for rank in range(len(fleet))]
+        deadline = time.monotonic() + SECONDS
+
+        def client(seed: int) -> None:
+            chooser = random.Random(seed)
+            with requests.Session() as session:
+                while time.monotonic() < deadline:
+                    model = chooser.choices(fleet, weights)[0]
+                    predict(session, orchestrator, model, images, figures, lock)
+
+        clients = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        listed = requests.get(orchestrator.url + "/backends", timeout=30).json()
+        return figures, listed
+    finally:
+        stop.set()
+        sampler.join()
+        orchestrator.stop()
+        orchestrator.kill_leftovers()
+
+
+def run(table: Table, workdir: Path) -> None:
+    from PIL import Image
+
+    registry = f"sqlite:///{workdir / 'mlflow.db'}"
+    register_models(registry, with_torch=TORCH_MODELS > 0)
+    subprocess.run([sys.executable, "-c", ALIASES, registry, str(SKLEARN_MODELS), str(TORCH_MODELS)], cwd=ROOT,
+                   env=base_env(), check=True)
+    images = {}
+    for name, grey in (("white", 240), ("black", 10)):
+        images[name] = workdir / f"{name}.png"
+        Image.new("RGB", (32, 24), (grey, grey, grey)).save(images[name])
+
+    awake, _ = one_run(workdir, registry, images, budget=0)
+    held = max(awake.pss)
+    budget = int(held * BUDGET_SHARE)
+    slept, listed = one_run(workdir, registry, images, budget=budget)
+    events = listed["memory"]["events"]
+    count = SKLEARN_MODELS + TORCH_MODELS
+    section = f"fleet: {count} models ({TORCH_MODELS} torch), {CLIENTS} Zipf clients, {SECONDS:.0f} s"
+    table.add(Row(section, "peak PSS of everything started, with the budget vs every model awake", max(slept.pss) / (1 << 30),
+                  held / (1 << 30), "GiB", "all awake, same run", target=f"<= the budget ({budget / (1 << 30):.2f} GiB)"))
+    table.add(Row(section, "first prediction of a sleeping model (it wakes it): p50", statistics.median(slept.woke_s),
+                  statistics.median(awake.awake_s), "s", "awake model, all-awake run"))
+    table.add(Row(section, "first prediction of a sleeping model (it wakes it): p95", percentile(slept.woke_s, 95),
+                  percentile(awake.awake_s, 95), "s", "awake model, all-awake run", target="<= 1.5 s"))
+    table.add(Row(section, "predictions of awake models: p95", percentile(slept.awake_s, 95),
+                  percentile(awake.awake_s, 95), "s", "all-awake run", target="<= 1.1x"))
+    over = sum(1 for sample in slept.pss if sample > budget)
+    table.notes.append(
+        f"fleet: budget {budget / (1 << 20):.0f} MiB ({BUDGET_SHARE:.0%} of the {held / (1 << 20):.0f} MiB every model "
+        f"awake held), IDLE_STOP_S={IDLE_STOP_S:g}; PSS sampled each second: {len(slept.pss)} samples, {over} over "
+        f"the budget, peak {max(slept.pss) / (1 << 20):.0f} MiB; {events.get('wake', 0)} wakes, "
+        f"{events.get('sleep_budget', 0)} sleeps for the budget, {events.get('sleep_idle', 0)} for idleness; "
+        f"predictions: {len(slept.awake_s) + len(slept.woke_s)} with the budget ({len(slept.woke_s)} woke their model), "
+        f"{len(awake.awake_s)} all awake; models answering correctly: {len(slept.answered)} and "
+        f"{len(awake.answered)} of {count}; errors: {dict(slept.errors) or 0} and {dict(awake.errors) or 0}"
+    )
+    table.notes.append("fleet raw: " + json.dumps({"woke_s": sorted(round(s, 3) for s in slept.woke_s)[-10:]}))

@@ -1,0 +1,406 @@
+"""Many models on one machine: backends that sleep when idle, wake on demand, and fit the memory budgets.
+
+- **Sleep.** A backend with no request routed to it for its ``idle_stop_s`` (the configure's, else
+  IDLE_STOP_S) is stopped, its configuration kept in its MODEL_DIR and its record (state ``sleeping``).
+  Never an ``always_on`` one; never one that trains, works through a background queue, has predictions
+  waiting to be pushed, or has a request on its way.
+- **Wake.** A request for a sleeping backend starts it again (forked from the template) and is held until
+  it answers. Label Studio's ``/health`` and ``/setup`` are answered from the record meanwhile
+  (``api.py``): opening a project wakes nothing.
+- **Budgets.** MEMORY_BUDGET (PSS of everything the orchestrator started: template, spares, backends) and
+  GPU_MEMORY_BUDGET (per GPU) hold before every start: the least recently used idle backends go to sleep
+  to make room, and a start that cannot fit even then is an ``OverBudget`` (503) naming the budget and
+  what holds it. Each supervisor pass measures, and puts idle backends to sleep where one grew past it.
+
+How the budget counts, so that the PSS of everything started stays under it: the template at its RSS
+(every page it maps, as if no fork shared them), plus for each awake backend what it adds: the larger
+of its private memory now and what it added at its peak when last loaded (``memory_bytes``: the growth
+of the whole measured across its start, at least its private memory; never lowered). A model never
+measured is expected to add what the median measured one did. Reading the PSS of everything at one
+moment is not enough by itself: a process forked a moment ago, or ending, shifts the shares of the
+template's pages while the reads are under way, and the sum comes out low.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from backend.core.errors import OverBudget
+
+from .drivers.base import BackendDriver, Memory
+from .registry import BackendRecord, Registry
+from .settings import OrchestratorSettings
+
+log = logging.getLogger(__name__)
+
+TOUCH_EVERY_S = 2.0  # how stale the registry's last_used_at may be (this process knows it exactly)
+MEASURE_EVERY_S = 10.0  # without a budget the measurements only feed /backends and the metrics
+FRESH_MEASURE_S = 1.0  # a start's room is decided on measurements at most this old
+AWAKE = ("starting", "pending", "ready")
+
+
+class Backends(Protocol):
+    """What the fleet needs of the manager (``manager.BackendManager``)."""
+
+    settings: OrchestratorSettings
+    registry: Registry
+    driver: BackendDriver
+
+    def lock_for(self, backend_id: str) -> threading.Lock: ...
+    def health(self, record: BackendRecord, timeout: float = 1.0) -> dict[str, Any] | None: ...
+    def remove(self, record: BackendRecord) -> None: ...
+    def start(self, record: BackendRecord) -> None: ...
+    def wait_ready(self, record: BackendRecord) -> None: ...
+
+
+def busy(health: dict[str, Any]) -> str:
+    """Work a stop would cut short, in words ("" for none): a training, tasks waiting in the background,
+    predictions waiting to be pushed to Label Studio."""
+    training = (health.get("training") or {}).get("state")
+    if training in ("running", "queued"):
+        return f"its training is {training}"
+    if (health.get("background") or {}).get("queued"):
+        return "its background queue has tasks"
+    push = health.get("push") or {}
+    if push.get("mode") == "on" and any((p or {}).get("left") for p in (push.get("projects") or {}).values()):
+        return "it has predictions waiting to be pushed to Label Studio"
+    return ""
+
+
+def mib(size: float) -> str:
+    return f"{size / (1 << 20):.0f} MiB"
+
+
+class Fleet:
+    """Activity, sleep, wake and the budgets of one orchestrator process's view of its backends."""
+
+    def __init__(self, backends: Backends) -> None:
+        self.backends = backends
+        self.settings = backends.settings
+        self._lock = threading.Lock()  # guards the activity dicts and the measurements
+        self._inflight: Counter[str] = Counter()
+        self._used: dict[str, float] = {}  # the last request this process routed, by backend
+        self._written: dict[str, float] = {}  # when that was last written to the registry
+        self._room = threading.Lock()  # one start at a time decides what must sleep for it
+        self.measured: dict[str, Memory] = {}
+        self.total = 0  # PSS of everything started, read at once (driver.total): what /backends shows
+        self.overhead = 0  # the template's RSS (driver.overhead)
+        self._before_start: dict[str, int] = {}  # the total read as each backend's start was decided
+        self._measured_at = float("-inf")
+        self._peaks: dict[str, Memory] = {}  # the most each awake backend has held since it started
+        self._loaded: set[str] = set()  # measured with their model loaded since they last started
+        self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
+
+    @property
+    def budgeted(self) -> bool:
+        return bool(self.settings.memory_budget or self.settings.gpu_memory_budget)
+
+    # --- activity --------------------------------------------------------------------------------
+
+    def begin(self, backend_id: str) -> None:
+        """A request is on its way to the backend: it is not idle until ``end``."""
+        with self._lock:
+            self._inflight[backend_id] += 1
+        self._note_use(backend_id)
+
+    def end(self, backend_id: str) -> None:
+        with self._lock:
+            self._inflight[backend_id] -= 1
+            if self._inflight[backend_id] <= 0:
+                del self._inflight[backend_id]
+        self._note_use(backend_id)
+
+    def _note_use(self, backend_id: str) -> None:
+        now = time.time()
+        with self._lock:
+            self._used[backend_id] = now
+            write = now - self._written.get(backend_id, 0.0) >= TOUCH_EVERY_S
+            if write:
+                self._written[backend_id] = now
+        if write:
+            self.backends.registry.touch(backend_id, now)
+
+    def in_flight(self, backend_id: str) -> int:
+        with self._lock:
+            return self._inflight.get(backend_id, 0)
+
+    def last_used(self, record: BackendRecord) -> float:
+        with self._lock:
+            mine = self._used.get(record.id, 0.0)
+        return max(record.last_used_at, record.started_at, record.configured_at, mine)
+
+    def idle_limit(self, record: BackendRecord) -> float:
+        return record.idle_stop_s if record.idle_stop_s is not None else self.settings.idle_stop_s
+
+    def describe(self, record: BackendRecord) -> dict[str, Any]:
+        """For /backends: when it sleeps, how long it has been idle, what it holds now."""
+        limit = 0.0 if record.always_on else self.idle_limit(record)
+        with self._lock:
+            held = self.measured.get(record.id)
+        shown: dict[str, Any] = {"sleeps_after_idle_s": limit or None, "in_flight": self.in_flight(record.id)}
+        if record.state in AWAKE:
+            shown["idle_s"] = round(max(time.time() - self.last_used(record), 0.0), 1)
+        if held is not None and record.state in AWAKE:
+            shown["memory_now_bytes"], shown["private_memory_now_bytes"] = held.pss, held.private
+            if record.gpu:
+                shown["gpu_memory_now_bytes"] = held.gpu
+        return shown
+
+    def summary(self) -> dict[str, Any]:
+        """For /backends: the budgets and what is held against them."""
+        shown: dict[str, Any] = {"budget_bytes": self.settings.memory_budget or None, "in_use_bytes": self.memory_in_use(),
+                                 "pss_bytes": self.total, "template_rss_bytes": self.overhead,
+                                 "idle_stop_s": self.settings.idle_stop_s or None}
+        if self.settings.gpu_memory_budget:
+            gpus = sorted({r.gpu for r in self.backends.registry.all() if r.gpu})
+            shown["gpu_budget_bytes"] = self.settings.gpu_memory_budget
+            shown["gpu_in_use_bytes"] = {gpu: self.memory_in_use(gpu) for gpu in gpus}
+        shown["events"] = dict(self.events)
+        return shown
+
+    # --- the supervisor's pass -------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Measure, put idle backends to sleep, and keep the memory budget where a backend grew past it."""
+        self.measure()
+        now = time.time()
+        for record in self.backends.registry.backends():
+            limit = self.idle_limit(record)
+            if record.state == "ready" and not record.always_on and limit > 0 and not self.in_flight(record.id) \
+                    and now - self.last_used(record) >= limit:
+                self._sleep_locked(record.id, f"no request for {limit:g} s", "idle")
+        if self.settings.memory_budget:
+            self.measure(force=True)
+            while self.memory_in_use() > self.settings.memory_budget:
+                if not self._sleep_one(exclude="", gpu="", why="the memory budget"):
+                    log.warning("memory: %s in use is over MEMORY_BUDGET (%s), and no idle backend is left to sleep",
+                                mib(self.memory_in_use()), mib(self.settings.memory_budget))
+                    break
+                self.measure(force=True)
+
+    def measure(self, force: bool = False) -> None:
+        """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
+        now = time.monotonic()
+        if not force and now - self._measured_at < (FRESH_MEASURE_S if self.budgeted else MEASURE_EVERY_S):
+            return
+        awake = [r for r in self.backends.registry.all() if r.handle and r.state in AWAKE]
+        measured = self.backends.driver.memory(awake)
+        total = self.backends.driver.total(awake)
+        overhead = self.backends.driver.overhead()
+        grown = []
+        with self._lock:
+            self.measured, self.total, self.overhead, self._measured_at = measured, total, overhead, now
+            for record in awake:
+                memory = measured.get(record.id)
+                if memory is None:
+                    continue
+                peak = _larger(memory, self._peaks.get(record.id))
+                self._peaks[record.id] = peak
+                known = record.id in self._loaded or record.memory_bytes  # a peak while it loads says too little
+                if known and not record.spare and (peak.private > record.memory_bytes * 1.1
+                                                   or peak.gpu > record.gpu_memory_bytes * 1.1):
+                    grown.append((record.id, peak))
+            for gone in set(self._peaks) - {r.id for r in awake}:
+                del self._peaks[gone]
+                self._loaded.discard(gone)
+        for backend_id, peak in grown:  # remembered across orchestrator restarts, and for waking it
+            self.backends.registry.update(backend_id, memory_bytes=peak.private, gpu_memory_bytes=peak.gpu)
+
+    def note_loaded(self, record: BackendRecord) -> None:
+        """The backend has loaded its model (a configure answered, a wake restored it): what it holds now is
+        what it adds, and what waking it will take next time."""
+        memory = self.backends.driver.memory([record]).get(record.id)
+        if memory is None:
+            return
+        before = self._before_start.pop(record.id, None)
+        grown = self.backends.driver.total([r for r in self.backends.registry.all() if r.handle and r.state in AWAKE])
+        added = max(memory.private, grown - before if before else 0)  # with its pages shared inside it
+        with self._lock:
+            peak = self._peaks[record.id] = _larger(Memory(memory.pss, added, memory.gpu), self._peaks.get(record.id))
+            self._loaded.add(record.id)
+        if peak.private > record.memory_bytes or peak.gpu > record.gpu_memory_bytes:  # a peak: never lowered
+            record.memory_bytes = max(record.memory_bytes, peak.private)
+            record.gpu_memory_bytes = max(record.gpu_memory_bytes, peak.gpu)
+            self.backends.registry.update(record.id, memory_bytes=record.memory_bytes,
+                                          gpu_memory_bytes=record.gpu_memory_bytes)
+
+    def expected(self, record: BackendRecord) -> Memory:
+        """What the backend adds once it has loaded its model (private memory, GPU memory): its own figure
+        once known, else at least what the median measured backend added."""
+        with self._lock:
+            peak = _larger(Memory(0, record.memory_bytes, record.gpu_memory_bytes), self._peaks.get(record.id))
+            known = record.id in self._loaded or record.memory_bytes > 0
+        if known:
+            return peak
+        others = [r.memory_bytes for r in self.backends.registry.backends() if r.memory_bytes and r.id != record.id]
+        median = int(statistics.median(others)) if others else 0
+        return Memory(0, max(peak.private, median), peak.gpu)
+
+    def memory_in_use(self, gpu: str = "") -> int:
+        """What the budget counts (above): the template's RSS and what each awake backend adds, at the larger
+        of now and its known peak; on ``gpu``: each backend there at its GPU memory, the same way."""
+        total = 0 if gpu else self.overhead
+        for record in self.backends.registry.all():
+            if not (record.handle and record.state in AWAKE) or (gpu and record.gpu != gpu):
+                continue
+            with self._lock:
+                now = self.measured.get(record.id, Memory(0))
+            later = Memory(0) if record.spare else self.expected(record)
+            total += max(now.gpu, later.gpu) if gpu else max(now.private, later.private)
+        return total
+
+    # --- sleep -----------------------------------------------------------------------------------
+
+    def _sleep_locked(self, backend_id: str, reason: str, kind: str) -> bool:
+        """``sleep`` under the backend's lock; False where a configure, wake or delete holds it."""
+        lock = self.backends.lock_for(backend_id)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            record = self.backends.registry.get(backend_id)
+            return record is not None and record.state == "ready" and self.sleep(record, reason, kind)
+        finally:
+            lock.release()
+
+    def sleep(self, record: BackendRecord, reason: str, kind: str) -> bool:
+        """Stop the backend, keeping its configuration; the caller holds its lock. False where it is busy."""
+        backends = self.backends
+        health = backends.health(record, timeout=1.0)
+        if health is None or busy(health) or self.in_flight(record.id):
+            return False  # not answering is the supervisor's to handle; busy work is finished first
+        record.model_version = str(health.get("model_version") or record.model_version)
+        now = backends.driver.memory([record]).get(record.id)  # what waking it will add, at the least
+        with self._lock:
+            peak = _larger(now, self._peaks.get(record.id)) if now else self._peaks.get(record.id)
+        if peak is not None:  # never less than what a loaded measurement said: this one may be of a partial load
+            record.memory_bytes = max(record.memory_bytes, peak.private)
+            record.gpu_memory_bytes = max(record.gpu_memory_bytes, peak.gpu)
+        record.state = "sleeping"  # from here a request waits to wake it rather than going to it
+        backends.registry.put(record)
+        if self.in_flight(record.id):  # one slipped in before the state changed: it stays awake
+            record.state = "ready"
+            backends.registry.put(record)
+            return False
+        backends.driver.stop(record)  # SIGTERM: what it was answering it finishes, its caches go to disk
+        record.handle, record.slept_at, record.sleeps = "", time.time(), record.sleeps + 1
+        backends.registry.put(record)
+        self.events[f"sleep_{kind}"] += 1
+        log.info("backend %s: asleep (%s); %s freed", record.id, reason, mib(record.memory_bytes))
+        return True
+
+    def _sleep_one(self, exclude: str, gpu: str, why: str) -> bool:
+        """Put the least recently used idle backend (on ``gpu`` where one is named) to sleep; spares go first."""
+        registry = self.backends.registry
+        for spare in registry.spares():
+            lock = self.backends.lock_for(spare.id)
+            if (not gpu or spare.gpu == gpu) and lock.acquire(blocking=False):
+                try:
+                    self.backends.remove(spare)  # a spare holds nothing worth keeping
+                finally:
+                    lock.release()
+                return True
+        candidates = [r for r in registry.backends() if r.state == "ready" and r.handle and not r.always_on
+                      and r.id != exclude and (not gpu or r.gpu == gpu) and not self.in_flight(r.id)]
+        for record in sorted(candidates, key=self.last_used):
+            if self._sleep_locked(record.id, f"room for another backend within {why}", "budget"):
+                return True
+        return False
+
+    # --- wake ------------------------------------------------------------------------------------
+
+    @contextmanager
+    def room_for(self, record: BackendRecord) -> Iterator[None]:
+        """Held around a backend's start: makes room for what it will hold, or raises OverBudget. A spare
+        only starts where it fits as things are: nothing is put to sleep for one."""
+        if not self.budgeted:
+            yield
+            return
+        with self._room:
+            need = Memory(0) if record.spare else self.expected(record)
+            self.measure(force=True)
+            self._before_start[record.id] = self.total
+            self._make_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "")
+            if record.gpu:
+                self._make_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu, record, record.gpu)
+            yield
+
+    def spare_fits(self) -> bool:
+        """Whether a warm spare (about the smallest measured backend, at most) fits the budget as things are."""
+        if not self.settings.memory_budget:
+            return True
+        self.measure()
+        with self._lock:
+            sizes = [m.private for m in self.measured.values() if m.private]
+        return self.memory_in_use() + (min(sizes) if sizes else 0) <= self.settings.memory_budget
+
+    def _make_room(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> None:
+        if not budget:
+            return
+        self.measure()
+        while self.memory_in_use(gpu) + need > budget:
+            if record.spare or not self._sleep_one(exclude=record.id, gpu=gpu, why=name):
+                self.events["over_budget"] += 1
+                raise self._over_budget(name, budget, need, record, gpu)
+            self.measure(force=True)
+
+    def _over_budget(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> OverBudget:
+        holders = []
+        for other in self.backends.registry.all():
+            if other.handle and other.state in AWAKE and other.id != record.id and (not gpu or other.gpu == gpu):
+                with self._lock:
+                    held = self.measured.get(other.id, Memory(0))
+                why = ("always on" if other.always_on else "a request is on its way" if self.in_flight(other.id)
+                       else "starting" if other.state != "ready" else "busy")
+                holders.append({"id": other.id, "model_uri": other.model.get("model_uri"),
+                                "bytes": held.gpu if gpu else held.pss, "why_awake": why})
+        where = f" on GPU {gpu}" if gpu else ""
+        in_use = self.memory_in_use(gpu)
+        return OverBudget(
+            f"backend {record.id} needs about {mib(need)}{where}, and {name} ({mib(budget)}) has "
+            f"{mib(max(budget - in_use, 0))} left with every idle backend asleep",
+            f"Raise {name}, mark fewer models always_on, or DELETE /backends/<id> one you no longer need.",
+            budget=budget, needed=need, in_use=in_use, held_by=holders,
+        )
+
+    def wake(self, record: BackendRecord) -> BackendRecord:
+        """Start a sleeping backend and wait until it answers; a request that finds another waking it waits too."""
+        with self.backends.lock_for(record.id):
+            current = self.backends.registry.get(record.id) or record
+            if current.state == "sleeping":
+                began = time.monotonic()
+                current.wakes += 1
+                self.backends.start(current)
+                self.events["wake"] += 1
+                self.backends.wait_ready(current)
+                self._wait_restored(current)
+                self.note_loaded(current)
+                log.info("backend %s: awake in %.2f s (asleep %.0f s)", current.id, time.monotonic() - began,
+                         time.time() - current.slept_at)
+            else:
+                self.backends.wait_ready(current)
+        return current
+
+    def _wait_restored(self, record: BackendRecord) -> None:
+        """Until the woken backend serves its configuration again (its /health answers before it has restored
+        it, and a /setup then would name no model version); one it cannot restore says why itself."""
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while time.monotonic() < deadline:
+            health = self.backends.health(record, timeout=1.0) or {}
+            if (health.get("configured") and not health.get("loading")) or health.get("stored_configuration_error") \
+                    or health.get("last_error"):
+                return
+            time.sleep(0.02)
+
+
+def _larger(memory: Memory, other: Memory | None) -> Memory:
+    """Each figure at the larger of the two."""
+    if other is None:
+        return memory
+    return Memory(max(memory.pss, other.pss), max(memory.private, other.private), max(memory.gpu, other.gpu))
