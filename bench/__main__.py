@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bigproject, bodies, churn, orchestrator_ready, ray_failover, serving, soak
+from . import bigproject, bodies, churn, fleet, orchestrator_ready, ray_failover, serving, soak
 from .common import Table
 
 SECTIONS = {
@@ -26,12 +26,14 @@ SECTIONS = {
     "orchestrator": orchestrator_ready.run,
     "ray": ray_failover.run,
     "soak": soak.run,
+    "fleet": fleet.run,
 }
 
 
 def main(argv: list[str]) -> int:
-    # serving runs the hand-off rows too; the soak (10 minutes) and the real Label Studio's big project (4) when asked for
-    chosen = argv or [name for name in SECTIONS if name not in ("handoff", "soak", "bigproject")]
+    # serving runs the hand-off rows too; the soak (10 minutes), the real Label Studio's big project (4) and the
+    # hundred-model fleet (10) when asked for
+    chosen = argv or [name for name in SECTIONS if name not in ("handoff", "soak", "bigproject", "fleet")]
     unknown = [name for name in chosen if name not in SECTIONS]
     if unknown:
         print(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)
