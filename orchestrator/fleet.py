@@ -12,13 +12,15 @@
   to make room, and a start that cannot fit even then is an ``OverBudget`` (503) naming the budget and
   what holds it. Each supervisor pass measures, and puts idle backends to sleep where one grew past it.
 
-How the budget counts, so that the PSS of everything started stays under it: the template at its RSS
-(every page it maps, as if no fork shared them), plus for each awake backend what it adds: the larger
-of its private memory now and what it added at its peak when last loaded (``memory_bytes``: the growth
-of the whole measured across its start, at least its private memory; never lowered). A model never
-measured is expected to add what the median measured one did. Reading the PSS of everything at one
-moment is not enough by itself: a process forked a moment ago, or ending, shifts the shares of the
-template's pages while the reads are under way, and the sum comes out low.
+How a start is decided, so that the PSS of everything started stays under the budget: the template at
+its RSS (every page it maps, as if no fork shared them), plus for each awake backend the larger of its
+private memory now and at its peak when last loaded (``memory_bytes``, never lowered: what waking it
+adds); a model never measured is expected to add what the median measured one did. Reading the PSS of
+everything at the moment of a start is not enough by itself: a process forked a moment ago, or ending,
+shifts the shares of the template's pages while the reads are under way, and the sum comes out low;
+and the reads cost milliseconds per process, too slow for every start. The supervisor reads it every
+few seconds, and where it is over the budget (a backend's pages shared between its own processes are
+not in its private memory) puts the least recently used idle backend to sleep.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 2.0  # how stale the registry's last_used_at may be (this process knows it exactly)
 MEASURE_EVERY_S = 10.0  # without a budget the measurements only feed /backends and the metrics
-FRESH_MEASURE_S = 1.0  # a start's room is decided on measurements at most this old
+BUDGET_MEASURE_EVERY_S = 2.0  # with one (reading every process's smaps costs milliseconds each; never per start)
 AWAKE = ("starting", "pending", "ready")
 
 
@@ -92,8 +94,8 @@ class Fleet:
         self.measured: dict[str, Memory] = {}
         self.total = 0  # PSS of everything started, read at once (driver.total): what /backends shows
         self.overhead = 0  # the template's RSS (driver.overhead)
-        self._before_start: dict[str, int] = {}  # the total read as each backend's start was decided
         self._measured_at = float("-inf")
+        self._read_acted_on = float("-inf")  # the read of the total the budget check last looked at
         self._peaks: dict[str, Memory] = {}  # the most each awake backend has held since it started
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
@@ -176,23 +178,25 @@ class Fleet:
             if record.state == "ready" and not record.always_on and limit > 0 and not self.in_flight(record.id) \
                     and now - self.last_used(record) >= limit:
                 self._sleep_locked(record.id, f"no request for {limit:g} s", "idle")
-        if self.settings.memory_budget:
-            self.measure(force=True)
-            while self.memory_in_use() > self.settings.memory_budget:
+        budget = self.settings.memory_budget
+        if budget:
+            # A read over the budget puts one backend to sleep, and is not acted on again: the next read says more.
+            read_over = self.total > budget and self._measured_at > self._read_acted_on
+            self._read_acted_on = self._measured_at
+            while self.memory_in_use() > budget or read_over:
+                read_over = False
                 if not self._sleep_one(exclude="", gpu="", why="the memory budget"):
-                    log.warning("memory: %s in use is over MEMORY_BUDGET (%s), and no idle backend is left to sleep",
-                                mib(self.memory_in_use()), mib(self.settings.memory_budget))
+                    log.warning("memory: %s in use (%s read) is over MEMORY_BUDGET (%s), and no idle backend is left "
+                                "to sleep", mib(self.memory_in_use()), mib(self.total), mib(budget))
                     break
-                self.measure(force=True)
 
     def measure(self, force: bool = False) -> None:
         """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
         now = time.monotonic()
-        if not force and now - self._measured_at < (FRESH_MEASURE_S if self.budgeted else MEASURE_EVERY_S):
+        if not force and now - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
             return
         awake = [r for r in self.backends.registry.all() if r.handle and r.state in AWAKE]
-        measured = self.backends.driver.memory(awake)
-        total = self.backends.driver.total(awake)
+        measured, total = self.backends.driver.measure(awake)
         overhead = self.backends.driver.overhead()
         grown = []
         with self._lock:
@@ -219,11 +223,8 @@ class Fleet:
         memory = self.backends.driver.memory([record]).get(record.id)
         if memory is None:
             return
-        before = self._before_start.pop(record.id, None)
-        grown = self.backends.driver.total([r for r in self.backends.registry.all() if r.handle and r.state in AWAKE])
-        added = max(memory.private, grown - before if before else 0)  # with its pages shared inside it
         with self._lock:
-            peak = self._peaks[record.id] = _larger(Memory(memory.pss, added, memory.gpu), self._peaks.get(record.id))
+            peak = self._peaks[record.id] = _larger(memory, self._peaks.get(record.id))
             self._loaded.add(record.id)
         if peak.private > record.memory_bytes or peak.gpu > record.gpu_memory_bytes:  # a peak: never lowered
             record.memory_bytes = max(record.memory_bytes, peak.private)
@@ -324,8 +325,6 @@ class Fleet:
             return
         with self._room:
             need = Memory(0) if record.spare else self.expected(record)
-            self.measure(force=True)
-            self._before_start[record.id] = self.total
             self._make_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "")
             if record.gpu:
                 self._make_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu, record, record.gpu)
@@ -335,7 +334,6 @@ class Fleet:
         """Whether a warm spare (about the smallest measured backend, at most) fits the budget as things are."""
         if not self.settings.memory_budget:
             return True
-        self.measure()
         with self._lock:
             sizes = [m.private for m in self.measured.values() if m.private]
         return self.memory_in_use() + (min(sizes) if sizes else 0) <= self.settings.memory_budget
@@ -343,12 +341,10 @@ class Fleet:
     def _make_room(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> None:
         if not budget:
             return
-        self.measure()
-        while self.memory_in_use(gpu) + need > budget:
+        while self.memory_in_use(gpu) + need > budget:  # on the last reads: an asleep backend counts no more
             if record.spare or not self._sleep_one(exclude=record.id, gpu=gpu, why=name):
                 self.events["over_budget"] += 1
                 raise self._over_budget(name, budget, need, record, gpu)
-            self.measure(force=True)
 
     def _over_budget(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> OverBudget:
         holders = []

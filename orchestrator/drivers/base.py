@@ -49,10 +49,10 @@ class BackendDriver(Protocol):
         """Bytes the driver holds for the backends whatever runs (the process driver's template, at its RSS:
         every page it maps, as if no fork shared them)."""
 
-    def total(self, records: list[BackendRecord]) -> int:
-        """PSS of everything the driver runs for these backends, measured at once, each process once, the
-        process driver's template included: what MEMORY_BUDGET holds. (The sum of ``memory`` is not it:
-        a process forked from the template a moment ago shares its pages before anyone knows whose it is.)"""
+    def measure(self, records: list[BackendRecord]) -> tuple[dict[str, Memory], int]:
+        """``memory`` of these backends and, from the same reads, the PSS of everything the driver runs for
+        them, each process once, the process driver's template included (what /backends shows, and what
+        the supervisor checks MEMORY_BUDGET against)."""
 
 
 @dataclass(frozen=True)

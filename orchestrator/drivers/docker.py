@@ -161,8 +161,9 @@ class DockerDriver:
     def overhead(self) -> int:
         return 0  # the engine's own memory is not the orchestrator's to budget
 
-    def total(self, records: list[BackendRecord]) -> int:
-        return sum(memory.pss for memory in self.memory(records).values())  # containers share no pages
+    def measure(self, records: list[BackendRecord]) -> tuple[dict[str, Memory], int]:
+        measured = self.memory(records)
+        return measured, sum(memory.pss for memory in measured.values())  # containers share no pages
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         container = self._container(record)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from backend.core.lifetime import adopted_pids, parent_pid, start_time
-from backend.core.memory import children_by_parent, pss_and_private_bytes, pss_bytes, rss_bytes, tree_pids
+from backend.core.memory import children_by_parent, pss_and_private_bytes, rss_bytes, tree_pids
 from backend.core.settings import comma_list
 from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
 from backend.isolation.template import SERVER_IMPORTS
@@ -214,38 +214,42 @@ class ProcessDriver:
         return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"
 
     def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
-        """PSS of each backend's processes (gunicorn, its workers, its model processes); on its GPU, what
-        nvidia-smi says those processes hold. One pass over /proc for all of them."""
+        return self.measure(records, with_total=False)[0]
+
+    def measure(self, records: list[BackendRecord], with_total: bool = True) -> tuple[dict[str, Memory], int]:
+        """Each backend's processes (gunicorn, its workers, its zygotes forked from the template and their
+        model processes): their PSS, private memory and, on its GPU, what nvidia-smi says they hold; and
+        the PSS of the template with every process forked from it and of those trees. One pass over /proc,
+        one read of each process's smaps_rollup (which costs milliseconds for a big process)."""
         tree = children_by_parent()
         on_gpus = gpu_memory_by_pid() if any(r.gpu for r in records) else {}
+        read: dict[int, tuple[int, int]] = {}
+
+        def pss_private(pids: list[int]) -> tuple[int, int]:
+            for pid in pids:
+                if pid not in read:
+                    read[pid] = pss_and_private_bytes([pid])
+            return sum(read[pid][0] for pid in pids), sum(read[pid][1] for pid in pids)
+
         measured = {}
         for record in records:
             if not self.is_running(record):
                 continue
             pids = tree_pids(self._pid(record), tree)
-            for adopted in adopted_pids(Path(record.model_dir), self._pid(record)):  # its zygotes, forked from the template
+            for adopted in adopted_pids(Path(record.model_dir), self._pid(record)):
                 pids += tree_pids(adopted, tree)
+            pss, private = pss_private(pids)
             gpu = sum(on_gpus.get(pid, 0) for pid in pids) if record.gpu else 0
-            pss, private = pss_and_private_bytes(pids)
             measured[record.id] = Memory(pss=pss, private=private, gpu=gpu)
-        return measured
+        if not with_total:
+            return measured, 0
+        template = self.template.running_pid() if self.template is not None else 0
+        everything = set(read) | (set(tree_pids(template, tree)) if template else set())
+        return measured, pss_private(sorted(everything))[0]
 
     def overhead(self) -> int:
         pid = self.template.running_pid() if self.template is not None else 0
         return rss_bytes([pid]) if pid else 0
-
-    def total(self, records: list[BackendRecord]) -> int:
-        """The template and every process forked from it (backends, zygotes, model processes), and the trees
-        of the backends started as new Pythons and of their zygotes."""
-        tree = children_by_parent()
-        template = self.template.running_pid() if self.template is not None else 0
-        pids = set(tree_pids(template, tree)) if template else set()
-        for record in records:
-            if self.is_running(record):
-                pids.update(tree_pids(self._pid(record), tree))
-                for adopted in adopted_pids(Path(record.model_dir), self._pid(record)):
-                    pids.update(tree_pids(adopted, tree))
-        return pss_bytes(sorted(pids))
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         return tail(log_path(record), lines)

@@ -270,8 +270,8 @@ class RayDriver:
     def overhead(self) -> int:
         return 0
 
-    def total(self, records: list[BackendRecord]) -> int:
-        return 0
+    def measure(self, records: list[BackendRecord]) -> tuple[dict[str, Memory], int]:
+        return {}, 0
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         """From the actor, on its node; else from the log file (on the shared ORCHESTRATOR_DIR)."""
