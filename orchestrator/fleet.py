@@ -32,6 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from backend.core.errors import OverBudget
@@ -96,6 +97,7 @@ class Fleet:
         self.overhead = 0  # the template's RSS (driver.overhead)
         self._measured_at = float("-inf")
         self._read_acted_on = float("-inf")  # the read of the total the budget check last looked at
+        self._reserved: dict[str, Memory] = {}  # starts decided and not registered awake yet: their need
         self._peaks: dict[str, Memory] = {}  # the most each awake backend has held since it started
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
@@ -244,12 +246,18 @@ class Fleet:
         median = int(statistics.median(others)) if others else 0
         return Memory(0, max(peak.private, median), peak.gpu)
 
-    def memory_in_use(self, gpu: str = "") -> int:
-        """What the budget counts (above): the template's RSS and what each awake backend adds, at the larger
-        of now and its known peak; on ``gpu``: each backend there at its GPU memory, the same way."""
+    def memory_in_use(self, gpu: str = "", leaving: set[str] | frozenset[str] = frozenset()) -> int:
+        """What the budget counts (above): the template's RSS and what each running backend adds (one on its
+        way to sleep too, until stopped, unless it is ``leaving`` for the start asking), at the larger of now
+        and its known peak, and what starts not registered yet reserved; on ``gpu``: each backend there at its
+        GPU memory, the same way."""
         total = 0 if gpu else self.overhead
+        with self._lock:
+            reserved = dict(self._reserved)
+        total += sum(need.gpu if gpu else need.private for need in reserved.values())
         for record in self.backends.registry.all():
-            if not (record.handle and record.state in AWAKE) or (gpu and record.gpu != gpu):
+            running = record.handle and (record.state in AWAKE or record.state == "sleeping")
+            if not running or record.id in leaving or record.id in reserved or (gpu and record.gpu != gpu):
                 continue
             with self._lock:
                 now = self.measured.get(record.id, Memory(0))
@@ -272,6 +280,13 @@ class Fleet:
 
     def sleep(self, record: BackendRecord, reason: str, kind: str) -> bool:
         """Stop the backend, keeping its configuration; the caller holds its lock. False where it is busy."""
+        if not self._begin_sleep(record):
+            return False
+        self._finish_sleep(record, reason, kind)
+        return True
+
+    def _begin_sleep(self, record: BackendRecord) -> bool:
+        """Its state ``sleeping`` (requests now wait to wake it), where it is idle; it is stopped by ``_finish_sleep``."""
         backends = self.backends
         health = backends.health(record, timeout=1.0)
         if health is None or busy(health) or self.in_flight(record.id):
@@ -283,21 +298,32 @@ class Fleet:
         if peak is not None:  # never less than what a loaded measurement said: this one may be of a partial load
             record.memory_bytes = max(record.memory_bytes, peak.private)
             record.gpu_memory_bytes = max(record.gpu_memory_bytes, peak.gpu)
-        record.state = "sleeping"  # from here a request waits to wake it rather than going to it
+        record.state = "sleeping"
         backends.registry.put(record)
         if self.in_flight(record.id):  # one slipped in before the state changed: it stays awake
             record.state = "ready"
             backends.registry.put(record)
             return False
-        backends.driver.stop(record)  # SIGTERM: what it was answering it finishes, its caches go to disk
+        return True
+
+    def _finish_sleep(self, record: BackendRecord, reason: str, kind: str) -> None:
+        self.backends.driver.stop(record)  # SIGTERM: what it was answering it finishes, its caches go to disk
         record.handle, record.slept_at, record.sleeps = "", time.time(), record.sleeps + 1
-        backends.registry.put(record)
+        self.backends.registry.put(record)
         self.events[f"sleep_{kind}"] += 1
         log.info("backend %s: asleep (%s); %s freed", record.id, reason, mib(record.memory_bytes))
-        return True
 
     def _sleep_one(self, exclude: str, gpu: str, why: str) -> bool:
         """Put the least recently used idle backend (on ``gpu`` where one is named) to sleep; spares go first."""
+        chosen = self._choose_sleeper(exclude, gpu)
+        if chosen is None:
+            return False
+        self._finish_choice(chosen, why)
+        return True
+
+    def _choose_sleeper(self, exclude: str, gpu: str) -> _Choice | None:
+        """The next to go for room: a spare (removed at once), else the least recently used idle backend, its
+        state already ``sleeping`` and its lock held until ``_finish_choice`` stops it."""
         registry = self.backends.registry
         for spare in registry.spares():
             lock = self.backends.lock_for(spare.id)
@@ -306,29 +332,69 @@ class Fleet:
                     self.backends.remove(spare)  # a spare holds nothing worth keeping
                 finally:
                     lock.release()
-                return True
+                return _Choice(None, None)
         candidates = [r for r in registry.backends() if r.state == "ready" and r.handle and not r.always_on
                       and r.id != exclude and (not gpu or r.gpu == gpu) and not self.in_flight(r.id)]
-        for record in sorted(candidates, key=self.last_used):
-            if self._sleep_locked(record.id, f"room for another backend within {why}", "budget"):
-                return True
-        return False
+        for candidate in sorted(candidates, key=self.last_used):
+            lock = self.backends.lock_for(candidate.id)
+            if not lock.acquire(blocking=False):
+                continue
+            record = registry.get(candidate.id)
+            if record is not None and record.state == "ready" and self._begin_sleep(record):
+                return _Choice(record, lock)
+            lock.release()
+        return None
+
+    def _finish_choice(self, chosen: _Choice, why: str) -> None:
+        if chosen.record is None or chosen.lock is None:
+            return
+        try:
+            self._finish_sleep(chosen.record, f"room for another backend within {why}", "budget")
+        finally:
+            chosen.lock.release()
+
+    def _undo_choice(self, chosen: _Choice) -> None:
+        """A start that could not fit after all: what was chosen to make room for it serves on."""
+        if chosen.record is None or chosen.lock is None:
+            return
+        chosen.record.state = "ready"
+        self.backends.registry.put(chosen.record)
+        chosen.lock.release()
 
     # --- wake ------------------------------------------------------------------------------------
 
     @contextmanager
     def room_for(self, record: BackendRecord) -> Iterator[None]:
         """Held around a backend's start: makes room for what it will hold, or raises OverBudget. A spare
-        only starts where it fits as things are: nothing is put to sleep for one."""
+        only starts where it fits as things are: nothing is put to sleep for one.
+
+        What must sleep for it is chosen under one lock (so no two starts count on the same room) and
+        marked ``sleeping``; the stops then run outside it, several starts' side by side, and each start
+        forks only once its own room is free. Until it is registered awake, its need is reserved."""
         if not self.budgeted:
             yield
             return
+        need = Memory(0) if record.spare else self.expected(record)
+        chosen: list[_Choice] = []
         with self._room:
-            need = Memory(0) if record.spare else self.expected(record)
-            self._make_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "")
-            if record.gpu:
-                self._make_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu, record, record.gpu)
+            try:
+                chosen += self._choose_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "", chosen)
+                if record.gpu:
+                    chosen += self._choose_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu, record,
+                                                record.gpu, chosen)
+            except OverBudget:
+                for choice in chosen:
+                    self._undo_choice(choice)
+                raise
+            with self._lock:
+                self._reserved[record.id] = need
+        try:
+            for choice in chosen:
+                self._finish_choice(choice, "MEMORY_BUDGET")
             yield
+        finally:
+            with self._lock:
+                self._reserved.pop(record.id, None)
 
     def spare_fits(self) -> bool:
         """Whether a warm spare (about the smallest measured backend, at most) fits the budget as things are."""
@@ -338,13 +404,25 @@ class Fleet:
             sizes = [m.private for m in self.measured.values() if m.private]
         return self.memory_in_use() + (min(sizes) if sizes else 0) <= self.settings.memory_budget
 
-    def _make_room(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> None:
+    def _choose_room(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str,
+                     chosen: list[_Choice]) -> list[_Choice]:
+        """What must sleep for ``need`` to fit ``budget``, chosen (not stopped yet); OverBudget where even
+        every idle backend would not make room."""
+        more: list[_Choice] = []
         if not budget:
-            return
-        while self.memory_in_use(gpu) + need > budget:  # on the last reads: an asleep backend counts no more
-            if record.spare or not self._sleep_one(exclude=record.id, gpu=gpu, why=name):
+            return more
+        leaving = {c.record.id for c in chosen + more if c.record is not None}
+        while self.memory_in_use(gpu, leaving) + need > budget:
+            choice = None if record.spare else self._choose_sleeper(exclude=record.id, gpu=gpu)
+            if choice is None:
                 self.events["over_budget"] += 1
+                for undone in more:
+                    self._undo_choice(undone)
                 raise self._over_budget(name, budget, need, record, gpu)
+            more.append(choice)
+            if choice.record is not None:
+                leaving.add(choice.record.id)
+        return more
 
     def _over_budget(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str) -> OverBudget:
         holders = []
@@ -400,3 +478,12 @@ def _larger(memory: Memory, other: Memory | None) -> Memory:
     if other is None:
         return memory
     return Memory(max(memory.pss, other.pss), max(memory.private, other.private), max(memory.gpu, other.gpu))
+
+
+@dataclass
+class _Choice:
+    """One made room for a start: a backend on its way to sleep (its lock held until it is stopped), or a
+    spare already removed (nothing left to do)."""
+
+    record: BackendRecord | None
+    lock: threading.Lock | None
