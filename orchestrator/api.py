@@ -175,7 +175,7 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
     o = orchestrator()
     fleet = o.manager.fleet
     woke_s = 0.0
-    if record.state in ("sleeping", "starting"):  # starting: another request is waking it; this one waits too
+    if _wakes(record):
         began = time.monotonic()
         record = fleet.wake(record)
         woke_s = time.monotonic() - began
@@ -185,7 +185,7 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
             response = o.proxy.forward(record, path, request, authorization=authorization, timeout_s=timeout_s)
         except UpstreamUnavailable:
             current = o.manager.registry.get(record.id)
-            if current is None or current.state not in ("sleeping", "starting"):
+            if current is None or not _wakes(current):
                 raise
             # put to sleep between the look at its state and the request (another orchestrator process's pass)
             response = o.proxy.forward(fleet.wake(current), path, request, authorization=authorization, timeout_s=timeout_s)
@@ -196,6 +196,11 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
     if woke_s:
         response.headers["X-Backend-Woke-S"] = f"{woke_s:.3f}"  # this request waited for the backend to wake
     return response
+
+
+def _wakes(record: BackendRecord) -> bool:
+    """Asleep, or started by a request that is waking it: a request then waits for it (``Fleet.wake``)."""
+    return record.state == "sleeping" or (record.state == "starting" and bool(record.handle))
 
 
 def _setup_key() -> str:

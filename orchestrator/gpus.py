@@ -8,41 +8,28 @@ from collections import Counter
 from collections.abc import Iterable
 
 
-def detect_gpus() -> tuple[str, ...]:
-    """GPU indices as nvidia-smi lists them; none when it is absent or fails. Never imports CUDA."""
+def _nvidia_smi(*query: str) -> list[str]:
+    """The lines nvidia-smi prints for this query (fixed arguments only); none where it is absent or fails."""
     nvidia_smi = shutil.which("nvidia-smi")
     if nvidia_smi is None:
-        return ()
+        return []
     try:
-        listed = subprocess.run(
-            [nvidia_smi, "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
+        listed = subprocess.run([nvidia_smi, *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return ()
-    return tuple(line.strip() for line in listed.splitlines() if line.strip().isdigit())
+        return []
+    return [line.strip() for line in listed.splitlines() if line.strip()]
+
+
+def detect_gpus() -> tuple[str, ...]:
+    """GPU indices as nvidia-smi lists them; none when it is absent or fails. Never imports CUDA."""
+    return tuple(line for line in _nvidia_smi("--query-gpu=index") if line.isdigit())
 
 
 def gpu_memory_by_pid() -> dict[int, int]:
     """Bytes of GPU memory each process holds, as nvidia-smi lists its compute processes; {} without one."""
-    nvidia_smi = shutil.which("nvidia-smi")
-    if nvidia_smi is None:
-        return {}
-    try:
-        listed = subprocess.run(
-            [nvidia_smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
     held: dict[int, int] = {}
-    for line in listed.splitlines():
+    for line in _nvidia_smi("--query-compute-apps=pid,used_memory"):
         pid, _, mib = (part.strip() for part in line.partition(","))
         if pid.isdigit() and mib.isdigit():
             held[int(pid)] = held.get(int(pid), 0) + int(mib) * (1 << 20)
