@@ -118,3 +118,16 @@ def _templates_at(path: Path) -> list[int]:
         if b"backend.isolation.template\0" + os.fsencode(path) in cmdline and stat.rpartition(")")[2].split()[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+def test_a_request_whose_asker_has_gone_is_seen_as_such_though_still_unread():
+    # The template reads queued requests only once its imports are done: a backend asked for by an orchestrator
+    # killed meanwhile must not be forked (it would be nobody's backend), though its request is still there.
+    from backend.isolation.template import _hung_up
+
+    asker, template_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    asker.send(b"a request")
+    assert not _hung_up(template_side)
+    asker.close()
+    assert _hung_up(template_side) and template_side.recv(64) == b"a request"
+    template_side.close()

@@ -134,10 +134,12 @@ def template_main(path: str, modules: list[str]) -> None:
         if kind == "owner":
             owners.add(connection)
             ever_owned = True
-        elif kind == "backend" and len(fds) == 2 and time.time() > message[4]:
-            for received in fds:  # its driver has given up on it and started the backend itself
+        elif kind == "backend" and len(fds) == 2 and (time.time() > message[4] or _hung_up(connection)):
+            # Its driver gave up on it and started the backend itself, or died while the imports ran (an
+            # orchestrator killed mid-renewal): a backend forked now would be nobody's, and run for ever.
+            for received in fds:
                 os.close(received)
-            server.send(connection, ("fork-failed", number, "asked for too long ago"))
+            server.send(connection, ("fork-failed", number, "asked for too long ago, or by a process since gone"))
         elif kind == "backend" and len(fds) == 2:
             server.fork(connection, number, fds, partial(_backend, server, fds, message[2], message[3]))
         elif kind == "zygote" and len(fds) == 3:
@@ -165,6 +167,13 @@ def template_main(path: str, modules: list[str]) -> None:
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
+
+
+def _hung_up(connection: socket.socket) -> bool:
+    """Whether the process at the other end has closed it (its requests may still be waiting to be read)."""
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":
