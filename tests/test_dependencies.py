@@ -96,7 +96,9 @@ def test_a_full_model_dir_stops_the_cache_not_the_serving(start_backend, images,
             assert labels(served) == ["light", "dark"], served.text  # served, with the disk full
             cache = requests.get(backend.url + "/health", timeout=1).json()["task_data_cache"]
             assert cache["writing"] is False and "No space left on device" in cache["problem"]["error"], cache
-            assert cache["spilled"]["files"] == 2
+            # Both went to the spill folder, or one did and the other took the room the first's partial file left
+            # when its write failed and it was removed: either way nothing failed and the cache said why.
+            assert cache["spilled"]["files"] in (1, 2), cache
             os.unlink(filler)  # room again: the next file is cached under MODEL_DIR
             assert labels(predict(backend, [f"{files.url}/black.png?n=3"])) == ["dark"]
             cache = requests.get(backend.url + "/health", timeout=1).json()["task_data_cache"]
