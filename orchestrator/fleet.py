@@ -192,10 +192,10 @@ class Fleet:
                                 "to sleep", mib(self.memory_in_use()), mib(self.total), mib(budget))
                     break
 
-    def measure(self, force: bool = False) -> None:
+    def measure(self) -> None:
         """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
         now = time.monotonic()
-        if not force and now - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
+        if now - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
             return
         awake = [r for r in self.backends.registry.all() if r.handle and r.state in AWAKE]
         measured, total = self.backends.driver.measure(awake)
@@ -234,15 +234,17 @@ class Fleet:
             self.backends.registry.update(record.id, memory_bytes=record.memory_bytes,
                                           gpu_memory_bytes=record.gpu_memory_bytes)
 
-    def expected(self, record: BackendRecord) -> Memory:
+    def expected(self, record: BackendRecord, records: list[BackendRecord] | None = None) -> Memory:
         """What the backend adds once it has loaded its model (private memory, GPU memory): its own figure
-        once known, else at least what the median measured backend added."""
+        once known, else at least what the median measured backend added (``records``: the registry's, read
+        once by a caller that asks for many)."""
         with self._lock:
             peak = _larger(Memory(0, record.memory_bytes, record.gpu_memory_bytes), self._peaks.get(record.id))
             known = record.id in self._loaded or record.memory_bytes > 0
         if known:
             return peak
-        others = [r.memory_bytes for r in self.backends.registry.backends() if r.memory_bytes and r.id != record.id]
+        records = self.backends.registry.backends() if records is None else records
+        others = [r.memory_bytes for r in records if r.memory_bytes and r.id != record.id and not r.spare]
         median = int(statistics.median(others)) if others else 0
         return Memory(0, max(peak.private, median), peak.gpu)
 
@@ -255,13 +257,14 @@ class Fleet:
         with self._lock:
             reserved = dict(self._reserved)
         total += sum(need.gpu if gpu else need.private for need in reserved.values())
-        for record in self.backends.registry.all():
+        records = self.backends.registry.all()
+        for record in records:
             running = record.handle and (record.state in AWAKE or record.state == "sleeping")
             if not running or record.id in leaving or record.id in reserved or (gpu and record.gpu != gpu):
                 continue
             with self._lock:
                 now = self.measured.get(record.id, Memory(0))
-            later = Memory(0) if record.spare else self.expected(record)
+            later = Memory(0) if record.spare else self.expected(record, records)
             total += max(now.gpu, later.gpu) if gpu else max(now.private, later.private)
         return total
 
