@@ -7,9 +7,17 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import requests
 
+from backend.config.spec import ModelSpec
+from backend.core.settings import Settings
+from backend.isolation.modelprocess import ModelProcess, Retired
+from backend.serving.runtime import Runtime
+from backend.state.store import ConfigurationStore
 from harness.calls import configure
 from harness.servers import file_server, wait_until
 from lsmlflow.pickling import encode_hook
@@ -51,8 +59,9 @@ def test_configures_never_fail_the_predictions_they_race(start_backend, images):
         for index, model in enumerate(models):  # reloads (another version: a new process) and hook swaps
             post = hooks.choices_post if index % 2 else hooks.scored_choices_post
             answer = configure(backend, model_uri=model, post_hook=encode_hook(post), timeout=60)
+            outcome = answer.status_code if answer.status_code in (200, 202, 409) else f"{answer.status_code} {answer.text[:300]}"
             with lock:
-                configures[answer.status_code] += 1
+                configures[outcome] += 1
 
     try:
         threads = [threading.Thread(target=predictor) for _ in range(4)]
@@ -93,3 +102,14 @@ def test_a_configure_replaced_while_it_loads_is_superseded_not_failed(start_back
     assert answer.status_code == 409 and answer.json()["status"] == "superseded", answer.text
     assert answer.json()["serving"]["model_version"] == "brightness:1"  # the old one, until the newest is ready
     assert "last_error" not in requests.get(backend.url + "/health", timeout=1).json()  # no failure happened
+
+
+def test_a_hook_swap_whose_process_is_retired_under_it_loads_the_hooks_anew(tmp_path: Path):
+    # A load that finishes retires the serving process while another configure swaps hooks in it: the
+    # swap must fall back to a load in a new process (it once surfaced as a 500 from an assertion).
+    retired = ModelProcess(zygote=None, artifacts_dir=tmp_path, call_timeout_s=1)  # type: ignore[arg-type]
+    retired.stop()
+    with pytest.raises(Retired):
+        retired.set_hooks("hooks", "", "")
+    runtime = Runtime(Settings(), ConfigurationStore(tmp_path), zygote=None, make_continuation=None)  # type: ignore[arg-type]
+    assert runtime._swap_hooks(SimpleNamespace(process=retired), ModelSpec(model_uri="models:/m/1")) is False  # type: ignore[arg-type]

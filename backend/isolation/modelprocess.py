@@ -63,6 +63,14 @@ class ModelProcessCrashed(HookFailed):
     """500: the model process ended while it ran a batch (a hook called os._exit, or it crashed)."""
 
 
+class Retired(NotConfigured):
+    """The process was stopped (its configuration replaced) before or while a call reached it: the
+    caller runs the call again on what serves now (``Runtime.serve``, a hook swap loads a new process)."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__("this configuration was replaced" + detail, "Send the request again.")
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Reads only plain data: whatever a post hook returns, it cannot run code in the worker."""
 
@@ -212,7 +220,7 @@ class ModelProcess:
     def _ensure_running(self) -> None:
         """A live process holding this object's hooks and model; a crashed one is forked again (backoff)."""
         if self.state == "stopped":
-            raise NotConfigured("this configuration was replaced", "Send the request again.")
+            raise Retired()
         if self._conn is not None and self.state not in ("crashed", "restarting"):
             return
         wait = self._restart_at - time.monotonic()
@@ -260,7 +268,7 @@ class ModelProcess:
             os.kill(pid, signal.SIGKILL)
             conn.close()
             stage.close()
-            raise NotConfigured("this configuration was replaced", "Send the request again.")
+            raise Retired()
         if old is not None:
             old.close()
 
@@ -284,7 +292,8 @@ class ModelProcess:
     def _exchange(self, message: tuple, timeout: float | None) -> tuple:
         """Send one request and read its answer; the caller holds the lock."""
         conn = self._conn
-        assert conn is not None
+        if conn is None:  # stop() ran since the caller checked the process was running
+            raise Retired()
         try:
             conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
             if not self._readable(timeout):
@@ -298,7 +307,7 @@ class ModelProcess:
             data = conn.recv_bytes()
         except (EOFError, OSError) as exc:
             if self.state == "stopped":
-                raise NotConfigured("this configuration was replaced while it ran", "Send the request again.") from exc
+                raise Retired(" while it ran") from exc
             stage = STAGES[self._stage[0]] if self._stage is not None and self._stage[0] < len(STAGES) else "?"
             how = self._exit_of(self.pid)
             self._lost(how)

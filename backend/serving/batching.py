@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from backend.core.errors import BackendError, DeadlineExceeded, NotConfigured
+from backend.isolation.modelprocess import Retired
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,6 @@ class Chunk:
     def key(self) -> tuple[str, str, int | None]:
         return self.hooks_id, self.label_config, None if self.context is None else id(self.context)
 
-
-class Retired(NotConfigured):
-    """The batcher's configuration was replaced and its process stopped before this request reached it:
-    run the request again on the configuration that serves now (``Runtime.serve`` does)."""
-
-    def __init__(self) -> None:
-        super().__init__("this configuration was replaced", "Send the request again.")
 
 
 class DynamicBatcher:

@@ -25,9 +25,9 @@ from backend.config.spec import ModelSpec
 from backend.core.errors import BackendError, NotConfigured, UpstreamUnavailable
 from backend.core.redact import SECRETS
 from backend.core.settings import Settings
-from backend.isolation.modelprocess import ModelProcess
+from backend.isolation.modelprocess import ModelProcess, Retired
 from backend.isolation.zygote import Zygote
-from backend.serving.batching import DynamicBatcher, Retired
+from backend.serving.batching import DynamicBatcher
 from backend.serving.continuation import Continuation
 from backend.state.store import ConfigurationStore, StoredFileBroken
 
@@ -210,8 +210,13 @@ class Runtime:
         return spec.batch_size or self.settings.default_batch_size
 
     def _swap_hooks(self, active: Serving, spec: ModelSpec) -> bool:
-        """New hooks for the serving model, in its own process; False when that process is busy."""
-        sources = active.process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook, spec.secrets(), HOOK_SWAP_WAIT_S)
+        """New hooks for the serving model, in its own process; False when that process is busy, or was
+        retired under the swap by a load that finished meanwhile (then the hooks load with the model anew)."""
+        try:
+            sources = active.process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook, spec.secrets(), HOOK_SWAP_WAIT_S)
+        except Retired:
+            log.info("the serving configuration was replaced during a hook swap: loading the hooks in a new process")
+            return False
         if sources is None:
             log.info("the model process is busy: loading the new hooks in a new one")
             return False
