@@ -16,7 +16,7 @@ predict = predict_images
 
 
 def test_configure_predict_restart_predict(start_backend, images):
-    backend = start_backend()
+    backend = start_backend(BACKEND_TEMPLATE="")  # as a user's own gunicorn runs: its zygote a new Python
     assert configure(backend).status_code == 200
     assert labels(predict(backend, images, "white", "black")) == ["light", "dark"]
 

@@ -21,7 +21,7 @@ def predict_labels(backend, images, *names):
 
 def test_plain_configure_over_http_tracking(start_backend, images, mlflow_server):
     """With credentials in the tracking URI's userinfo, as users write them: they never show."""
-    backend = start_backend(MLFLOW_TRACKING_URI="sqlite:////nonexistent/unused.db")
+    backend = start_backend(MLFLOW_TRACKING_URI="sqlite:////nonexistent/unused.db", BACKEND_TEMPLATE="")  # standalone
     with_credentials = mlflow_server.url.replace("http://", "http://bob-the-user:hunter2pass@")
     response = requests.post(backend.url + "/configure", timeout=60, json={
         "model_uri": "models:/brightness/latest", "tracking_uri": with_credentials,

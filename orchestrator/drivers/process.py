@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from backend.core.lifetime import adopted_pids, parent_pid, start_time
@@ -78,6 +79,12 @@ def template_environment() -> dict[str, str]:
     return env
 
 
+def template_modules(settings: OrchestratorSettings, env: Mapping[str, str]) -> tuple[str, ...]:
+    """What the template imports: a backend's server, MLflow and the store ``env``'s tracking URI names,
+    and SPARE_WARM_IMPORTS (the flavors most models need)."""
+    return tuple(dict.fromkeys(SERVER_IMPORTS + default_imports(env) + comma_list(settings.spare_warm_imports)))
+
+
 class ProcessDriver:
     """gunicorn processes on free loopback ports, one per backend, forked from the template where it answers."""
 
@@ -89,10 +96,9 @@ class ProcessDriver:
         self.template: BackendTemplate | None = None
         if settings.fork_backends:
             env = template_environment()
-            modules = SERVER_IMPORTS + default_imports(env) + comma_list(settings.spare_warm_imports)
             try:
                 self.template = BackendTemplate(
-                    settings.state_dir, env, tuple(dict.fromkeys(modules)), PROJECT_ROOT, settings.start_timeout_s
+                    settings.state_dir, env, template_modules(settings, env), PROJECT_ROOT, settings.start_timeout_s
                 )
             except ForkUnavailable as exc:
                 log.warning("no backends' template (%s): each backend starts as a new Python", exc)
