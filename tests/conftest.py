@@ -42,22 +42,25 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # each, then one more to each worker that runs out: the slowest first (measured: seconds of a 3-worker run
 # on 2 cores), so that no long file starts last and runs on alone while the other workers wait.
 SLOWEST_FIRST = (
-    "tests/test_orchestrator.py",  # 250
-    "tests/e2e/test_label_studio.py",  # 195
-    "tests/e2e/test_browser.py",  # 150
-    "tests/test_gunicorn.py",  # 130
-    "tests/test_hardening.py",  # 115
-    "tests/e2e/test_zoo.py",  # 100
-    "tests/test_training.py",  # 100
-    "tests/test_churn.py",  # 90
-    "tests/test_dependencies.py",  # 90
-    "tests/test_soak.py",  # 90
-    "tests/test_api.py",  # 80
-    "tests/test_hooks.py",  # 60
-    "tests/test_mlflow_http.py",  # 60
-    "tests/test_cli.py",  # 55
-    "tests/test_docker_driver.py",  # 50
-    "tests/test_ray_driver.py",  # 40
+    "tests/e2e/test_label_studio.py",  # 240
+    "tests/test_orchestrator.py",  # 160
+    "tests/e2e/test_browser.py",  # 110
+    "tests/e2e/test_zoo.py",  # 105
+    "tests/test_ray_driver.py",  # 100
+    "tests/test_soak.py",  # 85
+    "tests/test_training.py",  # 80
+    "tests/test_hardening.py",  # 70
+    "tests/test_gunicorn.py",  # 50
+    "tests/test_api.py",  # 45
+    "tests/test_fleet.py",  # 40
+    "tests/test_cli.py",  # 40
+    "tests/test_docker_driver.py",  # 35
+    "tests/test_hooks.py",  # 35
+    "tests/test_dependencies.py",  # 30
+    "tests/test_batching.py",  # 15
+    "tests/test_antenna.py",  # 15
+    "tests/test_mlflow_http.py",  # 15
+    "tests/test_client.py",  # 15
 )
 
 
