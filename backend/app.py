@@ -25,6 +25,7 @@ from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import finish_outputs, resume
 from backend.serving.push import SCHEMA as PUSH_SCHEMA
 from backend.serving.push import Outbox, Pusher
+from backend.serving.repeats import RepeatedClicks
 from backend.serving.runtime import Runtime, Serving
 from backend.serving.shared import FILE_NAME, SCHEMA, SharedPredictions, SharedWebhookLog
 from backend.state.sqlitedb import SharedDb
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
         owns_zygote=owns_zygote,
         quality=quality,
         follower=follower,
+        repeats=RepeatedClicks(settings.interactive_repeat_s),
     )
     trainer = Trainer(settings, records, metrics, lambda: runtime.active, services.label_studio_access, quality.summary)
     services.trainer = trainer

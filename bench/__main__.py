@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import bigproject, bodies, churn, fleet, orchestrator_ready, ray_failover, serving, soak
+from . import bigproject, bodies, churn, fleet, interactive, orchestrator_ready, ray_failover, serving, soak
 from .common import Table
 
 SECTIONS = {
@@ -27,6 +27,7 @@ SECTIONS = {
     "ray": ray_failover.run,
     "soak": soak.run,
     "fleet": fleet.run,
+    "interactive": interactive.run,
 }
 
 

@@ -39,6 +39,7 @@ from .pre import (
     read_texts,
     texts_frame,
 )
+from .prompts import Point, PromptBox, context_boxes, context_label, context_points, sam_post
 from .results import brush, certainty, choices, keypoint, number, polygon, prediction, rating, rectangle, span, textarea
 from .targets import Box, Polygon, Span, boxes, choice_labels, multi_choice_labels, polygons, spans
 
@@ -48,13 +49,18 @@ __all__ = [
     "Box",
     "Control",
     "HookConfigError",
+    "Point",
     "Polygon",
+    "PromptBox",
     "Span",
     "boxes",
     "brush",
     "certainty",
     "choice_labels",
     "choices",
+    "context_boxes",
+    "context_label",
+    "context_points",
     "easyocr_post",
     "find_control",
     "image_features_frame",
@@ -74,6 +80,7 @@ __all__ = [
     "rating",
     "read_texts",
     "rectangle",
+    "sam_post",
     "sklearn_post",
     "span",
     "spans",

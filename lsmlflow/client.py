@@ -40,11 +40,12 @@ class Served:
 def configure_body(model: str, *, pre_hook: Callable[..., Any] | str | None = None,
                    post_hook: Callable[..., Any] | str | None = None, label_config: str | None = None,
                    **fields: Any) -> dict[str, Any]:
-    """The JSON a configure sends: hooks (``train_hook`` too) encoded as ``pickling`` says."""
+    """The JSON a configure sends: hooks (``train_hook`` and ``embed_hook`` too) encoded as ``pickling`` says."""
     body: dict[str, Any] = {"model_uri": model, "pre_hook": encode_hook(pre_hook, "pre_hook"),
                             "post_hook": encode_hook(post_hook, "post_hook"), **fields}
-    if "train_hook" in fields:
-        body["train_hook"] = encode_hook(fields["train_hook"], "train_hook")
+    for role in ("train_hook", "embed_hook"):
+        if role in fields:
+            body[role] = encode_hook(fields[role], role)
     if label_config is not None:
         body["label_config"] = label_config
     return body
@@ -129,12 +130,12 @@ class Client:
         """Serve ``model`` (``models:/name/version``, ``models:/name@alias``, ``runs:/...``, a path) with
         these hooks; returns once it serves, following the server's 202 while a big model loads.
         ``fields``: any other configure field (``batch_size``, ``loader``, ``tracking_uri``, ``pipeline``,
-        ``train_hook`` as a function, ``training``...).
+        ``train_hook`` and ``embed_hook`` as functions, ``training``...).
         Raises HookNotPortable before sending a hook the server could not run, ConfigureFailed with the
         server's error and fix, WaitTimeout when it still loads after ``wait`` seconds."""
         say = progress or (lambda _message: None)
         body = configure_body(model, pre_hook=pre_hook, post_hook=post_hook, label_config=label_config, **fields)
-        if any(callable(hook) for hook in (pre_hook, post_hook, fields.get("train_hook"))):
+        if any(callable(hook) for hook in (pre_hook, post_hook, fields.get("train_hook"), fields.get("embed_hook"))):
             check_portable(self._runtime(), self.url)
         say(f"configuring {model} on {self.url}")
         started = time.monotonic()

@@ -32,6 +32,7 @@ PLAIN_KEYS = frozenset(
         "tracking_token",
         "pre_hook",
         "post_hook",
+        "embed_hook",
         "loader",
         "batch_size",
         "model_version",
@@ -70,6 +71,7 @@ class ModelSpec:
     tracking_token: str = field(default="", repr=False)
     pre_hook: str = field(default="", repr=False)
     post_hook: str = field(default="", repr=False)
+    embed_hook: str = field(default="", repr=False)  # promptable models: the per-image state (model.embedding)
     loader: str = "pyfunc"
     batch_size: int | None = None
     model_version: str = ""
@@ -127,9 +129,9 @@ class ModelSpec:
         data = self.to_dict()
         for name in SECRET_FIELDS:
             data[name] = "***" if data[name] else ""
-        for name in ("pre_hook", "post_hook", "train_hook"):
+        for name in ("pre_hook", "post_hook", "train_hook", "embed_hook"):
             raw = data[name]
-            data[name] = hook_fingerprint(raw) if raw or name != "train_hook" else None
+            data[name] = hook_fingerprint(raw) if raw or name in ("pre_hook", "post_hook") else None
         label_config = data.pop("label_config")
         return {**redact_value(data), "label_config": label_config}
 
@@ -225,6 +227,7 @@ def _parse_plain(data: dict[str, Any]) -> ModelSpec:
         tracking_token=_text(data, "tracking_token"),
         pre_hook=_text(data, "pre_hook"),
         post_hook=_text(data, "post_hook"),
+        embed_hook=_text(data, "embed_hook"),
         loader=loader,
         batch_size=batch_size,
         model_version=_text(data, "model_version"),
@@ -255,6 +258,7 @@ def _parse_dagshub(data: dict[str, Any]) -> ModelSpec:
         tracking_password=token,
         pre_hook=_text(data, "pre_hook"),
         post_hook=_text(data, "post_hook"),
+        embed_hook=_text(data, "embed_hook"),
         loader="native",
         dagshub=DagshubSource(
             host=host,

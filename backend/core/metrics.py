@@ -46,6 +46,10 @@ class BackendMetrics:
         self.cached_predictions = Counter(
             "lsbackend_cached_predictions", "Predictions answered from the background's cache.", registry=r
         )
+        self.interactive_repeats = Counter(
+            "lsbackend_interactive_repeats", "Interactive clicks sent again (Label Studio does on Submit), answered "
+            "with the first answer instead of a new model call.", registry=r
+        )
         self.model_process_restarts = Gauge(
             "lsbackend_model_process_restarts", "Times the serving model process was restarted after it ended.", registry=r
         )

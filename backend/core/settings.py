@@ -205,6 +205,10 @@ class Settings(AccessSettings):
     push_predictions: bool = True  # write what the background finishes into Label Studio (backend/serving/push.py)
     prediction_cache_bytes: int = 256 << 20
     prediction_cache_ttl_s: float = 3600.0
+    # Interactive labeling (promptable models): the embed_hook's per-image states, kept in the model process,
+    # and how long a click's answer is kept for the same click sent again (Label Studio re-sends on Submit).
+    embed_cache_bytes: int = 256 << 20
+    interactive_repeat_s: float = 60.0
     workers: int = 1  # gunicorn's WORKERS: with several, they share the cache above, claims and the webhook log
     # Training (backend/training) and following the registry (backend/serving/follower.py).
     train_timeout_s: float = 3600.0
@@ -249,6 +253,8 @@ class Settings(AccessSettings):
             push_predictions=env_switch(env, "PUSH_PREDICTIONS", True),
             prediction_cache_bytes=env_megabytes(env, "PREDICTION_CACHE_MB", 256),
             prediction_cache_ttl_s=env_float(env, "PREDICTION_CACHE_TTL_S", 3600.0, 1.0),
+            embed_cache_bytes=env_megabytes(env, "EMBED_CACHE_MB", 256),
+            interactive_repeat_s=env_float(env, "INTERACTIVE_REPEAT_S", 60.0, 0.0),
             workers=env_int(env, "WORKERS", 1, 1),
             train_timeout_s=env_float(env, "TRAIN_TIMEOUT_S", 3600.0, 1.0),
             train_cuda_visible_devices=env.get("TRAIN_CUDA_VISIBLE_DEVICES"),

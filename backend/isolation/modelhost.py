@@ -3,7 +3,9 @@ the gunicorn worker (``modelprocess`` is the worker's side and says why).
 
 One request at a time on a stream socket, each a pickled tuple, each answered::
 
-    ("hooks", hooks_id, pre_hook, post_hook, secrets)   -> ("ok", {"pre_hook": source, "post_hook": source,
+    ("hooks", hooks_id, pre_hook, post_hook, secrets, embed_hook, embed_cache_bytes)
+                                                         -> ("ok", {"pre_hook": source, "post_hook": source,
+                                                                "embed_hook": source or None,
                                                                 "wants": the keywords the hooks take})
     ("load", spec, artifacts_dir, prefer_local)          -> ("ok", model info); prefer_local: the copy on disk
                                                             if this spec was loaded before (restores, restarts)
@@ -33,16 +35,21 @@ import time
 from collections import OrderedDict
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.core.errors import BackendError, HookUnusable, NotConfigured, PredictionsInvalid
 from backend.core.redact import SECRETS, install_log_redaction
+from backend.model.embedding import EmbeddingCache
+
+if TYPE_CHECKING:
+    from backend.model.pipeline import Embedder
 
 log = logging.getLogger(__name__)
 
-STAGES = ("idle", "decoding hooks", "loading the model", "pre_hook", "model.predict", "post_hook")
+STAGES = ("idle", "decoding hooks", "loading the model", "pre_hook", "model.predict", "post_hook", "embed_hook")
 STAGE_BYTES = 8
 MAX_HOOK_SETS = 4  # the serving hooks and a few predecessors still finishing queued work
+DEFAULT_EMBED_CACHE_BYTES = 256 << 20  # EMBED_CACHE_MB's default
 
 
 class _PlainPickler(pickle.Pickler):
@@ -69,7 +76,8 @@ class ModelHost:
     def __init__(self, stage: mmap.mmap | None = None) -> None:
         self.stage = stage
         self.loaded: Any = None
-        self.hooks: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        self.hooks: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()  # pre, post, embed (or None)
+        self.embeddings = EmbeddingCache(DEFAULT_EMBED_CACHE_BYTES)
 
     def mark(self, name: str) -> None:
         if self.stage is not None:
@@ -88,6 +96,7 @@ class ModelHost:
                 return ("ok", self._resolve(*message[1:]))
             if kind == "forget":
                 self.hooks.pop(message[1], None)
+                self.embeddings.forget(message[1])
                 return ("ok",)
             raise BackendError(f"unknown request {kind!r} to the model process", "This is a bug in the backend.")
         except BackendError as exc:
@@ -101,18 +110,25 @@ class ModelHost:
         finally:
             self.mark("idle")
 
-    def _hooks(self, hooks_id: str, pre_raw: str, post_raw: str, secrets: list[str]) -> dict[str, str]:
-        from backend.model.hookcodec import decode_hook
+    def _hooks(self, hooks_id: str, pre_raw: str, post_raw: str, secrets: list[str], embed_raw: str = "",
+               embed_cache_bytes: int = DEFAULT_EMBED_CACHE_BYTES) -> dict[str, Any]:
+        from backend.model.hookcodec import EMBED_ARGUMENTS, decode_hook
 
         SECRETS.add(*secrets)
         self.mark("decoding hooks")
         pre, post = decode_hook(pre_raw, "pre_hook"), decode_hook(post_raw, "post_hook")
-        self.hooks[hooks_id] = (pre, post)
+        embed = decode_hook(embed_raw, "embed_hook", EMBED_ARGUMENTS) if embed_raw else None
+        self.hooks[hooks_id] = (pre, post, embed)
         self.hooks.move_to_end(hooks_id)
         while len(self.hooks) > MAX_HOOK_SETS:
             self.hooks.popitem(last=False)
+        for older in [key for key in self.hooks if key != hooks_id]:  # a new configuration: its states are new too
+            self.embeddings.forget(older)
+        self.embeddings.max_bytes = embed_cache_bytes
         # What the worker need send with each call: the keywords these hooks take.
-        return {"pre_hook": pre.source, "post_hook": post.source, "wants": sorted(pre.accepts | post.accepts)}  # type: ignore[dict-item]
+        wants = pre.accepts | post.accepts | (embed.accepts if embed else frozenset())
+        return {"pre_hook": pre.source, "post_hook": post.source, "embed_hook": embed.source if embed else None,
+                "wants": sorted(wants)}
 
     def _load(self, spec_dict: dict[str, Any], artifacts_dir: str, prefer_local: bool = False) -> dict[str, Any]:
         from backend.config.spec import ModelSpec
@@ -146,9 +162,29 @@ class ModelHost:
         if hooks is None:
             raise HookUnusable("these hooks were replaced while the prediction waited", "Send the request again.")
         timings: dict[str, float] = {}
-        pipeline = Pipeline(self.loaded, hooks[0], hooks[1])
+        pipeline = Pipeline(self.loaded, hooks[0], hooks[1], self._embedder(hooks_id, hooks[2]))
         outputs = pipeline.run_batch(values, tasks, context, label_config, timer=timings.__setitem__, mark=self.mark)
         return ("ok", outputs, timings)
+
+
+    def _embedder(self, hooks_id: str, embed: Any) -> Embedder | None:
+        """The hook set's embed_hook behind the cache: only the inputs not embedded yet reach it."""
+        if embed is None:
+            return None
+        loaded = self.loaded
+
+        def states(values: list[Any], extras: dict[str, Any]) -> list[Any]:
+            def compute(missing: list[Any]) -> list[Any]:
+                tasks = extras.get("tasks")
+                if tasks is not None:  # the tasks of the missing inputs, in their order
+                    by_input = {id(value): task for value, task in zip(values, tasks)}
+                    tasks = [by_input.get(id(value)) for value in missing]
+                return embed(missing, tasks=tasks, device=loaded.device, label_config=extras.get("label_config", ""),
+                             model=loaded.native)
+
+            return self.embeddings.states(hooks_id, values, compute)
+
+        return states
 
 
 def _reply(conn: Connection, reply: tuple) -> None:

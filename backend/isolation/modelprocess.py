@@ -50,7 +50,7 @@ from backend.core.errors import (
     error_from_dict,
 )
 from backend.isolation.forking import describe_exit
-from backend.isolation.modelhost import MAX_HOOK_SETS, STAGE_BYTES, STAGES
+from backend.isolation.modelhost import DEFAULT_EMBED_CACHE_BYTES, MAX_HOOK_SETS, STAGE_BYTES, STAGES
 from backend.isolation.zygote import Zygote, ZygoteUnavailable
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,12 @@ def _stage_page() -> tuple[int, mmap.mmap]:
 class ModelProcess:
     """One model process: forked from the zygote, given hooks and a model, restarted after a crash."""
 
-    def __init__(self, zygote: Zygote, artifacts_dir: Path, call_timeout_s: float) -> None:
+    def __init__(self, zygote: Zygote, artifacts_dir: Path, call_timeout_s: float,
+                 embed_cache_bytes: int = DEFAULT_EMBED_CACHE_BYTES) -> None:
         self.zygote = zygote
         self.artifacts_dir = artifacts_dir.resolve()
         self.call_timeout_s = call_timeout_s
+        self.embed_cache_bytes = embed_cache_bytes
         self.state = "new"  # new | idle | busy | loading | crashed | restarting | stopped
         self.pid: int | None = None
         self.model_spec: ModelSpec | None = None
@@ -124,7 +126,7 @@ class ModelProcess:
         self._conn_lock = threading.Lock()
         self._conn: Connection | None = None
         self._stage: mmap.mmap | None = None
-        self._hook_sets: OrderedDict[str, tuple[str, str, tuple[str, ...]]] = OrderedDict()
+        self._hook_sets: OrderedDict[str, tuple] = OrderedDict()  # by id: the "hooks" message that set it
         self._wants: dict[str, frozenset[str]] = {}  # by hook set: the keywords its hooks take
         self._crashes: deque[float] = deque(maxlen=16)
         self._exits: dict[int, int] = {}
@@ -134,15 +136,16 @@ class ModelProcess:
     # -- what the runtime and the batcher call ---------------------------------------------------
 
     def set_hooks(self, hooks_id: str, pre_hook: str, post_hook: str, secrets: tuple[str, ...] = (),
-                  wait_s: float | None = None) -> dict[str, str] | None:
+                  wait_s: float | None = None, embed_hook: str = "") -> dict[str, str] | None:
         """Decode a hook set in the process; None when it stayed busy for ``wait_s`` (a call is running)."""
         if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
             return None
         try:
             self._ensure_running()
-            sources = self._exchange(("hooks", hooks_id, pre_hook, post_hook, list(secrets)), None)[1]
+            message = ("hooks", hooks_id, pre_hook, post_hook, list(secrets), embed_hook, self.embed_cache_bytes)
+            sources = self._exchange(message, None)[1]
             self._wants[hooks_id] = frozenset(sources.pop("wants", ()))
-            self._hook_sets[hooks_id] = (pre_hook, post_hook, tuple(secrets))
+            self._hook_sets[hooks_id] = message
             self._hook_sets.move_to_end(hooks_id)
             while len(self._hook_sets) > MAX_HOOK_SETS:
                 self._wants.pop(self._hook_sets.popitem(last=False)[0], None)
@@ -235,8 +238,8 @@ class ModelProcess:
             return
         self.restarts += 1
         self.state = "restarting"
-        for hooks_id, (pre, post, secrets) in self._hook_sets.items():
-            self._exchange(("hooks", hooks_id, pre, post, list(secrets)), None)
+        for message in self._hook_sets.values():
+            self._exchange(message, None)
         if self.model_spec is not None:
             # The same model again, from disk: a restart does not depend on the registry being up.
             self.info = self._exchange(("load", self.model_spec.to_dict(), str(self.artifacts_dir), True), None)[1]

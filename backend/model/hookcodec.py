@@ -54,8 +54,12 @@ class Hook:
         return self.fn(*values, **kwargs)
 
 
-# inputs: what the pre hook got (file paths or texts), so a post hook can read image sizes.
-OPTIONAL_ARGUMENTS = ("tasks", "context", "device", "label_config", "inputs")
+# inputs: what the pre hook got (file paths or texts), so a post hook can read image sizes; state: what
+# the embed_hook made of each input.
+OPTIONAL_ARGUMENTS = ("tasks", "context", "device", "label_config", "inputs", "state")
+# An embed_hook(inputs, ...) may take these; model: the loaded model as its flavor loads it (a two-stage
+# pyfunc's encoder is reached with model.predict(x, params={"stage": "embed"})).
+EMBED_ARGUMENTS = ("tasks", "device", "label_config", "model")
 # A train_hook(inputs, annotations, ...) may also take these (see backend/training/job.py).
 TRAIN_ARGUMENTS = ("tasks", "label_config", "current_model", "params", "device")
 

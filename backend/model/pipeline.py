@@ -1,9 +1,11 @@
 """The pipeline of a configured model: a loaded MLflow model and its two hooks.
 
 ``pre_hook(inputs) -> model.predict -> post_hook(outputs)`` on one batch; the post hook must give back
-one prediction per task. Hooks that take ``tasks``, ``context``, ``device``, ``label_config`` or
-``inputs`` (what the pre hook got) as keywords get them; one-argument hooks (the DagsHub form) work
-as they are.
+one prediction per task. Hooks that take ``tasks``, ``context``, ``device``, ``label_config``,
+``inputs`` (what the pre hook got) or ``state`` as keywords get them; one-argument hooks (the DagsHub
+form) work as they are. With an ``embed_hook`` (promptable models), ``state`` is its output for each
+input, computed once per image and kept by the model process (``embedding``): a click runs only the
+pre hook, the model and the post hook on it.
 
 This runs in the backend's model process (``backend/isolation/modelhost.py``), where nothing a hook does can
 end the server, and in-process for ``python -m hooks check``.
@@ -21,6 +23,8 @@ from backend.model.hookcodec import Hook
 from backend.model.loading import LoadedModel
 
 StageTimer = Callable[[str, float], None]
+# (inputs, the extras the hooks get) -> one state per input: the embed_hook behind the model process's cache.
+Embedder = Callable[[list[Any], dict[str, Any]], list[Any]]
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Pipeline:
     loaded: LoadedModel
     pre_hook: Hook
     post_hook: Hook
+    embed: Embedder | None = None
 
     def run_batch(
         self,
@@ -43,7 +48,11 @@ class Pipeline:
         """pre_hook -> predict -> post_hook on one batch. Whatever a stage raises, ``SystemExit`` and
         ``KeyboardInterrupt`` included, becomes a HookFailed naming the stage. ``tasks`` may be None
         when no hook asks for them (they are the bulk of what a model process would be sent)."""
-        extras = {"tasks": tasks, "context": context, "device": self.loaded.device, "label_config": label_config, "inputs": values}
+        extras: dict[str, Any] = {"tasks": tasks, "context": context, "device": self.loaded.device,
+                                  "label_config": label_config, "inputs": values}
+        if self.embed is not None:
+            embed = self.embed
+            extras["state"] = _stage("embed_hook", lambda: embed(values, extras), timer, mark)
         model_input = _stage("pre_hook", lambda: self.pre_hook(values, **extras), timer, mark)
         model_output = _stage("model.predict", lambda: self.loaded.predict(model_input), timer, mark)
         outputs = _stage("post_hook", lambda: self.post_hook(model_output, **extras), timer, mark)

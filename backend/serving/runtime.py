@@ -90,6 +90,7 @@ class Serving:
             "batch_size": self.batch_size,
             "pre_hook": self.hooks.get("pre_hook"),
             "post_hook": self.hooks.get("post_hook"),
+            **({"embed_hook": self.hooks["embed_hook"]} if self.hooks.get("embed_hook") else {}),
             "load_seconds": round(float(self.info.get("load_seconds", 0.0)), 3),
             "configured_at": self.configured_at,
             "model_process": self.process.describe(),
@@ -204,7 +205,8 @@ class Runtime:
         return job
 
     def _new_process(self) -> ModelProcess:
-        return ModelProcess(self.zygote, self.store.artifacts_dir, self.settings.call_timeout_s)
+        return ModelProcess(self.zygote, self.store.artifacts_dir, self.settings.call_timeout_s,
+                            self.settings.embed_cache_bytes)
 
     def _batch_size(self, spec: ModelSpec) -> int:
         return spec.batch_size or self.settings.default_batch_size
@@ -213,7 +215,8 @@ class Runtime:
         """New hooks for the serving model, in its own process; False when that process is busy, or was
         retired under the swap by a load that finished meanwhile (then the hooks load with the model anew)."""
         try:
-            sources = active.process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook, spec.secrets(), HOOK_SWAP_WAIT_S)
+            sources = active.process.set_hooks(spec.digest, spec.pre_hook, spec.post_hook, spec.secrets(), HOOK_SWAP_WAIT_S,
+                                               spec.embed_hook)
         except Retired:
             log.info("the serving configuration was replaced during a hook swap: loading the hooks in a new process")
             return False
@@ -230,7 +233,8 @@ class Runtime:
         process = job.process
         assert process is not None
         try:
-            sources = process.set_hooks(job.spec.digest, job.spec.pre_hook, job.spec.post_hook, job.spec.secrets())
+            sources = process.set_hooks(job.spec.digest, job.spec.pre_hook, job.spec.post_hook, job.spec.secrets(),
+                                        embed_hook=job.spec.embed_hook)
             assert sources is not None
             info = process.load(job.spec, prefer_local=job.restoring)
             batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)

@@ -12,7 +12,7 @@ import math
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -35,6 +35,7 @@ from backend.serving.continuation import CACHE_FILE, Predictions, task_keys
 from backend.serving.follower import RegistryFollower
 from backend.serving.prediction import Outcome, predict_tasks, recall
 from backend.serving.push import Pusher
+from backend.serving.repeats import RepeatedClicks, click_key
 from backend.serving.runtime import Runtime
 from backend.state.store import ConfigurationStore, StoredFileBroken
 from backend.tasks.fetcher import TaskDataFetcher, dagshub_access
@@ -69,6 +70,7 @@ class Services:
     trainer: Trainer | None = None
     ticker: Ticker | None = None
     pusher: Pusher | None = None
+    repeats: RepeatedClicks = field(default_factory=lambda: RepeatedClicks(0.0))
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
     _label_studio_checked: float = float("-inf")
@@ -258,7 +260,22 @@ def predict():
     wait_s = min(s.settings.configure_wait_s, s.settings.predict_timeout_s)
     if not tasks:
         return jsonify({"results": [], "model_version": s.runtime.require_model(wait_s).model_version})
-    serving, outcome = s.runtime.serve(wait_s, run)
+    if context is None:
+        return _predictions(s, tasks, label_config, context, began, s.runtime.serve(wait_s, run))
+    # A click: the same one sent again (Label Studio does on Submit) is answered once.
+    active = s.runtime.require_model(wait_s)
+    key = click_key(f"{active.hooks_id}|{active.identity}", label_config, tasks, context)
+    answer, repeated = s.repeats.once(
+        key, lambda: _predictions(s, tasks, label_config, context, began, s.runtime.serve(wait_s, run)).get_data())
+    if repeated:
+        s.metrics.interactive_repeats.inc()
+    return current_app.response_class(answer, mimetype="application/json")
+
+
+def _predictions(s: Services, tasks: list[dict[str, Any]], label_config: str, context: Any, began: float,
+                 done: tuple[Any, Outcome]) -> Response:
+    """The answer to a /predict: what the push already stores withheld, the rest validated and encoded."""
+    serving, outcome = done
     if s.pusher is not None and context is None:  # what the push has sent, or sends now, Label Studio must not store twice
         answered = [i for i, item in enumerate(outcome.items) if item is not None]
         try:

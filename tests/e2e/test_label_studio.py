@@ -17,8 +17,11 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import requests
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
 
 import hooks as builders
 from harness.servers import base_env, free_port, wait_until
@@ -367,3 +370,44 @@ def test_annotations_train_a_new_version_that_is_promoted_and_predicts_what_anno
     for task in tasks:
         latest = [p for p in stored(label_studio, task["id"]) if p["model_version"] == new_version]
         assert latest and latest[0]["result"][0]["value"]["choices"] == [texts[task["data"]["text"]]]
+
+
+def test_a_click_in_label_studio_gets_the_clicked_moths_mask_and_the_same_click_again_costs_no_model_call(
+        label_studio, orchestrator, registry, tmp_path):
+    """Interactive pre-annotation as the editor asks for it: a backend connected with ``is_interactive``,
+    a smart keypoint sent through Label Studio's /api/ml/{id}/interactive-annotating, a promptable model
+    (examples/promptseg.py) serving with an embed_hook; the mask of the clicked moth comes back."""
+    from examples import promptseg
+
+    subprocess.run([sys.executable, "-m", "examples.promptseg", registry], env=base_env(), check=True, capture_output=True)
+    picture = np.full((240, 320, 3), 12, dtype=np.uint8)
+    picture[60:120, 80:160] = (230, 20, 20)
+    Image.fromarray(picture).save(tmp_path / "trap.png")
+    config = """<View>
+      <Image name="image" value="$image"/>
+      <KeyPointLabels name="tag" toName="image" smart="true"><Label value="Moth"/></KeyPointLabels>
+      <BrushLabels name="mask" toName="image" smart="true"><Label value="Moth"/></BrushLabels>
+    </View>"""
+    served = configure(orchestrator, "models:/promptseg/1", builders.sam_post(from_name="mask", to_name="image"),
+                       pre_hook=promptseg.click_pre, embed_hook=encode_hook(promptseg.embed_hook))
+    project = new_project(label_studio, "interactive", config, uploads=[tmp_path / "trap.png"])
+    (task,) = tasks_of(label_studio, project)
+    ml = label_studio.api("POST", "/api/ml", json={"url": served["label_studio_url"], "project": project,
+                                                   "title": "promptseg", "is_interactive": True})
+    click = {"result": [{"original_width": 320, "original_height": 240, "image_rotation": 0, "id": "Kp1",
+                         "from_name": "tag", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+                         "is_positive": True, "value": {"x": 37.5, "y": 37.5, "width": 0.6, "keypointlabels": ["Moth"]}}]}
+    answer = label_studio.api("POST", f"/api/ml/{ml['id']}/interactive-annotating", json={"task": task["id"], "context": click})
+    assert "errors" not in answer, answer
+    (region,) = answer["data"]["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Moth"]
+    mask = decode_rle(region["value"]["rle"]).reshape(240, 320, 4)[..., 3]
+    ys, xs = np.nonzero(mask)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (80, 159, 60, 119)
+    assert stored(label_studio, task["id"]) == []  # a click's answer goes to the editor, not to the task's predictions
+
+    # Submit sends the click again: the same answer, and no second model call.
+    again = label_studio.api("POST", f"/api/ml/{ml['id']}/interactive-annotating", json={"task": task["id"], "context": click})
+    assert again["data"] == answer["data"]
+    metrics = requests.get(served["label_studio_url"] + "metrics", timeout=5).text
+    assert "lsbackend_interactive_repeats_total 1.0" in metrics
