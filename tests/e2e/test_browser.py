@@ -184,3 +184,38 @@ def test_a_brush_without_the_image_size_still_draws(label_studio, annotator, pho
     drawn = annotator.open_task(project, task["id"], "raw-brush-without-size", regions=1, shapes=1, kind="Brush")
     [box] = drawn.boxes("Brush")
     assert near(box, [0.25, 0.25, 0.5, 0.5])
+
+
+def test_a_click_with_the_smart_keypoint_draws_the_clicked_moths_mask(label_studio, orchestrator, annotator, registry,
+                                                                      tmp_path):
+    """Interactive pre-annotation in the labeling UI: Auto-Annotation on, the smart keypoint tool, one click
+    on the moth; the promptable model's mask (examples/promptseg.py, with an embed_hook) is drawn over it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from examples import promptseg
+    from harness.servers import base_env
+    from lsmlflow.pickling import encode_hook
+    from tests.e2e.projects import configure
+
+    subprocess.run([sys.executable, "-m", "examples.promptseg", registry], env=base_env(), check=True, capture_output=True)
+    picture = np.full((240, 320, 3), 12, dtype=np.uint8)
+    picture[60:120, 80:160] = (230, 20, 20)
+    Image.fromarray(picture).save(tmp_path / "trap.png")
+    config = """<View>
+      <Image name="image" value="$image" zoom="false"/>
+      <KeyPointLabels name="tag" toName="image" smart="true" smartOnly="true"><Label value="Moth" background="red"/></KeyPointLabels>
+      <BrushLabels name="mask" toName="image"><Label value="Moth" background="blue"/></BrushLabels>
+    </View>"""
+    served = configure(orchestrator, "models:/promptseg/1", builders.sam_post(from_name="mask", to_name="image"),
+                       pre_hook=promptseg.click_pre, embed_hook=encode_hook(promptseg.embed_hook))
+    project = new_project(label_studio, "smart click", config, uploads=[tmp_path / "trap.png"])
+    (task,) = tasks_of(label_studio, project)
+    label_studio.api("POST", "/api/ml", json={"url": served["label_studio_url"], "project": project,
+                                             "title": "promptseg", "is_interactive": True})
+    drawn = annotator.smart_click(project, task["id"], "smart-keypoint-mask", "Moth", 0.375, 0.375)
+    assert drawn.regions == ["Moth"]
+    [mask] = drawn.boxes("Brush")
+    assert near(mask, [0.25, 0.25, 0.25, 0.25])  # the moth: x 80..160 of 320, y 60..120 of 240

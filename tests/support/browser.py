@@ -159,6 +159,30 @@ class Annotator:
         screen = self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200).json_value()
         return self._drawn(screen, name)
 
+    def smart_click(self, project: int, task_id: int, name: str, label: str, x: float, y: float) -> Drawn:
+        """Open a task and click it as an annotator does with a promptable model: Auto-Annotation on, the
+        smart keypoint tool and ``label`` taken, one click at (``x``, ``y``), fractions of the image; read
+        what is drawn once the answer's brush is there."""
+        page = self.page
+        page.goto(f"{self.label_studio.url}/projects/{project}/data?task={task_id}")
+        page.wait_for_function(DRAWN_ENOUGH, arg={"regions": 0, "shapes": 0, "spans": 0, "kind": ""},
+                               timeout=DRAW_TIMEOUT_MS, polling=200)
+        page.locator("text=Auto-Annotation").first.click()
+        page.locator(".lsf-tool_smart").first.click()  # the smart tools' group, at the toolbar's end
+        page.locator('button.lsf-tool[aria-label="key-point-tool"]').first.click(timeout=DRAW_TIMEOUT_MS)
+        page.locator(".lsf-label__text", has_text=label).first.click()
+        canvas = page.locator(".konvajs-content canvas").first.bounding_box(timeout=DRAW_TIMEOUT_MS)
+        assert canvas is not None, "the image canvas is not on the page"
+        page.mouse.click(canvas["x"] + canvas["width"] * x, canvas["y"] + canvas["height"] * y)
+        want = {"regions": 1, "shapes": 1, "spans": 0, "kind": "Brush"}
+        try:
+            screen = page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200).json_value()
+        except Exception:
+            page.screenshot(path=str(self.artifacts / f"{name}-not-drawn.png"))
+            raise
+        self._opened = name
+        return self._drawn(screen, name)
+
     def select_region(self, index: int = 0) -> Drawn:
         """Click a row of the regions panel, as an annotator does to see a region's text area; read again."""
         self.page.locator(".lsf-outliner-item").nth(index).click()
