@@ -62,6 +62,12 @@ def _exec(argv: list[str], env: dict[str, str]) -> int:
     return 0  # not reached
 
 
+def _env_default(name: str, fallback: str) -> str:
+    """A server option's default: the environment's, as a container sets it ($PORT, $HOST), else ours;
+    argparse converts it (a $PORT that is not a number is an error naming --port)."""
+    return os.environ.get(name) or fallback
+
+
 def cmd_serve(args: argparse.Namespace, settings: ClientSettings) -> int:
     env = {**os.environ, "HOST": args.host, "PORT": str(args.port)}
     if args.workers:
@@ -227,9 +233,9 @@ def parser(settings: ClientSettings | None = None) -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run one backend (gunicorn wsgi:app)",
                                 description="Run one backend. Configure it with `ls-mlflow configure`.")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s; beyond loopback, "
-                       "configure needs CONFIGURE_TOKEN or BASIC_AUTH_USER/PASS)")
-    serve.add_argument("--port", type=int, default=9090)
+    serve.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="bind address (default: $HOST or "
+                       "127.0.0.1; beyond loopback, configure needs CONFIGURE_TOKEN or BASIC_AUTH_USER/PASS)")
+    serve.add_argument("--port", type=int, default=_env_default("PORT", "9090"), help="default: $PORT or 9090")
     serve.add_argument("--workers", type=int, default=0, help="gunicorn workers (default: $WORKERS or 1)")
     serve.add_argument("--model-dir", default="", help="where the configuration is kept (default: $MODEL_DIR or ./model_dir)")
     serve.set_defaults(run=cmd_serve)
@@ -237,8 +243,8 @@ def parser(settings: ClientSettings | None = None) -> argparse.ArgumentParser:
     orchestrator = commands.add_parser("orchestrator", help="run the orchestrator: one backend per model",
                                        description="Run the orchestrator (flask run). Ctrl-C stops its backends; "
                                        "--on-exit keep leaves them for the next start.")
-    orchestrator.add_argument("--host", default="127.0.0.1")
-    orchestrator.add_argument("--port", type=int, default=9090)
+    orchestrator.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="default: $HOST or 127.0.0.1")
+    orchestrator.add_argument("--port", type=int, default=_env_default("PORT", "9090"), help="default: $PORT or 9090")
     orchestrator.add_argument("--state-dir", default="", help="default: $ORCHESTRATOR_DIR or ./orchestrator_state")
     orchestrator.add_argument("--driver", choices=("process", "docker", "ray"), default=None)
     orchestrator.add_argument("--on-exit", choices=("stop", "keep"), default=None)

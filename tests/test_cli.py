@@ -64,9 +64,13 @@ def user(tmp_path, installed, registry, images):
                               check=False)
 
     def start(*args: str) -> tuple[Process, str]:
-        """``ls-mlflow serve|orchestrator ARGS`` on a free port, once it answers; the process and its URL."""
+        """``ls-mlflow serve|orchestrator ARGS`` on a free port, once it answers; the process and its URL. The
+        backend is given its port as a container is, in ``$PORT``; the orchestrator with ``--port``."""
         port = free_port()
-        server = Process([*command, *args, "--port", str(port)], env, tmp_path / f"{args[0]}.log", cwd=folder)
+        if args[0] == "serve":
+            server = Process([*command, *args], {**env, "PORT": str(port)}, tmp_path / f"{args[0]}.log", cwd=folder)
+        else:
+            server = Process([*command, *args, "--port", str(port)], env, tmp_path / f"{args[0]}.log", cwd=folder)
         server.start()
         url = f"http://127.0.0.1:{port}"
         try:
