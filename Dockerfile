@@ -17,8 +17,12 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 WORKDIR /app
 COPY requirements.txt .
-# A virtual environment: works on the slim image and on a distribution's Python (PEP 668) alike.
-RUN python3 -m venv /opt/venv && pip install --upgrade pip && pip install -r requirements.txt
+# A virtual environment: works on the slim image and on a distribution's Python (PEP 668) alike. A private
+# package index's pip.conf comes in as a build secret, never in a layer:
+#   docker build --secret id=pipconf,src=$HOME/.config/pip/pip.conf .
+RUN --mount=type=secret,id=pipconf,target=/run/secrets/pipconf \
+    if [ -s /run/secrets/pipconf ]; then export PIP_CONFIG_FILE=/run/secrets/pipconf; fi; \
+    python3 -m venv /opt/venv && pip install --upgrade pip && pip install -r requirements.txt
 
 COPY backend/ backend/
 COPY hooks/ hooks/
