@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from harness.calls import demo_configure_body
-from harness.servers import MlflowServer, free_port, register_models, wait_until
+from harness.servers import free_port, wait_until
 from tests.e2e.projects import under_ci
 from tests.support.hooks import IMAGE_CONFIG
 from tests.support.images import IMAGE, Engine
@@ -33,25 +33,14 @@ def engine(tmp_path_factory):
     return made
 
 
-@pytest.fixture(scope="module")
-def mlflow_on_loopback(tmp_path_factory):
-    """An ``mlflow server`` on the host's loopback with the fixture models; the container shares the host's network."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
-    try:
-        register_models(server.url, with_torch=False)
-        yield server
-    finally:
-        server.stop()
-
-
-def test_the_image_runs_as_its_user_refuses_configure_without_the_token_and_predicts(engine, mlflow_on_loopback, tmp_path):
+def test_the_image_runs_as_its_user_refuses_configure_without_the_token_and_predicts(engine, mlflow_server, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     Image.new("RGB", (32, 24), (240, 240, 240)).save(images / "white.png")
     port = free_port()
     name = f"lsbackend-deploy-{port}"
     engine.run("run", "-d", "--name", name, "--network", "host", "-e", f"PORT={port}", "-e", f"CONFIGURE_TOKEN={TOKEN}",
-               "-e", f"MLFLOW_TRACKING_URI={mlflow_on_loopback.url}", "-e", "LOCAL_FILES_ROOTS=/images",
+               "-e", f"MLFLOW_TRACKING_URI={mlflow_server.url}", "-e", "LOCAL_FILES_ROOTS=/images",
                "-v", f"{images}:/images:ro", IMAGE)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from harness.servers import ROOT
-from tests.support.podman import CONTAINERS_CONF, EngineUnavailable
+from tests.support.podman import EngineUnavailable, podman_command
 
 BASE_IMAGE = "localhost/lsbackend-base:bookworm"
 IMAGE = "localhost/lsbackend:latest"
@@ -42,19 +42,7 @@ class Engine:
     default ulimits), and what each build step cost."""
 
     def __init__(self, folder: Path) -> None:
-        podman = shutil.which("podman")
-        if podman is None:
-            raise EngineUnavailable("podman is not installed (.ci/run installs it: apt-get install podman runc)")
-        if os.geteuid() != 0:
-            raise EngineUnavailable("building images here needs root (rootful podman, and debootstrap)")
-        folder.mkdir(parents=True, exist_ok=True)
-        conf = folder / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
-        self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
-        self.command = [podman, "--cgroup-manager=cgroupfs"]
-        runc = shutil.which("runc")
-        if runc:  # crun fails here ("cgroups in hybrid mode not supported")
-            self.command += ["--runtime", runc]
+        self.command, self.env = podman_command(folder)
         self.costs: dict[str, float] = {}
         self.outputs: dict[str, str] = {}
 

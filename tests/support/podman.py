@@ -34,25 +34,31 @@ def host_mounts() -> list[str]:
     return [f"{p}:{p}:ro" for p in dict.fromkeys(paths)]
 
 
+def podman_command(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """podman's command line and environment as this machine needs them (rootful, runc, cgroupfs, no
+    default ulimits: CONTAINERS_CONF written under ``folder``)."""
+    podman = shutil.which("podman")
+    if podman is None:
+        raise EngineUnavailable("podman is not installed (.ci/run installs it: apt-get install podman runc)")
+    if os.geteuid() != 0:
+        raise EngineUnavailable("the podman recipe here needs root (rootful podman with runc and cgroupfs)")
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    command = [podman, "--cgroup-manager=cgroupfs"]
+    runc = shutil.which("runc")
+    if runc:  # crun fails here ("cgroups in hybrid mode not supported")
+        command += ["--runtime", runc]
+    return command, {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+
 class Podman(Process):
     """``podman system service`` on a unix socket under ``folder``."""
 
     def __init__(self, folder: Path) -> None:
-        self.podman = shutil.which("podman")
-        if self.podman is None:
-            raise EngineUnavailable("podman is not installed (.ci/run installs it: apt-get install podman runc)")
-        if os.geteuid() != 0:
-            raise EngineUnavailable("the podman recipe here needs root (rootful podman with runc and cgroupfs)")
-        folder.mkdir(parents=True, exist_ok=True)
-        conf = folder / "containers.conf"
-        conf.write_text(CONTAINERS_CONF)
+        self.global_args, env = podman_command(folder)
         self.socket = folder / "podman.sock"
         self.base_url = f"unix://{self.socket}"
-        self.global_args = [self.podman, "--cgroup-manager=cgroupfs"]
-        runc = shutil.which("runc")
-        if runc:  # crun fails here ("cgroups in hybrid mode not supported")
-            self.global_args += ["--runtime", runc]
-        env = {**os.environ, "CONTAINERS_CONF": str(conf)}
         super().__init__(
             [*self.global_args, "system", "service", "--time=0", self.base_url], env, folder / "podman.log"
         )
