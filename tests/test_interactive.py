@@ -141,3 +141,10 @@ def test_an_embed_hook_that_fails_is_named_and_the_next_click_still_works(start_
     assert "embed_hook raised OSError: cannot read the camera's raw format" in failed.json()["error"]
     fine = predict(backend, [{"id": 1, "data": {"image": str(scenes[0])}}], CONFIG, params={"context": click(37.5, 37.5)})
     assert fine.status_code == 200 and mask_box(fine.json()) == (80, 159, 60, 119)
+
+    # An embed_hook that cannot be decoded, or is no string at all: named, and what served serves on.
+    for bad, status in (("bm90IGEgcGlja2xl!!", 400), ("bm90IGEgcGlja2xl", 422), (42, 400)):
+        refused = configure(backend, **{**body, "embed_hook": bad, "post_hook": encode_hook(sam_post(from_name="mask", to_name="image", label="Moth"))})
+        assert refused.status_code == status and "embed_hook" in refused.json()["error"], refused.text
+    again = predict(backend, [{"id": 1, "data": {"image": str(scenes[0])}}], CONFIG, params={"context": click(40.0, 40.0)})
+    assert again.status_code == 200 and mask_box(again.json()) == (80, 159, 60, 119)
