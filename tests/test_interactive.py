@@ -118,8 +118,8 @@ def test_an_image_is_embedded_once_and_each_click_decodes_only(start_backend, pr
     assert calls(log, "embed") == ["scene0.png", "scene1.png"]
 
     # A new configuration (another post hook) embeds anew: its states are its own.
-    polygon = {**body, "post_hook": encode_hook(sam_post(from_name="mask", to_name="image", shape="brush", label="Moth"))}
-    assert configure(backend, **polygon).status_code == 200
+    relabelled = {**body, "post_hook": encode_hook(sam_post(from_name="mask", to_name="image", label="Moth"))}
+    assert configure(backend, **relabelled).status_code == 200
     predict(backend, task, CONFIG, params={"context": click(37.5, 37.5)})
     assert calls(log, "embed") == ["scene0.png", "scene1.png", "scene0.png"]
 

@@ -64,8 +64,8 @@ def test_the_cache_computes_only_what_it_lacks_and_stays_in_its_bytes(tmp_path):
     cache = EmbeddingCache(max_bytes=2500)
     first = cache.states("hooks-a", ["a", "bb"], embed)
     assert [int(s[0]) for s in first] == [1, 2] and computed == [["a", "bb"]]
-    cache.states("hooks-a", ["bb", "ccc"], embed)  # only ccc is new
-    assert computed[-1] == ["ccc"] and cache.hits == 1 and cache.misses == 3
+    cache.states("hooks-a", ["bb", "ccc", "ccc"], embed)  # only ccc is new, and embedded once
+    assert computed[-1] == ["ccc"] and cache.hits == 2 and cache.misses == 3
     assert cache.held_bytes <= 2500 and cache.describe()["entries"] == 2  # "a", the least recently used, went
     cache.states("hooks-a", ["a"], embed)
     assert computed[-1] == ["a"]

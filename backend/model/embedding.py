@@ -72,17 +72,24 @@ class EmbeddingCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 found[index] = entry[0]
-        missing = [index for index in range(len(values)) if index not in found]
-        self.hits += len(found)
+        firsts: dict[tuple[str, Hashable], int] = {}  # a batch holding one image twice embeds it once
+        for index in range(len(values)):
+            if index not in found:
+                firsts.setdefault(keys[index], index)
+        missing = list(firsts.values())
+        self.hits += len(values) - len(missing)
         self.misses += len(missing)
         if missing:
             computed = compute([values[index] for index in missing])
             if not isinstance(computed, (list, tuple)) or len(computed) != len(missing):
                 got = len(computed) if isinstance(computed, (list, tuple)) else f"a {type(computed).__name__}"
                 raise ValueError(f"embed_hook returned {got} states for {len(missing)} inputs; return a list, one state per input")
-            for index, state in zip(missing, computed):
-                found[index] = state
-                self._put(keys[index], state)
+            fresh = {keys[index]: state for index, state in zip(missing, computed)}
+            for key, state in fresh.items():
+                self._put(key, state)
+            for index in range(len(values)):
+                if index not in found:
+                    found[index] = fresh[keys[index]]
         return [found[index] for index in range(len(values))]
 
     def _put(self, key: tuple[str, Hashable], state: Any) -> None:
