@@ -356,7 +356,9 @@ def test_past_the_deadline_a_request_answers_what_is_done_and_the_rest_goes_on(a
 
 
 def test_an_interactive_prediction_past_the_deadline_is_a_504(app_with, images):
-    client = app_with(predict_timeout_s=1.0)
+    # The request's own deadline, alone: with the model call's timeout equal to it (the default), the call's
+    # (a 504 too, that stops the process) could fire first on a loaded machine; test_hardening covers that one.
+    client = app_with(predict_timeout_s=1.0, model_call_timeout_s=10.0)
     configure(client, post_hook=encode_hook(hooks.slow_post))
     response = predict(client, image_tasks(images, "white"), params={"context": {"result": []}})
     assert response.status_code == 504
