@@ -41,7 +41,7 @@ bench: setup
 # test's waiting for its servers with another's work. TEST_JOBS=0 runs it in this process alone.
 TEST_JOBS ?= 3
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --ignore=tests/deploy $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder --ignore=tests/deploy $(ARGS)
 
 # The image lane: a Debian base made with debootstrap, the Dockerfile built with podman, the container run
 # (root, podman and debootstrap needed; skipped elsewhere, a failure under CI=true).

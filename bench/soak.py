@@ -201,7 +201,8 @@ class Soak:
         registry_done = False
         turn = 0
         while not self.stop.wait(rng.uniform(20, 40) * self.scale) and time.monotonic() < until:
-            if not registry_done and time.monotonic() >= registry_down_at:
+            # The registry goes away once every part was killed once (a short run kills each still).
+            if not registry_done and time.monotonic() >= registry_down_at and turn >= len(roles):
                 registry_done = True
                 say("stopping the registry's mlflow server")
                 self.mlflow.stop(signal.SIGKILL)

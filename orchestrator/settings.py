@@ -55,6 +55,7 @@ class OrchestratorSettings(AccessSettings):
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
+    docker_network: str = ""  # "": the engine's default, ports published on loopback; "host"; or a network's name
     max_request_bytes: int = 100 << 20  # the backends' MAX_REQUEST_MB: a larger body is refused here already
     on_exit: str = "keep"  # what the backends do when the orchestrator exits (orchestrator/shutdown.py)
     # The ray driver (orchestrator/drivers/raydriver.py).
@@ -112,6 +113,7 @@ class OrchestratorSettings(AccessSettings):
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),
             docker_mounts=comma_list(env.get("DOCKER_MOUNTS")),
+            docker_network=env.get("DOCKER_NETWORK", ""),
             max_request_bytes=env_megabytes(env, "MAX_REQUEST_MB", 100),
             on_exit=on_exit,
             ray_address=env.get("RAY_ADDRESS", ""),

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from backend.core.errors import OverBudget
+from backend.core.errors import BackendError, OverBudget
 
 from .drivers.base import free_port
 from .fleet import busy
@@ -159,6 +159,10 @@ class Supervisor:
             record.last_error = f"asleep rather than restarted: {exc.error}"
             self.manager.registry.put(record)
             log.warning("backend %s: %s", record.id, record.last_error)
+        except BackendError as exc:  # its engine refused (the docker driver): tried again after a backoff
+            record.last_error = f"could not start: {exc.error}"
+            log.warning("backend %s: %s", record.id, record.last_error)
+            self._died(record, time.time())
 
     def _stop_orphaned_replacement(self, record: BackendRecord) -> None:
         """The replacement an orchestrator started for a renewal and died before moving the backend to it."""

@@ -38,29 +38,34 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-# Under pytest-xdist (``make test``, --dist loadfile) files go to the workers in collection order, a few
-# each, then one more to each worker that runs out: the slowest first (measured: seconds of a 3-worker run
-# on 2 cores), so that no long file starts last and runs on alone while the other workers wait.
+# Under pytest-xdist (``make test``: --dist loadfile --no-loadscope-reorder) files go to the workers in
+# collection order, two each, then one more to each worker as it finishes one: the slowest first (measured:
+# seconds of a 3-worker run on 2 cores), so that no long file starts last and runs on alone while the other
+# workers wait. (Without --no-loadscope-reorder xdist orders files by their number of tests instead.)
 SLOWEST_FIRST = (
-    "tests/e2e/test_label_studio.py",  # 240
-    "tests/test_orchestrator.py",  # 160
-    "tests/e2e/test_browser.py",  # 110
-    "tests/e2e/test_zoo.py",  # 105
-    "tests/test_ray_driver.py",  # 100
-    "tests/test_soak.py",  # 85
-    "tests/test_training.py",  # 80
-    "tests/test_hardening.py",  # 70
-    "tests/test_gunicorn.py",  # 50
+    "tests/e2e/test_label_studio.py",  # 230
+    "tests/test_orchestrator.py",  # 145
+    "tests/e2e/test_browser.py",  # 115
+    "tests/e2e/test_zoo.py",  # 100
+    "tests/test_ray_driver.py",  # 95
+    "tests/test_soak.py",  # 80
+    "tests/test_training.py",  # 75
+    "tests/test_hardening.py",  # 75
+    "tests/test_gunicorn.py",  # 45
     "tests/test_api.py",  # 45
-    "tests/test_fleet.py",  # 40
     "tests/test_cli.py",  # 40
-    "tests/test_docker_driver.py",  # 35
     "tests/test_hooks.py",  # 35
-    "tests/test_dependencies.py",  # 30
-    "tests/test_batching.py",  # 15
-    "tests/test_antenna.py",  # 15
-    "tests/test_mlflow_http.py",  # 15
+    "tests/test_dependencies.py",  # 35
+    "tests/test_mlflow_http.py",  # 35
+    "tests/test_fleet.py",  # 30
+    "tests/test_docker_driver.py",  # 30
+    "tests/test_antenna.py",  # 20
+    "tests/test_bodies.py",  # 20
     "tests/test_client.py",  # 15
+    "tests/test_interactive.py",  # 12
+    "tests/test_template.py",  # 9
+    "tests/test_batching.py",  # 8
+    "tests/test_churn.py",  # 6
 )
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from harness.calls import labels, predict_images
-from harness.servers import free_port
+from harness.servers import closed_port
 from lsmlflow import Client, ConfigureFailed, HookNotPortable, Unreachable
 from lsmlflow.pickling import is_users_module
 
@@ -44,8 +44,8 @@ def test_a_backend_serves_hooks_from_a_module_only_the_client_has(start_backend,
     assert client.served().model_version == "brightness:1"
     assert labels(predict_images(backend.url, images, "white")) == ["dark"]
 
-    with pytest.raises(Unreachable, match="nothing answers"):
-        Client(f"http://127.0.0.1:{free_port()}").configure("models:/brightness/1", post_hook=client_side.post)
+    with closed_port() as port, pytest.raises(Unreachable, match="nothing answers"):
+        Client(f"http://127.0.0.1:{port}").configure("models:/brightness/1", post_hook=client_side.post)
 
 
 def test_the_orchestrator_serves_hooks_from_a_module_only_the_client_has(start_orchestrator, images, client_side):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import requests
 
 from harness.calls import image_tasks, labels_and_version, predict
+from harness.servers import closed_port
 from lsmlflow.pickling import encode_hook
 from tests.support import hooks
 from tests.support.dagshub import add_annotation_model
@@ -39,10 +40,9 @@ def test_tracking_server_down_is_502_and_old_model_serves(start_backend, images,
     backend = start_backend()
     assert requests.post(backend.url + "/configure", timeout=60, json={
         "model_uri": "models:/brightness/1", "pre_hook": encode_hook(hooks.brightness_pre), "post_hook": encode_hook(hooks.choices_post)}).ok
-    from harness.servers import free_port
-
-    response = requests.post(backend.url + "/configure", timeout=60, json={
-        "model_uri": "models:/brightness/2", "tracking_uri": f"http://127.0.0.1:{free_port()}"})
+    with closed_port() as port:  # held: no other worker's server can start answering there meanwhile
+        response = requests.post(backend.url + "/configure", timeout=60, json={
+            "model_uri": "models:/brightness/2", "tracking_uri": f"http://127.0.0.1:{port}"})
     assert response.status_code == 502
     assert "unreachable" in response.json()["error"]
     assert predict_labels(backend, images, "white") == (["light"], "brightness:1")

@@ -152,6 +152,47 @@ def test_docker_container_spec():
     assert "device_requests" not in DockerDriver(settings, client_factory=lambda: None).container_spec(record())
 
 
+def test_a_container_engine_that_fails_is_a_502_naming_it_and_what_to_check():
+    from docker.errors import DockerException, ImageNotFound
+
+    def no_engine():
+        raise DockerException("Error while fetching server API version: Permission denied")
+
+    settings = OrchestratorSettings(docker_base_url="unix:///run/docker.sock", docker_image="lsbackend:latest")
+    with pytest.raises(UpstreamUnavailable) as refused:
+        DockerDriver(settings, client_factory=no_engine).start(record())
+    assert refused.value.status == 502 and "unix:///run/docker.sock" in refused.value.error
+    assert "Permission denied" in refused.value.error and "docker group" in refused.value.detail
+    assert DockerDriver(settings, client_factory=no_engine).logs(record()) == [
+        "(no log: the container engine at unix:///run/docker.sock failed: Error while fetching server API version: "
+        "Permission denied)"]
+
+    class Containers:
+        def get(self, name):
+            raise ImageNotFound("no container")  # a NotFound, as the engine answers for a name it does not know
+
+        def run(self, **spec):
+            raise ImageNotFound(f"{spec['image']}: image not known")
+
+    class Engine:
+        containers = Containers()
+
+    with pytest.raises(UpstreamUnavailable, match="lsbackend:latest: image not known") as missing:
+        DockerDriver(settings, client_factory=Engine).start(record())
+    assert "lsbackend:latest is one of its images" in missing.value.detail
+
+
+def test_docker_networks():
+    """On the host's network a container listens on its own loopback port (nothing published: ports
+    would clash); on a named one (compose's) it joins it and still publishes on loopback."""
+    on_host = DockerDriver(OrchestratorSettings(docker_network="host"), client_factory=lambda: None).container_spec(record())
+    assert on_host["network_mode"] == "host" and "ports" not in on_host
+    assert on_host["environment"]["HOST"] == "127.0.0.1" and on_host["environment"]["PORT"] == "18001"
+    named = DockerDriver(OrchestratorSettings(docker_network="labeling"), client_factory=lambda: None).container_spec(record())
+    assert named["network"] == "labeling" and named["ports"] == {"9090/tcp": ("127.0.0.1", 18001)}
+    assert OrchestratorSettings.from_env({"DOCKER_NETWORK": "host"}).docker_network == "host"
+
+
 def test_settings_reject_what_they_cannot_use():
     with pytest.raises(ValueError, match="ORCHESTRATOR_DRIVER"):
         OrchestratorSettings.from_env({"ORCHESTRATOR_DRIVER": "kubernetes"})
@@ -194,17 +235,16 @@ def test_ray_actor_options_place_by_gpus_resource_and_labels():
 
 def test_the_ray_driver_says_what_is_missing_before_anything_starts(tmp_path, monkeypatch):
     from backend.core.errors import UpstreamUnavailable
+    from harness.servers import closed_port
     from orchestrator.drivers import make_driver, raydriver
-    from orchestrator.drivers.base import free_port
 
     with pytest.raises(ValueError, match="needs RAY_ADDRESS"):
         make_driver(OrchestratorSettings(driver="ray"))
     monkeypatch.setattr(raydriver.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match="needs the ray package: pip install"):
         make_driver(OrchestratorSettings(driver="ray", ray_address="127.0.0.1:6379"))
-    nobody = OrchestratorSettings(driver="ray", ray_address=f"127.0.0.1:{free_port()}", ray_connect_timeout_s=2)
-    with pytest.raises(UpstreamUnavailable, match="no Ray cluster answers at 127.0.0.1"):
-        raydriver.connect(nobody)  # at once, not after minutes of Ray's own retries
+    with closed_port() as port, pytest.raises(UpstreamUnavailable, match="no Ray cluster answers at 127.0.0.1"):
+        raydriver.connect(OrchestratorSettings(driver="ray", ray_address=f"127.0.0.1:{port}", ray_connect_timeout_s=2))  # at once, not after minutes of Ray's own retries
     with pytest.raises(UpstreamUnavailable, match="is not host:port"):
         raydriver.connect(OrchestratorSettings(driver="ray", ray_address="ray-head"))
 

@@ -1,8 +1,9 @@
 """Backends as containers of the project's image, through the docker SDK (Docker or podman's API).
 
-Each container is named ``lsbackend-<id>``, labelled, publishes the backend's port on loopback only,
-keeps MODEL_DIR on a named volume (so a restarted container restores its configuration), and gets a
-GPU device request when it was assigned one. The spec is a plain dict, testable without an engine.
+Each container is named ``lsbackend-<id>``, labelled, publishes the backend's port on loopback only
+(or, on the host's network, listens on its own loopback port), keeps MODEL_DIR on a named volume (so a
+restarted container restores its configuration), and gets a GPU device request when it was assigned one.
+The spec is a plain dict, testable without an engine.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from backend.core.errors import UpstreamUnavailable
 from backend.core.settings import BACKEND_ENVIRONMENT
 
 from ..registry import BackendRecord
@@ -59,8 +61,22 @@ class DockerDriver:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = self._client_factory()
+            from docker.errors import DockerException
+
+            try:
+                self._client = self._client_factory()
+            except DockerException as exc:
+                raise self._engine_failed(exc) from exc
         return self._client
+
+    def _engine_failed(self, exc: Exception) -> UpstreamUnavailable:
+        where = self.settings.docker_base_url or "the default Docker socket"
+        return UpstreamUnavailable(
+            f"the container engine at {where} failed: {exc}",
+            "Check DOCKER_HOST, that the engine runs, that the orchestrator's user may use its socket (the docker "
+            f"group, or the socket's group with --group-add in a container) and that {self.settings.docker_image} "
+            "is one of its images.",
+        )
 
     def container_spec(self, record: BackendRecord) -> dict[str, Any]:
         """Keyword arguments for ``client.containers.run``: everything about the container, in one place."""
@@ -85,6 +101,13 @@ class DockerDriver:
             "ports": {f"{BACKEND_PORT}/tcp": ("127.0.0.1", record.port)},
             "volumes": volumes,
         }
+        network = self.settings.docker_network
+        if network == "host":  # the host's loopback (an orchestrator in a container on it too): nothing to publish
+            spec["network_mode"] = "host"
+            spec["environment"].update(HOST="127.0.0.1", PORT=str(record.port))
+            del spec["ports"]
+        elif network:
+            spec["network"] = network
         if record.spare:
             spec["environment"]["WARM_IMPORTS"] = self.settings.spare_warm_imports
         if record.gpu:
@@ -101,10 +124,15 @@ class DockerDriver:
             return None
 
     def start(self, record: BackendRecord) -> str:
-        old = self._container(record)
-        if old is not None:  # a dead container of this backend: replace it, keeping the volume
-            old.remove(force=True)
-        return self.client.containers.run(**self.container_spec(record)).id
+        from docker.errors import DockerException
+
+        try:
+            old = self._container(record)
+            if old is not None:  # a dead container of this backend: replace it, keeping the volume
+                old.remove(force=True)
+            return self.client.containers.run(**self.container_spec(record)).id
+        except DockerException as exc:  # no engine, no image, a refused request: a 502 that says which
+            raise self._engine_failed(exc) from exc
 
     def is_running(self, record: BackendRecord) -> bool:
         container = self._container(record)
@@ -166,7 +194,10 @@ class DockerDriver:
         return measured, sum(memory.pss for memory in measured.values())  # containers share no pages
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
-        container = self._container(record)
-        if container is None:
-            return []
-        return container.logs(tail=lines).decode(errors="replace").splitlines()
+        from docker.errors import DockerException
+
+        try:
+            container = self._container(record)
+            return [] if container is None else container.logs(tail=lines).decode(errors="replace").splitlines()
+        except (DockerException, UpstreamUnavailable) as exc:  # asked while saying why it stopped: never worse
+            return [f"(no log: {exc})"]

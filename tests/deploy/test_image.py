@@ -5,6 +5,7 @@ Where podman or debootstrap cannot run these tests are skipped, saying why; unde
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -12,25 +13,12 @@ from PIL import Image
 
 from harness.calls import demo_configure_body
 from harness.servers import free_port, wait_until
-from tests.e2e.projects import under_ci
+from tests.deploy.conftest import CONFIGURE_TOKEN as TOKEN
+from tests.deploy.conftest import ORCHESTRATOR_TOKEN
 from tests.support.hooks import IMAGE_CONFIG
-from tests.support.images import IMAGE, Engine
-from tests.support.podman import EngineUnavailable
+from tests.support.images import IMAGE, layers_holding
 
 pytestmark = pytest.mark.deploy
-TOKEN = "deploy-test-configure-token-7f3a"
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    try:
-        made = Engine(tmp_path_factory.mktemp("engine"))
-        made.build()
-    except EngineUnavailable as exc:
-        if under_ci():
-            pytest.fail(f"the image lane needs podman and debootstrap under CI: {exc}")
-        pytest.skip(str(exc))
-    return made
 
 
 def test_the_image_runs_as_its_user_refuses_configure_without_the_token_and_predicts(engine, mlflow_server, tmp_path):
@@ -65,7 +53,7 @@ def test_the_image_runs_as_its_user_refuses_configure_without_the_token_and_pred
     assert TOKEN not in (logs.stdout + logs.stderr).decode(errors="replace")  # the token never reaches the log
 
 
-def test_the_image_holds_nothing_of_the_host_the_tests_or_a_secret(engine):
+def test_the_image_holds_nothing_of_the_host_the_tests_or_a_secret(engine, tmp_path):
     listed = engine.text("run", "--rm", "--entrypoint", "ls", IMAGE, "-a", "/app").split()
     assert {"backend", "orchestrator", "hooks", "wsgi.py"} <= set(listed)
     assert not {"tests", ".venv", ".git", "bench", "model_dir", "__pycache__"} & set(listed)  # .dockerignore
@@ -73,6 +61,11 @@ def test_the_image_holds_nothing_of_the_host_the_tests_or_a_secret(engine):
     assert no_pip_conf.returncode == 0  # the host's pip.conf was a build secret: in no layer
     history = engine.text("history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE)
     assert TOKEN not in history and "index-url" not in history
+    # Every file of every layer read through: no test token, nothing of the host's pip configuration.
+    needles = [TOKEN.encode(), ORCHESTRATOR_TOKEN.encode()]
+    if Path("/etc/pip.conf").exists():
+        needles.append(Path("/etc/pip.conf").read_bytes().strip())
+    assert layers_holding(engine, IMAGE, needles, tmp_path) == {}
     inspected = json.loads(engine.text("image", "inspect", IMAGE))[0]
     assert inspected["Config"]["User"] == "backend" and "livez" in str(inspected["Healthcheck"]["Test"])  # kept: docker format
     size_mb = inspected["Size"] / 2**20

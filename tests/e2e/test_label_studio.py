@@ -24,7 +24,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 import hooks as builders
-from harness.servers import base_env, free_port, wait_until
+from harness.servers import base_env, closed_port, wait_until
 from lsmlflow import Client, LabelStudioError, connect_project
 from lsmlflow.pickling import encode_hook
 from tests.e2e.projects import (
@@ -141,9 +141,8 @@ def test_the_client_and_the_cli_connect_projects_with_a_personal_access_token(la
     [ml_backend] = label_studio.api("GET", f"/api/ml?project={project}")
     assert ml_backend["is_interactive"] is True
 
-    with pytest.raises(LabelStudioError) as unreachable:  # Label Studio cannot reach that URL: its own reason
-        connect_project(project, f"http://127.0.0.1:{free_port()}/", label_studio_url=label_studio.url,
-                        api_key=label_studio.pat)
+    with closed_port() as port, pytest.raises(LabelStudioError) as unreachable:  # Label Studio cannot reach it: its reason
+        connect_project(project, f"http://127.0.0.1:{port}/", label_studio_url=label_studio.url, api_key=label_studio.pat)
     assert "Connection refused" in unreachable.value.error and "reachable from Label Studio" in unreachable.value.detail
     with pytest.raises(LabelStudioError, match="401") as refused:
         connect_project(project, served.url, label_studio_url=label_studio.url, api_key="not-a-token")

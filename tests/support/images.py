@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -94,3 +95,25 @@ class Engine:
         self.costs[step] = time.monotonic() - began
         self.outputs[step] = done.stdout.decode(errors="replace")
         return tag
+
+
+def layers_holding(engine: Engine, image: str, needles: list[bytes], folder: Path) -> dict[str, list[str]]:
+    """Each needle found in a file of any of ``image``'s layers, with the files that hold it: ``podman save``,
+    then every regular file of every layer read through (what ``podman history`` cannot show)."""
+    archive = folder / "saved.tar"
+    engine.run("save", "--format", "docker-archive", "-o", str(archive), image)
+    found: dict[str, list[str]] = {}
+    with tarfile.open(archive) as saved:
+        for member in saved:
+            if not member.isfile() or not member.name.endswith((".tar", "layer.tar")):
+                continue
+            with tarfile.open(fileobj=saved.extractfile(member)) as layer:
+                for entry in layer:
+                    if not entry.isfile():
+                        continue
+                    content = layer.extractfile(entry).read()  # type: ignore[union-attr]
+                    for needle in needles:
+                        if needle in content:
+                            found.setdefault(needle.decode(errors="replace"), []).append(entry.name)
+    archive.unlink()
+    return found

@@ -7,15 +7,20 @@ are bind-mounted read-only into each container through the driver's DOCKER_MOUNT
 
 from __future__ import annotations
 
+import http.client
 import io
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Any
 
-from harness.servers import ROOT, Process, wait_until
+from harness.servers import ROOT, Process, ThreadedServer, wait_until
 
 IMAGE = "localhost/lsbackend-test:latest"
 CONTAINERS_CONF = '[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = "cgroupfs"\n'
@@ -111,3 +116,51 @@ class Podman(Process):
             data=buffer.getvalue(),
         )
         return IMAGE
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def recording_proxy(socket_path: Path, seen: list[tuple[str, str, Any]]) -> ThreadedServer:
+    """The engine's Docker API on a loopback TCP port (DOCKER_HOST=tcp://...), each request's method, path and
+    JSON body appended to ``seen``: what a driver asked the engine for, as the engine got it."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError:
+                parsed = body
+            seen.append((self.command, self.path, parsed))
+            upstream = _UnixConnection(str(socket_path), timeout=300)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "connection")}
+            upstream.request(self.command, self.path, body=body or None, headers=headers)
+            answer = upstream.getresponse()
+            content = answer.read()  # de-chunked: answered with a length
+            upstream.close()
+            self.send_response(answer.status)
+            for key, value in answer.getheaders():
+                if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+    return ThreadedServer(Handler)
