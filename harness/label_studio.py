@@ -53,13 +53,59 @@ def _environment(data_dir: Path, port: int) -> dict[str, str]:
     return env
 
 
-class LabelStudio(Process):
+class LabelStudioApi:
+    """Label Studio's REST API as a user's script calls it: a legacy ``token``, or a Personal Access Token
+    (a JWT refresh token, which label-studio-sdk exchanges for access tokens and refreshes)."""
+
+    def __init__(self, url: str, token: str = "", pat: str = "") -> None:
+        self.url = url
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Token {token}"
+        self.pat = ""
+        self._sdk: Any = None
+        if pat:
+            self.pat = pat
+            self._use_pat(fresh=True)
+
+    @classmethod
+    def signed_in(cls, url: str, email: str, password: str) -> LabelStudioApi:
+        """Signed in on the login page, a Personal Access Token made as *Account & Settings* makes one (Label
+        Studio in its default mode: no legacy token), then used from there on."""
+        browser = requests.Session()
+        browser.get(f"{url}/user/login/", timeout=60)
+        csrf = {"X-CSRFToken": browser.cookies.get("csrftoken", ""), "Referer": f"{url}/user/login/"}
+        signed = browser.post(f"{url}/user/login/", timeout=60, headers=csrf, allow_redirects=False,
+                              data={"email": email, "password": password, "csrfmiddlewaretoken": csrf["X-CSRFToken"]})
+        assert signed.status_code == 302, f"signing in as {email}: {signed.status_code} {signed.text[:500]}"
+        csrf = {"X-CSRFToken": browser.cookies.get("csrftoken", ""), "Referer": f"{url}/user/account"}
+        made = browser.post(f"{url}/api/token/", timeout=60, headers=csrf)
+        assert made.status_code in (200, 201), f"POST /api/token/: {made.status_code} {made.text[:500]}"
+        return cls(url, pat=made.json()["token"])
+
+    def _use_pat(self, fresh: bool = False) -> None:
+        from label_studio_sdk.client import LabelStudio as SDK
+
+        if fresh or self._sdk is None:
+            self._sdk = SDK(base_url=self.url + "/", api_key=self.pat)
+        self.session.headers["Authorization"] = self._sdk._client_wrapper.get_headers()["Authorization"]
+
+    def api(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
+        if self.pat:
+            self._use_pat()  # the SDK refreshes the access token when it expires
+        kwargs.setdefault("timeout", 180)
+        response = self.session.request(method, self.url + path, **kwargs)
+        expected = (expect,) if isinstance(expect, int) else expect
+        assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
+        return response.json() if response.content else None
+
+
+class LabelStudio(Process, LabelStudioApi):
     """``label-studio start`` on a free loopback port, on a copy of the migrated data template."""
 
     def __init__(self, folder: Path, executable: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = folder / "data"
         args = [
             str(executable),
@@ -76,11 +122,8 @@ class LabelStudio(Process):
             "--user-token",
             TOKEN,
         ]
-        super().__init__(args, _environment(self.data_dir, self.port), folder / "label-studio.log", cwd=folder)
-        self.session = requests.Session()
-        self.session.headers["Authorization"] = f"Token {TOKEN}"
-        self.pat = ""
-        self._sdk: Any = None
+        Process.__init__(self, args, _environment(self.data_dir, self.port), folder / "label-studio.log", cwd=folder)
+        LabelStudioApi.__init__(self, f"http://127.0.0.1:{self.port}", token=TOKEN)
 
     def start(self, timeout: float = 180) -> LabelStudio:
         super().start()
@@ -102,22 +145,6 @@ class LabelStudio(Process):
         self.pat = pat
         self._use_pat(fresh=True)
         return pat
-
-    def _use_pat(self, fresh: bool = False) -> None:
-        from label_studio_sdk.client import LabelStudio as SDK
-
-        if fresh or self._sdk is None:
-            self._sdk = SDK(base_url=self.url + "/", api_key=self.pat)
-        self.session.headers["Authorization"] = self._sdk._client_wrapper.get_headers()["Authorization"]
-
-    def api(self, method: str, path: str, expect: int | tuple[int, ...] = (200, 201), **kwargs: Any) -> Any:
-        if self.pat:
-            self._use_pat()  # the SDK refreshes the access token when it expires
-        kwargs.setdefault("timeout", 180)
-        response = self.session.request(method, self.url + path, **kwargs)
-        expected = (expect,) if isinstance(expect, int) else expect
-        assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
-        return response.json() if response.content else None
 
     def uploaded_file(self, project: int, name: str) -> Path:
         """Where Label Studio keeps an uploaded file (its name gets a prefix)."""

@@ -5,9 +5,12 @@ tests/test_docker_driver.py. Where docker compose or podman-compose is installed
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -73,8 +76,10 @@ def test_the_images_are_this_checkout_and_its_mlflow():
 
 @pytest.mark.parametrize("tool", [["docker", "compose"], ["podman-compose"]])
 def test_compose_itself_accepts_the_file(tool, tmp_path):
-    if shutil.which(tool[0]) is None or subprocess.run([*tool, "version"], capture_output=True, check=False).returncode:
+    found = shutil.which(tool[0], path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None or subprocess.run([found, *tool[1:], "version"], capture_output=True, check=False).returncode:
         pytest.skip(f"{' '.join(tool)} is not installed here; the parsing tests above stand in")
+    tool = [found, *tool[1:]]  # podman-compose: from requirements-dev.txt, in this environment
     done = subprocess.run([*tool, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60, check=False,
                           env={"PATH": "/usr/bin:/bin", "CONFIGURE_TOKEN": "x", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr

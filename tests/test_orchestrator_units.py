@@ -163,9 +163,8 @@ def test_a_container_engine_that_fails_is_a_502_naming_it_and_what_to_check():
         DockerDriver(settings, client_factory=no_engine).start(record())
     assert refused.value.status == 502 and "unix:///run/docker.sock" in refused.value.error
     assert "Permission denied" in refused.value.error and "docker group" in refused.value.detail
-    assert DockerDriver(settings, client_factory=no_engine).logs(record()) == [
-        "(no log: the container engine at unix:///run/docker.sock failed: Error while fetching server API version: "
-        "Permission denied)"]
+    [said] = DockerDriver(settings, client_factory=no_engine).logs(record())
+    assert said.startswith("(no log: the container engine at unix:///run/docker.sock failed") and "Permission denied" in said
 
     class Containers:
         def get(self, name):

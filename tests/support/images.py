@@ -80,9 +80,9 @@ class Engine:
         self.costs["base"] = time.monotonic() - began
         return BASE_IMAGE
 
-    def build(self, tag: str = IMAGE, step: str = "build") -> str:
-        """This checkout's Dockerfile on the local base, in the docker format (podman drops HEALTHCHECK in its
-        own); its cost as ``step``, its output as ``self.outputs[step]``."""
+    def build(self, tag: str = IMAGE, step: str = "build", context: Path = ROOT) -> str:
+        """The Dockerfile of ``context`` (this checkout's, or one under deploy/) on the local base, in the docker
+        format (podman drops HEALTHCHECK in its own); its cost as ``step``, its output as ``self.outputs[step]``."""
         base = self.base_image()
         # The host's certificates for pip (its index may sit behind a proxy with its own CA), and its pip.conf
         # as the Dockerfile's build secret: for this build only, in no layer.
@@ -91,7 +91,7 @@ class Engine:
             extra.append("--secret=id=pipconf,src=/etc/pip.conf")
         began = time.monotonic()
         done = self.run("build", "--format", "docker", "--network", "host", *extra,
-                        "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(ROOT), timeout=1200)
+                        "--build-arg", f"BASE_IMAGE={base}", "-t", tag, str(context), timeout=1200)
         self.costs[step] = time.monotonic() - began
         self.outputs[step] = done.stdout.decode(errors="replace")
         return tag
