@@ -55,6 +55,26 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subpr
     raise TimeoutError(f"{what}: not ready after {timeout}s")
 
 
+def stop_group(pid: int, timeout: float = 15) -> None:
+    """Stop the process group that ``pid`` leads though it is not our child (a server another test process
+    started): SIGTERM, then SIGKILL if it is still there after ``timeout``."""
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return True
+        return state in ("Z", "X")  # its parent is gone too: nobody reaps it but init
+
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        wait_until(gone, timeout, f"process group {pid} to stop")
+    except ProcessLookupError:
+        return
+    except TimeoutError:
+        os.killpg(pid, signal.SIGKILL)
+
+
 class Process:
     """A child process with its log file, stopped on ``stop()``."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib
+import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from harness.servers import (
     file_server,
     prefix_proxy,
     register_models,
+    stop_group,
 )
 from orchestrator.drivers.process import template_modules
 from orchestrator.drivers.template import BackendTemplate
@@ -227,14 +230,48 @@ def client_side(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
+@dataclass(frozen=True)
+class SharedServer:
+    """A server of the whole run that another worker may have started: its address."""
+
+    url: str
+
+
+SHARED_MLFLOW = "mlflow-server.json"  # in the run's folder: the shared server's address and process
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    try:
-        register_models(server.url, with_torch=False)
-        yield server
-    finally:
-        server.stop()
+    """``mlflow server`` on loopback holding the fixture models (no torch). Under pytest-xdist one for the
+    whole run: the first worker that needs it starts it under a lock, the others use it, and the run's
+    controller stops it (pytest_sessionfinish below). Tests register models of their own names only."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+        try:
+            register_models(server.url, with_torch=False)
+            yield server
+        finally:
+            server.stop()
+        return
+    run_folder = tmp_path_factory.getbasetemp().parent
+    record = run_folder / SHARED_MLFLOW
+    with open(run_folder / "mlflow-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            (run_folder / "mlflow-server").mkdir(exist_ok=True)
+            server = MlflowServer(run_folder / "mlflow-server").start()
+            register_models(server.url, with_torch=False)
+            record.write_text(json.dumps({"url": server.url, "pid": server.proc.pid if server.proc else 0}))
+    yield SharedServer(json.loads(record.read_text())["url"])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run's controller (under pytest-xdist) stops what its workers shared (its own session group)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    record = session.config._tmp_path_factory.getbasetemp() / SHARED_MLFLOW  # type: ignore[attr-defined]
+    if record.exists():
+        stop_group(json.loads(record.read_text())["pid"])
 
 
 @pytest.fixture(scope="session")
