@@ -188,3 +188,35 @@ def test_a_real_backend_batches_concurrent_single_task_requests(start_backend, i
     batching = requests.get(backend.url + "/health", timeout=5).json()["batching"]
     assert batching["enabled"] and batching["items"] == 16
     assert batching["model_calls"] < 16  # some requests shared a model call
+
+
+class TwoLaneModel(CountingModel):
+    """A model process with an interactive lane: clicks on images it has embedded go there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lane_calls: list[list] = []
+
+    def interactive(self, hooks_id, values):
+        return all(v.startswith("embedded") for v in values)
+
+    def call_interactive(self, hooks_id, values, tasks, context, label_config):
+        self.lane_calls.append(list(values))
+        return [f"decoded {v}" for v in values], {}
+
+
+def test_a_click_on_an_embedded_image_takes_the_interactive_lane_beside_a_running_call():
+    model = TwoLaneModel()
+    model.release.clear()  # the main lane is busy: another annotator's new image being embedded
+    batcher = DynamicBatcher(model)
+    click = {"result": [{"type": "keypointlabels"}]}
+    new_image = batcher.submit(Chunk("hooks", 8, ["new.png"], [{"id": 1}], "<View/>", context=click))
+    wait_until(lambda: not batcher._queue, 5, "the new image's call to start")
+    embedded = batcher.submit(Chunk("hooks", 8, ["embedded.png"], [{"id": 2}], "<View/>", context=click))
+    assert embedded.result(5) == ["decoded embedded.png"] and not new_image.done()
+    not_a_click = submit(batcher, model, "embedded-too.png")  # no context: a prediction, on the main lane
+    stopped = threading.Event()
+    batcher.retire(then=stopped.set)
+    model.release.set()
+    assert new_image.result(5) == ["prediction of new.png"] and not_a_click.result(5) == ["prediction of embedded-too.png"]
+    assert stopped.wait(5) and model.lane_calls == [["embedded.png"]] and batcher.describe()["interactive_lane_calls"] == 1

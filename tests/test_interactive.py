@@ -5,8 +5,11 @@ named."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from PIL import Image
 
 from examples import promptseg
 from harness.calls import configure, predict
-from harness.servers import ROOT, base_env
+from harness.servers import ROOT, base_env, wait_until
 from lsmlflow.pickling import encode_hook
 
 CONFIG = """<View>
@@ -148,3 +151,41 @@ def test_an_embed_hook_that_fails_is_named_and_the_next_click_still_works(start_
         assert refused.status_code == status and "embed_hook" in refused.json()["error"], refused.text
     again = predict(backend, [{"id": 1, "data": {"image": str(scenes[0])}}], CONFIG, params={"context": click(40.0, 40.0)})
     assert again.status_code == 200 and mask_box(again.json()) == (80, 159, 60, 119)
+
+
+def test_a_click_on_an_embedded_image_is_answered_while_another_image_is_embedded(start_backend, promptseg_registry,
+                                                                                   scenes, tmp_path):
+    """Two annotators: one clicks a new image (its embedding held here until the test says so), the other
+    clicks an image embedded already: that click goes by the model process's interactive lane and is
+    answered at once, not after the other's embedding."""
+    log, gate = tmp_path / "calls.log", tmp_path / "open-the-gate"
+    backend = start_backend(MLFLOW_TRACKING_URI=promptseg_registry, LOCAL_FILES_ROOTS=str(scenes[0].parent))
+    from hooks import sam_post
+
+    def gated_embed(paths, model):
+        if any("scene1" in p for p in paths):  # the new image: embedded only once the gate is open
+            deadline = time.monotonic() + 60
+            while not os.path.exists(gate) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return promptseg.embed_hook(paths, model)
+
+    body = {"model_uri": "models:/promptseg/1", "embed_hook": encode_hook(counted(log, "embed", gated_embed)),
+            "pre_hook": encode_hook(promptseg.click_pre), "post_hook": encode_hook(sam_post(from_name="mask", to_name="image"))}
+    assert configure(backend, **body).status_code == 200
+    embedded = [{"id": 1, "data": {"image": str(scenes[0])}}]
+    assert mask_box(predict(backend, embedded, CONFIG, params={"context": click(37.5, 37.5)}).json()) == (80, 159, 60, 119)
+
+    new_image: dict = {}
+    first_click = threading.Thread(target=lambda: new_image.update(answer=predict(
+        backend, [{"id": 2, "data": {"image": str(scenes[1])}}], CONFIG, params={"context": click(62.5, 62.5)})))
+    first_click.start()
+    wait_until(lambda: calls(log, "embed") == ["scene0.png", "scene1.png"], 30, "the new image's embedding to begin")
+
+    meanwhile = predict(backend, embedded, CONFIG, params={"context": click(45.0, 45.0, region_id="k2")}, timeout=30)
+    assert meanwhile.status_code == 200 and mask_box(meanwhile.json()) == (80, 159, 60, 119)
+    assert first_click.is_alive()  # answered while the other image was still being embedded
+    gate.touch()
+    first_click.join(60)
+    assert mask_box(new_image["answer"].json()) == (160, 239, 120, 179)
+    batching = requests.get(backend.url + "/health", timeout=5).json()["batching"]
+    assert batching["interactive_lane_calls"] >= 1, batching

@@ -107,3 +107,16 @@ def test_digest_changes_with_hooks_but_model_key_does_not():
     b = parse_model_spec({"model_uri": "models:/m/1", "post_hook": "x.y:w"})
     assert a.model_key == b.model_key
     assert a.digest != b.digest
+
+
+def test_registry_errors_are_named_by_what_happened_not_by_digits_in_the_address():
+    """A tracking server on port 34031 that does not answer is unreachable, not one that refused a 403."""
+    from backend.model.loading import translate_mlflow_error
+
+    spec = ModelSpec(model_uri="models:/m/1", tracking_uri="http://127.0.0.1:34031")
+    refused = ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=34031): Max retries exceeded with url: "
+                              "/api/2.0/mlflow/registered-models/get (Caused by NewConnectionError: Connection refused)")
+    assert "is unreachable" in translate_mlflow_error(refused, spec).error
+    for said in ("API request to endpoint /api/2.0/mlflow/model-versions/get failed with error code 401 != 200",
+                 "403 Client Error: Forbidden for url: http://127.0.0.1:40129/api/2.0/mlflow/model-versions/get"):
+        assert "refused the credentials" in translate_mlflow_error(Exception(said), spec).error, said

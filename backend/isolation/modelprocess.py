@@ -18,6 +18,11 @@ good (a thread cannot be stopped) and with it the model; a CPU-bound model held 
 
 The price is one hop per model call (the inputs are file paths and texts, the outputs the post hook's
 predictions) and a second copy of the hooks' imports; the zygote keeps the start of a process at a fork.
+
+With an ``embed_hook``, a process has a second socket, the interactive lane: a click on an image this
+process has embedded already (``interactive``) is sent there and answered in milliseconds while the
+main lane embeds another image, instead of waiting for it (a deadline or a crash on either lane ends
+the process, as above). Any other call, and every other request, takes the main lane.
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ from backend.core.errors import (
 from backend.isolation.forking import describe_exit
 from backend.isolation.modelhost import DEFAULT_EMBED_CACHE_BYTES, MAX_HOOK_SETS, STAGE_BYTES, STAGES
 from backend.isolation.zygote import Zygote, ZygoteUnavailable
+from backend.model.embedding import input_key
 
 log = logging.getLogger(__name__)
 
 CRASH_WINDOW_S = 60.0
 MAX_RESTART_DELAY_S = 30.0
+EMBEDDED_KEYS = 4096  # inputs this side remembers as embedded there (the process's own cache is bounded in bytes)
 
 
 class ModelProcessCrashed(HookFailed):
@@ -104,6 +111,14 @@ def _stage_page() -> tuple[int, mmap.mmap]:
     return fd, mmap.mmap(fd, STAGE_BYTES)
 
 
+def _poller(conn: Connection) -> Any:
+    """A poll object on the connection: an answer (or the end of the process) to read; one per lane, not a
+    selector per call."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller
+
+
 class ModelProcess:
     """One model process: forked from the zygote, given hooks and a model, restarted after a crash."""
 
@@ -126,6 +141,12 @@ class ModelProcess:
         self._conn_lock = threading.Lock()
         self._conn: Connection | None = None
         self._stage: mmap.mmap | None = None
+        self._poller: Any = None
+        self._lane_lock = threading.Lock()  # one exchange at a time on the interactive lane
+        self._lane: Connection | None = None
+        self._lane_poller: Any = None
+        self._embedding_sets: set[str] = set()  # hook sets with an embed_hook
+        self._embedded: OrderedDict[tuple[str, Any], None] = OrderedDict()  # (hook set, input) embedded there
         self._hook_sets: OrderedDict[str, tuple] = OrderedDict()  # by id: the "hooks" message that set it
         self._wants: dict[str, frozenset[str]] = {}  # by hook set: the keywords its hooks take
         self._crashes: deque[float] = deque(maxlen=16)
@@ -145,6 +166,8 @@ class ModelProcess:
             message = ("hooks", hooks_id, pre_hook, post_hook, list(secrets), embed_hook, self.embed_cache_bytes)
             sources = self._exchange(message, None)[1]
             self._wants[hooks_id] = frozenset(sources.pop("wants", ()))
+            self._embedding_sets = {hooks_id} if embed_hook else set()  # the process forgets the older ones' states
+            self._embedded.clear()
             self._hook_sets[hooks_id] = message
             self._hook_sets.move_to_end(hooks_id)
             while len(self._hook_sets) > MAX_HOOK_SETS:
@@ -199,16 +222,50 @@ class ModelProcess:
                 self.busy_since = None
                 if self.state == "busy":
                     self.state = "idle"
-            return reply[1], reply[2]
+        self._remember_embedded(hooks_id, values)
+        return reply[1], reply[2]
+
+    def interactive(self, hooks_id: str, values: list[Any]) -> bool:
+        """Whether a call on these inputs is a click on images this process has embedded: one for the
+        interactive lane."""
+        return hooks_id in self._embedding_sets and all((hooks_id, input_key(v)) in self._embedded for v in values)
+
+    def call_interactive(self, hooks_id: str, values: list[Any], tasks: list[dict[str, Any]] | None, context: Any,
+                         label_config: str) -> tuple[list[Any], dict[str, float]]:
+        """``call`` on the interactive lane, beside whatever the main lane runs (there, when this process
+        has no lane now: it is being forked again)."""
+        if "tasks" not in self._wants.get(hooks_id, frozenset({"tasks"})):
+            tasks = None
+        if "label_config" not in self._wants.get(hooks_id, frozenset({"label_config"})):
+            label_config = ""
+        with self._lane_lock:
+            lane, poller = self._lane, self._lane_poller
+            if lane is not None and self.state in ("idle", "busy"):
+                reply = self._exchange(("call", hooks_id, values, tasks, context, label_config), self.call_timeout_s,
+                                       lane=(lane, poller))
+                self._remember_embedded(hooks_id, values)
+                return reply[1], reply[2]
+        return self.call(hooks_id, values, tasks, context, label_config)
+
+    def _remember_embedded(self, hooks_id: str, values: list[Any]) -> None:
+        if hooks_id not in self._embedding_sets:
+            return
+        for value in values:
+            self._embedded[(hooks_id, input_key(value))] = None
+            self._embedded.move_to_end((hooks_id, input_key(value)))
+        while len(self._embedded) > EMBEDDED_KEYS:
+            self._embedded.popitem(last=False)
 
     def stop(self) -> None:
         """End the process at once, whatever it is doing (a retired configuration, a hung call)."""
         with self._conn_lock:
             self.state = "stopped"
             conn, self._conn = self._conn, None
+            lane, self._lane = self._lane, None
         self._kill()
-        if conn is not None:
-            conn.close()
+        for closing in (conn, lane):
+            if closing is not None:
+                closing.close()
 
     def describe(self) -> dict[str, Any]:
         shown: dict[str, Any] = {"pid": self.pid, "state": self.state, "restarts": self.restarts}
@@ -248,32 +305,38 @@ class ModelProcess:
 
     def _fork(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        lane_mine, lane_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stage_fd, stage = _stage_page()
         try:
-            pid = self.zygote.fork(theirs.fileno(), stage_fd, timeout=300)
+            pid = self.zygote.fork(theirs.fileno(), stage_fd, lane_theirs.fileno(), timeout=300)
         except ZygoteUnavailable as exc:
             mine.close()
+            lane_mine.close()
             stage.close()
             raise BackendError(str(exc), "The backend's log says why; restart the backend if this persists.") from exc
         finally:
             theirs.close()
+            lane_theirs.close()
             os.close(stage_fd)
-        conn = Connection(mine.detach())
+        conn, lane = Connection(mine.detach()), Connection(lane_mine.detach())
         with self._conn_lock:
             stopped = self.state == "stopped"  # stop() came while this fork ran: the new process is not wanted
             if not stopped:
                 old, self._conn, self._stage, self.pid = self._conn, conn, stage, pid
-                self._poller = select.poll()
-                self._poller.register(conn.fileno(), select.POLLIN)
+                old_lane, self._lane = self._lane, lane
+                self._poller, self._lane_poller = _poller(conn), _poller(lane)
+                self._embedded.clear()  # a new process has embedded nothing yet
                 self.state = "idle"
         self.zygote.on_exit(pid, partial(self._on_exit, pid))
         if stopped:
             os.kill(pid, signal.SIGKILL)
             conn.close()
+            lane.close()
             stage.close()
             raise Retired()
-        if old is not None:
-            old.close()
+        for closing in (old, old_lane):
+            if closing is not None:
+                closing.close()
 
     def _on_exit(self, pid: int, status: int) -> None:
         with self._exited:
@@ -292,14 +355,15 @@ class ModelProcess:
             except ProcessLookupError:
                 pass
 
-    def _exchange(self, message: tuple, timeout: float | None) -> tuple:
-        """Send one request and read its answer; the caller holds the lock."""
-        conn = self._conn
+    def _exchange(self, message: tuple, timeout: float | None, lane: tuple[Connection, Any] | None = None) -> tuple:
+        """Send one request and read its answer, on the main lane or ``lane`` (its connection and poller);
+        the caller holds that lane's lock."""
+        conn, poller = lane or (self._conn, self._poller)
         if conn is None:  # stop() ran since the caller checked the process was running
             raise Retired()
         try:
             conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-            if not self._readable(timeout):
+            if not poller.poll(None if timeout is None else timeout * 1000):  # an answer, or the end of the process
                 self._kill()
                 self._lost(f"ran past {timeout:g} s (PREDICT_TIMEOUT_S)")
                 raise DeadlineExceeded(
@@ -312,6 +376,7 @@ class ModelProcess:
             if self.state == "stopped":
                 raise Retired(" while it ran") from exc
             stage = STAGES[self._stage[0]] if self._stage is not None and self._stage[0] < len(STAGES) else "?"
+            stage = "an interactive call" if lane is not None else stage
             how = self._exit_of(self.pid)
             self._lost(how)
             raise ModelProcessCrashed(
@@ -323,10 +388,6 @@ class ModelProcess:
         if reply[0] == "error":
             raise error_from_dict(reply[1])
         return reply
-
-    def _readable(self, timeout: float | None) -> bool:
-        """An answer (or the end of the process) is there to read; one poll object, not a selector per call."""
-        return bool(self._poller.poll(None if timeout is None else timeout * 1000))
 
     def _lost(self, how: str) -> None:
         """The process is gone (or killed): the next exchange forks a new one, after a backoff if it keeps happening."""
@@ -341,8 +402,10 @@ class ModelProcess:
             if self.state != "stopped":
                 self.state = "crashed"
             conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+            lane, self._lane = self._lane, None
+        for closing in (conn, lane):
+            if closing is not None:
+                closing.close()
         log.error("model process %s %s", self.pid, how)
         threading.Thread(target=self._restart_soon, name="model-restart", daemon=True).start()
 

@@ -199,15 +199,16 @@ class Zygote:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def fork(self, conn_fd: int, stage_fd: int, timeout: float = 30.0) -> int:
-        """A new model process serving ``conn_fd``; returns its pid. Waits for the zygote's imports."""
+    def fork(self, conn_fd: int, stage_fd: int, lane_fd: int | None = None, timeout: float = 30.0) -> int:
+        """A new model process serving ``conn_fd`` (and its interactive lane on ``lane_fd``); returns its pid.
+        Waits for the zygote's imports."""
         if not self.alive:
             self.start()
         client = self._client
         try:
             if client is None:
                 raise ForkUnavailable("it is not running")
-            return client.fork("fork", (), [conn_fd, stage_fd], timeout)
+            return client.fork("fork", (), [conn_fd, stage_fd] + ([] if lane_fd is None else [lane_fd]), timeout)
         except ForkUnavailable as exc:
             ended = f" ({describe_exit(self._proc_status())})" if client is not None and client.ended.is_set() else ""
             raise ZygoteUnavailable(f"the model zygote: {exc}{ended}") from exc
@@ -241,7 +242,7 @@ def _model_process(server: ForkServer, fds: list[int]) -> int:
     from backend.isolation.modelhost import serve
 
     try:
-        return serve(fds[0], fds[1])
+        return serve(fds[0], fds[1], fds[2] if len(fds) > 2 else None)
     except BaseException:
         logging.getLogger("backend.isolation.modelhost").exception("model process failed")
         return 1

@@ -5,12 +5,17 @@ worker fetched, or its text) into what the model needs again at every click, typ
 encoder's output. The model process keeps these states here, least recently used first out, bounded
 in bytes (EMBED_CACHE_MB), so a second click on an image runs only the cheap part; a state belongs
 to its hook set, and goes when that hook set is replaced (a new configuration).
+
+Two threads use it: the model process's main lane (which embeds new images) and its interactive lane
+(clicks on images embedded already, see ``isolation/modelprocess.py``), so lookups and stores hold a
+lock, and the embedding itself runs outside it.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -58,6 +63,7 @@ class EmbeddingCache:
 
     max_bytes: int
     _entries: OrderedDict[tuple[str, Hashable], tuple[Any, int]] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     held_bytes: int = 0
     hits: int = 0
     misses: int = 0
@@ -67,26 +73,28 @@ class EmbeddingCache:
         only) for the rest."""
         keys = [(hooks_id, input_key(value)) for value in values]
         found: dict[int, Any] = {}
-        for index, key in enumerate(keys):
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                found[index] = entry[0]
-        firsts: dict[tuple[str, Hashable], int] = {}  # a batch holding one image twice embeds it once
-        for index in range(len(values)):
-            if index not in found:
-                firsts.setdefault(keys[index], index)
-        missing = list(firsts.values())
-        self.hits += len(values) - len(missing)
-        self.misses += len(missing)
+        with self._lock:
+            for index, key in enumerate(keys):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    found[index] = entry[0]
+            firsts: dict[tuple[str, Hashable], int] = {}  # a batch holding one image twice embeds it once
+            for index in range(len(values)):
+                if index not in found:
+                    firsts.setdefault(keys[index], index)
+            missing = list(firsts.values())
+            self.hits += len(values) - len(missing)
+            self.misses += len(missing)
         if missing:
             computed = compute([values[index] for index in missing])
             if not isinstance(computed, (list, tuple)) or len(computed) != len(missing):
                 got = len(computed) if isinstance(computed, (list, tuple)) else f"a {type(computed).__name__}"
                 raise ValueError(f"embed_hook returned {got} states for {len(missing)} inputs; return a list, one state per input")
             fresh = {keys[index]: state for index, state in zip(missing, computed)}
-            for key, state in fresh.items():
-                self._put(key, state)
+            with self._lock:
+                for key, state in fresh.items():
+                    self._put(key, state)
             for index in range(len(values)):
                 if index not in found:
                     found[index] = fresh[keys[index]]
@@ -107,8 +115,9 @@ class EmbeddingCache:
 
     def forget(self, hooks_id: str) -> None:
         """Drop a replaced hook set's states."""
-        for key in [key for key in self._entries if key[0] == hooks_id]:
-            self.held_bytes -= self._entries.pop(key)[1]
+        with self._lock:
+            for key in [key for key in self._entries if key[0] == hooks_id]:
+                self.held_bytes -= self._entries.pop(key)[1]
 
     def describe(self) -> dict[str, int]:
         return {"entries": len(self._entries), "bytes": self.held_bytes, "max_bytes": self.max_bytes,

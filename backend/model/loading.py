@@ -173,6 +173,11 @@ def resolve_model_uri(client: Any, uri: str) -> ResolvedModel:
     return ResolvedModel(uri=uri)
 
 
+# A 401 or 403 as MLflow's client and requests word it ("error code 401 != 200", "403 Client Error"), not
+# any "401" in the message: a tracking server on port 34031 that does not answer is unreachable.
+_REFUSED = re.compile(r"(?:code|status)\D{0,3}40[13]\b|\b40[13] (?:Client Error|Unauthorized|Forbidden)", re.IGNORECASE)
+
+
 def translate_mlflow_error(exc: Exception, spec: ModelSpec) -> BackendError:
     """MLflow's and requests' exceptions into our named errors, keeping MLflow's message."""
     if isinstance(exc, BackendError):
@@ -182,7 +187,7 @@ def translate_mlflow_error(exc: Exception, spec: ModelSpec) -> BackendError:
     code = getattr(exc, "error_code", "")
     if code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in message.lower() or "does not exist" in message.lower():
         return NotFound(f"model {spec.model_uri!r} not found on {where}", f"{message}. Check the name, version or alias.")
-    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or "401" in message or "403" in message:
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or _REFUSED.search(message):
         return UpstreamUnavailable(
             f"tracking server {where} refused the credentials",
             f"{message}. Check the token (DagsHub) or tracking_username/tracking_password.",

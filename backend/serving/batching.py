@@ -11,7 +11,9 @@ bad input fails that request only.
 
 Requests come before background work (what a big project's request left for later, see
 ``continuation``): a background chunk runs only when no request's chunk waits. An interactive
-chunk (one with a ``context``) is never merged with others.
+chunk (one with a ``context``) is never merged with others; one whose images the model process has
+embedded already (a click that only decodes) goes to the process's interactive lane, on a thread of
+its own here, so that it never waits behind another annotator's first click on a new image.
 """
 
 from __future__ import annotations
@@ -76,8 +78,14 @@ class DynamicBatcher:
         self._retired: Callable[[], None] | None = None
         self._finished = False  # retired, drained, and its process stopped: nothing runs here any more
         self._calling = False
+        # The interactive lane: where the runner has one (a ModelProcess; not the tests' stand-ins).
+        self._lane_runner: Any = runner if hasattr(runner, "call_interactive") else None
+        self._lane: deque[Chunk] = deque()
+        self._lane_thread: threading.Thread | None = None
+        self._lane_calling = False
         self.batches = 0  # model calls made, for /health and the benchmarks
         self.items = 0
+        self.interactive_calls = 0  # of them, on the interactive lane
 
     def idle(self) -> bool:
         """No call running and none waiting: a part-filled chunk may as well go now."""
@@ -88,6 +96,8 @@ class DynamicBatcher:
         if max_batch_size is not None:
             shown["max_batch_size"] = max_batch_size
         shown["model_calls"], shown["items"] = self.batches, self.items
+        if self.interactive_calls:
+            shown["interactive_lane_calls"] = self.interactive_calls
         shown["queued"] = len(self._queue)
         return shown
 
@@ -108,9 +118,18 @@ class DynamicBatcher:
                 self._cond.notify_all()
 
     def submit(self, chunk: Chunk) -> Future:
+        lane = chunk.context is not None and self._lane_runner is not None and self._lane_runner.interactive(
+            chunk.hooks_id, chunk.values)
         with self._cond:
             if self._finished:  # a background chunk after the end: nobody would run it
                 chunk.future.set_exception(Retired())
+                return chunk.future
+            if lane:
+                if self._lane_thread is None:
+                    self._lane_thread = threading.Thread(target=self._lane_loop, name="interactive-lane", daemon=True)
+                    self._lane_thread.start()
+                self._lane.append(chunk)
+                self._cond.notify_all()
                 return chunk.future
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -136,7 +155,7 @@ class DynamicBatcher:
         """Wait for work; then take chunks of the first one's kind, up to its batch size. None: retired and done."""
         with self._cond:
             while not self._queue:
-                if self._retired is not None and not self._submitting:
+                if self._retired is not None and not self._submitting and not self._lane and not self._lane_calling:
                     return None
                 self._cond.wait()
             foreground = [c for c in self._queue if not c.background]
@@ -172,21 +191,45 @@ class DynamicBatcher:
                 self._run(chunks)
         with self._cond:
             self._finished = True
+            self._cond.notify_all()  # the interactive lane's thread ends too
         then = self._retired
         if then is not None:
             then()
 
-    def _call(self, chunks: list[Chunk]) -> list[Any]:
+    def _lane_loop(self) -> None:
+        """The interactive lane's clicks, one at a time, beside whatever the main loop runs."""
+        while True:
+            with self._cond:
+                while not self._lane and not self._finished:
+                    self._cond.wait()
+                if not self._lane:
+                    return
+                chunk = self._lane.popleft()
+                if not chunk.future.set_running_or_notify_cancel():  # past its deadline already
+                    continue
+                self._lane_calling = True
+            try:
+                chunk.future.set_result(self._call([chunk], lane=True))
+            except BaseException as exc:  # noqa: BLE001 - the request's to answer, as on the main loop
+                chunk.future.set_exception(exc)
+            finally:
+                with self._cond:
+                    self._lane_calling = False
+                    self._cond.notify_all()
+
+    def _call(self, chunks: list[Chunk], lane: bool = False) -> list[Any]:
         first = chunks[0]
         values = [v for c in chunks for v in c.values]
         tasks = [t for c in chunks for t in c.tasks]
-        outputs, timings = self.runner.call(first.hooks_id, values, tasks, first.context, first.label_config)
+        call = self._lane_runner.call_interactive if lane else self.runner.call
+        outputs, timings = call(first.hooks_id, values, tasks, first.context, first.label_config)
         for chunk in chunks:
             if chunk.timer is not None:
                 for stage, seconds in timings.items():
                     chunk.timer(stage, seconds)
         self.batches += 1
         self.items += len(values)
+        self.interactive_calls += lane
         return outputs
 
     def _run(self, chunks: list[Chunk]) -> None:
