@@ -124,17 +124,8 @@ class DynamicBatcher:
             if self._finished:  # a background chunk after the end: nobody would run it
                 chunk.future.set_exception(Retired())
                 return chunk.future
-            if lane:
-                if self._lane_thread is None:
-                    self._lane_thread = threading.Thread(target=self._lane_loop, name="interactive-lane", daemon=True)
-                    self._lane_thread.start()
-                self._lane.append(chunk)
-                self._cond.notify_all()
-                return chunk.future
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                self._thread.start()
-            self._queue.append(chunk)
+            self._start_loop(lane)
+            (self._lane if lane else self._queue).append(chunk)
             self._cond.notify_all()
         return chunk.future
 
@@ -142,10 +133,17 @@ class DynamicBatcher:
         """Finish what is queued and what requests still submit, then call ``then`` (stop the process)."""
         with self._cond:
             self._retired = then
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-                self._thread.start()
+            self._start_loop(lane=False)
             self._cond.notify_all()
+
+    def _start_loop(self, lane: bool) -> None:
+        """The main loop's thread (or the interactive lane's), at its first use; the caller holds the lock."""
+        if lane and self._lane_thread is None:
+            self._lane_thread = threading.Thread(target=self._lane_loop, name="interactive-lane", daemon=True)
+            self._lane_thread.start()
+        elif not lane and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+            self._thread.start()
 
     def _others_may_come(self) -> bool:
         """Some request is still submitting and has no chunk queued yet."""
