@@ -205,11 +205,7 @@ class ModelProcess:
              label_config: str) -> tuple[list[Any], dict[str, float]]:
         """One batch through the pipeline; the outputs and the seconds of each stage. Tasks and the
         labeling config go only to hooks that take them: tasks are most of what there is to send."""
-        wants = self._wants.get(hooks_id, frozenset({"tasks", "label_config"}))
-        if "tasks" not in wants:
-            tasks = None
-        if "label_config" not in wants:
-            label_config = ""
+        tasks, label_config = self._wanted(hooks_id, tasks, label_config)
         with self._lock:
             self._ensure_running()
             if self.model_spec is not None and self.info == {}:
@@ -234,10 +230,7 @@ class ModelProcess:
                          label_config: str) -> tuple[list[Any], dict[str, float]]:
         """``call`` on the interactive lane, beside whatever the main lane runs (there, when this process
         has no lane now: it is being forked again)."""
-        if "tasks" not in self._wants.get(hooks_id, frozenset({"tasks"})):
-            tasks = None
-        if "label_config" not in self._wants.get(hooks_id, frozenset({"label_config"})):
-            label_config = ""
+        tasks, label_config = self._wanted(hooks_id, tasks, label_config)
         with self._lane_lock:
             lane, poller = self._lane, self._lane_poller
             if lane is not None and self.state in ("idle", "busy"):
@@ -247,12 +240,20 @@ class ModelProcess:
                 return reply[1], reply[2]
         return self.call(hooks_id, values, tasks, context, label_config)
 
+    def _wanted(self, hooks_id: str, tasks: list[dict[str, Any]] | None,
+                label_config: str) -> tuple[list[dict[str, Any]] | None, str]:
+        """The tasks and the labeling config, where the hook set's hooks take them: tasks are most of what
+        there is to send."""
+        wants = self._wants.get(hooks_id, frozenset({"tasks", "label_config"}))
+        return (tasks if "tasks" in wants else None), (label_config if "label_config" in wants else "")
+
     def _remember_embedded(self, hooks_id: str, values: list[Any]) -> None:
         if hooks_id not in self._embedding_sets:
             return
         for value in values:
-            self._embedded[(hooks_id, input_key(value))] = None
-            self._embedded.move_to_end((hooks_id, input_key(value)))
+            key = (hooks_id, input_key(value))
+            self._embedded[key] = None
+            self._embedded.move_to_end(key)
         while len(self._embedded) > EMBEDDED_KEYS:
             self._embedded.popitem(last=False)
 
