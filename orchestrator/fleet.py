@@ -31,8 +31,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from backend.core.errors import OverBudget
@@ -98,9 +100,12 @@ class Fleet:
         self._measured_at = float("-inf")
         self._read_acted_on = float("-inf")  # the read of the total the budget check last looked at
         self._reserved: dict[str, Memory] = {}  # starts decided and not registered awake yet: their need
+        self._claims: dict[str, set[str]] = {}  # by start: the backends going to sleep for it, until stopped
         self._peaks: dict[str, Memory] = {}  # the most each awake backend has held since it started
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
+        self._waited: dict[str, float] = {}  # by start: how long it waited for the room lock
+        self._room_took: dict[str, str] = {}  # by start: what making room took, for the wake's log line
 
     @property
     def budgeted(self) -> bool:
@@ -251,12 +256,14 @@ class Fleet:
     def memory_in_use(self, gpu: str = "", leaving: set[str] | frozenset[str] = frozenset()) -> int:
         """What the budget counts (above): the template's RSS and what each running backend adds (one on its
         way to sleep too, until stopped, unless it is ``leaving`` for the start asking), at the larger of now
-        and its known peak, and what starts not registered yet reserved; on ``gpu``: each backend there at its
-        GPU memory, the same way."""
+        and its known peak, and for each start not registered yet the larger of its need and what the
+        backends going to sleep for it still hold (it forks once they are stopped: one or the other is in
+        memory, never both); on ``gpu``: each backend there at its GPU memory, the same way."""
         total = 0 if gpu else self.overhead
         with self._lock:
             reserved = dict(self._reserved)
-        total += sum(need.gpu if gpu else need.private for need in reserved.values())
+            claimed = {sleeper: start for start, sleepers in self._claims.items() for sleeper in sleepers}
+        held_for: Counter[str] = Counter()  # by start: what its sleepers hold until they are stopped
         records = self.backends.registry.all()
         for record in records:
             running = record.handle and (record.state in AWAKE or record.state == "sleeping")
@@ -265,8 +272,14 @@ class Fleet:
             with self._lock:
                 now = self.measured.get(record.id, Memory(0))
             later = Memory(0) if record.spare else self.expected(record, records)
-            total += max(now.gpu, later.gpu) if gpu else max(now.private, later.private)
-        return total
+            held = max(now.gpu, later.gpu) if gpu else max(now.private, later.private)
+            if record.id in claimed:
+                held_for[claimed[record.id]] += held
+            else:
+                total += held
+        for start, need in reserved.items():
+            total += max(need.gpu if gpu else need.private, held_for.pop(start, 0))
+        return total + sum(held_for.values())
 
     # --- sleep -----------------------------------------------------------------------------------
 
@@ -295,9 +308,10 @@ class Fleet:
         if health is None or busy(health) or self.in_flight(record.id):
             return False  # not answering is the supervisor's to handle; busy work is finished first
         record.model_version = str(health.get("model_version") or record.model_version)
-        now = backends.driver.memory([record]).get(record.id)  # what waking it will add, at the least
-        with self._lock:
-            peak = _larger(now, self._peaks.get(record.id)) if now else self._peaks.get(record.id)
+        with self._lock:  # what waking it will add, at the least: the supervisor reads it every few seconds
+            peak = self._peaks.get(record.id)
+        if peak is None and not record.memory_bytes:  # never measured: read now (milliseconds per process)
+            peak = backends.driver.memory([record]).get(record.id)
         if peak is not None:  # never less than what a loaded measurement said: this one may be of a partial load
             record.memory_bytes = max(record.memory_bytes, peak.private)
             record.gpu_memory_bytes = max(record.gpu_memory_bytes, peak.gpu)
@@ -318,15 +332,16 @@ class Fleet:
 
     def _sleep_one(self, exclude: str, gpu: str, why: str) -> bool:
         """Put the least recently used idle backend (on ``gpu`` where one is named) to sleep; spares go first."""
-        chosen = self._choose_sleeper(exclude, gpu)
-        if chosen is None:
-            return False
-        self._finish_choice(chosen, why)
-        return True
+        refused: set[str] = set()
+        while (chosen := self._choose_sleeper(exclude, gpu, refused)) is not None:
+            if self._confirm(chosen, refused):
+                self._finish_choice(chosen, why)
+                return True
+        return False
 
-    def _choose_sleeper(self, exclude: str, gpu: str) -> _Choice | None:
-        """The next to go for room: a spare (removed at once), else the least recently used idle backend, its
-        state already ``sleeping`` and its lock held until ``_finish_choice`` stops it."""
+    def _choose_sleeper(self, exclude: str, gpu: str, refused: set[str]) -> _Choice | None:
+        """The next to go for room: a spare (removed at once), else the least recently used backend that looks
+        idle here (ready, no request on its way, none of ``refused``), its lock held: ``_confirm`` asks it."""
         registry = self.backends.registry
         for spare in registry.spares():
             lock = self.backends.lock_for(spare.id)
@@ -337,16 +352,30 @@ class Fleet:
                     lock.release()
                 return _Choice(None, None)
         candidates = [r for r in registry.backends() if r.state == "ready" and r.handle and not r.always_on
-                      and r.id != exclude and (not gpu or r.gpu == gpu) and not self.in_flight(r.id)]
+                      and r.id != exclude and r.id not in refused and (not gpu or r.gpu == gpu)
+                      and not self.in_flight(r.id)]
         for candidate in sorted(candidates, key=self.last_used):
             lock = self.backends.lock_for(candidate.id)
             if not lock.acquire(blocking=False):
                 continue
             record = registry.get(candidate.id)
-            if record is not None and record.state == "ready" and self._begin_sleep(record):
+            if record is not None and record.state == "ready":
                 return _Choice(record, lock)
             lock.release()
         return None
+
+    def _confirm(self, chosen: _Choice, refused: set[str]) -> bool:
+        """Whether the chosen backend is idle by its own word (its /health: no training, no background work),
+        and now ``sleeping``; one that is not is let go and ``refused``. Asked outside the room lock: a
+        loaded backend takes a while to answer, and other starts need not wait for it."""
+        if chosen.record is None or chosen.lock is None:
+            return True
+        if self._begin_sleep(chosen.record):
+            chosen.begun = True
+            return True
+        refused.add(chosen.record.id)
+        chosen.lock.release()
+        return False
 
     def _finish_choice(self, chosen: _Choice, why: str) -> None:
         if chosen.record is None or chosen.lock is None:
@@ -360,8 +389,9 @@ class Fleet:
         """A start that could not fit after all: what was chosen to make room for it serves on."""
         if chosen.record is None or chosen.lock is None:
             return
-        chosen.record.state = "ready"
-        self.backends.registry.put(chosen.record)
+        if chosen.begun:
+            chosen.record.state = "ready"
+            self.backends.registry.put(chosen.record)
         chosen.lock.release()
 
     # --- wake ------------------------------------------------------------------------------------
@@ -369,35 +399,61 @@ class Fleet:
     @contextmanager
     def room_for(self, record: BackendRecord) -> Iterator[None]:
         """Held around a backend's start: makes room for what it will hold, or raises OverBudget. A spare
-        only starts where it fits as things are: nothing is put to sleep for one.
-
-        What must sleep for it is chosen under one lock (so no two starts count on the same room) and
-        marked ``sleeping``; the stops then run outside it, several starts' side by side, and each start
-        forks only once its own room is free. Until it is registered awake, its need is reserved."""
+        only starts where it fits as things are: nothing is put to sleep for one. Until it is registered
+        awake, its need is reserved; what sleeps for it is stopped before it forks."""
         if not self.budgeted:
             yield
             return
         need = Memory(0) if record.spare else self.expected(record)
-        chosen: list[_Choice] = []
-        with self._room:
-            try:
-                chosen += self._choose_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "", chosen)
-                if record.gpu:
-                    chosen += self._choose_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu, record,
-                                                record.gpu, chosen)
-            except OverBudget:
-                for choice in chosen:
-                    self._undo_choice(choice)
-                raise
-            with self._lock:
-                self._reserved[record.id] = need
+        began = time.monotonic()
         try:
-            for choice in chosen:
-                self._finish_choice(choice, "MEMORY_BUDGET")
+            chosen = self._make_room(record, need)
+            chose = time.monotonic()
+            if len(chosen) > 1:  # side by side: each stop is mostly waiting for a process to finish
+                with ThreadPoolExecutor(len(chosen), thread_name_prefix="sleep") as pool:
+                    list(pool.map(partial(self._finish_choice, why="MEMORY_BUDGET"), chosen))
+            elif chosen:
+                self._finish_choice(chosen[0], "MEMORY_BUDGET")
+            self._room_took[record.id] = (f"room {chose - began:.2f} s ({len(chosen)} chosen, {self._waited.pop(record.id, 0):.2f} s "
+                                          f"waiting for the lock), stops {time.monotonic() - chose:.2f} s")
             yield
         finally:
             with self._lock:
                 self._reserved.pop(record.id, None)
+                self._claims.pop(record.id, None)
+
+    def _make_room(self, record: BackendRecord, need: Memory) -> list[_Choice]:
+        """What must sleep for ``need`` to fit, each now ``sleeping`` with its lock held (``_finish_choice``
+        stops it). Chosen under one lock from what this process knows (so no two starts count on the same
+        room, and the lock is held for milliseconds), then each asked whether it is idle outside it; one
+        that is busy is replaced by the next."""
+        confirmed: list[_Choice] = []
+        refused: set[str] = set()
+        while True:
+            asked = time.monotonic()
+            with self._room:
+                self._waited[record.id] = self._waited.get(record.id, 0.0) + time.monotonic() - asked
+                with self._lock:
+                    self._reserved.pop(record.id, None)  # counted once: as ``need`` below
+                claimed: list[_Choice] = []
+                try:
+                    claimed += self._choose_room("MEMORY_BUDGET", self.settings.memory_budget, need.private, record, "",
+                                                 confirmed + claimed, refused)
+                    if record.gpu:
+                        claimed += self._choose_room("GPU_MEMORY_BUDGET", self.settings.gpu_memory_budget, need.gpu,
+                                                     record, record.gpu, confirmed + claimed, refused)
+                except OverBudget:
+                    for choice in confirmed + claimed:
+                        self._undo_choice(choice)
+                    raise
+                with self._lock:
+                    self._reserved[record.id] = need
+                    self._claims[record.id] = {c.record.id for c in confirmed + claimed if c.record is not None}
+            if not claimed:
+                return confirmed
+            confirmed += [choice for choice in claimed if self._confirm(choice, refused)]
+            with self._lock:  # the refused serve on, and count as awake again
+                self._claims[record.id] = {c.record.id for c in confirmed if c.record is not None}
 
     def spare_fits(self) -> bool:
         """Whether a warm spare (about the smallest measured backend, at most) fits the budget as things are."""
@@ -408,15 +464,15 @@ class Fleet:
         return self.memory_in_use() + (min(sizes) if sizes else 0) <= self.settings.memory_budget
 
     def _choose_room(self, name: str, budget: int, need: int, record: BackendRecord, gpu: str,
-                     chosen: list[_Choice]) -> list[_Choice]:
-        """What must sleep for ``need`` to fit ``budget``, chosen (not stopped yet); OverBudget where even
-        every idle backend would not make room."""
+                     chosen: list[_Choice], refused: set[str]) -> list[_Choice]:
+        """What must sleep for ``need`` to fit ``budget`` besides ``chosen``, claimed (not asked, not stopped
+        yet); OverBudget where even every idle backend would not make room."""
         more: list[_Choice] = []
         if not budget:
             return more
         leaving = {c.record.id for c in chosen + more if c.record is not None}
         while self.memory_in_use(gpu, leaving) + need > budget:
-            choice = None if record.spare else self._choose_sleeper(exclude=record.id, gpu=gpu)
+            choice = None if record.spare else self._choose_sleeper(record.id, gpu, refused)
             if choice is None:
                 self.events["over_budget"] += 1
                 for undone in more:
@@ -454,12 +510,18 @@ class Fleet:
                 began = time.monotonic()
                 current.wakes += 1
                 self.backends.start(current)
+                started = time.monotonic()
                 self.events["wake"] += 1
                 self.backends.wait_ready(current)
+                answering = time.monotonic()
                 self._wait_restored(current)
-                self.note_loaded(current)
-                log.info("backend %s: awake in %.2f s (asleep %.0f s)", current.id, time.monotonic() - began,
-                         time.time() - current.slept_at)
+                restored = time.monotonic()
+                with self._lock:  # its peak is known from before; the supervisor's next read updates it
+                    self._loaded.add(current.id)
+                log.info("backend %s: awake in %.2f s (asleep %.0f s): %s; forked after %.2f s, answering after %.2f s "
+                         "more, restored %.2f s later", current.id, restored - began, time.time() - current.slept_at,
+                         self._room_took.pop(current.id, "no room made"), started - began, answering - started,
+                         restored - answering)
             else:
                 self.backends.wait_ready(current)
         return current
@@ -490,3 +552,4 @@ class _Choice:
 
     record: BackendRecord | None
     lock: threading.Lock | None
+    begun: bool = False  # asked, and ``sleeping``: undone by setting it ``ready`` again

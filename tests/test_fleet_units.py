@@ -1,0 +1,177 @@
+"""How the fleet makes room for a start, without processes: a real registry, a driver that only keeps
+accounts, and backends whose /health is a dict. What is checked is the arithmetic and the choice, which
+the process tests (test_fleet.py) only see through their timing."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend.core.errors import OverBudget
+from orchestrator.drivers.base import Memory
+from orchestrator.fleet import Fleet
+from orchestrator.registry import BackendRecord, Registry
+from orchestrator.settings import OrchestratorSettings
+
+MIB = 1 << 20
+TEMPLATE = 500 * MIB
+EACH = 100 * MIB
+
+
+class AccountingDriver:
+    """Backends that hold EACH once started; a stop can be held back to look at the accounts meanwhile."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+        self.hold: dict[str, threading.Event] = {}
+        self.stopping: dict[str, threading.Event] = defaultdict(threading.Event)
+
+    def overhead(self) -> int:
+        return TEMPLATE
+
+    def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
+        return {r.id: Memory(EACH, EACH) for r in records if r.handle}
+
+    def measure(self, records: list[BackendRecord]) -> tuple[dict[str, Memory], int]:
+        held = self.memory(records)
+        return held, TEMPLATE + sum(m.pss for m in held.values())
+
+    def stop(self, record: BackendRecord) -> None:
+        self.stopping[record.id].set()
+        if record.id in self.hold:
+            assert self.hold[record.id].wait(10)
+        self.stopped.append(record.id)
+
+
+class Backends:
+    """The manager, as the fleet sees it."""
+
+    def __init__(self, tmp_path: Path, budget: int) -> None:
+        self.settings = OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), memory_budget=budget)
+        self.registry = Registry(tmp_path / "state" / "registry.db")
+        self.driver = AccountingDriver()
+        self.busy: dict[str, dict[str, Any]] = {}
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def lock_for(self, backend_id: str) -> threading.Lock:
+        return self._locks[backend_id]
+
+    def health(self, record: BackendRecord, timeout: float = 1.0) -> dict[str, Any] | None:
+        return {"configured": True, "model_version": "m:1", **self.busy.get(record.id, {})}
+
+    def remove(self, record: BackendRecord) -> None:
+        self.registry.delete(record.id)
+
+    def start(self, record: BackendRecord) -> None:
+        raise AssertionError("not started here")
+
+    def wait_ready(self, record: BackendRecord) -> None:
+        return None
+
+
+def awake(backends: Backends, name: str, used_at: float) -> BackendRecord:
+    record = BackendRecord(id=name, model={"model_uri": f"models:/{name}/1"}, driver="process", port=0,
+                           model_dir=f"/nowhere/{name}", token="t", handle=f"{name}:1", state="ready",
+                           memory_bytes=EACH, last_used_at=used_at, created_at=used_at)
+    backends.registry.put(record)
+    return record
+
+
+def asleep(backends: Backends, name: str) -> BackendRecord:
+    record = awake(backends, name, 0.0)
+    record.handle, record.state = "", "sleeping"
+    backends.registry.put(record)
+    return record
+
+
+def state(backends: Backends, name: str) -> str:
+    return backends.registry.get(name).state
+
+
+@pytest.fixture
+def three_awake(tmp_path):
+    """A budget of the template and three backends, all three awake (a the least recently used)."""
+    backends = Backends(tmp_path, TEMPLATE + 3 * EACH)
+    for at, name in enumerate("abc", start=1):
+        awake(backends, name, float(at))
+    fleet = Fleet(backends)
+    fleet.measure()  # the supervisor's first read: the template, and each awake backend
+    return backends, fleet
+
+
+def test_a_start_puts_the_least_recently_used_to_sleep_and_counts_it_once_while_it_stops(three_awake):
+    backends, fleet = three_awake
+    d, e = asleep(backends, "d"), asleep(backends, "e")
+    backends.driver.hold["a"] = threading.Event()
+    started = threading.Event()
+
+    def start_d() -> None:
+        with fleet.room_for(d):  # as the manager starts one: registered awake before the room is let go
+            d.handle, d.state, d.last_used_at = "d:1", "ready", 10.0
+            backends.registry.put(d)
+            started.set()
+
+    thread = threading.Thread(target=start_d)
+    thread.start()
+    assert backends.driver.stopping["a"].wait(10)
+    # a is stopping for d: the accounts hold one of the two (d's need, a's pages), not both.
+    assert fleet.memory_in_use() == TEMPLATE + 3 * EACH
+    backends.driver.hold["a"].set()
+    assert started.wait(10)
+    thread.join(10)
+    assert backends.driver.stopped == ["a"] and state(backends, "a") == "sleeping"
+
+    # With d awake, e needs room of its own: the least recently used of b, c and d.
+    with fleet.room_for(e):
+        pass
+    assert backends.driver.stopped == ["a", "b"]
+    assert [state(backends, name) for name in "bc"] == ["sleeping", "ready"]
+
+
+def test_a_busy_backend_is_passed_over_for_the_next_and_serves_on(three_awake):
+    backends, fleet = three_awake
+    backends.busy["a"] = {"training": {"state": "running"}}
+    with fleet.room_for(asleep(backends, "d")):
+        pass
+    assert backends.driver.stopped == ["b"]
+    assert state(backends, "a") == "ready" and state(backends, "b") == "sleeping"
+
+
+def test_when_every_awake_backend_is_busy_the_start_is_refused_and_nothing_sleeps(three_awake):
+    backends, fleet = three_awake
+    for name in "abc":
+        backends.busy[name] = {"background": {"queued": 3}}
+    with pytest.raises(OverBudget) as refused, fleet.room_for(asleep(backends, "d")):
+        pass
+    assert "MEMORY_BUDGET" in refused.value.error
+    assert backends.driver.stopped == [] and [state(backends, name) for name in "abc"] == ["ready"] * 3
+    assert fleet.memory_in_use() == TEMPLATE + 3 * EACH  # nothing left reserved
+
+
+def test_a_start_that_needs_two_stops_both_side_by_side(tmp_path):
+    backends = Backends(tmp_path, TEMPLATE + 3 * EACH)
+    for at, name in enumerate("abc", start=1):
+        awake(backends, name, float(at))
+    big = asleep(backends, "big")
+    big.memory_bytes = 2 * EACH
+    backends.registry.put(big)
+    fleet = Fleet(backends)
+    fleet.measure()
+    for name in "ab":
+        backends.driver.hold[name] = threading.Event()
+    def start_big() -> None:
+        with fleet.room_for(big):
+            pass
+
+    thread = threading.Thread(target=start_big)
+    thread.start()
+    # Both stops under way at once: neither waits for the other to finish.
+    assert backends.driver.stopping["a"].wait(10) and backends.driver.stopping["b"].wait(10)
+    for name in "ab":
+        backends.driver.hold[name].set()
+    thread.join(10)
+    assert sorted(backends.driver.stopped) == ["a", "b"] and state(backends, "c") == "ready"
