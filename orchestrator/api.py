@@ -188,7 +188,10 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
             if current is None or not _wakes(current):
                 raise
             # put to sleep between the look at its state and the request (another orchestrator process's pass)
-            response = o.proxy.forward(fleet.wake(current), path, request, authorization=authorization, timeout_s=timeout_s)
+            began = time.monotonic()
+            woken = fleet.wake(current)
+            woke_s += time.monotonic() - began
+            response = o.proxy.forward(woken, path, request, authorization=authorization, timeout_s=timeout_s)
     except BaseException:
         fleet.end(record.id)
         raise

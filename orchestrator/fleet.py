@@ -19,8 +19,10 @@ adds); a model never measured is expected to add what the median measured one di
 everything at the moment of a start is not enough by itself: a process forked a moment ago, or ending,
 shifts the shares of the template's pages while the reads are under way, and the sum comes out low;
 and the reads cost milliseconds per process, too slow for every start. The supervisor reads it every
-few seconds, and where it is over the budget (a backend's pages shared between its own processes are
-not in its private memory) puts the least recently used idle backend to sleep.
+few seconds, and where it is over the budget puts the least recently used idle backend to sleep. A
+backend's pages shared between its own processes are in the PSS but in no process's private memory:
+what a read holds beyond the template and the private pages, as a share of the private pages, is added
+to every backend's figure (``counted``), so that the next starts leave room for it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .settings import OrchestratorSettings
 log = logging.getLogger(__name__)
 
 TOUCH_EVERY_S = 2.0  # how stale the registry's last_used_at may be (this process knows it exactly)
+MAX_SHARED_SURCHARGE = 0.5  # at most: a read taken while backends start and stop can say too much
 MEASURE_EVERY_S = 10.0  # without a budget the measurements only feed /backends and the metrics
 BUDGET_MEASURE_EVERY_S = 2.0  # with one (reading every process's smaps costs milliseconds each; never per start)
 AWAKE = ("starting", "pending", "ready")
@@ -102,6 +105,7 @@ class Fleet:
         self._reserved: dict[str, Memory] = {}  # starts decided and not registered awake yet: their need
         self._claims: dict[str, set[str]] = {}  # by start: the backends going to sleep for it, until stopped
         self._peaks: dict[str, Memory] = {}  # the most each awake backend has held since it started
+        self._surcharge = 0.0  # the share of private memory added for pages a backend's own processes share
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
         self._waited: dict[str, float] = {}  # by start: how long it waited for the room lock
@@ -208,6 +212,10 @@ class Fleet:
         grown = []
         with self._lock:
             self.measured, self.total, self.overhead, self._measured_at = measured, total, overhead, now
+            private = sum(memory.private for memory in measured.values())
+            if private and total:  # what the read holds beyond the template and the backends' private pages
+                gap = min(max((total - overhead - private) / private, 0.0), MAX_SHARED_SURCHARGE)
+                self._surcharge = max(gap, self._surcharge * 0.9)  # up at once, down slowly: reads in churn vary
             for record in awake:
                 memory = measured.get(record.id)
                 if memory is None:
@@ -253,6 +261,13 @@ class Fleet:
         median = int(statistics.median(others)) if others else 0
         return Memory(0, max(peak.private, median), peak.gpu)
 
+    def counted(self, private: int) -> int:
+        """A backend's private memory as the budget counts it: with the share the supervisor's last reads
+        found beyond everyone's private pages (those a backend's own processes share: its worker and its
+        model process both map what their parent wrote before forking them, which is no one's private
+        memory but is in the PSS the budget bounds)."""
+        return int(private * (1.0 + self._surcharge))
+
     def memory_in_use(self, gpu: str = "", leaving: set[str] | frozenset[str] = frozenset()) -> int:
         """What the budget counts (above): the template's RSS and what each running backend adds (one on its
         way to sleep too, until stopped, unless it is ``leaving`` for the start asking), at the larger of now
@@ -272,13 +287,13 @@ class Fleet:
             with self._lock:
                 now = self.measured.get(record.id, Memory(0))
             later = Memory(0) if record.spare else self.expected(record, records)
-            held = max(now.gpu, later.gpu) if gpu else max(now.private, later.private)
+            held = max(now.gpu, later.gpu) if gpu else self.counted(max(now.private, later.private))
             if record.id in claimed:
                 held_for[claimed[record.id]] += held
             else:
                 total += held
         for start, need in reserved.items():
-            total += max(need.gpu if gpu else need.private, held_for.pop(start, 0))
+            total += max(need.gpu if gpu else self.counted(need.private), held_for.pop(start, 0))
         return total + sum(held_for.values())
 
     # --- sleep -----------------------------------------------------------------------------------
@@ -471,6 +486,7 @@ class Fleet:
         if not budget:
             return more
         leaving = {c.record.id for c in chosen + more if c.record is not None}
+        need = need if gpu else self.counted(need)
         while self.memory_in_use(gpu, leaving) + need > budget:
             choice = None if record.spare else self._choose_sleeper(record.id, gpu, refused)
             if choice is None:

@@ -26,6 +26,7 @@ class AccountingDriver:
     """Backends that hold EACH once started; a stop can be held back to look at the accounts meanwhile."""
 
     def __init__(self) -> None:
+        self.shared = 0  # what each backend's own processes share: in the PSS read, in no private figure
         self.stopped: list[str] = []
         self.hold: dict[str, threading.Event] = {}
         self.stopping: dict[str, threading.Event] = defaultdict(threading.Event)
@@ -38,7 +39,7 @@ class AccountingDriver:
 
     def measure(self, records: list[BackendRecord]) -> tuple[dict[str, Memory], int]:
         held = self.memory(records)
-        return held, TEMPLATE + sum(m.pss for m in held.values())
+        return held, TEMPLATE + sum(m.pss + self.shared for m in held.values())
 
     def stop(self, record: BackendRecord) -> None:
         self.stopping[record.id].set()
@@ -175,3 +176,17 @@ def test_a_start_that_needs_two_stops_both_side_by_side(tmp_path):
         backends.driver.hold[name].set()
     thread.join(10)
     assert sorted(backends.driver.stopped) == ["a", "b"] and state(backends, "c") == "ready"
+
+
+def test_pages_a_backends_own_processes_share_are_counted_from_the_reads(tmp_path):
+    backends = Backends(tmp_path, TEMPLATE + 4 * EACH)
+    for at, name in enumerate("abc", start=1):
+        awake(backends, name, float(at))
+    backends.driver.shared = EACH // 10  # the reads find a tenth more than the private pages
+    fleet = Fleet(backends)
+    fleet.measure()
+    assert fleet.memory_in_use() == TEMPLATE + 3 * fleet.counted(EACH) and fleet.counted(EACH) == EACH * 11 // 10
+    # By private memory a fourth fits (500 + 4 x 100 MiB); by what the reads say it does not: a sleeps.
+    with fleet.room_for(asleep(backends, "d")):
+        pass
+    assert backends.driver.stopped == ["a"]
