@@ -108,8 +108,7 @@ class Fleet:
         self._surcharge = 0.0  # the share of private memory added for pages a backend's own processes share
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
-        self._waited: dict[str, float] = {}  # by start: how long it waited for the room lock
-        self._room_took: dict[str, str] = {}  # by start: what making room took, for the wake's log line
+        self._this_thread = threading.local()  # what making room for this thread's start took, for its wake's log
 
     @property
     def budgeted(self) -> bool:
@@ -206,14 +205,15 @@ class Fleet:
         now = time.monotonic()
         if now - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
             return
-        awake = [r for r in self.backends.registry.all() if r.handle and r.state in AWAKE]
-        measured, total = self.backends.driver.measure(awake)
+        running = [r for r in self.backends.registry.all() if r.handle]  # starting and stopping ones too
+        awake = [r for r in running if r.state in AWAKE]
+        measured, total = self.backends.driver.measure(running)
         overhead = self.backends.driver.overhead()
         grown = []
         with self._lock:
             self.measured, self.total, self.overhead, self._measured_at = measured, total, overhead, now
             private = sum(memory.private for memory in measured.values())
-            if private and total:  # what the read holds beyond the template and the backends' private pages
+            if private and total and overhead:  # beyond the template (once connected to it) and every private page
                 gap = min(max((total - overhead - private) / private, 0.0), MAX_SHARED_SURCHARGE)
                 self._surcharge = max(gap, self._surcharge * 0.9)  # up at once, down slowly: reads in churn vary
             for record in awake:
@@ -422,32 +422,33 @@ class Fleet:
         need = Memory(0) if record.spare else self.expected(record)
         began = time.monotonic()
         try:
-            chosen = self._make_room(record, need)
+            chosen, waited = self._make_room(record, need)
             chose = time.monotonic()
             if len(chosen) > 1:  # side by side: each stop is mostly waiting for a process to finish
                 with ThreadPoolExecutor(len(chosen), thread_name_prefix="sleep") as pool:
                     list(pool.map(partial(self._finish_choice, why="MEMORY_BUDGET"), chosen))
             elif chosen:
                 self._finish_choice(chosen[0], "MEMORY_BUDGET")
-            self._room_took[record.id] = (f"room {chose - began:.2f} s ({len(chosen)} chosen, {self._waited.pop(record.id, 0):.2f} s "
-                                          f"waiting for the lock), stops {time.monotonic() - chose:.2f} s")
+            self._this_thread.room_took = (f"room {chose - began:.2f} s ({len(chosen)} chosen, {waited:.2f} s waiting for "
+                                           f"the lock), stops {time.monotonic() - chose:.2f} s")
             yield
         finally:
             with self._lock:
                 self._reserved.pop(record.id, None)
                 self._claims.pop(record.id, None)
 
-    def _make_room(self, record: BackendRecord, need: Memory) -> list[_Choice]:
+    def _make_room(self, record: BackendRecord, need: Memory) -> tuple[list[_Choice], float]:
         """What must sleep for ``need`` to fit, each now ``sleeping`` with its lock held (``_finish_choice``
-        stops it). Chosen under one lock from what this process knows (so no two starts count on the same
+        stops it), and how long this start waited for the room lock. Chosen under one lock from what this process knows (so no two starts count on the same
         room, and the lock is held for milliseconds), then each asked whether it is idle outside it; one
         that is busy is replaced by the next."""
         confirmed: list[_Choice] = []
         refused: set[str] = set()
+        waited = 0.0
         while True:
             asked = time.monotonic()
             with self._room:
-                self._waited[record.id] = self._waited.get(record.id, 0.0) + time.monotonic() - asked
+                waited += time.monotonic() - asked
                 with self._lock:
                     self._reserved.pop(record.id, None)  # counted once: as ``need`` below
                 claimed: list[_Choice] = []
@@ -465,7 +466,7 @@ class Fleet:
                     self._reserved[record.id] = need
                     self._claims[record.id] = {c.record.id for c in confirmed + claimed if c.record is not None}
             if not claimed:
-                return confirmed
+                return confirmed, waited
             confirmed += [choice for choice in claimed if self._confirm(choice, refused)]
             with self._lock:  # the refused serve on, and count as awake again
                 self._claims[record.id] = {c.record.id for c in confirmed if c.record is not None}
@@ -525,6 +526,7 @@ class Fleet:
             if current.state == "sleeping":
                 began = time.monotonic()
                 current.wakes += 1
+                self._this_thread.room_took = "no room made"
                 self.backends.start(current)
                 started = time.monotonic()
                 self.events["wake"] += 1
@@ -536,7 +538,7 @@ class Fleet:
                     self._loaded.add(current.id)
                 log.info("backend %s: awake in %.2f s (asleep %.0f s): %s; forked after %.2f s, answering after %.2f s "
                          "more, restored %.2f s later", current.id, restored - began, time.time() - current.slept_at,
-                         self._room_took.pop(current.id, "no room made"), started - began, answering - started,
+                         self._this_thread.room_took, started - began, answering - started,
                          restored - answering)
             else:
                 self.backends.wait_ready(current)

@@ -11,10 +11,14 @@ import sys
 
 import requests
 
+from collections import Counter
+from pathlib import Path
+
 from harness.calls import configure as configure_call
-from harness.calls import labels_and_version, predict_images
+from harness.calls import image_tasks, labels, labels_and_version, predict, predict_images
 from harness.servers import ROOT, wait_until
-from tests.support.hooks import IMAGE_CONFIG
+from lsmlflow.pickling import encode_hook
+from tests.support.hooks import IMAGE_CONFIG, recording_post
 
 
 def configure(orchestrator, **body):
@@ -89,6 +93,28 @@ def test_an_idle_backend_sleeps_label_studio_does_not_wake_it_and_a_prediction_d
     renewed = requests.post(url + "setup", json={**connect, "access_token": "pat-2"}, timeout=30)
     assert renewed.json()["model_version"] == "brightness:1"
     assert state(orchestrator, sleepy["id"])["wakes"] == 2
+
+
+def test_what_the_background_finished_is_kept_across_a_sleep_and_not_predicted_again(start_orchestrator, images, tmp_path):
+    # A backend forked from the template leaves with os._exit: its worker keeps the prediction cache itself.
+    orchestrator = start_orchestrator(PREDICT_TIMEOUT_S="1")
+    record = tmp_path / "predicted"
+    backend = configure(orchestrator, model_uri="models:/brightness/1", idle_stop_s=1, batch_size=1,
+                        post_hook=encode_hook(recording_post(str(record), 0.15)))
+    names = ["white", "black"] * 8  # 16 tasks of 0.15 s each against a 1 s deadline: most go on in the background
+    tasks = image_tasks(images, *names)
+    first = predict(backend["label_studio_url"], tasks, timeout=30)
+    assert first.status_code == 200, first.text
+    assert None in labels(first)
+    wait_until(lambda: asleep_now(orchestrator, backend["id"]), 60, "the background to finish and the backend to sleep")
+    background = [task for task, label in zip(tasks, labels(first)) if label is None]
+    kept = Path(state(orchestrator, backend["id"])["model_dir"]) / "prediction-cache.json"
+    assert len(json.loads(kept.read_text())) == len(background)
+
+    again = predict(backend["label_studio_url"], background, timeout=30)  # it wakes, and answers from what it kept
+    expected = {task["id"]: "light" if name == "white" else "dark" for task, name in zip(tasks, names)}
+    assert labels(again) == [expected[task["id"]] for task in background]
+    assert Counter(int(line) for line in record.read_text().split()) == Counter(list(expected))  # each once, in all
 
 
 def test_a_budget_for_one_backend_puts_the_least_recently_used_to_sleep_or_refuses_the_start(start_orchestrator, images):

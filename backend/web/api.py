@@ -74,6 +74,7 @@ class Services:
 
     _label_studio_cache: tuple[int | None, dict[str, Any]] = (None, {})
     _label_studio_checked: float = float("-inf")
+    _closed: bool = False
 
     def _stored_label_studio(self) -> dict[str, Any]:
         """label_studio.json, re-read only when its stamp changes, and stat'ed at most every STORE_POLL_S
@@ -113,7 +114,12 @@ class Services:
             self._label_studio_checked = float("-inf")  # this worker reads its own write at once
 
     def close(self) -> None:
-        """Stop the ticker, the trainings this worker started, the model processes (and the zygote, if this app started it)."""
+        """Stop the ticker, the trainings this worker started, the model processes (and the zygote, if this app
+        started it), and keep what the next start takes up. Once: the worker calls it as it ends (a backend
+        forked from the template leaves with ``os._exit``, which runs no atexit handler), and atexit again."""
+        if self._closed:
+            return
+        self._closed = True
         if self.ticker is not None:
             self.ticker.stop()
         if self.trainer is not None:
@@ -135,6 +141,13 @@ class Services:
 
 def services() -> Services:
     return current_app.extensions["lsbackend"]
+
+
+def close_services(app: Any) -> None:
+    """``Services.close`` of an app of ours (anything else, as a test's WSGI app, is left alone)."""
+    found = getattr(app, "extensions", {}).get("lsbackend")
+    if isinstance(found, Services):
+        found.close()
 
 
 @api.before_app_request

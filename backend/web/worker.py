@@ -188,6 +188,14 @@ class GuardedThreadWorker(ThreadWorker):
         self.quick_pool = futures.ThreadPoolExecutor(max_workers=self.quick_threads, thread_name_prefix="quick")
         super().init_process()
 
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            from backend.web.api import close_services  # the app's, imported by now; not the master's to import
+
+            close_services(self.wsgi)  # before this process ends, however it ends (see Services.close)
+
     def handle_quit(self, sig: int, frame: Any) -> None:
         if self.quick_pool is not None:
             self.quick_pool.shutdown(wait=False)
