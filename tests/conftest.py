@@ -54,13 +54,13 @@ SLOWEST_FIRST = (
     "tests/test_soak.py",  # 80
     "tests/test_training.py",  # 75
     "tests/test_hardening.py",  # 75
+    "tests/test_fleet.py",  # 50
     "tests/test_gunicorn.py",  # 45
     "tests/test_api.py",  # 45
     "tests/test_cli.py",  # 40
     "tests/test_hooks.py",  # 35
     "tests/test_dependencies.py",  # 35
     "tests/test_mlflow_http.py",  # 35
-    "tests/test_fleet.py",  # 30
     "tests/test_docker_driver.py",  # 30
     "tests/test_antenna.py",  # 20
     "tests/test_bodies.py",  # 20
