@@ -8,11 +8,10 @@ import json
 import os
 import subprocess
 import sys
-
-import requests
-
 from collections import Counter
 from pathlib import Path
+
+import requests
 
 from harness.calls import configure as configure_call
 from harness.calls import image_tasks, labels, labels_and_version, predict, predict_images
