@@ -16,7 +16,9 @@ predict = predict_images
 
 
 def test_configure_predict_restart_predict(start_backend, images):
-    backend = start_backend(BACKEND_TEMPLATE="")  # as a user's own gunicorn runs: its zygote a new Python
+    # As a user's own gunicorn runs: its zygote a new Python, whose imports can pass the default 20 s configure
+    # wait on a loaded CI machine (the answer is then a 202, tested below): the configure waits for the load.
+    backend = start_backend(BACKEND_TEMPLATE="", CONFIGURE_WAIT_S="90")
     assert configure(backend).status_code == 200
     assert labels(predict(backend, images, "white", "black")) == ["light", "dark"]
 
