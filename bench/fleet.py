@@ -42,7 +42,20 @@ ZIPF_S = 1.1
 IDLE_STOP_S = 20.0
 # The budgets: the template and each share of what every model awake added. 0.3 thrashes on purpose (the
 # Zipf tail keeps asking for the three quarters that do not fit); 0.5 holds about half the fleet.
-BUDGET_SHARES = tuple(float(share) for share in os.environ.get("FLEET_BUDGET_SHARES", "0.3,0.5").split(","))
+
+
+def budget_shares(raw: str) -> tuple[float, ...]:
+    """FLEET_BUDGET_SHARES: comma-separated fractions between 0 and 1, each a budget run."""
+    try:
+        shares = tuple(float(share) for share in raw.split(","))
+    except ValueError:
+        shares = ()
+    if not shares or not all(0 < share < 1 for share in shares):
+        raise SystemExit(f"FLEET_BUDGET_SHARES must be fractions between 0 and 1, like 0.3,0.5; got {raw!r}")
+    return shares
+
+
+BUDGET_SHARES = budget_shares(os.environ.get("FLEET_BUDGET_SHARES", "0.3,0.5"))
 
 ALIASES = """
 import mlflow, sys

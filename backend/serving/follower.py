@@ -6,8 +6,9 @@ model process, which has MLflow imported, asks the registry which version the al
 call, ~9 ms over loopback; the first in a process sets up MLflow's store, ~0.1 s of CPU for a database).
 The first time comes at a random point within ``ALIAS_POLL_S`` of the worker's start: a backend woken
 from sleep serves the version it resolved before, as an awake one would until its next look, and a
-fleet of woken backends neither pays for that setup on every wake nor asks the registry all at once. When it changed, the runtime loads it in a new process while the old one
-serves, then swaps; the model version string changes with it, so Label Studio predicts again. When the
+fleet of woken backends neither pays for that setup on every wake nor asks the registry all at once.
+When the version changed, the runtime loads it in a new process while the old one serves, then swaps;
+the model version string changes with it, so Label Studio predicts again. When the
 alias is gone or the registry cannot be reached, the backend keeps serving what it has, says so on
 ``/health`` and asks again later, less often each time; a version that fails to load is not tried
 again until the alias moves on.
