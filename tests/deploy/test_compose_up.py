@@ -54,6 +54,12 @@ class Compose:
         assert not check or done.returncode == 0, f"podman-compose {' '.join(args)}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
+    def containers(self) -> dict[str, str]:
+        """Each running service's container id, so a test can tell which ones an ``up`` recreated."""
+        listed = self.engine.text("ps", "--filter", f"label=io.podman.compose.project={PROJECT}",
+                                  "--format", '{{index .Labels "com.docker.compose.service"}} {{.ID}}')
+        return dict(line.split(" ", 1) for line in listed.splitlines() if line.strip())
+
 
 @pytest.fixture(scope="module")
 def stack(engine: Engine):
@@ -87,8 +93,9 @@ def walk_through(stack: Compose, tmp_path: Path) -> None:
     label_studio_url = f"http://127.0.0.1:{ports['label-studio']}"
     mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
     orchestrator_url = f"http://127.0.0.1:{ports['orchestrator']}"
-    for url, path in ((mlflow_url, "/health"), (orchestrator_url, "/health"), (label_studio_url, "/health")):
-        wait_until(lambda: requests.get(url + path, timeout=2).ok, 300, url)  # noqa: B023 - called at once
+    services = (mlflow_url, orchestrator_url, label_studio_url)
+    for url in services:
+        wait_until(lambda: requests.get(url + "/health", timeout=2).ok, 300, url)  # noqa: B023 - called at once
 
     # The README: register the demo models in its MLflow, from the checkout.
     subprocess.run([sys.executable, "-m", "examples.models", mlflow_url, "--no-torch"], cwd=ROOT, env=base_env(),
@@ -103,8 +110,14 @@ def walk_through(stack: Compose, tmp_path: Path) -> None:
 
     # The token to the orchestrator, so that its backends can read uploaded files; then connect the project.
     stack.env["LABEL_STUDIO_API_KEY"] = label_studio.pat
-    stack("up", "-d", "--force-recreate", "orchestrator")
-    wait_until(lambda: requests.get(orchestrator_url + "/health", timeout=2).ok, 120, "the orchestrator, restarted")
+    # As the docs say: the changed environment recreates the orchestrator alone. (`--force-recreate` would
+    # recreate MLflow and Label Studio too under podman-compose, and configure raced MLflow's start.)
+    before = stack.containers()
+    stack("up", "-d", "orchestrator")
+    after = stack.containers()
+    assert {name for name in after if after[name] != before.get(name)} == {"orchestrator"}, (before, after)
+    for url in services:
+        wait_until(lambda: requests.get(url + "/health", timeout=2).ok, 120, url + ", after the orchestrator's restart")  # noqa: B023
     configured = subprocess.run(
         [str(BIN / "ls-mlflow"), "configure", "--url", orchestrator_url, "--token", ORCHESTRATOR_TOKEN,
          "--model", "models:/brightness@champion", "--pre-hook", "examples/hooks.py:brightness_pre",
