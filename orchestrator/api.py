@@ -41,6 +41,9 @@ LABEL_STUDIO_ROUTES = (
 CONFIGURE_RIGHTS_ROUTES = ("train/status", "configure/status")
 # Routes that start trainings: the orchestrator's basic auth, webhook secret or configure token (backend/web/auth.py).
 TRAINING_ROUTES = ("train", "webhook")
+# Routes whose backend holds the request until its model is loaded: waking it for one, the orchestrator
+# sends it on once the backend answers, without waiting for the restore itself (fewer polls of /health).
+WAIT_FOR_THEIR_MODEL = ("predict",)
 # Label Studio sends no credentials to the webhook it creates; health and Antenna's probes are public too.
 OPEN_ENDPOINTS = {"orchestrator.configure", "orchestrator.delete_backend", "orchestrator.root_health",
                   "antenna.livez", "antenna.readyz"}
@@ -175,9 +178,10 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
     o = orchestrator()
     fleet = o.manager.fleet
     woke_s = 0.0
+    waits_itself = path.strip("/") in WAIT_FOR_THEIR_MODEL
     if _wakes(record):
         began = time.monotonic()
-        record = fleet.wake(record)
+        record = fleet.wake(record, until_restored=not waits_itself)
         woke_s = time.monotonic() - began
     fleet.begin(record.id)
     try:
@@ -189,7 +193,7 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
                 raise
             # put to sleep between the look at its state and the request (another orchestrator process's pass)
             began = time.monotonic()
-            woken = fleet.wake(current)
+            woken = fleet.wake(current, until_restored=not waits_itself)
             woke_s += time.monotonic() - began
             response = o.proxy.forward(woken, path, request, authorization=authorization, timeout_s=timeout_s)
     except BaseException:

@@ -31,7 +31,7 @@ import logging
 import statistics
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -52,6 +52,8 @@ MAX_SHARED_SURCHARGE = 0.5  # at most: a read taken while backends start and sto
 MEASURE_EVERY_S = 10.0  # without a budget the measurements only feed /backends and the metrics
 BUDGET_MEASURE_EVERY_S = 2.0  # with one (reading every process's smaps costs milliseconds each; never per start)
 AWAKE = ("starting", "pending", "ready")
+ROOM_FOR_A_START = "room for another backend within MEMORY_BUDGET"
+WAKE_RATE_WINDOW_S = 10.0  # the wakes the headroom is sized by: those of the last this many seconds
 
 
 class Backends(Protocol):
@@ -97,6 +99,9 @@ class Fleet:
         self._used: dict[str, float] = {}  # the last request this process routed, by backend
         self._written: dict[str, float] = {}  # when that was last written to the registry
         self._room = threading.Lock()  # one start at a time decides what must sleep for it
+        self._leaving: set[str] = set()  # going to sleep to keep the headroom, until stopped
+        self._recent_wakes: deque[float] = deque()  # when each wake of the last WAKE_RATE_WINDOW_S began
+        self._stop_s = 0.0  # how long a stop has been taking (a moving average)
         self.measured: dict[str, Memory] = {}
         self.total = 0  # PSS of everything started, read at once (driver.total): what /backends shows
         self.overhead = 0  # the template's RSS (driver.overhead)
@@ -195,10 +200,64 @@ class Fleet:
             self._read_acted_on = self._measured_at
             while self.memory_in_use() > budget or read_over:
                 read_over = False
-                if not self._sleep_one(exclude="", gpu="", why="the memory budget"):
+                if not self._sleep_one(exclude="", gpu="", reason="to keep the memory budget", kind="budget"):
                     log.warning("memory: %s in use (%s read) is over MEMORY_BUDGET (%s), and no idle backend is left "
                                 "to sleep", mib(self.memory_in_use()), mib(self.total), mib(budget))
                     break
+        self.keep_headroom_soon()
+
+    def headroom(self) -> int:
+        """The room kept free under MEMORY_BUDGET, in typical backends (the median measured one, as counted):
+        one for the next wake, and two for each wake that comes while backends are stopping (wakes a second
+        over the last WAKE_RATE_WINDOW_S, times the seconds a stop has been taking: those stopping count as
+        in use until they are gone, and wakes come in bursts); at most WAKE_HEADROOM, and a fifth of what the budget holds beyond the
+        template. None where one typical backend is more than a tenth of that: a budget for a few backends
+        keeps them all awake."""
+        budget, most_backends = self.settings.memory_budget, self.settings.wake_headroom
+        sizes = [r.memory_bytes for r in self.backends.registry.backends() if r.memory_bytes and not r.spare]
+        if not budget or most_backends <= 0 or not sizes:
+            return 0
+        with self._lock:
+            since = time.monotonic() - WAKE_RATE_WINDOW_S
+            while self._recent_wakes and self._recent_wakes[0] < since:
+                self._recent_wakes.popleft()
+            stopping = 2 * len(self._recent_wakes) / WAKE_RATE_WINDOW_S * self._stop_s  # twice: wakes come in bursts
+        typical, beyond = self.counted(int(statistics.median(sizes))), budget - self.overhead
+        if typical * 10 > beyond:
+            return 0
+        return min(int(typical * min(1.0 + stopping, most_backends)), beyond // 5)
+
+    def keep_headroom_soon(self) -> None:
+        """``keep_headroom`` in a thread of its own: neither a request nor the supervisor's pass waits for stops."""
+        if self.settings.memory_budget and self.settings.wake_headroom > 0:
+            threading.Thread(target=self.keep_headroom, name="headroom", daemon=True).start()
+
+    def keep_headroom(self) -> None:
+        """Put the least recently used idle backends to sleep until ``headroom`` is free, so that the next wake
+        finds room without waiting for a stop (under load a stop is a third of a wake). Run by the supervisor's
+        pass and in the background after each start, several at once: each counts what the others are
+        already putting to sleep as gone, and chooses under the lock the starts choose under."""
+        room, budget = self.headroom(), self.settings.memory_budget
+        refused: set[str] = set()
+        while room:
+            with self._room:
+                with self._lock:
+                    leaving = set(self._leaving)
+                if self.memory_in_use(leaving=leaving) + room <= budget:
+                    return
+                chosen = self._choose_sleeper("", "", refused)
+                if chosen is None:
+                    return
+                if chosen.record is not None:
+                    with self._lock:
+                        self._leaving.add(chosen.record.id)
+            try:
+                if self._confirm(chosen, refused):
+                    self._finish_choice(chosen, "room kept for the next wake (WAKE_HEADROOM)", "headroom")
+            finally:
+                if chosen.record is not None:
+                    with self._lock:
+                        self._leaving.discard(chosen.record.id)
 
     def measure(self) -> None:
         """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
@@ -339,18 +398,21 @@ class Fleet:
         return True
 
     def _finish_sleep(self, record: BackendRecord, reason: str, kind: str) -> None:
+        began = time.monotonic()
         self.backends.driver.stop(record)  # SIGTERM: what it was answering it finishes, its caches go to disk
+        with self._lock:
+            self._stop_s = 0.8 * self._stop_s + 0.2 * (time.monotonic() - began) if self._stop_s else time.monotonic() - began
         record.handle, record.slept_at, record.sleeps = "", time.time(), record.sleeps + 1
         self.backends.registry.put(record)
         self.events[f"sleep_{kind}"] += 1
         log.info("backend %s: asleep (%s); %s freed", record.id, reason, mib(record.memory_bytes))
 
-    def _sleep_one(self, exclude: str, gpu: str, why: str) -> bool:
+    def _sleep_one(self, exclude: str, gpu: str, reason: str, kind: str) -> bool:
         """Put the least recently used idle backend (on ``gpu`` where one is named) to sleep; spares go first."""
         refused: set[str] = set()
         while (chosen := self._choose_sleeper(exclude, gpu, refused)) is not None:
             if self._confirm(chosen, refused):
-                self._finish_choice(chosen, why)
+                self._finish_choice(chosen, reason, kind)
                 return True
         return False
 
@@ -392,11 +454,11 @@ class Fleet:
         chosen.lock.release()
         return False
 
-    def _finish_choice(self, chosen: _Choice, why: str) -> None:
+    def _finish_choice(self, chosen: _Choice, reason: str, kind: str = "budget") -> None:
         if chosen.record is None or chosen.lock is None:
             return
         try:
-            self._finish_sleep(chosen.record, f"room for another backend within {why}", "budget")
+            self._finish_sleep(chosen.record, reason, kind)
         finally:
             chosen.lock.release()
 
@@ -426,9 +488,9 @@ class Fleet:
             chose = time.monotonic()
             if len(chosen) > 1:  # side by side: each stop is mostly waiting for a process to finish
                 with ThreadPoolExecutor(len(chosen), thread_name_prefix="sleep") as pool:
-                    list(pool.map(partial(self._finish_choice, why="MEMORY_BUDGET"), chosen))
+                    list(pool.map(partial(self._finish_choice, reason=ROOM_FOR_A_START), chosen))
             elif chosen:
-                self._finish_choice(chosen[0], "MEMORY_BUDGET")
+                self._finish_choice(chosen[0], ROOM_FOR_A_START)
             self._this_thread.room_took = (f"room {chose - began:.2f} s ({len(chosen)} chosen, {waited:.2f} s waiting for "
                                            f"the lock), stops {time.monotonic() - chose:.2f} s")
             yield
@@ -436,6 +498,8 @@ class Fleet:
             with self._lock:
                 self._reserved.pop(record.id, None)
                 self._claims.pop(record.id, None)
+        if not record.spare:  # the room it took, freed again for the next
+            self.keep_headroom_soon()
 
     def _make_room(self, record: BackendRecord, need: Memory) -> tuple[list[_Choice], float]:
         """What must sleep for ``need`` to fit, each now ``sleeping`` with its lock held (``_finish_choice``
@@ -519,12 +583,16 @@ class Fleet:
             budget=budget, needed=need, in_use=in_use, held_by=holders,
         )
 
-    def wake(self, record: BackendRecord) -> BackendRecord:
-        """Start a sleeping backend and wait until it answers; a request that finds another waking it waits too."""
+    def wake(self, record: BackendRecord, until_restored: bool = True) -> BackendRecord:
+        """Start a sleeping backend and wait until it answers (``until_restored``: and serves its configuration
+        again; a /predict need not wait here, as the backend holds it until its model is loaded); a request
+        that finds another waking it waits too."""
         with self.backends.lock_for(record.id):
             current = self.backends.registry.get(record.id) or record
             if current.state == "sleeping":
                 began = time.monotonic()
+                with self._lock:
+                    self._recent_wakes.append(began)
                 current.wakes += 1
                 self._this_thread.room_took = "no room made"
                 self.backends.start(current)
@@ -532,14 +600,15 @@ class Fleet:
                 self.events["wake"] += 1
                 self.backends.wait_ready(current)
                 answering = time.monotonic()
-                self._wait_restored(current)
+                if until_restored:
+                    self._wait_restored(current)
                 restored = time.monotonic()
                 with self._lock:  # its peak is known from before; the supervisor's next read updates it
                     self._loaded.add(current.id)
                 log.info("backend %s: awake in %.2f s (asleep %.0f s): %s; forked after %.2f s, answering after %.2f s "
-                         "more, restored %.2f s later", current.id, restored - began, time.time() - current.slept_at,
+                         "more, %s", current.id, restored - began, time.time() - current.slept_at,
                          self._this_thread.room_took, started - began, answering - started,
-                         restored - answering)
+                         f"restored {restored - answering:.2f} s later" if until_restored else "its request waits for the load")
             else:
                 self.backends.wait_ready(current)
         return current

@@ -38,7 +38,7 @@ class FleetCollector:
         yield budget
         events = CounterMetricFamily("lsorchestrator_fleet_events", "Backends woken, put to sleep (idle, or to make "
                                      "room within a budget), and starts refused for the budget.", labels=["event"])
-        for event in ("wake", "sleep_idle", "sleep_budget", "over_budget"):
+        for event in ("wake", "sleep_idle", "sleep_budget", "sleep_headroom", "over_budget"):
             events.add_metric([event], fleet.events[event])
         yield events
 

@@ -49,6 +49,7 @@ class OrchestratorSettings(AccessSettings):
     idle_stop_s: float = 0.0  # a backend with no request for this long sleeps (orchestrator/fleet.py); 0: never
     memory_budget: int = 0  # bytes of PSS for everything the orchestrator started; 0: no budget
     gpu_memory_budget: int = 0  # bytes of GPU memory per GPU for the backends on it; 0: no budget
+    wake_headroom: float = 4.0  # at most this many typical backends' room kept free under a budget (fleet.py); 0: none
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
     spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"  # also the template's (below)
     fork_backends: bool = True  # process driver: fork backends from one template process (backend/isolation/template.py)
@@ -107,6 +108,7 @@ class OrchestratorSettings(AccessSettings):
             idle_stop_s=env_float(env, "IDLE_STOP_S", 0.0),
             memory_budget=env_bytes(env, "MEMORY_BUDGET", 0),
             gpu_memory_budget=env_bytes(env, "GPU_MEMORY_BUDGET", 0),
+            wake_headroom=env_float(env, "WAKE_HEADROOM", 4.0),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
             fork_backends=env_switch(env, "FORK_BACKENDS", True),

@@ -4,7 +4,10 @@ the process tests (test_fleet.py) only see through their timing."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from typing import Any
 import pytest
 
 from backend.core.errors import OverBudget
+from backend.core.memory import MemoryReads
 from orchestrator.drivers.base import Memory
 from orchestrator.fleet import Fleet
 from orchestrator.registry import BackendRecord, Registry
@@ -190,3 +194,71 @@ def test_pages_a_backends_own_processes_share_are_counted_from_the_reads(tmp_pat
     with fleet.room_for(asleep(backends, "d")):
         pass
     assert backends.driver.stopped == ["a"]
+
+
+def many_awake(tmp_path: Path, count: int, budget_backends: int) -> tuple[Backends, Fleet]:
+    backends = Backends(tmp_path, TEMPLATE + budget_backends * EACH)
+    for at in range(count):
+        awake(backends, f"b{at:02}", float(at + 1))
+    fleet = Fleet(backends)
+    fleet.measure()
+    return backends, fleet
+
+
+def test_a_budget_for_many_keeps_room_for_the_next_wakes_by_putting_the_least_recently_used_to_sleep(tmp_path):
+    backends, fleet = many_awake(tmp_path, 20, 20)
+    assert fleet.headroom() == EACH  # no wake lately: room for the next one
+    fleet.keep_headroom()
+    assert backends.driver.stopped == ["b00"] and fleet.memory_in_use() == TEMPLATE + 19 * EACH
+    fleet.keep_headroom()  # the room is there: nothing more
+    assert backends.driver.stopped == ["b00"]
+    # Two wakes a second, stops taking half a second: one more for those that come while others stop, twice.
+    fleet._recent_wakes.extend(time.monotonic() for _ in range(20))
+    fleet._stop_s = 0.5
+    assert fleet.headroom() == 3 * EACH
+    fleet.keep_headroom()
+    assert backends.driver.stopped == ["b00", "b01", "b02"]
+    fleet._recent_wakes.extend(time.monotonic() for _ in range(100))  # more: at most WAKE_HEADROOM (4)
+    assert fleet.headroom() == 4 * EACH
+
+
+def test_keepers_side_by_side_count_what_the_others_put_to_sleep_as_gone(tmp_path):
+    backends, fleet = many_awake(tmp_path, 20, 20)
+    fleet._recent_wakes.extend(time.monotonic() for _ in range(10))
+    fleet._stop_s = 0.5  # room for two: one wake a second, stops of half a second
+    assert fleet.headroom() == 2 * EACH
+    backends.driver.hold["b00"] = threading.Event()
+    first = threading.Thread(target=fleet.keep_headroom)
+    first.start()
+    assert backends.driver.stopping["b00"].wait(10)
+    fleet.keep_headroom()  # while b00 stops: one more is enough, not two
+    assert backends.driver.stopped == ["b01"]
+    backends.driver.hold["b00"].set()
+    first.join(10)
+    assert sorted(backends.driver.stopped) == ["b00", "b01"]
+    assert [state(backends, f"b{at:02}") for at in range(4)] == ["sleeping", "sleeping", "ready", "ready"]
+
+
+def test_a_budget_for_a_few_backends_keeps_them_all_awake(three_awake):
+    backends, fleet = three_awake
+    assert fleet.headroom() == 0  # one backend is a third of this budget: no room is kept ahead
+    fleet.keep_headroom()
+    assert backends.driver.stopped == []
+
+
+def test_a_process_that_has_not_touched_its_memory_is_not_read_again(tmp_path):
+    """MemoryReads on a real process: smaps read once while it idles, again once it has allocated."""
+    grows = "import sys\nheld = []\nfor line in sys.stdin:\n    held.append(bytearray(4 << 20))\n    print('done', flush=True)\n"
+    child = subprocess.Popen([sys.executable, "-c", grows], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        reads = MemoryReads()
+        before = reads.pss_and_private(child.pid)
+        assert reads.pss_and_private(child.pid) == before and (reads.made, reads.reused) == (1, 1)
+        child.stdin.write("grow\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "done\n"
+        after = reads.pss_and_private(child.pid)
+        assert reads.made == 2 and after[1] >= before[1] + (3 << 20)  # 4 MiB of its own, read anew
+    finally:
+        child.kill()
+        child.wait()

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from backend.core.lifetime import adopted_pids, parent_pid, start_time
-from backend.core.memory import children_by_parent, pss_and_private_bytes, rss_bytes, tree_pids
+from backend.core.memory import MemoryReads, children_by_parent, rss_bytes, tree_pids
 from backend.core.settings import comma_list
 from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
 from backend.isolation.template import SERVER_IMPORTS
@@ -93,6 +93,7 @@ class ProcessDriver:
     def __init__(self, settings: OrchestratorSettings) -> None:
         self.settings = settings
         self._children: dict[int, subprocess.Popen] = {}
+        self._reads = MemoryReads()  # each process's smaps read again only once it has touched its memory
         self.template: BackendTemplate | None = None
         if settings.fork_backends:
             env = template_environment()
@@ -234,7 +235,7 @@ class ProcessDriver:
         def pss_private(pids: list[int]) -> tuple[int, int]:
             for pid in pids:
                 if pid not in read:
-                    read[pid] = pss_and_private_bytes([pid])
+                    read[pid] = self._reads.pss_and_private(pid)
             return sum(read[pid][0] for pid in pids), sum(read[pid][1] for pid in pids)
 
         measured = {}
@@ -251,7 +252,9 @@ class ProcessDriver:
             return measured, 0
         template = self.template.running_pid() if self.template is not None else 0
         everything = set(read) | (set(tree_pids(template, tree)) if template else set())
-        return measured, pss_private(sorted(everything))[0]
+        total = pss_private(sorted(everything))[0]
+        self._reads.keep_only(everything)
+        return measured, total
 
     def overhead(self) -> int:
         pid = self.template.running_pid() if self.template is not None else 0
