@@ -30,6 +30,18 @@ def test_configure_predict_restart_predict(start_backend, images):
     assert "restoring configuration" in backend.output()
 
 
+def test_a_predict_that_finds_the_stored_configuration_loading_waits_for_it(start_backend, images):
+    # As a woken backend gets its first request: the restore takes longer than CONFIGURE_WAIT_S (0 here), and
+    # the request is held until it is done, not told that the model is still loading.
+    backend = start_backend(CONFIGURE_WAIT_S="0")
+    assert configure(backend, pre_hook="tests.support.slow_to_import:brightness_pre").status_code == 202
+    backend.wait_configured()
+    backend.stop()
+    backend.start()
+    assert requests.get(backend.url + "/health", timeout=1).json()["loading"]
+    assert labels(predict(backend, images, "white", "black")) == ["light", "dark"]
+
+
 def test_health_and_setup_answer_while_a_long_predict_runs(start_backend, images):
     backend = start_backend()
     configure(backend, post_hook=encode_hook(hooks.slow_post))

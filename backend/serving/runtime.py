@@ -395,3 +395,9 @@ class Runtime:
     @property
     def loading(self) -> bool:
         return self.job is not None and not self.job.done.is_set()
+
+    @property
+    def restoring(self) -> bool:
+        """Loading the stored configuration, with none serving yet (just started, or woken)."""
+        job = self.job
+        return self.active is None and job is not None and job.restoring and not job.done.is_set()
