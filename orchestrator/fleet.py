@@ -210,9 +210,9 @@ class Fleet:
         """The room kept free under MEMORY_BUDGET, in typical backends (the median measured one, as counted):
         one for the next wake, and two for each wake that comes while backends are stopping (wakes a second
         over the last WAKE_RATE_WINDOW_S, times the seconds a stop has been taking: those stopping count as
-        in use until they are gone, and wakes come in bursts); at most WAKE_HEADROOM, and a fifth of what the budget holds beyond the
-        template. None where one typical backend is more than a tenth of that: a budget for a few backends
-        keeps them all awake."""
+        in use until they are gone, and wakes come in bursts); at most WAKE_HEADROOM, and a fifth of what
+        the budget holds beyond the template. None where one typical backend is more than a tenth of that:
+        a budget for a few backends keeps them all awake."""
         budget, most_backends = self.settings.memory_budget, self.settings.wake_headroom
         sizes = [r.memory_bytes for r in self.backends.registry.backends() if r.memory_bytes and not r.spare]
         if not budget or most_backends <= 0 or not sizes:
@@ -400,8 +400,9 @@ class Fleet:
     def _finish_sleep(self, record: BackendRecord, reason: str, kind: str) -> None:
         began = time.monotonic()
         self.backends.driver.stop(record)  # SIGTERM: what it was answering it finishes, its caches go to disk
-        with self._lock:
-            self._stop_s = 0.8 * self._stop_s + 0.2 * (time.monotonic() - began) if self._stop_s else time.monotonic() - began
+        took = time.monotonic() - began
+        with self._lock:  # what ``headroom`` sizes the room by
+            self._stop_s = 0.8 * self._stop_s + 0.2 * took if self._stop_s else took
         record.handle, record.slept_at, record.sleeps = "", time.time(), record.sleeps + 1
         self.backends.registry.put(record)
         self.events[f"sleep_{kind}"] += 1

@@ -94,8 +94,8 @@ class MemoryReads:
     """PSS and private memory by process, read from smaps_rollup again only where the process has faulted
     or changed its resident size by ``pages`` (64: 256 KiB) since its last read, or that read is
     ``max_age_s`` old. A read walks the process's page tables: about 8 ms for a fork of the backends'
-    template, and a supervisor reading a hundred mostly idle processes spent a third of its time on it (an
-    idle gunicorn process still faults a page or two a second). The shares of pages that others map move
+    template, and a supervisor reading a hundred mostly idle processes spent about a quarter of its time
+    on it (an idle gunicorn process still faults a page or two a second). The shares of pages that others map move
     as processes start and end; ``max_age_s`` bounds how stale they get."""
 
     def __init__(self, max_age_s: float = 10.0, pages: int = 64) -> None:

@@ -270,9 +270,9 @@ def predict():
         timer("fetch", inputs.fetch_seconds)
         return serving, outcome
 
-    # A backend that has just started (woken, say) serves nothing until its stored configuration is loaded:
-    # that load may take the whole deadline. A configure's new load is waited for as a configure would be.
-    wait_s = deadline - time.monotonic() if s.runtime.restoring else min(s.settings.configure_wait_s, s.settings.predict_timeout_s)
+    wait_s = min(s.settings.configure_wait_s, s.settings.predict_timeout_s)  # a configure's load: as a configure waits
+    if s.runtime.restoring:  # just started (woken, say): nothing serves until the stored configuration is loaded
+        wait_s = deadline - time.monotonic()
     if not tasks:
         return jsonify({"results": [], "model_version": s.runtime.require_model(wait_s).model_version})
     if context is None:
