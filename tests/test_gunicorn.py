@@ -30,16 +30,26 @@ def test_configure_predict_restart_predict(start_backend, images):
     assert "restoring configuration" in backend.output()
 
 
-def test_a_predict_that_finds_the_stored_configuration_loading_waits_for_it(start_backend, images):
-    # As a woken backend gets its first request: the restore takes longer than CONFIGURE_WAIT_S (0 here), and
-    # the request is held until it is done, not told that the model is still loading.
-    backend = start_backend(CONFIGURE_WAIT_S="0")
-    assert configure(backend, pre_hook="tests.support.slow_to_import:brightness_pre").status_code == 202
+def test_a_predict_that_finds_the_stored_configuration_loading_waits_for_it(start_backend, images, tmp_path):
+    # As a woken backend gets its first request: its restore takes longer than CONFIGURE_WAIT_S (0 here), and
+    # the request is held until the model is loaded, not told that it is still loading.
+    release = tmp_path / "release"
+    backend = start_backend(CONFIGURE_WAIT_S="0", HOLD_IMPORT_UNTIL=str(release))
+    release.touch()
+    assert configure(backend, pre_hook="tests.support.held_import:brightness_pre").status_code == 202
     backend.wait_configured()
     backend.stop()
-    backend.start()
+    release.unlink()
+    backend.start()  # its restore now waits for the release
     assert requests.get(backend.url + "/health", timeout=1).json()["loading"]
-    assert labels(predict(backend, images, "white", "black")) == ["light", "dark"]
+    answered = {}
+    held = threading.Thread(target=lambda: answered.setdefault("r", predict(backend, images, "white", "black")))
+    held.start()
+    held.join(1.0)
+    assert held.is_alive()  # still held: before, a 503 "still loading" came back at once
+    release.touch()
+    held.join(60)
+    assert labels(answered["r"]) == ["light", "dark"]
 
 
 def test_health_and_setup_answer_while_a_long_predict_runs(start_backend, images):
