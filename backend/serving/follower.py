@@ -78,7 +78,9 @@ class RegistryFollower:
         self.registry_names = resolved["label"]
         if resolved["uri"] == serving.info.get("uri") or resolved["uri"] == self._failed_target:
             return
-        reason = "training" if promoted else "registry"
+        # A training moves the alias from its own process and notes the promotion once that has ended: a look
+        # in between (this worker's own schedule) finds the move with the training still current.
+        reason = "training" if promoted or self.records.read_state().get("current") else "registry"
         log.info("%s now names %s (serving %s): loading it", serving.spec.model_uri, resolved["label"], serving.model_version)
         job = self.runtime.reload()
         if job is not None:
