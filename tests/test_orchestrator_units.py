@@ -211,6 +211,10 @@ def test_settings_reject_what_they_cannot_use():
         OrchestratorSettings.from_env({"MEMORY_BUDGET": "lots"})
     with pytest.raises(ValueError, match="GPU_MEMORY_BUDGET must not be negative"):
         OrchestratorSettings.from_env({"GPU_MEMORY_BUDGET": "-1G"})
+    assert OrchestratorSettings.from_env({}).wake_headroom == 4.0
+    assert OrchestratorSettings.from_env({"WAKE_HEADROOM": "0"}).wake_headroom == 0.0  # off
+    with pytest.raises(ValueError, match="WAKE_HEADROOM must be at least 0"):
+        OrchestratorSettings.from_env({"WAKE_HEADROOM": "-1"})
 
 
 def test_ray_actor_options_place_by_gpus_resource_and_labels():
