@@ -58,8 +58,8 @@ def add_start_rows(table: Table, what: str, forked: list[float], started: list[f
 def ten_backends(workdir: Path, registry: str, fork: bool) -> tuple[list[float], float, float, float]:
     """Ten new models configured one after another on a fresh orchestrator: each configure's seconds;
     then, idle, the proportional and the resident memory of everything the orchestrator started
-    (template, backends, zygotes, model processes; not the orchestrator itself); then the first model
-    configured again, hooks only (median of 5)."""
+    (templates, backends, zygotes where they run as new Pythons, model processes; not the orchestrator
+    itself); then the first model configured again, hooks only (median of 5)."""
     orchestrator = OrchestratorProcess(
         workdir / f"state-{'fork' if fork else 'exec'}",
         {

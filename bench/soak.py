@@ -5,13 +5,14 @@ its parts, and the registry's ``mlflow server`` goes away for a while. Bounded: 
 - Eight clients, each labeling projects of text tasks as Label Studio does: ``/health``, ``/setup``,
   then one ``/predict`` with every task that has no prediction yet; answered tasks are kept, pending
   ones are sent again next round, and a round that fails (a part was just killed) is pressed again.
-- Every 20-40 s (scaled with the duration) one of: a backend's worker, a model process, a zygote, the
-  template, a backend's master, or the orchestrator itself (started again at once), killed outright.
+- Every 20-40 s (scaled with the duration) one of: a backend's worker, a model process, the models'
+  template, the backends' template, a backend's master, or the orchestrator itself (started again at
+  once), killed outright.
 - Once, the registry's ``mlflow server`` is stopped for 30 s (scaled) and started again on its port;
   one backend follows ``models:/<name>/latest``, so its follower polls the registry all the while.
 - ``/health`` of the orchestrator is sampled twice a second.
 - ``SOAK_CHAOS=off``: the same load with nothing killed, so that memory growth is a leak alone;
-  ``SOAK_KILL=worker,zygote,...``: only those parts killed, in turn (by default every one of KILLABLE).
+  ``SOAK_KILL=worker,template,...``: only those parts killed, in turn (by default every one of KILLABLE).
 
 At the end: every task predicted exactly once with the right label, no wrong answer, the processes and
 PSS of the start (no orphans, no growth), and the ``/health`` samples.
@@ -45,7 +46,7 @@ TASKS_PER_PROJECT = 120
 MODELS = ("models:/per_item_1ms/latest", "models:/free/1")
 FINISH_S = 120.0  # after the time is up, how long clients may take to finish their projects
 PSS_EVERY_S = 30.0  # scaled with the duration, like the kills
-KILLABLE = ("worker", "model process", "zygote", "template", "backend master", "orchestrator")
+KILLABLE = ("worker", "model process", "models' template", "template", "backend master", "orchestrator")
 
 
 def say(message: str) -> None:
@@ -96,8 +97,8 @@ def victims(marker: str, orchestrator_pid: int) -> dict[str, list[int]]:
             roles["worker" if procs.get(parent_pid(pid)) == "lsb-backend" else "backend master"].append(pid)
         elif name == "lsb-model":
             roles["model process"].append(pid)
-        elif name == "lsb-zygote":
-            roles["zygote"].append(pid)
+        elif name == "lsb-model-tmpl":
+            roles["models' template"].append(pid)
         elif name == "lsb-template":
             roles["template"].append(pid)
     return roles
@@ -254,12 +255,15 @@ class Soak:
             listed = requests.get(orchestrator.url + "/backends", timeout=5).json()["backends"]
             if len(listed) != len(MODELS) or any(b["state"] != "ready" for b in listed):
                 return False
-            # and renewed: each backend's master a child of the template (a killed one's are forked again)
+            # and renewed: each backend's master a child of the backends' template, each model process of the
+            # models' (a killed one's are forked again)
             procs = our_processes(self.marker)
             masters = [pid for pid, name in procs.items() if name == "lsb-backend" and procs.get(parent_pid(pid)) != "lsb-backend"]
-            return all(procs.get(parent_pid(pid)) == "lsb-template" for pid in masters)
+            modelled = [pid for pid, name in procs.items() if name == "lsb-model"]
+            return all(procs.get(parent_pid(pid)) == "lsb-template" for pid in masters) and \
+                all(procs.get(parent_pid(pid)) == "lsb-model-tmpl" for pid in modelled)
 
-        wait_until(ready, 180, "every backend ready, and forked from the template")
+        wait_until(ready, 180, "every backend ready, and forked from the templates")
         for backend_id in self.backend_ids:  # a round each: the model processes are up
             requests.post(f"{orchestrator.url}/models/{backend_id}/predict", timeout=60, json={
                 "tasks": [{"id": 1, "data": {"text": "settle"}}], "label_config": models.TEXT_CONFIG})

@@ -28,6 +28,7 @@ to every backend's figure (``counted``), so that the next starts leave room for 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import time
@@ -51,6 +52,7 @@ TOUCH_EVERY_S = 2.0  # how stale the registry's last_used_at may be (this proces
 MAX_SHARED_SURCHARGE = 0.5  # at most: a read taken while backends start and stop can say too much
 MEASURE_EVERY_S = 10.0  # without a budget the measurements only feed /backends and the metrics
 BUDGET_MEASURE_EVERY_S = 2.0  # with one (reading every process's smaps costs milliseconds each; never per start)
+MEASURE_NICE = 10  # the measuring thread's priority: its reads take the CPU the backends leave
 AWAKE = ("starting", "pending", "ready")
 ROOM_FOR_A_START = "room for another backend within MEMORY_BUDGET"
 WAKE_RATE_WINDOW_S = 10.0  # the wakes the headroom is sized by: those of the last this many seconds
@@ -106,6 +108,8 @@ class Fleet:
         self.total = 0  # PSS of everything started, read at once (driver.total): what /backends shows
         self.overhead = 0  # the template's RSS (driver.overhead)
         self._measured_at = float("-inf")
+        self._measuring = threading.Lock()  # one read of every process at a time
+        self._measured_in_background = False  # by ``measure_in_background``: the supervisor's pass need not
         self._read_acted_on = float("-inf")  # the read of the total the budget check last looked at
         self._reserved: dict[str, Memory] = {}  # starts decided and not registered awake yet: their need
         self._claims: dict[str, set[str]] = {}  # by start: the backends going to sleep for it, until stopped
@@ -186,7 +190,8 @@ class Fleet:
 
     def tick(self) -> None:
         """Measure, put idle backends to sleep, and keep the memory budget where a backend grew past it."""
-        self.measure()
+        if not self._measured_in_background:
+            self.measure()
         now = time.time()
         for record in self.backends.registry.backends():
             limit = self.idle_limit(record)
@@ -259,11 +264,34 @@ class Fleet:
                     with self._lock:
                         self._leaving.discard(chosen.record.id)
 
+    def measure_in_background(self, stop: threading.Event) -> None:
+        """``measure`` on this thread until ``stop``, at a lower priority (MEASURE_NICE): each read walks a
+        process's page tables in the kernel, under a budget every process's every BUDGET_MEASURE_EVERY_S,
+        and when the machine is busy that CPU is better spent on the backends answering and waking. The
+        budget does not wait for it: a start counts each backend at its known peak."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEASURE_NICE)
+        except OSError:
+            pass
+        self._measured_in_background = True
+        try:
+            while not stop.wait(0.5):
+                try:
+                    self.measure()
+                except Exception:
+                    log.exception("measuring the backends' memory failed")
+        finally:
+            self._measured_in_background = False
+
     def measure(self) -> None:
         """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
+        with self._measuring:
+            if time.monotonic() - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
+                return
+            self._measure()
+
+    def _measure(self) -> None:
         now = time.monotonic()
-        if now - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
-            return
         running = [r for r in self.backends.registry.all() if r.handle]  # starting and stopping ones too
         awake = [r for r in running if r.state in AWAKE]
         measured, total = self.backends.driver.measure(running)

@@ -21,6 +21,8 @@ from backend.core.settings import (
 
 DRIVERS = ("process", "docker", "ray")
 ON_EXIT = ("stop", "keep")
+# The flavors most models need, and Pillow, which image hooks (hooks/pre.py among them) import at their first call.
+DEFAULT_WARM_IMPORTS = "mlflow.pyfunc,mlflow.sklearn,skops.io,PIL.Image,PIL.ImageOps"
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class OrchestratorSettings(AccessSettings):
     gpu_memory_budget: int = 0  # bytes of GPU memory per GPU for the backends on it; 0: no budget
     wake_headroom: float = 4.0  # at most this many typical backends' room kept free under a budget (fleet.py); 0: none
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
-    spare_warm_imports: str = "mlflow.pyfunc,mlflow.sklearn,skops.io"  # also the template's (below)
-    fork_backends: bool = True  # process driver: fork backends from one template process (backend/isolation/template.py)
+    spare_warm_imports: str = DEFAULT_WARM_IMPORTS  # also the models' template's (drivers/process.py)
+    fork_backends: bool = True  # process driver: fork backends from the templates (backend/isolation/template.py)
     docker_image: str = "lsbackend:latest"
     docker_base_url: str = ""
     docker_mounts: tuple[str, ...] = ()  # extra "host:container[:ro]" binds for the backend containers
@@ -110,7 +112,7 @@ class OrchestratorSettings(AccessSettings):
             gpu_memory_budget=env_bytes(env, "GPU_MEMORY_BUDGET", 0),
             wake_headroom=env_float(env, "WAKE_HEADROOM", 4.0),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),
-            spare_warm_imports=env.get("SPARE_WARM_IMPORTS", "mlflow.pyfunc,mlflow.sklearn,skops.io"),
+            spare_warm_imports=env.get("SPARE_WARM_IMPORTS", DEFAULT_WARM_IMPORTS),
             fork_backends=env_switch(env, "FORK_BACKENDS", True),
             docker_image=env.get("DOCKER_IMAGE") or "lsbackend:latest",
             docker_base_url=env.get("DOCKER_HOST", ""),

@@ -41,6 +41,7 @@ class Supervisor:
         self.settings = manager.settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._measurer: threading.Thread | None = None
         self._lock_file: IO[str] | None = None
         self._renew_after: dict[str, float] = {}  # a backend whose renewal failed: not tried again before then
         self._renew_failures: dict[str, int] = {}  # renewals failed in a row, by backend
@@ -76,6 +77,10 @@ class Supervisor:
             if not self._elected():
                 self._stop.wait(5)
                 continue
+            if self._measurer is None:  # elected: the memory reads go on in a thread of their own
+                self._measurer = threading.Thread(target=self.manager.fleet.measure_in_background,
+                                                  args=(self._stop,), name="measurer", daemon=True)
+                self._measurer.start()
             try:
                 self.tick()
             except Exception:

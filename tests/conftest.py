@@ -28,7 +28,7 @@ from harness.servers import (
     register_models,
     stop_group,
 )
-from orchestrator.drivers.process import template_modules
+from orchestrator.drivers.process import model_modules
 from orchestrator.drivers.template import BackendTemplate
 from orchestrator.settings import OrchestratorSettings
 from tests.support.clientside import write_user_modules
@@ -172,11 +172,12 @@ def on_fixtures(env: dict[str, str], registry: str, images: dict[str, Path]) -> 
 
 @pytest.fixture(scope="session")
 def backend_template(tmp_path_factory, registry):
-    """The backends' template, as the orchestrator starts it, for this test process's own backends: their
+    """The models' template, as the orchestrator starts it, for this test process's own backends: their
     zygotes fork from it instead of importing MLflow anew (about 3 s of CPU per backend started)."""
     state_dir = tmp_path_factory.mktemp("template")
-    modules = template_modules(OrchestratorSettings(), {"MLFLOW_TRACKING_URI": registry})
-    template = BackendTemplate(state_dir, base_env(), modules, ROOT, 60)  # base_env: no credentials
+    modules = model_modules(OrchestratorSettings(), {"MLFLOW_TRACKING_URI": registry})
+    template = BackendTemplate(state_dir, base_env(), modules, ROOT, 60,  # base_env: no credentials
+                               stem="models-template", name="lsb-model-tmpl")
     client = template.connect()  # its owner: it ends with this process, or after its last fork
     yield str(template.path)
     client.close()

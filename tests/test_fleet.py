@@ -17,6 +17,7 @@ from harness.calls import configure as configure_call
 from harness.calls import image_tasks, labels, labels_and_version, predict, predict_images
 from harness.servers import ROOT, wait_until
 from lsmlflow.pickling import encode_hook
+from orchestrator.fleet import MEASURE_NICE
 from tests.support.hooks import IMAGE_CONFIG, recording_post
 
 
@@ -116,6 +117,17 @@ def test_what_the_background_finished_is_kept_across_a_sleep_and_not_predicted_a
     assert Counter(int(line) for line in record.read_text().split()) == Counter(list(expected))  # each once, in all
 
 
+def thread_priorities(pid: int) -> list[int]:
+    """The nice value of each thread of a process (field 19 of its stat)."""
+    found = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            found.append(int(stat.read_text().rpartition(")")[2].split()[16]))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
 def test_a_budget_for_one_backend_puts_the_least_recently_used_to_sleep_or_refuses_the_start(start_orchestrator, images):
     # How much one backend holds here, measured first: the budget is set between one and two of them.
     measuring = start_orchestrator(ORCHESTRATOR_ON_EXIT="keep")
@@ -133,6 +145,9 @@ def test_a_budget_for_one_backend_puts_the_least_recently_used_to_sleep_or_refus
     orchestrator = start_orchestrator(MEMORY_BUDGET=str(budget))
     adopted = state(orchestrator, first["id"])
     assert adopted["state"] == "ready", (budget, one, memory, adopted, orchestrator.output()[-3000:])
+    # Its memory reads run in a thread of their own, at a lower priority than the requests' threads.
+    wait_until(lambda: MEASURE_NICE in thread_priorities(orchestrator.proc.pid), 10, "the measuring thread")
+    assert thread_priorities(orchestrator.proc.pid).count(0) >= 2
     second = configure(orchestrator, model_uri="models:/brightness/2")  # no room beside the first: it sleeps
     assert state(orchestrator, first["id"])["state"] == "sleeping"
     for turn in range(2):  # each in turn: the other makes room

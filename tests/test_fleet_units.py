@@ -248,9 +248,11 @@ def test_a_budget_for_a_few_backends_keeps_them_all_awake(three_awake):
 
 def test_a_process_that_has_not_touched_its_memory_is_not_read_again(tmp_path):
     """MemoryReads on a real process: smaps read once while it idles, again once it has allocated."""
-    grows = "import sys\nheld = []\nfor line in sys.stdin:\n    held.append(bytearray(4 << 20))\n    print('done', flush=True)\n"
+    grows = ("import sys\nheld = []\nprint('ready', flush=True)\nfor line in sys.stdin:\n"
+             "    held.append(bytearray(4 << 20))\n    print('done', flush=True)\n")
     child = subprocess.Popen([sys.executable, "-c", grows], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert child.stdout.readline() == "ready\n"  # started: idle from here until told to grow
         reads = MemoryReads()
         before = reads.pss_and_private(child.pid)
         assert reads.pss_and_private(child.pid) == before and (reads.made, reads.reused) == (1, 1)
@@ -259,6 +261,38 @@ def test_a_process_that_has_not_touched_its_memory_is_not_read_again(tmp_path):
         assert child.stdout.readline() == "done\n"
         after = reads.pss_and_private(child.pid)
         assert reads.made == 2 and after[1] >= before[1] + (3 << 20)  # 4 MiB of its own, read anew
+    finally:
+        child.kill()
+        child.wait()
+
+
+STOPPING = """
+import os, signal, sys, time
+def term(*_):
+    print(os.getpriority(os.PRIO_PROCESS, 0), flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_stopping_backend_yields_the_cpu_to_those_answering(tmp_path):
+    """What a backend does on its way out (its caches to disk, its exit) runs at STOPPING_NICE."""
+    from backend.core.lifetime import process_identity
+    from orchestrator.drivers.process import STOPPING_NICE, ProcessDriver
+
+    child = subprocess.Popen([sys.executable, "-c", STOPPING], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        driver = ProcessDriver(OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), fork_backends=False))
+        record = BackendRecord(id="b", model={}, driver="process", port=1, model_dir=str(tmp_path / "model_dir"),
+                               handle=process_identity(child.pid))
+        driver.stop(record)
+        assert int(child.stdout.readline()) == STOPPING_NICE > 0  # its SIGTERM handler ran at that priority
+        assert child.wait(5) == 0
     finally:
         child.kill()
         child.wait()

@@ -178,8 +178,8 @@ def _parent(pid: int) -> int:
         return int(stat.read().rpartition(")")[2].split()[1])
 
 
-def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlives_its_orchestrator(start_orchestrator,
-                                                                                                images):
+def test_backends_fork_from_templates_that_hold_no_credentials_and_outlive_their_orchestrator(start_orchestrator,
+                                                                                             images):
     orchestrator = start_orchestrator(LABEL_STUDIO_API_KEY="envkey-0123456789abcdef", ORCHESTRATOR_ON_EXIT="keep")
     status, first = configure(
         orchestrator, model_uri="models:/brightness/1", post_hook=encode_hook(hooks.ancestry_peeking_post)
@@ -187,47 +187,52 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlives_
     assert status == 200 and first["state"] == "ready", first
     answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
     assert answer["result"][0]["value"]["choices"] == ["light"]
-    # model process <- its zygote <- the template, which also forked the backend's gunicorn master.
-    (model_pid, _), (zygote_pid, _), (template_pid, template_cmdline) = answer["meta"]["ancestors"][:3]
-    assert "backend.isolation.template" in template_cmdline
+    # The model process <- the models' template; the backend's gunicorn master <- the backends' template.
+    (model_pid, _), (models_pid, models_cmdline) = answer["meta"]["ancestors"][:2]
+    assert "backend.isolation.template" in models_cmdline and "models-template.sock" in models_cmdline
     master = int(orchestrator.backends()[first["id"]]["handle"].partition(":")[0])
-    assert _parent(master) == template_pid and _parent(zygote_pid) == template_pid
-    names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in (template_pid, master, zygote_pid, model_pid)]
-    assert names == ["lsb-template", "lsb-backend", "lsb-zygote", "lsb-model"]  # what ps shows
-    # Its key reached the backend, never the template nor the hooks' processes.
+    template_pid = _parent(master)
+    assert template_pid != models_pid and b"template.sock" in Path(f"/proc/{template_pid}/cmdline").read_bytes()
+    names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in (template_pid, master, models_pid, model_pid)]
+    assert names == ["lsb-template", "lsb-backend", "lsb-model-tmpl", "lsb-model"]  # what ps shows
+    # Its key reached the backend, never the templates nor the hooks' processes.
     assert not answer["meta"]["key_seen"]
-    with open(f"/proc/{template_pid}/environ", "rb") as environ:
-        assert b"envkey" not in environ.read()
+    for pid in (template_pid, models_pid):
+        assert b"envkey" not in Path(f"/proc/{pid}/environ").read_bytes()
 
-    # The template gone, the backend serves on; the next new model gets a new template.
-    os.kill(template_pid, signal.SIGKILL)
-    assert predict(first["label_studio_url"], images, "black") == (["dark"], "brightness:1")
+    # The models' template gone, the backend serves on, in the same model process; the next new model gets a new
+    # one, and the backends' template forks its master as before.
+    os.kill(models_pid, signal.SIGKILL)
+    black = predict_images(first["label_studio_url"], images, "black").json()["results"][0]
+    assert black["result"][0]["value"]["choices"] == ["dark"] and black["meta"]["ancestors"][0][0] == model_pid
     status, second = configure(
         orchestrator, model_uri="models:/brightness/2", post_hook=encode_hook(hooks.ancestry_peeking_post)
     )
     assert status == 200 and second["created"], second
     answer = predict_images(second["label_studio_url"], images, "white").json()["results"][0]
     assert answer["result"][0]["value"]["choices"] == ["dark"]
-    new_template = answer["meta"]["ancestors"][2][0]
-    assert new_template != template_pid and "backend.isolation.template" in answer["meta"]["ancestors"][2][1]
+    new_models = answer["meta"]["ancestors"][1][0]
+    assert new_models != models_pid and "models-template.sock" in answer["meta"]["ancestors"][1][1]
+    assert _parent(int(orchestrator.backends()[second["id"]]["handle"].partition(":")[0])) == template_pid
 
-    # The first backend still holds the killed template's pages, alone: it is renewed, forked again from the
-    # new template beside itself and moved there once it serves, while Label Studio's URL answers throughout.
+    # The first backend's model process still holds the killed template's pages, alone: the backend is renewed,
+    # forked again beside itself and moved there once it serves, while Label Studio's URL answers throughout.
     def renewed() -> bool:
         assert predict(first["label_studio_url"], images, "black") == (["dark"], "brightness:1")
         now = int(orchestrator.backends()[first["id"]]["handle"].partition(":")[0])
-        return now != master and _parent(now) == new_template
+        return now != master and _parent(now) == template_pid
 
-    wait_until(renewed, 60, "the first backend forked again from the new template")
+    wait_until(renewed, 60, "the first backend forked again, its model process from the new models' template")
     answer = predict_images(first["label_studio_url"], images, "white").json()["results"][0]
-    assert answer["meta"]["ancestors"][2][0] == new_template
+    assert answer["meta"]["ancestors"][1][0] == new_models
     wait_until(lambda: _is_zombie(master), 20, "the first backend's old process gone")
+    wait_until(lambda: _is_zombie(model_pid), 20, "the first backend's old model process gone with its worker")
 
-    # The orchestrator gone, its backends kept: the template stays while they live. The orchestrator started
-    # again adopts them and forks its next new backend from that same template, sharing its pages.
+    # The orchestrator gone, its backends kept: the templates stay while they live. The orchestrator started
+    # again adopts them and forks its next new backend from those same templates, sharing their pages.
     orchestrator.stop()
     assert predict(second["url"], images, "black") == (["light"], "brightness:2")
-    assert not _is_zombie(new_template)
+    assert not _is_zombie(template_pid) and not _is_zombie(new_models)
     again = start_orchestrator(LABEL_STUDIO_API_KEY="envkey-0123456789abcdef", ORCHESTRATOR_ON_EXIT="keep")
     status, third = configure(
         again, model_uri="models:/brightness@champion", post_hook=encode_hook(hooks.ancestry_peeking_post)
@@ -235,12 +240,14 @@ def test_backends_fork_from_one_template_that_holds_no_credentials_and_outlives_
     assert status == 200 and third["created"], third
     answer = predict_images(third["label_studio_url"], images, "white").json()["results"][0]
     assert answer["result"][0]["value"]["choices"] == ["light"]
-    assert answer["meta"]["ancestors"][2][0] == new_template
+    assert answer["meta"]["ancestors"][1][0] == new_models
+    assert _parent(int(again.backends()[third["id"]]["handle"].partition(":")[0])) == template_pid
 
-    # With its last owner and the last backend it forked, the template ends.
+    # With their last owner and the last process they forked, the templates end.
     again.remove_all()
     again.stop()
-    wait_until(lambda: not os.path.exists(f"/proc/{new_template}") or _is_zombie(new_template), 15, "template gone")
+    for pid in (template_pid, new_models):
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), 15, "template gone")
 
 
 def _is_zombie(pid: int) -> bool:

@@ -1,5 +1,5 @@
-"""The backends' template on its own: a real template process (with nothing to import, so it is quick),
-asked for zygotes as a worker asks, and refusing what is not a request."""
+"""A template on its own: a real template process (with nothing to import, so it is quick), asked for
+model processes as a worker asks, and refusing what is not a request."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from backend.isolation.forking import ForkClient, ForkUnavailable
-from backend.isolation.zygote import Zygote, request_zygote
+from backend.isolation.forking import ForkClient, ForkUnavailable, environment_fd
+from backend.isolation.modelprocess import _stage_page
+from backend.isolation.zygote import Zygote, connect_template
 from harness.servers import ROOT, wait_until
 from orchestrator.drivers.template import SOCKET_PATH_MAX, BackendTemplate, socket_path
 
@@ -41,17 +41,54 @@ def template(tmp_path):
     proc.wait()
 
 
-def test_it_forks_warm_zygotes_in_their_own_session_and_ends_with_its_last_owner_and_fork(template):
+def _ask_for_model_process(client: ForkClient, env: dict[str, str]) -> tuple[int, socket.socket]:
+    """A model process forked for ``client`` as a worker asks for one; its pid and the worker's end of its socket."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stage_fd, stage = _stage_page()
+    env_fd = environment_fd(env)
+    try:
+        pid = client.fork("model", ((),), [env_fd, 2, theirs.fileno(), stage_fd], 10)
+    finally:
+        for fd in (env_fd, stage_fd):
+            os.close(fd)
+        theirs.close()
+        stage.close()
+    return pid, mine
+
+
+def _gone(pid: int) -> bool:
+    """Ended and reaped (not a zombie)."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_it_forks_model_processes_that_end_with_the_worker_that_asked_and_ends_with_its_last_owner_and_fork(template):
     path, owner, proc = template
     assert path.stat().st_mode & 0o777 == 0o600  # only this user may ask it for anything
-    warmed = threading.Event()
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    worker_side = ForkClient(mine, "test-zygote", on_message=lambda m: m[0] == "warmed" and warmed.set())
-    pid = request_zygote(str(path), {"PATH": os.environ["PATH"], "ZYGOTE_TEST": "1"}, theirs.fileno(), ())
+    env = {"PATH": os.environ["PATH"], "MODEL_TEST": "1"}
+
+    # A worker's model process: in a session of its own (its group ends what its hooks start), named for ps,
+    # in the environment it was sent, which never passed through the template's own.
+    worker = connect_template(str(path))
+    pid, socket_to_it = _ask_for_model_process(worker, env)
+    wait_until(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "lsb-model", 10, "the model process")
+    assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+    assert b"MODEL_TEST=1" not in Path(f"/proc/{pid}/environ").read_bytes()  # its start's, not the one it adopted
+
+    # The worker killed outright (its connection to the template closes, but not the model process's socket,
+    # as for a hook stuck in a call): the template kills its model process.
+    worker.close()
+    wait_until(lambda: _gone(pid), 10, "the model process of a worker gone")
+    socket_to_it.close()
+
+    # A worker's own Zygote in the same way, closing: its model process ends with it.
+    zygote = Zygote(env=env, template=str(path)).start()
+    assert zygote.forked_from_template and zygote.warmed.is_set()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    stage_fd, stage = _stage_page()
+    second = zygote.fork(theirs.fileno(), stage_fd, timeout=10)
     theirs.close()
-    assert warmed.wait(10)
-    assert os.getsid(pid) == pid and Path(f"/proc/{pid}/comm").read_text().strip() == "lsb-zygote"
-    assert b"ZYGOTE_TEST=1" not in Path(f"/proc/{pid}/environ").read_bytes()  # its start's, not the one it adopted
+    os.close(stage_fd)
+    assert _parent(second) == proc.pid
 
     # Not a request: refused by name, the template serves on. A backend asked for after its driver gave up
     # (and started it itself) is not started a second time.
@@ -63,13 +100,58 @@ def test_it_forks_warm_zygotes_in_their_own_session_and_ends_with_its_last_owner
     os.close(env_fd)
     os.close(log_fd)
 
-    owner.close()  # the last owner gone, but a zygote it forked lives: it stays for whoever restarts
+    owner.close()  # the last owner gone, but a model process it forked lives: it stays for whoever restarts
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(1.5)  # it would have gone at once on the close, or at its once-a-second look since
     assert path.exists()
-    worker_side.close()  # the worker gone, its zygote ends, and with its last fork the template
+    zygote.close()  # the worker gone, its model process ends, and with its last fork the template
     assert proc.wait(10) == 0 and not path.exists()
-    assert not Path(f"/proc/{pid}").exists()  # reaped, not left a zombie
+    assert _gone(second)
+    mine.close()
+    stage.close()
+
+
+WORKER = """
+import os, socket, sys
+from backend.isolation.modelprocess import _stage_page
+from backend.isolation.zygote import Zygote
+zygote = Zygote(env={"PATH": os.environ["PATH"]}, template=sys.argv[1]).start()
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+stage_fd, stage = _stage_page()
+print(zygote.fork(theirs.fileno(), stage_fd, timeout=10), flush=True)
+sys.stdin.read()  # until killed; the model process's socket stays open, as a stuck hook's would
+"""
+
+
+def test_a_model_process_outlives_its_template_and_ends_with_its_worker(template):
+    path, _, proc = template
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pid = int(worker.stdout.readline())
+        proc.kill()  # the template gone: its model process serves on, as a backend it forked does
+        proc.wait()
+        wait_until(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "lsb-model", 10, "the model process")
+        with pytest.raises(TimeoutError):
+            wait_until(lambda: _gone_or_zombie(pid), 1.5, "the model process to end")
+        worker.kill()  # the worker killed outright, with nobody to tell its model process: it sees for itself
+        worker.wait()
+        wait_until(lambda: _gone_or_zombie(pid), 10, "the model process of a worker gone")
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    """Ended: gone, or a zombie nobody has reaped yet (its template, its parent, was killed first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def test_a_worker_without_a_template_starts_its_zygote_as_a_new_python(tmp_path):
@@ -79,7 +161,7 @@ def test_a_worker_without_a_template_starts_its_zygote_as_a_new_python(tmp_path)
     finally:
         zygote.close()
     with pytest.raises(ForkUnavailable, match="cannot connect"):
-        request_zygote(str(tmp_path / "nobody-listens.sock"), {}, 0, ())
+        connect_template(str(tmp_path / "nobody-listens.sock"))
 
 
 def test_a_state_folder_too_deep_for_a_socket_gets_a_private_short_one(tmp_path):

@@ -53,9 +53,9 @@ ADOPTED_DIR = "processes"  # under MODEL_DIR: what the backend runs outside its 
 
 
 def note_adopted(model_dir: Path, name: str, pid: int) -> Path | None:
-    """Say that ``pid`` works for this backend though it is not its descendant (a zygote forked from the
-    template): the orchestrator counts its tree in the backend's memory. The note, or None where the
-    folder cannot be written (it is only a measurement)."""
+    """Say that ``pid`` works for this backend though it is not its descendant (a model process forked
+    from the models' template): the orchestrator counts its tree in the backend's memory. The note, or
+    None where the folder cannot be written (it is only a measurement)."""
     folder = model_dir / ADOPTED_DIR
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -22,17 +22,26 @@ import pickle
 import select
 import signal
 import socket
+import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
 PACKET = 1 << 16
+MAX_FDS = 8  # descriptors passed with one request
 ENVIRONMENT_LIMIT = 1 << 22
 
 
 class ForkUnavailable(Exception):
     """A fork server could not be started, did not answer, or could not fork."""
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket, as the kernel says (SO_PEERCRED)."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", credentials)[0])
 
 
 def describe_exit(status: int | None) -> str:
@@ -77,7 +86,7 @@ class ForkClient:
 
     ``on_message`` gets what is not an answer or an exit (the zygote's "warmed"). ``forks_die_with_server``:
     when the connection ends, the listeners of forks still running hear SIGKILL (a zygote takes its forks
-    with it; the template's backends outlive it).
+    with it; the templates' forks outlive them).
     """
 
     def __init__(
@@ -186,7 +195,11 @@ def import_all(modules: Iterable[str]) -> dict[str, str | None]:
 
 def prime_mlflow() -> None:
     """Build MLflow's map of installed packages once here instead of in every fork: each model load checks
-    the model's requirements against it, and building it scans every installed distribution (~1 s)."""
+    the model's requirements against it, and building it scans every installed distribution (~1 s). Only
+    where MLflow is imported already: the backends' template, whose gunicorn masters and workers never load
+    a model, does without it (about 85 MiB)."""
+    if "mlflow" not in sys.modules:
+        return
     try:
         from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
@@ -325,7 +338,7 @@ class ForkServer:
     def _serve(self, connection: socket.socket, handle: Callable[[socket.socket, tuple, list[int]], None]) -> bool:
         """One request from ``connection``; False when it has closed."""
         try:
-            data, fds, _, _ = socket.recv_fds(connection, PACKET, 4)
+            data, fds, _, _ = socket.recv_fds(connection, PACKET, MAX_FDS)
         except InterruptedError:
             return True
         except OSError:

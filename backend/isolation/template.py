@@ -1,16 +1,23 @@
-"""The backends' template: one process that imported what a backend imports, from which backends fork.
+"""The templates: processes that imported what backends import once, from which backends' processes fork.
 
-A backend is a gunicorn master, its worker, a zygote and a model process. Each started as a new
+A backend is a gunicorn master, its worker and a model process. Each started as a new
 Python imports Flask, label-studio-sdk, MLflow and the model's flavor on its own: seconds per backend,
-and several hundred MiB of private memory each. Forked from this process, which imported them once
-and froze them out of the collector, a backend starts in milliseconds and shares those pages with
-every other one; what it holds of its own is what it did since. The template never initialises CUDA,
-so its forks may (each sets its own CUDA_VISIBLE_DEVICES before anything uses CUDA).
+and several hundred MiB of private memory each. Forked from a process which imported them once and
+froze them out of the collector, a backend starts in milliseconds and shares those pages with every
+other one; what it holds of its own is what it did since. A template never initialises CUDA, so its
+forks may (each sets its own CUDA_VISIBLE_DEVICES before anything uses CUDA).
 
-The orchestrator's process driver starts it (``python -m backend.isolation.template PATH MODULES``) and asks it
-for backends; each backend's worker asks it for its zygote (``BACKEND_TEMPLATE``: the socket's path).
-A backend it forked runs in a session of its own and outlives it, exactly like one started as a new
-Python; where the template is gone, the driver and the worker start new Pythons instead. It lives while
+The orchestrator's process driver runs two (``python -m backend.isolation.template PATH MODULES NAME``):
+the backends' template, with the server's imports, forks gunicorn masters (which fork their workers);
+the models' template, with MLflow's and the flavors', forks each worker's model processes
+(``BACKEND_TEMPLATE``: its socket's path; a backend run on its own starts a zygote instead). Two,
+because a fork, an exit and a read of a process's smaps all cost in proportion to the memory it maps:
+scikit-learn's estimator discovery alone (which loading a model saved with skops runs) brings about
+150 MiB, and a master and worker that never load a model paid for all of it at every start and stop.
+A backend forked runs in a session of its own and outlives its template, exactly like one started as a
+new Python; a model process ends with the worker that asked for it (the template kills it when the
+worker's connection closes; where the template has gone, it watches the worker itself). Where a
+template does not answer, the driver and the worker start new Pythons instead. A template lives while
 an owner is connected or one of its forks lives, so an orchestrator restarted while its backends run
 (``ORCHESTRATOR_ON_EXIT=keep``, or a crash) finds it again, and so do the backends' workers.
 
@@ -19,7 +26,8 @@ Protocol (``forking``), at PATH (a SOCK_SEQPACKET socket, mode 0600)::
     driver -> template   ("owner", 0)                                   the template lives while an owner is connected
                                                                         (or a fork of its lives)
                          ("backend", n, argv, cwd, deadline) + fds [environment, log file]   (deadline: time.time())
-    worker -> template   ("zygote", n, modules)    + fds [environment, the worker's zygote socket, log file]
+    worker -> template   ("model", n, modules)     + fds [environment, log file, the model process's socket,
+                                                         its stage page, its interactive lane's socket (optional)]
     template -> client   ("forked", n, pid) | ("fork-failed", n, reason), ("exited", pid, wait status)
 
 Environments travel as a memfd that only the fork reads: credentials never pass through the template,
@@ -38,6 +46,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from backend.core.lifetime import end_with, process_identity
+from backend.core.settings import log_level_from
 from backend.isolation.forking import (
     ForkServer,
     adopt_environment,
@@ -45,13 +55,15 @@ from backend.isolation.forking import (
     import_all,
     leave_server,
     name_process,
+    peer_pid,
     prime_mlflow,
 )
 
 log = logging.getLogger(__name__)
 
 # What a backend's gunicorn master and worker import (never wsgi or backend.web.gunicorn_conf: importing them reads
-# the environment, which is each backend's own). The zygote's modules and the flavors' come on top.
+# the environment, which is each backend's own): the backends' template's. The models' template imports what
+# a model process needs and the flavors'.
 SERVER_IMPORTS = ("gunicorn.app.wsgiapp", "gunicorn.arbiter", "backend.web.worker", "backend.app")
 PER_BACKEND_MODULES = ("wsgi", "backend.web.gunicorn_conf")
 # -- the template process ----------------------------------------------------------------------------
@@ -87,20 +99,30 @@ def _backend(server: ForkServer, fds: list[int], argv: list[str], cwd: str) -> i
     return 0
 
 
-def _zygote(server: ForkServer, fds: list[int], modules: list[str]) -> int:
-    """In a fork: a worker's zygote, warm at once."""
-    env_fd, zygote_fd, log_fd = fds
-    _settle(server, env_fd, log_fd)
-    from backend.isolation.zygote import zygote_main
+def _model(server: ForkServer, fds: list[int], modules: list[str], worker: str) -> int:
+    """In a fork: a worker's model process, warm at once (``modules``: the worker's WARM_IMPORTS, most of them
+    imported here already), which ends with ``worker`` (its identity) even where the template has gone
+    first and a hook is stuck in a call."""
+    env_fd, log_fd, *serving = fds
+    _settle(server, env_fd, log_fd)  # its own session: killing its group ends what its hooks started too
+    name_process("lsb-model")
+    end_with(worker)
+    logging.basicConfig(level=log_level_from(os.environ), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import_all(modules)  # one that fails is imported again where a hook needs it, and fails there by name
+    from backend.isolation.modelhost import serve
 
-    zygote_main(zygote_fd, modules)  # ends with the worker's socket: not with the template
-    return 0
+    try:
+        return serve(serving[0], serving[1], serving[2] if len(serving) > 2 else None)
+    except BaseException:
+        logging.getLogger("backend.isolation.modelhost").exception("model process failed")
+        return 1
 
 
-def template_main(path: str, modules: list[str]) -> None:
+def template_main(path: str, modules: list[str], name: str = "lsb-template") -> None:
     """Listen at ``path`` first (requests wait while the imports run), import, then fork on request until the
-    last owner has gone, or, if none ever came, until the process that started this one has."""
-    name_process("lsb-template")
+    last owner has gone, or, if none ever came, until the process that started this one has. ``name``: what
+    ps shows."""
+    name_process(name)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)  # not the root logger's: a backend configures that for itself
@@ -115,9 +137,9 @@ def template_main(path: str, modules: list[str]) -> None:
     finally:
         os.umask(old_umask)
     listener.listen(64)
-    failed = {name: error for name, error in import_all(modules).items() if error}
-    for name, error in failed.items():
-        log.warning("template: could not import %s (%s); backends that need it import it themselves", name, error)
+    failed = {module: error for module, error in import_all(modules).items() if error}
+    for module, error in failed.items():
+        log.warning("template: could not import %s (%s); backends that need it import it themselves", module, error)
     prime_mlflow()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # asking does not initialise it
@@ -126,11 +148,14 @@ def template_main(path: str, modules: list[str]) -> None:
     freeze_imports()
     server = ForkServer([], listener)
     owners: set[socket.socket] = set()
+    models: dict[socket.socket, set[int]] = {}  # by the worker that asked: its model processes
     ever_owned = False
 
     def handle(connection: socket.socket, message: tuple, fds: list[int]) -> None:
         nonlocal ever_owned
         kind, number = message[0], message[1]
+        for pids in models.values():  # forget the reaped before a fork can reuse a pid: never kill another's
+            pids &= server.children
         if kind == "owner":
             owners.add(connection)
             ever_owned = True
@@ -142,26 +167,39 @@ def template_main(path: str, modules: list[str]) -> None:
             server.send(connection, ("fork-failed", number, "asked for too long ago, or by a process since gone"))
         elif kind == "backend" and len(fds) == 2:
             server.fork(connection, number, fds, partial(_backend, server, fds, message[2], message[3]))
-        elif kind == "zygote" and len(fds) == 3:
-            server.fork(connection, number, fds, partial(_zygote, server, fds, list(message[2])))
+        elif kind == "model" and len(fds) in (4, 5) and _hung_up(connection):
+            for received in fds:  # its worker died while the imports ran: nobody would ever use it
+                os.close(received)
+            server.send(connection, ("fork-failed", number, "asked for by a process since gone"))
+        elif kind == "model" and len(fds) in (4, 5):
+            worker = process_identity(peer_pid(connection))
+            pid = server.fork(connection, number, fds, partial(_model, server, fds, list(message[2]), worker))
+            if pid > 0:
+                models.setdefault(connection, set()).add(pid)
         else:
             for received in fds:
                 os.close(received)
             server.send(connection, ("fork-failed", number, f"not a request: {kind!r} with {len(fds)} descriptors"))
 
     def wanted() -> bool:
-        """While an owner is connected, or a backend or zygote it forked lives: an orchestrator that restarts
+        """While an owner is connected, or a process it forked lives: an orchestrator that restarts
         (or was killed) finds it again at the same socket, and what it restarts forks from here, sharing
         these pages, rather than as a new Python with copies of its own."""
         return bool(owners or server.connections or server.children)
 
     def closed(connection: socket.socket) -> bool:
-        """Stop once unwanted, unless somebody is connecting (another process of the orchestrator may not
-        have said yet that it owns this one; a worker may be asking for a zygote)."""
+        """A worker gone (exited, or killed outright) takes its model processes with it, as a zygote of its
+        own would; a hook stuck in a call would not notice. Stop once unwanted, unless somebody is
+        connecting (another process of the orchestrator may not have said yet that it owns this one)."""
         owners.discard(connection)
+        for pid in models.pop(connection, set()) & server.children:  # not reaped yet: the pid is still its
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         return not wanted() and not select.select([listener], [], [], 0)[0]
 
-    log.info("template: ready at %s (%d modules imported)", path, len(modules) - len(failed))
+    log.info("template %s: ready at %s (%d modules imported)", name, path, len(modules) - len(failed))
     try:
         server.run(handle, closed, still_wanted=lambda: wanted() or (not ever_owned and os.getppid() == parent))
     finally:
@@ -177,4 +215,4 @@ def _hung_up(connection: socket.socket) -> bool:
 
 
 if __name__ == "__main__":
-    template_main(sys.argv[1], [m for m in sys.argv[2].split(",") if m])
+    template_main(sys.argv[1], [m for m in sys.argv[2].split(",") if m], *sys.argv[3:4])

@@ -7,12 +7,13 @@ the imported modules' memory. The zygote imports MLflow (and ``WARM_IMPORTS``, s
 modules, for faster starts at the price of their memory in the zygote); it never initialises CUDA
 (importing torch does not), so its forks may.
 
-Where the orchestrator's process driver started the backend, the zygote is itself forked from the
-backends' template (``template``), which imported all of this before: it is warm at once and shares
-those pages with every other backend. Otherwise it is a new Python, started by the worker.
-
-The zygote lives in its own process group with its forks. It ends, taking them with it, when the
-worker that started it goes away (its socket closes, or, started by the worker, its parent changes).
+Where the orchestrator's process driver started the backend, there is no zygote: the worker asks the
+models' template (``template``), which imported all of this before, for its model processes, which
+share those pages with every other backend's; each leads a process group of its own, and ends with
+the worker (the template kills it when the worker's connection closes; one whose template has gone
+watches the worker itself), not with the template. A backend run on its own starts its zygote as a
+new Python. The zygote lives in its own process group with its forks. It ends, taking them with it,
+when the worker that started it goes away (its socket closes, or its parent changes).
 
 Protocol (``forking``), on a SOCK_SEQPACKET socket pair::
 
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -74,12 +75,9 @@ def default_imports(env: Mapping[str, str]) -> tuple[str, ...]:
 NOT_FOR_HOOKS = frozenset({"CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "LABEL_STUDIO_API_KEY"})
 
 
-ZYGOTE_WAIT_S = 30.0
-
-
-def request_zygote(path: str, env: Mapping[str, str], zygote_fd: int, modules: Iterable[str], log_fd: int = 2) -> int:
-    """Ask the template at ``path`` for a zygote serving ``zygote_fd``, with ``env``, writing to ``log_fd``
-    (the worker's own log); its pid."""
+def connect_template(path: str) -> ForkClient:
+    """A connection to the models' template at ``path``, for asking it for model processes. Those outlive
+    it: where it ends, they serve on, and end with this worker."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.settimeout(2.0)
@@ -88,13 +86,7 @@ def request_zygote(path: str, env: Mapping[str, str], zygote_fd: int, modules: I
     except OSError as exc:
         sock.close()
         raise ForkUnavailable(f"cannot connect: {exc}") from exc
-    client = ForkClient(sock, "template-client", forks_die_with_server=False)
-    env_fd = environment_fd(env)
-    try:
-        return client.fork("zygote", (tuple(modules),), [env_fd, zygote_fd, log_fd], ZYGOTE_WAIT_S)
-    finally:
-        os.close(env_fd)
-        client.close()
+    return ForkClient(sock, "template-client", forks_die_with_server=False)
 
 
 class ZygoteUnavailable(ForkUnavailable):
@@ -102,27 +94,29 @@ class ZygoteUnavailable(ForkUnavailable):
 
 
 class Zygote:
-    """The worker's handle on its zygote: start it, fork model processes, learn how they ended."""
+    """The worker's handle on where its model processes come from: the models' template where the
+    orchestrator runs one, else a zygote of its own; forks model processes and learns how they ended."""
 
     def __init__(
         self, warm_imports: tuple[str, ...] = (), env: dict[str, str] | None = None, template: str = "",
         model_dir: Path | None = None,
     ) -> None:
-        """``env``: the zygote's environment (and its forks'), by default this process's. ``template``: the
-        socket of the backends' template (``backend.isolation.template``) to fork the zygote from; else, or where it
-        does not answer, the zygote is a new Python."""
+        """``env``: the model processes' environment, by default this process's. ``template``: the socket of
+        the models' template (``backend.isolation.template``) to fork them from; else, or where it does not
+        answer, from a zygote started as a new Python."""
         self.initial_imports = tuple(dict.fromkeys(default_imports(os.environ if env is None else env) + warm_imports))
         self.env = env
         self.template = template
-        self.model_dir = model_dir  # where a zygote forked from the template is noted (lifetime.note_adopted)
-        self._note: Path | None = None
-        self.forked_from_template = False
+        self.model_dir = model_dir  # where a model process forked from the template is noted (lifetime.note_adopted)
+        self.forked_from_template = False  # the model processes come from the template, with no zygote
         self.warm_errors: dict[str, str] = {}
         self.warmed = threading.Event()  # the initial imports are done (spares report it on /health)
         self._proc: subprocess.Popen | None = None
         self._pid: int | None = None
         self._client: ForkClient | None = None
         self._start_lock = threading.Lock()
+        self._forks: dict[int, tuple[str, Path | None]] = {}  # from the template: identity and note, by pid
+        self._forks_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -130,35 +124,39 @@ class Zygote:
         with self._start_lock:
             if self.alive:
                 return self
+            if self.template and self._connect_template():
+                return self
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            env = {k: v for k, v in (os.environ if self.env is None else self.env).items() if k not in NOT_FOR_HOOKS}
+            env = self._hooks_environment()
             try:
-                pid = self._from_template(env, theirs) if self.template else None
-                self.forked_from_template = pid is not None
-                if pid is not None and self.model_dir is not None:  # not in the backend's tree: say whose it is
-                    self._note = note_adopted(self.model_dir, "zygote", pid)
-                self._proc = None if pid is not None else self._new_python(env, theirs)
-                self._pid = pid if pid is not None else self._proc.pid  # type: ignore[union-attr]
+                self._proc = self._new_python(env, theirs)
+                self._pid = self._proc.pid
             except OSError as exc:
                 mine.close()
                 raise ZygoteUnavailable(f"could not start the model zygote: {exc}") from exc
             finally:
                 theirs.close()
+            self.forked_from_template = False
             self.warmed.clear()
             self._client = ForkClient(mine, "zygote-reader", on_message=self._on_message)
             return self
 
-    def _from_template(self, env: dict[str, str], theirs: socket.socket) -> int | None:
+    def _hooks_environment(self) -> dict[str, str]:
+        return {k: v for k, v in (os.environ if self.env is None else self.env).items() if k not in NOT_FOR_HOOKS}
 
+    def _connect_template(self) -> bool:
+        """Fork model processes from the models' template, which imported all this before: warm at once, its
+        pages shared with every other backend's, and no zygote in between. False where it does not answer."""
         try:
-            return request_zygote(self.template, env, theirs.fileno(), self.initial_imports)
+            self._client = connect_template(self.template)
         except ForkUnavailable as exc:
-            log.warning(
-                "the backends' template (%s) did not fork a zygote: %s; starting one as a new Python",
-                self.template,
-                exc,
-            )
-            return None
+            log.warning("the models' template (%s) does not answer: %s; starting a zygote as a new Python",
+                        self.template, exc)
+            return False
+        self._proc, self._pid = None, None
+        self.forked_from_template = True
+        self.warmed.set()
+        return True
 
     def _new_python(self, env: dict[str, str], theirs: socket.socket) -> subprocess.Popen:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
@@ -176,26 +174,38 @@ class Zygote:
         return client is not None and not client.ended.is_set() and (self._proc is None or self._proc.poll() is None)
 
     def close(self) -> None:
-        """Stop the zygote and every model process it forked."""
+        """Stop the zygote and every model process it forked (or the template forked for this worker)."""
         client, proc, pid = self._client, self._proc, self._pid
         running = self.alive
         self._client = None
         if client is not None:
             client.close()
+        self._kill_forks()
         if running and pid is not None:
-            identity = process_identity(pid)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            if proc is None:  # the template's child, not ours to wait for: gone once /proc says so
-                deadline = time.monotonic() + 5.0
-                while alive(identity) and time.monotonic() < deadline:
-                    time.sleep(0.01)
         if proc is not None:
             proc.wait(5)
-        if self._note is not None:  # only now: until it has ended, its memory is this backend's
-            self._note.unlink(missing_ok=True)
+
+    def _kill_forks(self) -> None:
+        """The model processes the template forked for this worker, ended, and their notes removed once /proc
+        says they are gone."""
+        with self._forks_lock:
+            forks, self._forks = self._forks, {}
+        for pid, (identity, _) in forks.items():
+            if alive(identity):
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # it leads its own group: what its hooks started goes too
+                except (ProcessLookupError, PermissionError):
+                    pass
+        deadline = time.monotonic() + 5.0
+        for identity, note in forks.values():
+            while alive(identity) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if note is not None:  # only now: until it has ended, its memory is this backend's
+                note.unlink(missing_ok=True)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -205,13 +215,26 @@ class Zygote:
         if not self.alive:
             self.start()
         client = self._client
+        lane = [] if lane_fd is None else [lane_fd]
         try:
             if client is None:
                 raise ForkUnavailable("it is not running")
-            return client.fork("fork", (), [conn_fd, stage_fd] + ([] if lane_fd is None else [lane_fd]), timeout)
+            if not self.forked_from_template:
+                return client.fork("fork", (), [conn_fd, stage_fd, *lane], timeout)
+            env_fd = environment_fd(self._hooks_environment())
+            try:
+                pid = client.fork("model", (self.initial_imports,), [env_fd, 2, conn_fd, stage_fd, *lane], timeout)
+            finally:
+                os.close(env_fd)
         except ForkUnavailable as exc:
             ended = f" ({describe_exit(self._proc_status())})" if client is not None and client.ended.is_set() else ""
-            raise ZygoteUnavailable(f"the model zygote: {exc}{ended}") from exc
+            where = "the models' template" if self.forked_from_template else "the model zygote"
+            raise ZygoteUnavailable(f"{where}: {exc}{ended}") from exc
+        # Not in the backend's tree: say whose it is, so that its memory is counted as this backend's.
+        note = note_adopted(self.model_dir, f"model{pid}", pid) if self.model_dir is not None else None
+        with self._forks_lock:
+            self._forks[pid] = (process_identity(pid), note)
+        return pid
 
     def on_exit(self, pid: int, listener: Callable[[int], None]) -> None:
         """Call ``listener(wait status)`` once the forked ``pid`` has ended (at once if it already has)."""
@@ -219,7 +242,15 @@ class Zygote:
         if client is None:
             listener(signal.SIGKILL)
             return
-        client.on_exit(pid, listener)
+
+        def ended(status: int) -> None:
+            with self._forks_lock:
+                _, note = self._forks.pop(pid, ("", None))
+            if note is not None:
+                note.unlink(missing_ok=True)
+            listener(status)
+
+        client.on_exit(pid, ended)
 
     def _on_message(self, message: tuple) -> None:
         if message[0] == "warmed":

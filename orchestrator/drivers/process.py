@@ -1,7 +1,8 @@
 """The default driver: each backend is a gunicorn process on its own loopback port.
 
-Backends are forked from the backends' template (``backend.isolation.template``; ``FORK_BACKENDS=off`` starts
-each as a new Python, as does a template that does not answer). Either way they run in their own
+Backends are forked from the backends' template, and their workers' model processes from the models' template
+(``backend.isolation.template``; ``FORK_BACKENDS=off`` starts each as a new Python, as does a template
+that does not answer). Either way they run in their own
 session, so they outlive an orchestrator restart and are re-adopted by their handle
 ("pid:starttime", which a recycled pid cannot match). Their output goes to a log file beside their
 MODEL_DIR.
@@ -39,6 +40,7 @@ GUNICORN_CONFIG = "python:backend.web.gunicorn_conf"
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
 GUNICORN_ARGS = ("--config", GUNICORN_CONFIG, "--chdir", str(PROJECT_ROOT), "wsgi:app")
+STOPPING_NICE = 5  # a stopping backend's priority: a third of a serving one's CPU share when the machine is busy
 
 
 def backend_environment(settings: OrchestratorSettings, record: BackendRecord) -> dict[str, str]:
@@ -79,10 +81,10 @@ def template_environment() -> dict[str, str]:
     return env
 
 
-def template_modules(settings: OrchestratorSettings, env: Mapping[str, str]) -> tuple[str, ...]:
-    """What the template imports: a backend's server, MLflow and the store ``env``'s tracking URI names,
-    and SPARE_WARM_IMPORTS (the flavors most models need)."""
-    return tuple(dict.fromkeys(SERVER_IMPORTS + default_imports(env) + comma_list(settings.spare_warm_imports)))
+def model_modules(settings: OrchestratorSettings, env: Mapping[str, str]) -> tuple[str, ...]:
+    """What the models' template imports: MLflow and the store ``env``'s tracking URI names, and
+    SPARE_WARM_IMPORTS (the flavors most models need). The backends' template imports SERVER_IMPORTS."""
+    return tuple(dict.fromkeys(default_imports(env) + comma_list(settings.spare_warm_imports)))
 
 
 class ProcessDriver:
@@ -94,23 +96,29 @@ class ProcessDriver:
         self.settings = settings
         self._children: dict[int, subprocess.Popen] = {}
         self._reads = MemoryReads()  # each process's smaps read again only once it has touched its memory
-        self.template: BackendTemplate | None = None
+        self.template: BackendTemplate | None = None  # forks gunicorn masters
+        self.models: BackendTemplate | None = None  # forks the workers' model processes
         if settings.fork_backends:
             env = template_environment()
             try:
-                self.template = BackendTemplate(
-                    settings.state_dir, env, template_modules(settings, env), PROJECT_ROOT, settings.start_timeout_s
-                )
+                self.template = BackendTemplate(settings.state_dir, env, SERVER_IMPORTS, PROJECT_ROOT,
+                                                settings.start_timeout_s)
+                self.models = BackendTemplate(settings.state_dir, env, model_modules(settings, env), PROJECT_ROOT,
+                                              settings.start_timeout_s, stem="models-template", name="lsb-model-tmpl")
             except ForkUnavailable as exc:
-                log.warning("no backends' template (%s): each backend starts as a new Python", exc)
+                self.template = self.models = None
+                log.warning("no templates (%s): each backend starts as a new Python", exc)
+
+    def templates(self) -> list[BackendTemplate]:
+        return [t for t in (self.template, self.models) if t is not None]
 
     def environment(self, record: BackendRecord) -> dict[str, str]:
         env = backend_environment(self.settings, record)
         env.update(HOST="127.0.0.1", PORT=str(record.port))
         if record.gpu:
             env["CUDA_VISIBLE_DEVICES"] = record.gpu
-        if self.template is not None:
-            env["BACKEND_TEMPLATE"] = str(self.template.path)
+        if self.models is not None:
+            env["BACKEND_TEMPLATE"] = str(self.models.path)
         return env
 
     def start(self, record: BackendRecord) -> str:
@@ -139,11 +147,22 @@ class ProcessDriver:
         """The backend forked from the template; None where there is no template or it did not fork."""
         if self.template is None:
             return None
+        self._connect_models()  # where the worker will ask for its model processes
         try:
             return self.template.spawn(env, log_fd, ["gunicorn", *GUNICORN_ARGS], PROJECT_ROOT)
         except ForkUnavailable as exc:
             log.warning("backend %s: the template did not fork it (%s); starting it as a new Python", record.id, exc)
             return None
+
+    def _connect_models(self) -> None:
+        """Connected to the models' template (started where none answers), as one of its owners: the workers
+        ask it for their model processes, and its memory is counted from now."""
+        if self.models is None:
+            return
+        try:
+            self.models.connect()
+        except ForkUnavailable as exc:
+            log.warning("no models' template (%s): the backends' workers start zygotes as new Pythons", exc)
 
     def _pid(self, record: BackendRecord) -> int:
         pid, _, _ = record.handle.partition(":")
@@ -173,6 +192,13 @@ class ProcessDriver:
         if not pid or not self.is_running(record):
             self._children.pop(pid, None)
             return
+        # What it does on its way out (its caches to disk, its exit: unmapping what it shares with the
+        # templates) yields the CPU to the backends answering, and to the one waking in its place.
+        for group in (pid, *adopted_pids(Path(record.model_dir), pid)):
+            try:
+                os.setpriority(os.PRIO_PGRP, group, STOPPING_NICE)
+            except OSError:
+                pass
         for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pid, sig)
@@ -187,13 +213,14 @@ class ProcessDriver:
         self._end_adopted(record)
 
     def _end_adopted(self, record: BackendRecord) -> None:
-        """Its zygotes (forked from the template, so not in its process group): each worker ends its own as it
-        exits, and one whose worker was killed goes here; stopped means every process of it is gone."""
+        """Its model processes (forked from the models' template, so not in its process group): each worker
+        ends its own as it exits, and one whose worker was killed goes here; stopped means every process of
+        it is gone."""
         deadline = time.monotonic() + 5.0
         while (left := adopted_pids(Path(record.model_dir), self._pid(record))) and time.monotonic() < deadline:
             for adopted in left:
                 try:
-                    os.killpg(adopted, signal.SIGKILL)  # the zygote leads its group: it and its model processes
+                    os.killpg(adopted, signal.SIGKILL)  # it leads its group: it and what its hooks started
                 except (ProcessLookupError, PermissionError):
                     pass
             time.sleep(0.02)
@@ -205,8 +232,8 @@ class ProcessDriver:
         return ""  # started is placed
 
     def renewal_reason(self, record: BackendRecord) -> str:
-        """A running backend that is not the template's child: forked from a template since gone (killed, say)
-        or started as a new Python while none answered. It holds imports of its own (or the old template's
+        """A running backend that is not the template's child, or whose model process is not the models'
+        template's: forked from a template since gone (killed, say) or started as a new Python while none answered. It holds imports of its own (or the old template's
         pages, kept alive by it alone); forked again from the template, it shares them with the others."""
         pid = self._pid(record)
         if self.template is None or not pid or not self.is_running(record):
@@ -215,18 +242,24 @@ class ProcessDriver:
             template = self.template.pid()  # starts one where the last was killed
         except ForkUnavailable:
             return ""  # nothing to move it to
+        self._connect_models()  # an orchestrator adopting running backends: their model processes' template
         parent = parent_pid(pid)
-        if parent in (0, template):
-            return ""
-        return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"
+        if parent not in (0, template):
+            return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"
+        models = self.models.running_pid() if self.models is not None else 0
+        for adopted in adopted_pids(Path(record.model_dir), pid) if models else ():
+            if parent_pid(adopted) not in (0, models):
+                return (f"its model process {adopted} was not forked from the models' template (pid {models}), so "
+                        "shares none of its memory")
+        return ""
 
     def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
         return self.measure(records, with_total=False)[0]
 
     def measure(self, records: list[BackendRecord], with_total: bool = True) -> tuple[dict[str, Memory], int]:
-        """Each backend's processes (gunicorn, its workers, its zygotes forked from the template and their
-        model processes): their PSS, private memory and, on its GPU, what nvidia-smi says they hold; and
-        the PSS of the template with every process forked from it and of those trees. One pass over /proc,
+        """Each backend's processes (gunicorn, its workers, and their model processes, forked from the models'
+        template or a zygote of theirs): their PSS, private memory and, on its GPU, what nvidia-smi says they hold; and
+        the PSS of the templates with every process forked from them and of those trees. One pass over /proc,
         one read of each process's smaps_rollup (which costs milliseconds for a big process)."""
         tree = children_by_parent()
         on_gpus = gpu_memory_by_pid() if any(r.gpu for r in records) else {}
@@ -250,15 +283,16 @@ class ProcessDriver:
             measured[record.id] = Memory(pss=pss, private=private, gpu=gpu)
         if not with_total:
             return measured, 0
-        template = self.template.running_pid() if self.template is not None else 0
-        everything = set(read) | (set(tree_pids(template, tree)) if template else set())
+        everything = set(read)
+        for template in self.templates():
+            if pid := template.running_pid():
+                everything.update(tree_pids(pid, tree))
         total = pss_private(sorted(everything))[0]
         self._reads.keep_only(everything)
         return measured, total
 
     def overhead(self) -> int:
-        pid = self.template.running_pid() if self.template is not None else 0
-        return rss_bytes([pid]) if pid else 0
+        return rss_bytes([pid for template in self.templates() if (pid := template.running_pid())])
 
     def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
         return tail(log_path(record), lines)

@@ -1,6 +1,6 @@
-"""The process driver's side of the backends' template (``backend.isolation.template``): start it once, ask it for backends.
+"""The process driver's side of the templates (``backend.isolation.template``): start each once, ask for forks.
 
-Several processes of one orchestrator (gunicorn workers) share one template: its socket sits in the
+Several processes of one orchestrator (gunicorn workers) share each template: its socket sits in the
 state folder, and whoever finds none answering starts it, under a lock. Each stays connected as an
 owner; the template ends when the last one has gone and none of its forks lives. An orchestrator
 restarted while its backends run connects to it again.
@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
-from backend.isolation.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd
+from backend.isolation.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd, peer_pid
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +30,10 @@ SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes
 RETRY_START_S = 60.0  # a template that did not start is not started again before this
 
 
-def socket_path(state_dir: Path) -> Path:
-    """The template's socket: in the state folder, or where that path is too long for a socket, in a
-    folder of this user's alone under the temporary folder, named by the state folder."""
-    wanted = state_dir.resolve() / "template.sock"
+def socket_path(state_dir: Path, stem: str = "template") -> Path:
+    """A template's socket (``stem``.sock): in the state folder, or where that path is too long for a socket,
+    in a folder of this user's alone under the temporary folder, named by the state folder."""
+    wanted = state_dir.resolve() / f"{stem}.sock"
     if len(os.fsencode(wanted)) <= SOCKET_PATH_MAX:
         return wanted
     private = Path(tempfile.gettempdir()) / f"lsbackend-{os.getuid()}"
@@ -46,14 +45,17 @@ def socket_path(state_dir: Path) -> Path:
 
 
 class BackendTemplate:
-    """A connection to the template of the orchestrator whose state is in ``state_dir``; where none answers,
-    this starts it with ``env`` (no credentials: every fork shares its memory) and ``modules``."""
+    """A connection to a template of the orchestrator whose state is in ``state_dir`` (its files named by
+    ``stem``, its process by ``name``); where none answers, this starts it with ``env`` (no credentials:
+    every fork shares its memory) and ``modules``."""
 
     def __init__(
-        self, state_dir: Path, env: Mapping[str, str], modules: tuple[str, ...], cwd: Path, wait_s: float
+        self, state_dir: Path, env: Mapping[str, str], modules: tuple[str, ...], cwd: Path, wait_s: float,
+        stem: str = "template", name: str = "lsb-template",
     ) -> None:
         self.state_dir = state_dir
-        self.path = socket_path(state_dir)
+        self.stem, self.name = stem, name
+        self.path = socket_path(state_dir, stem)
         self.env = dict(env)
         self.modules = modules
         self.cwd = cwd
@@ -85,13 +87,13 @@ class BackendTemplate:
 
     def pid(self) -> int:
         """The template's pid (the parent of every backend it forked); started here where none answers."""
-        return _peer_pid(self.connect())
+        return peer_pid(self.connect().sock)
 
     def running_pid(self) -> int:
         """The template's pid where this process is connected to it now, else 0; never starts one."""
         with self._lock:
             client = self._client
-        return _peer_pid(client) if client is not None and not client.ended.is_set() else 0
+        return peer_pid(client.sock) if client is not None and not client.ended.is_set() else 0
 
     def connect(self) -> ForkClient:
         """The connection to the template, as one of its owners; started here where none answers (but not
@@ -102,9 +104,9 @@ class BackendTemplate:
             sock = self._connect()
             if sock is None:
                 if time.monotonic() - self._failed_at < RETRY_START_S:
-                    raise ForkUnavailable(f"the backends' template did not start {RETRY_START_S:g} s ago; "
-                                          f"{self.state_dir / 'template.log'} says why")
-                with open(self.state_dir / "template.lock", "w") as lock:
+                    raise ForkUnavailable(f"the template {self.name} did not start {RETRY_START_S:g} s ago; "
+                                          f"{self.state_dir / f'{self.stem}.log'} says why")
+                with open(self.state_dir / f"{self.stem}.lock", "w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # one of this orchestrator's processes starts it
                     try:
                         sock = self._connect() or self._start()
@@ -127,10 +129,10 @@ class BackendTemplate:
 
     def _start(self) -> socket.socket:
         """Start the template and connect as soon as it listens (it binds before it imports)."""
-        log_file = self.state_dir / "template.log"
+        log_file = self.state_dir / f"{self.stem}.log"
         with open(log_file, "ab") as output:
             self._proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "backend.isolation.template", str(self.path), ",".join(self.modules)],
+                [sys.executable, "-m", "backend.isolation.template", str(self.path), ",".join(self.modules), self.name],
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
@@ -138,7 +140,7 @@ class BackendTemplate:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # not in the terminal's group: Ctrl-C is the orchestrator's to handle
             )
-        log.info("backends' template: started (pid %s), importing %s", proc.pid, ", ".join(self.modules))
+        log.info("template %s: started (pid %s), importing %s", self.name, proc.pid, ", ".join(self.modules))
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and proc.poll() is None:
             sock = self._connect()
@@ -147,10 +149,5 @@ class BackendTemplate:
             time.sleep(0.02)
         proc.kill()
         proc.wait()
-        raise ForkUnavailable(f"the backends' template did not listen at {self.path} ({log_file} says why)")
+        raise ForkUnavailable(f"the template {self.name} did not listen at {self.path} ({log_file} says why)")
 
-
-def _peer_pid(client: ForkClient) -> int:
-    """The pid at the other end of the client's socket, as the kernel says (SO_PEERCRED)."""
-    credentials = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", credentials)[0])
