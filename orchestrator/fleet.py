@@ -4,16 +4,16 @@
   IDLE_STOP_S) is stopped, its configuration kept in its MODEL_DIR and its record (state ``sleeping``).
   Never an ``always_on`` one; never one that trains, works through a background queue, has predictions
   waiting to be pushed, or has a request on its way.
-- **Wake.** A request for a sleeping backend starts it again (forked from the template) and is held until
+- **Wake.** A request for a sleeping backend starts it again (forked from the templates) and is held until
   it answers. Label Studio's ``/health`` and ``/setup`` are answered from the record meanwhile
   (``api.py``): opening a project wakes nothing.
-- **Budgets.** MEMORY_BUDGET (PSS of everything the orchestrator started: template, spares, backends) and
+- **Budgets.** MEMORY_BUDGET (PSS of everything the orchestrator started: templates, spares, backends) and
   GPU_MEMORY_BUDGET (per GPU) hold before every start: the least recently used idle backends go to sleep
   to make room, and a start that cannot fit even then is an ``OverBudget`` (503) naming the budget and
   what holds it. Each supervisor pass measures, and puts idle backends to sleep where one grew past it.
 
-How a start is decided, so that the PSS of everything started stays under the budget: the template at
-its RSS (every page it maps, as if no fork shared them), plus for each awake backend the larger of its
+How a start is decided, so that the PSS of everything started stays under the budget: the templates at
+their RSS (every page they map, as if no fork shared them), plus for each awake backend the larger of its
 private memory now and at its peak when last loaded (``memory_bytes``, never lowered: what waking it
 adds); a model never measured is expected to add what the median measured one did. Reading the PSS of
 everything at the moment of a start is not enough by itself: a process forked a moment ago, or ending,
@@ -106,7 +106,7 @@ class Fleet:
         self._stop_s = 0.0  # how long a stop has been taking (a moving average)
         self.measured: dict[str, Memory] = {}
         self.total = 0  # PSS of everything started, read at once (driver.total): what /backends shows
-        self.overhead = 0  # the template's RSS (driver.overhead)
+        self.overhead = 0  # the templates' RSS (driver.overhead)
         self._measured_at = float("-inf")
         self._measuring = threading.Lock()  # one read of every process at a time
         self._measured_in_background = False  # by ``measure_in_background``: the supervisor's pass need not
@@ -285,10 +285,14 @@ class Fleet:
 
     def measure(self) -> None:
         """What each awake backend and the driver hold now; each backend's peak is what waking it will take."""
-        with self._measuring:
+        if not self._measuring.acquire(blocking=False):
+            return  # a read is under way (at the measuring thread's low priority): the last one stands
+        try:
             if time.monotonic() - self._measured_at < (BUDGET_MEASURE_EVERY_S if self.budgeted else MEASURE_EVERY_S):
                 return
             self._measure()
+        finally:
+            self._measuring.release()
 
     def _measure(self) -> None:
         now = time.monotonic()

@@ -1,9 +1,9 @@
 """The default driver: each backend is a gunicorn process on its own loopback port.
 
-Backends are forked from the backends' template, and their workers' model processes from the models' template
-(``backend.isolation.template``; ``FORK_BACKENDS=off`` starts each as a new Python, as does a template
-that does not answer). Either way they run in their own
-session, so they outlive an orchestrator restart and are re-adopted by their handle
+Backends are forked from the backends' template, and their workers' model processes from the models'
+template (``backend.isolation.template``; ``FORK_BACKENDS=off`` starts each as a new Python, as does a
+template that does not answer). Either way they run in their own session, so they outlive an
+orchestrator restart and are re-adopted by their handle
 ("pid:starttime", which a recycled pid cannot match). Their output goes to a log file beside their
 MODEL_DIR.
 """
@@ -232,9 +232,10 @@ class ProcessDriver:
         return ""  # started is placed
 
     def renewal_reason(self, record: BackendRecord) -> str:
-        """A running backend that is not the template's child, or whose model process is not the models'
-        template's: forked from a template since gone (killed, say) or started as a new Python while none answered. It holds imports of its own (or the old template's
-        pages, kept alive by it alone); forked again from the template, it shares them with the others."""
+        """A running backend that is not the backends' template's child, or whose model process is not the
+        models' template's: forked from a template since gone (killed, say) or started as a new Python while
+        none answered. It holds imports of its own (or the old template's pages, kept alive by it alone);
+        forked again, it shares them with the others."""
         pid = self._pid(record)
         if self.template is None or not pid or not self.is_running(record):
             return ""
@@ -258,9 +259,9 @@ class ProcessDriver:
 
     def measure(self, records: list[BackendRecord], with_total: bool = True) -> tuple[dict[str, Memory], int]:
         """Each backend's processes (gunicorn, its workers, and their model processes, forked from the models'
-        template or a zygote of theirs): their PSS, private memory and, on its GPU, what nvidia-smi says they hold; and
-        the PSS of the templates with every process forked from them and of those trees. One pass over /proc,
-        one read of each process's smaps_rollup (which costs milliseconds for a big process)."""
+        template or a zygote of theirs): their PSS, private memory and, on its GPU, what nvidia-smi says they
+        hold; and the PSS of the templates with every process forked from them and of those trees. One pass
+        over /proc, one read of each process's smaps_rollup (which costs milliseconds for a big process)."""
         tree = children_by_parent()
         on_gpus = gpu_memory_by_pid() if any(r.gpu for r in records) else {}
         read: dict[int, tuple[int, int]] = {}
