@@ -265,34 +265,3 @@ def test_a_process_that_has_not_touched_its_memory_is_not_read_again(tmp_path):
         child.kill()
         child.wait()
 
-
-STOPPING = """
-import os, signal, sys, time
-def term(*_):
-    print(os.getpriority(os.PRIO_PROCESS, 0), flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, term)
-print("ready", flush=True)
-while True:
-    time.sleep(1)
-"""
-
-
-def test_a_stopping_backend_yields_the_cpu_to_those_answering(tmp_path):
-    """What a backend does on its way out (its caches to disk, its exit) runs at STOPPING_NICE."""
-    from backend.core.lifetime import process_identity
-    from orchestrator.drivers.process import STOPPING_NICE, ProcessDriver
-
-    child = subprocess.Popen([sys.executable, "-c", STOPPING], stdout=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    try:
-        assert child.stdout.readline() == "ready\n"
-        driver = ProcessDriver(OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), fork_backends=False))
-        record = BackendRecord(id="b", model={}, driver="process", port=1, model_dir=str(tmp_path / "model_dir"),
-                               handle=process_identity(child.pid))
-        driver.stop(record)
-        assert int(child.stdout.readline()) == STOPPING_NICE > 0  # its SIGTERM handler ran at that priority
-        assert child.wait(5) == 0
-    finally:
-        child.kill()
-        child.wait()

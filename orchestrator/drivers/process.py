@@ -40,7 +40,6 @@ GUNICORN_CONFIG = "python:backend.web.gunicorn_conf"
 NOT_INHERITED = ("HOST", "PORT", "MODEL_DIR", "CONFIGURE_TOKEN", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "WORKERS")
 LOG_ROTATE_BYTES = 5 << 20
 GUNICORN_ARGS = ("--config", GUNICORN_CONFIG, "--chdir", str(PROJECT_ROOT), "wsgi:app")
-STOPPING_NICE = 5  # a stopping backend's priority: a third of a serving one's CPU share when the machine is busy
 
 
 def backend_environment(settings: OrchestratorSettings, record: BackendRecord) -> dict[str, str]:
@@ -192,13 +191,6 @@ class ProcessDriver:
         if not pid or not self.is_running(record):
             self._children.pop(pid, None)
             return
-        # What it does on its way out (its caches to disk, its exit: unmapping what it shares with the
-        # templates) yields the CPU to the backends answering, and to the one waking in its place.
-        for group in (pid, *adopted_pids(Path(record.model_dir), pid)):
-            try:
-                os.setpriority(os.PRIO_PGRP, group, STOPPING_NICE)
-            except OSError:
-                pass
         for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(pid, sig)
