@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def template(tmp_path):
     owner = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     owner.connect(str(path))
     client = ForkClient(owner, "test-owner", forks_die_with_server=False)
-    client.send(("owner", 0))
+    assert client.request("owner", (), (), 30) == ("owned", 1, proc.pid)  # answered once imported
     yield path, client, proc
     client.close()
     proc.kill()
@@ -187,6 +188,27 @@ def test_processes_of_one_orchestrator_share_one_template_which_ends_with_the_la
     other.close()
     wait_until(lambda: not _templates_at(first.path), 10, "the template to end with its last owner")
     assert not first.path.exists()
+
+
+def test_a_driver_connects_only_once_the_template_has_imported_what_it_imports(tmp_path):
+    # A backend forked before would spend its configure's CONFIGURE_WAIT_S waiting for the models' imports.
+    release = tmp_path / "release"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOLD_IMPORT_UNTIL": str(release)}
+    modules = ("tests.support.held_import",)
+    impatient = BackendTemplate(tmp_path, env, modules, ROOT, 1)
+    with pytest.raises(ForkUnavailable, match=r"did not import its modules \(no answer within 1 s\); .*template.log says why"):
+        impatient.connect()
+    patient = BackendTemplate(tmp_path, env, modules, ROOT, 60)
+    connected: list[ForkClient] = []
+    waiting = threading.Thread(target=lambda: connected.append(patient.connect()))
+    waiting.start()
+    running = _templates_at(patient.path)
+    assert len(running) == 1  # the impatient one's, still importing
+    assert patient.running_pid() == 0 and waiting.is_alive()  # the memory reads do not wait behind it
+    release.touch()
+    waiting.join(60)
+    assert connected and patient.running_pid() == running[0] == patient.pid()
+    connected[0].close()
 
 
 def _templates_at(path: Path) -> list[int]:

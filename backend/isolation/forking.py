@@ -81,6 +81,9 @@ def wait_status(returncode: int) -> int:
     return (-returncode) & 0x7F if returncode < 0 else returncode << 8
 
 
+ANSWERS = ("forked", "fork-failed", "owned")  # the answers to requests, by their number
+
+
 class ForkClient:
     """One connection to a fork server: numbered fork requests, their answers, and the ends of the forks.
 
@@ -115,18 +118,23 @@ class ForkClient:
         except OSError as exc:
             raise ForkUnavailable(f"not answering: {exc}") from exc
 
-    def fork(self, kind: str, arguments: tuple, fds: Iterable[int], timeout: float) -> int:
-        """Ask for a fork (``(kind, n, *arguments)`` with ``fds``); its pid once the server has forked."""
+    def request(self, kind: str, arguments: tuple, fds: Iterable[int], timeout: float) -> tuple:
+        """Send ``(kind, n, *arguments)`` with ``fds``; the server's answer to it (a server answers once its
+        imports are done)."""
         with self._state:
             self._counter += 1
             number = self._counter
         self.send((kind, number, *arguments), fds)
         with self._state:
             if not self._state.wait_for(lambda: number in self._replies or self.ended.is_set(), timeout):
-                raise ForkUnavailable(f"no fork within {timeout:g} s")
+                raise ForkUnavailable(f"no answer within {timeout:g} s")
             if number not in self._replies:
                 raise ForkUnavailable("the fork server ended")
-            reply = self._replies.pop(number)
+            return self._replies.pop(number)
+
+    def fork(self, kind: str, arguments: tuple, fds: Iterable[int], timeout: float) -> int:
+        """Ask for a fork (``(kind, n, *arguments)`` with ``fds``); its pid once the server has forked."""
+        reply = self.request(kind, arguments, fds, timeout)
         if reply[0] != "forked":
             raise ForkUnavailable(f"could not fork: {reply[2]}")
         return int(reply[2])
@@ -157,7 +165,7 @@ class ForkClient:
             message = pickle.loads(data)
             listener = None
             with self._state:
-                if message[0] in ("forked", "fork-failed"):
+                if message[0] in ANSWERS:
                     self._replies[message[1]] = message
                 elif message[0] == "exited":
                     listener = self._listeners.pop(message[1], None)
@@ -166,7 +174,7 @@ class ForkClient:
                 self._state.notify_all()
             if listener is not None:
                 listener(message[2])
-            elif message[0] not in ("forked", "fork-failed", "exited") and self._on_message is not None:
+            elif message[0] not in (*ANSWERS, "exited") and self._on_message is not None:
                 self._on_message(message)
         self.sock.close()
         with self._state:

@@ -23,12 +23,14 @@ an owner is connected or one of its forks lives, so an orchestrator restarted wh
 
 Protocol (``forking``), at PATH (a SOCK_SEQPACKET socket, mode 0600)::
 
-    driver -> template   ("owner", 0)                                   the template lives while an owner is connected
-                                                                        (or a fork of its lives)
+    driver -> template   ("owner", n)                                   the template lives while an owner is connected
+                                                                        (or a fork of its lives); answered once the
+                                                                        imports are done
                          ("backend", n, argv, cwd, deadline) + fds [environment, log file]   (deadline: time.time())
     worker -> template   ("model", n, modules)     + fds [environment, log file, the model process's socket,
                                                          its stage page, its interactive lane's socket (optional)]
-    template -> client   ("forked", n, pid) | ("fork-failed", n, reason), ("exited", pid, wait status)
+    template -> client   ("owned", n, pid) | ("forked", n, pid) | ("fork-failed", n, reason),
+                         ("exited", pid, wait status)
 
 Environments travel as a memfd that only the fork reads: credentials never pass through the template,
 whose memory every later fork would share.
@@ -159,6 +161,7 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
         if kind == "owner":
             owners.add(connection)
             ever_owned = True
+            server.send(connection, ("owned", number, os.getpid()))  # only now: the imports are done
         elif kind == "backend" and len(fds) == 2 and (time.time() > message[4] or _hung_up(connection)):
             # Its driver gave up on it and started the backend itself, or died while the imports ran (an
             # orchestrator killed mid-renewal): a backend forked now would be nobody's, and run for ever.

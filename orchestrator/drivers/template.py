@@ -90,14 +90,16 @@ class BackendTemplate:
         return peer_pid(self.connect().sock)
 
     def running_pid(self) -> int:
-        """The template's pid where this process is connected to it now, else 0; never starts one."""
-        with self._lock:
-            client = self._client
+        """The template's pid where this process is connected to it now, else 0; never starts one, nor waits
+        behind a start (the memory reads ask)."""
+        client = self._client
         return peer_pid(client.sock) if client is not None and not client.ended.is_set() else 0
 
     def connect(self) -> ForkClient:
-        """The connection to the template, as one of its owners; started here where none answers (but not
-        again within RETRY_START_S of a start that failed: meanwhile backends start as new Pythons at once)."""
+        """The connection to the template, as one of its owners, once it has imported what it imports: a
+        backend forked before then would spend its configure's CONFIGURE_WAIT_S waiting for them (MLflow's
+        and scikit-learn's, on a cold disk, take 20 s). Started here where none answers (but not again within
+        RETRY_START_S of a start that failed: meanwhile backends start as new Pythons at once)."""
         with self._lock:
             if self._client is not None and not self._client.ended.is_set():
                 return self._client
@@ -114,7 +116,13 @@ class BackendTemplate:
                         self._failed_at = time.monotonic()
                         raise
             client = ForkClient(sock, "template-reader", forks_die_with_server=False)
-            client.send(("owner", 0))
+            try:
+                client.request("owner", (), (), self.wait_s)
+            except ForkUnavailable as exc:
+                client.close()
+                self._failed_at = time.monotonic()
+                raise ForkUnavailable(f"the template {self.name} did not import its modules ({exc}); "
+                                      f"{self.state_dir / f'{self.stem}.log'} says why") from exc
             self._client = client
             return client
 
