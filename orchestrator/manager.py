@@ -28,6 +28,7 @@ from backend.core.lifetime import listening_pid, start_time
 from .drivers import BackendDriver, free_port, port_is_free
 from .fleet import Fleet
 from .gpus import assign_gpu
+from .proxy import backend_session
 from .registry import BackendRecord, Registry
 from .settings import OrchestratorSettings
 
@@ -63,7 +64,7 @@ class BackendManager:
         self.registry = registry
         self.driver = driver
         self.gpus = gpus
-        self.http = requests.Session()
+        self.http = backend_session()
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()  # guards the dict of per-backend locks only
         self._create_lock = threading.Lock()  # one creation (limit check, spare claim) at a time

@@ -32,15 +32,23 @@ HOP_BY_HOP = {
 CHUNK = 1 << 16
 
 
+def backend_session() -> requests.Session:
+    """A pooled HTTP session to the orchestrator's own backends, which no proxy stands in front of: the
+    environment's HTTP_PROXY (where NO_PROXY does not name them) would otherwise take even loopback calls,
+    and reading the environment and ~/.netrc again for every request costs a fifth of its CPU."""
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64))
+    return session
+
+
 class Proxy:
     """One pooled HTTP session to every backend."""
 
     def __init__(self, timeout_s: float, locate: Callable[[str], BackendRecord | None] = lambda _: None) -> None:
         self.timeout_s = timeout_s
         self.locate = locate  # a backend's record as it stands now (the registry's)
-        self.session = requests.Session()
-        adapter = requests.adapters.HTTPAdapter(pool_connections=32, pool_maxsize=64)
-        self.session.mount("http://", adapter)
+        self.session = backend_session()
 
     def forward(self, record: BackendRecord, path: str, request: Request, authorization: str | None = None,
                 timeout_s: float | None = None) -> Response:

@@ -68,6 +68,7 @@ class BackendRecord:
 
 
 _COLUMNS = [f.name for f in fields(BackendRecord)]
+_FIELDS = frozenset(_COLUMNS)
 
 
 class Registry:
@@ -82,6 +83,7 @@ class Registry:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._lock = threading.Lock()  # this process's writers, one at a time (others wait in SQLite)
+        self._parsed: dict[str, BackendRecord] = {}  # by row: what ``all`` read last, never handed out
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("CREATE TABLE IF NOT EXISTS backends (id TEXT PRIMARY KEY, record TEXT NOT NULL)")
@@ -132,9 +134,15 @@ class Registry:
             db.execute("DELETE FROM backends WHERE id = ?", (backend_id,))
 
     def all(self) -> list[BackendRecord]:
+        """Every record, oldest first; each a copy of its own (callers change theirs). A row unchanged since
+        the last call is not parsed again: the fleet reads them all several times for each wake and sleep."""
         with self._connect() as db:
             rows = db.execute("SELECT record FROM backends").fetchall()
-        return sorted((_record(row[0]) for row in rows), key=lambda r: r.created_at)
+        parsed, known = {}, self._parsed
+        for (raw,) in rows:
+            parsed[raw] = known.get(raw) or _record(raw)
+        self._parsed = parsed  # what the rows are now: the rows since rewritten are forgotten
+        return sorted((_copy(record) for record in parsed.values()), key=lambda r: r.created_at)
 
     def backends(self) -> list[BackendRecord]:
         return [r for r in self.all() if not r.spare]
@@ -148,6 +156,17 @@ class Registry:
         return max(configured, key=lambda r: r.configured_at) if configured else None
 
 
+def _copy(record: BackendRecord) -> BackendRecord:
+    """A shallow copy (its ``model`` dict is shared: nothing changes one in place)."""
+    copied = object.__new__(BackendRecord)
+    copied.__dict__.update(record.__dict__)
+    return copied
+
+
 def _record(raw: str) -> BackendRecord:
+    """A row as a record; fields an older or newer version wrote that this one does not know are left out.
+    (Every routed request reads a record, and the fleet's choices read them all: this is hot.)"""
     data = json.loads(raw)
-    return BackendRecord(**{k: v for k, v in data.items() if k in _COLUMNS})
+    if data.keys() <= _FIELDS:
+        return BackendRecord(**data)
+    return BackendRecord(**{k: v for k, v in data.items() if k in _FIELDS})

@@ -16,7 +16,7 @@ import requests
 
 from harness.calls import configure as configure_call
 from harness.calls import labels_and_version, predict_images
-from harness.servers import wait_until
+from harness.servers import free_port, wait_until
 from lsmlflow.pickling import encode_hook
 from orchestrator.drivers import port_is_free
 from tests.support import hooks
@@ -114,7 +114,11 @@ def test_ctrl_c_on_flask_run_stops_the_backends_and_the_next_start_brings_them_b
 
 
 def test_failed_configures_leave_nothing_behind_and_keep_what_served(start_orchestrator, images):
-    orchestrator = start_orchestrator(MAX_BACKENDS="1")
+    # Behind a corporate proxy that NO_PROXY does not bypass: requests would send even the loopback calls to the
+    # backends through it (every backend "did not answer /health"); they are the orchestrator's own.
+    refused = f"http://127.0.0.1:{free_port()}"
+    orchestrator = start_orchestrator(MAX_BACKENDS="1", HTTP_PROXY=refused, http_proxy=refused, ALL_PROXY=refused,
+                                      NO_PROXY="")
 
     malformed = requests.post(
         orchestrator.url + "/configure", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10
