@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -315,3 +316,18 @@ def test_a_backends_last_use_only_moves_forward_whoever_writes_its_record(tmp_pa
     assert (current.memory_bytes, current.model_version, current.state) == (123, "v2", "ready")
     with pytest.raises(ValueError, match="no such record fields: colour"):
         registry.update(stale.id, colour="red")
+
+
+def test_every_read_of_all_records_is_the_rows_as_they_are_now_and_the_callers_own(tmp_path):
+    registry = Registry(tmp_path / "registry.db")
+    registry.put(record(id="a1", created_at=1.0))
+    registry.put(record(id="b2", created_at=2.0))
+    first = registry.all()
+    first[0].state = "changed by its caller"
+    again = registry.all()
+    assert [r.id for r in again] == ["a1", "b2"] and again[0].state == "starting"  # not the caller's copy
+    registry.update("b2", state="ready")
+    registry.delete("a1")
+    with sqlite3.connect(tmp_path / "registry.db") as db:  # a field a newer version wrote: left out, not an error
+        db.execute("UPDATE backends SET record = json_set(record, '$.colour', 'red') WHERE id = 'b2'")
+    assert [(r.id, r.state) for r in registry.all()] == [("b2", "ready")]
