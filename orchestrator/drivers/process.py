@@ -231,11 +231,13 @@ class ProcessDriver:
         pid = self._pid(record)
         if self.template is None or not pid or not self.is_running(record):
             return ""
-        try:
-            template = self.template.pid()  # starts one where the last was killed
-        except ForkUnavailable:
-            return ""  # nothing to move it to
-        self._connect_models()  # an orchestrator adopting running backends: their model processes' template
+        # Started where the last was killed (or this orchestrator is new), without holding up the supervisor's
+        # pass for their imports: decided on a later pass.
+        for started in self.templates():
+            started.connect_soon()
+        template = self.template.running_pid()
+        if not template:
+            return ""  # nothing to move it to yet
         parent = parent_pid(pid)
         if parent not in (0, template):
             return f"its process {pid} was not forked from the backends' template (pid {template}), so shares none of its memory"

@@ -65,6 +65,7 @@ class BackendTemplate:
         self._exits: dict[int, int] = {}
         self._proc: subprocess.Popen | None = None
         self._failed_at = float("-inf")  # when a start last failed: not tried again for RETRY_START_S
+        self._connecting = threading.Lock()  # held by the one ``connect_soon`` thread under way
 
     def spawn(self, env: Mapping[str, str], log_fd: int, argv: list[str], cwd: Path) -> int:
         """A backend forked from the template: ``argv`` as gunicorn's command line, ``env`` its environment,
@@ -85,15 +86,27 @@ class BackendTemplate:
         status = self._exits.get(pid)
         return "" if status is None else describe_exit(status)
 
-    def pid(self) -> int:
-        """The template's pid (the parent of every backend it forked); started here where none answers."""
-        return peer_pid(self.connect().sock)
-
     def running_pid(self) -> int:
         """The template's pid where this process is connected to it now, else 0; never starts one, nor waits
         behind a start (the memory reads ask)."""
         client = self._client
         return peer_pid(client.sock) if client is not None and not client.ended.is_set() else 0
+
+    def connect_soon(self) -> None:
+        """``connect`` in a thread of its own, where not connected yet: for a caller that must not wait for
+        the imports (the supervisor's pass), which asks ``running_pid`` again on its next pass."""
+        if self.running_pid() or not self._connecting.acquire(blocking=False):
+            return
+
+        def connect() -> None:
+            try:
+                self.connect()
+            except ForkUnavailable as exc:
+                log.warning("template %s: %s", self.name, exc)
+            finally:
+                self._connecting.release()
+
+        threading.Thread(target=connect, name=f"{self.name}-connect", daemon=True).start()
 
     def connect(self) -> ForkClient:
         """The connection to the template, as one of its owners, once it has imported what it imports: a
