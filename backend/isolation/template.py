@@ -61,6 +61,8 @@ from backend.isolation.forking import (
     prime_mlflow,
 )
 
+PROTOCOL = 2  # in the socket's name (orchestrator/drivers/template.py); 2: "owner" is answered
+
 log = logging.getLogger(__name__)
 
 # What a backend's gunicorn master and worker import (never wsgi or backend.web.gunicorn_conf: importing them reads

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 from backend.isolation.forking import ForkClient, ForkUnavailable, describe_exit, environment_fd, peer_pid
+from backend.isolation.template import PROTOCOL
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,11 @@ RETRY_START_S = 60.0  # a template that did not start is not started again befor
 
 
 def socket_path(state_dir: Path, stem: str = "template") -> Path:
-    """A template's socket (``stem``.sock): in the state folder, or where that path is too long for a socket,
-    in a folder of this user's alone under the temporary folder, named by the state folder."""
-    wanted = state_dir.resolve() / f"{stem}.sock"
+    """A template's socket (``stem``.v``PROTOCOL``.sock): in the state folder, or where that path is too long
+    for a socket, in a folder of this user's alone under the temporary folder, named by the state folder. An
+    upgraded orchestrator starts templates of its own beside those an older one left serving its backends
+    (which are then renewed), rather than asking them what they never answer."""
+    wanted = state_dir.resolve() / f"{stem}.v{PROTOCOL}.sock"
     if len(os.fsencode(wanted)) <= SOCKET_PATH_MAX:
         return wanted
     private = Path(tempfile.gettempdir()) / f"lsbackend-{os.getuid()}"
