@@ -59,9 +59,10 @@ class Proxy:
         if authorization is not None:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             headers["Authorization"] = authorization
-        # The request body is read whole (a /predict body is JSON the backend parses whole anyway);
-        # the answer is streamed back as it arrives.
-        body = request.get_data(cache=False) or None
+        # The request body is read whole (a /predict body is JSON the backend parses whole anyway), and kept:
+        # a request whose backend was put to sleep on its way is sent again once it has woken (api.send).
+        # The answer is streamed back as it arrives.
+        body = request.get_data(cache=True) or None
         for attempt in range(3):
             try:
                 upstream = self._send(record, path, request, headers, body, timeout_s)

@@ -331,3 +331,21 @@ def test_every_read_of_all_records_is_the_rows_as_they_are_now_and_the_callers_o
     with sqlite3.connect(tmp_path / "registry.db") as db:  # a field a newer version wrote: left out, not an error
         db.execute("UPDATE backends SET record = json_set(record, '$.colour', 'red') WHERE id = 'b2'")
     assert [(r.id, r.state) for r in registry.all()] == [("b2", "ready")]
+
+
+def test_a_request_sent_again_once_its_backend_has_woken_carries_its_body_again():
+    # Put to sleep between the orchestrator's look at its state and the request (api.send): the first try meets
+    # nobody, the backend is woken, and the same request goes again, to where it listens now.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    asleep, woken = record(driver="process", port=free_port()), record(driver="process", port=server.server_port)
+    body = b'{"tasks": [{"id": 1}]}'
+    proxy = Proxy(5.0, lambda _: None)
+    try:
+        with Flask(__name__).test_request_context("/predict", method="POST", data=body):
+            with pytest.raises(UpstreamUnavailable):
+                proxy.forward(asleep, "predict", request)
+            answer = proxy.forward(woken, "predict", request)
+            assert answer.status_code == 200 and b"".join(answer.response) == body
+    finally:
+        server.shutdown()
