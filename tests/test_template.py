@@ -197,6 +197,8 @@ def test_a_driver_connects_only_once_the_template_has_imported_what_it_imports(t
     impatient = BackendTemplate(tmp_path, env, modules, ROOT, 1)
     with pytest.raises(ForkUnavailable, match=r"did not import its modules \(no answer within 1 s\); .*template.log says"):
         impatient.connect()
+    with pytest.raises(ForkUnavailable, match="failed less than 60 s ago"):  # not waited for again meanwhile
+        impatient.connect()
     patient = BackendTemplate(tmp_path, env, modules, ROOT, 60)
     patient.connect_soon()  # as the supervisor's pass asks: it does not wait
     patient.connect_soon()  # nor start a second connection

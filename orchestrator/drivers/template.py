@@ -115,15 +115,16 @@ class BackendTemplate:
         """The connection to the template, as one of its owners, once it has imported what it imports: a
         backend forked before then would spend its configure's CONFIGURE_WAIT_S waiting for them (MLflow's
         and scikit-learn's, on a cold disk, take 20 s). Started here where none answers (but not again within
-        RETRY_START_S of a start that failed: meanwhile backends start as new Pythons at once)."""
+        RETRY_START_S of one that failed, or whose imports did not end within ``wait_s``: meanwhile backends
+        start as new Pythons at once, rather than each waiting for it again)."""
         with self._lock:
             if self._client is not None and not self._client.ended.is_set():
                 return self._client
+            if time.monotonic() - self._failed_at < RETRY_START_S:
+                raise ForkUnavailable(f"the template {self.name} failed less than {RETRY_START_S:g} s ago (it did not "
+                                      f"start, or not import its modules); {self.state_dir / f'{self.stem}.log'} says why")
             sock = self._connect()
             if sock is None:
-                if time.monotonic() - self._failed_at < RETRY_START_S:
-                    raise ForkUnavailable(f"the template {self.name} did not start {RETRY_START_S:g} s ago; "
-                                          f"{self.state_dir / f'{self.stem}.log'} says why")
                 with open(self.state_dir / f"{self.stem}.lock", "w") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # one of this orchestrator's processes starts it
                     try:
