@@ -88,6 +88,12 @@ class BackendManager:
             created = record is None
             if record is None:
                 record = self._create(backend_id, {k: v for k, v in spec.public().items() if k in PUBLIC_MODEL_FIELDS})
+                if record is None:  # another of this orchestrator's processes registered it a moment before and
+                    created = False  # starts it: this configure waits for it (wait_ready), as for any start elsewhere
+                    record = self.registry.get(backend_id)
+                if record is None:
+                    raise Conflict(f"backend {backend_id} was created and removed again while this configure "
+                                   "waited for it", "Send the configure again.")
             elif not self.starting_elsewhere(record) and not self.driver.is_running(record):
                 if record.state == "sleeping":
                     record.wakes += 1
@@ -123,8 +129,9 @@ class BackendManager:
                     'Give this model another: "pipeline": {"slug": "..."}; or DELETE /backends/<id> the other first.',
                 )
 
-    def _create(self, backend_id: str, model: dict[str, Any]) -> BackendRecord:
-        """A backend for a new model: a warm spare when one is ready, else a fresh start."""
+    def _create(self, backend_id: str, model: dict[str, Any]) -> BackendRecord | None:
+        """A backend for a new model: a warm spare when one is ready, else a fresh start; None where another
+        process of this orchestrator registered it first (the registry decides, in one transaction)."""
         with self._create_lock:
             existing = self.registry.backends()
             if len(existing) >= self.settings.max_backends:
@@ -137,6 +144,8 @@ class BackendManager:
             if record is not None:
                 return record
             record = self._new_record(backend_id, model, spare=False)
+            if record is None:
+                return None
         log.info("backend %s: new, for %s on port %s%s", backend_id, model.get("model_uri"), record.port,
                  f", GPU {record.gpu}" if record.gpu else "")
         try:
@@ -146,7 +155,7 @@ class BackendManager:
             raise
         return record
 
-    def _new_record(self, backend_id: str, model: dict[str, Any], spare: bool) -> BackendRecord:
+    def _new_record(self, backend_id: str, model: dict[str, Any], spare: bool) -> BackendRecord | None:
         record = BackendRecord(
             id=backend_id,
             model=model,
@@ -157,8 +166,7 @@ class BackendManager:
             gpu="" if self.driver.name == "ray" else assign_gpu(self.gpus, (r.gpu for r in self.registry.all())),
             spare=spare,
         )
-        self.registry.put(record)
-        return record
+        return record if self.registry.insert(record) else None
 
     def _claim_spare(self, backend_id: str, model: dict[str, Any]) -> BackendRecord | None:
         """Turn a ready, answering spare into this model's backend (same process, port and folder)."""
@@ -169,9 +177,10 @@ class BackendManager:
             try:
                 if spare.state != "ready" or not self.driver.is_running(spare) or not self.healthy(spare, timeout=0.5):
                     continue
-                self.registry.delete(spare.id)
+                spare_id = spare.id
                 spare.id, spare.model, spare.spare = backend_id, model, False
-                self.registry.put(spare)
+                if not self.registry.rename(spare_id, spare):
+                    continue  # another process of the orchestrator claimed it, or registered this model first
                 log.info("backend %s: a warm spare on port %s, for %s", backend_id, spare.port, model.get("model_uri"))
                 return spare
             finally:
@@ -189,6 +198,8 @@ class BackendManager:
             if not self.fleet.spare_fits():
                 return  # a spare never puts a backend to sleep
             record = self._new_record(f"spare-{secrets.token_hex(4)}", {}, spare=True)
+        if record is None:
+            return  # (a random id taken: the next pass tries again)
         log.info("spare %s: starting on port %s", record.id, record.port)
         self.start(record)
 

@@ -105,6 +105,24 @@ class Registry:
                 record.last_used_at = row[0]
             db.execute("INSERT OR REPLACE INTO backends VALUES (?, ?)", (record.id, json.dumps(asdict(record))))
 
+    def insert(self, record: BackendRecord) -> bool:
+        """Register a new record; False where one with its id exists already: another process of the
+        orchestrator (a gunicorn worker) registered the same model's backend a moment before, and starts it."""
+        with self._lock, self._connect() as db:
+            cursor = db.execute("INSERT OR IGNORE INTO backends VALUES (?, ?)", (record.id, json.dumps(asdict(record))))
+            return cursor.rowcount == 1
+
+    def rename(self, old_id: str, record: BackendRecord) -> bool:
+        """``old_id``'s row becomes ``record`` (a spare becoming a model's backend), in one transaction; False
+        where ``old_id`` is gone (another process claimed it) or ``record.id`` is taken."""
+        with self._lock, self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            if db.execute("SELECT 1 FROM backends WHERE id = ?", (record.id,)).fetchone():
+                return False
+            cursor = db.execute("UPDATE backends SET id = ?, record = ? WHERE id = ?",
+                                (record.id, json.dumps(asdict(record)), old_id))
+            return cursor.rowcount == 1
+
     def touch(self, backend_id: str, at: float) -> None:
         """A request was routed to it at ``at``: what its idle time counts from."""
         with self._lock, self._connect() as db:

@@ -349,3 +349,18 @@ def test_a_request_sent_again_once_its_backend_has_woken_carries_its_body_again(
             assert answer.status_code == 200 and b"".join(answer.response) == body
     finally:
         server.shutdown()
+
+
+def test_a_backend_is_registered_once_whichever_process_asks_first(tmp_path):
+    # Two gunicorn workers of one orchestrator, each configuring the same new model at the same moment.
+    first, second = Registry(tmp_path / "registry.db"), Registry(tmp_path / "registry.db")
+    assert first.insert(record(id="m1", port=18001))
+    assert not second.insert(record(id="m1", port=18002))  # the second starts nothing: it waits for the first's
+    assert second.get("m1").port == 18001
+    first.insert(record(id="spare-1", spare=True))
+    claimed = record(id="m2", spare=False)
+    assert first.rename("spare-1", claimed)
+    assert not second.rename("spare-1", record(id="m3"))  # claimed already
+    first.insert(record(id="spare-2", spare=True))
+    assert not second.rename("spare-2", record(id="m2"))  # the model has its backend: the spare stays one
+    assert sorted(r.id for r in first.all()) == ["m1", "m2", "spare-2"] and not first.get("m2").spare
