@@ -13,7 +13,7 @@ export DO_NOT_TRACK ?= true
 # The fast lane (~25 s): what needs no server, no model process and no Label Studio.
 QUICK = tests/test_architecture.py tests/test_template.py tests/test_pickling.py tests/test_compose.py tests/test_antenna_units.py tests/test_training_units.py tests/test_spec.py tests/test_settings.py tests/test_validation.py tests/test_hookcodec.py \
 	tests/test_taskdata.py tests/test_task_data_limits.py tests/test_continuation.py tests/test_labelstudio.py \
-	tests/test_orchestrator_units.py tests/test_hooks.py tests/test_batching.py tests/test_webhooks.py tests/test_shared.py tests/test_push.py tests/test_interactive_units.py
+	tests/test_orchestrator_units.py tests/test_hooks.py tests/test_batching.py tests/test_webhooks.py tests/test_shared.py tests/test_push.py tests/test_interactive_units.py tests/test_loading.py
 
 setup: $(STAMP)
 

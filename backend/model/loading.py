@@ -13,6 +13,7 @@ lock and that state is set only for the duration of a load.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib
 import json
@@ -223,9 +224,11 @@ def load_model(spec: ModelSpec, artifacts_dir: Path, prefer_local: bool = False)
     if kept is not None:
         resolved, local_path = kept
     else:
-        resolved, local_path, offline = _fetch(spec, artifacts_dir)
+        with artifacts_lock(artifacts_dir, exclusive=True):
+            resolved, local_path, offline = _fetch(spec, artifacts_dir)
     try:
-        flavor, native, predict, device = _load_local(local_path, spec.loader)
+        with artifacts_lock(artifacts_dir, exclusive=False):
+            flavor, native, predict, device = _load_local(local_path, spec.loader)
     except ImportError as exc:
         raise BackendError(
             f"the model needs a package this backend lacks: {exc.name or exc}",
@@ -236,6 +239,18 @@ def load_model(spec: ModelSpec, artifacts_dir: Path, prefer_local: bool = False)
     seconds = time.perf_counter() - started
     log.info("loaded %s (%s) on %s in %.2fs", resolved.uri, flavor, device, seconds)
     return LoadedModel(predict, native, flavor, resolved, local_path, device, seconds, offline)
+
+
+@contextlib.contextmanager
+def artifacts_lock(artifacts_dir: Path, exclusive: bool) -> Iterator[None]:
+    """A download (``exclusive``) or a load of a backend's artifacts: a download rewrites the files of the copy
+    in place, so it waits for the loads under way, and they for it. Two configures racing each other start
+    two model processes of one backend at once: without this one read an ``MLmodel`` the other was still
+    writing (empty: "'NoneType' object has no attribute 'copy'")."""
+    artifacts_dir.mkdir(parents=True, exist_ok=True)
+    with open(artifacts_dir / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # closing the file lets go
 
 
 def _fetch(spec: ModelSpec, artifacts_dir: Path) -> tuple[ResolvedModel, str, str]:
