@@ -6,14 +6,13 @@ bounded time. Run side by side: every model awake (no budget, nothing sleeps), t
 and a MEMORY_BUDGET of each share in FLEET_BUDGET_SHARES of what the awake run held. What it reports:
 
 - PSS of everything the orchestrator started, sampled each second: the peak against the budget;
-- the first prediction of a sleeping model (the request that woke it): p50 and p95;
+- the first prediction of a sleeping model (the request that woke it): p50 and p95, small and torch apart;
 - predictions of awake models: p95 against the all-awake run's;
 - wakes and sleeps (idle, budget), and every answer checked: the right label from the right model.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
@@ -91,6 +90,7 @@ CONFIG = """<View><Image name="image" value="$image"/>
 class Model:
     uri: str
     body: dict
+    kind: str = "small"  # "small" (scikit-learn) or "torch": the issue's wake target is for the small ones
     backend: str = ""
     expected: dict = field(default_factory=dict)  # image name -> label
 
@@ -100,7 +100,7 @@ def models() -> list[Model]:
     torch = {"pre_hook": encode_hook(torch_pre), "post_hook": encode_hook(torch_post), "loader": "native"}
     found = [Model(f"models:/brightness@m{i}", {"model_uri": f"models:/brightness@m{i}", **sklearn})
              for i in range(SKLEARN_MODELS)]
-    found += [Model(f"models:/tiny_torch@t{i}", {"model_uri": f"models:/tiny_torch@t{i}", **torch})
+    found += [Model(f"models:/tiny_torch@t{i}", {"model_uri": f"models:/tiny_torch@t{i}", **torch}, kind="torch")
               for i in range(TORCH_MODELS)]
     random.Random(7).shuffle(found)  # the torch ones anywhere in the popularity ranking
     for model in found:
@@ -112,6 +112,7 @@ def models() -> list[Model]:
 class Figures:
     awake_s: list[float] = field(default_factory=list)  # predictions that found their backend awake
     woke_s: list[float] = field(default_factory=list)  # predictions that woke their backend
+    woke_by_kind: dict[str, list[float]] = field(default_factory=dict)
     errors: Counter = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)
     pss: list[int] = field(default_factory=list)
@@ -145,7 +146,11 @@ def predict(session: requests.Session, orchestrator: OrchestratorProcess, model:
             figures.errors[f"wrong label from {model.uri}"] += 1
             return
         figures.answered.add(model.uri)
-        (figures.woke_s if "X-Backend-Woke-S" in answer.headers else figures.awake_s).append(seconds)
+        if "X-Backend-Woke-S" in answer.headers:
+            figures.woke_s.append(seconds)
+            figures.woke_by_kind.setdefault(model.kind, []).append(seconds)
+        else:
+            figures.awake_s.append(seconds)
 
 
 def one_run(workdir: Path, registry: str, images: dict[str, Path], budget: int) -> tuple[Figures, dict]:
@@ -227,9 +232,10 @@ def report(table: Table, share: float, budget: int, held: int, template: int, aw
                f"budget {share:.0%} of all awake")
     table.add(Row(section, "peak PSS of everything started, with the budget vs every model awake", max(slept.pss) / (1 << 30),
                   held / (1 << 30), "GiB", "all awake, same run", target=f"<= the budget ({budget / (1 << 30):.2f} GiB)"))
-    table.add(Row(section, "first prediction of a sleeping model (it wakes it): p50", statistics.median(slept.woke_s),
+    small = slept.woke_by_kind.get("small", [])  # the target is for the small models; the torch ones are noted
+    table.add(Row(section, "first prediction of a sleeping small model (it wakes it): p50", statistics.median(small),
                   statistics.median(awake.awake_s), "s", "awake model, all-awake run"))
-    table.add(Row(section, "first prediction of a sleeping model (it wakes it): p95", percentile(slept.woke_s, 95),
+    table.add(Row(section, "first prediction of a sleeping small model (it wakes it): p95", percentile(small, 95),
                   percentile(awake.awake_s, 95), "s", "awake model, all-awake run", target="<= 1.5 s"))
     table.add(Row(section, "predictions of awake models: p95", percentile(slept.awake_s, 95),
                   percentile(awake.awake_s, 95), "s", "all-awake run", target="<= 1.1x"))
@@ -244,4 +250,6 @@ def report(table: Table, share: float, budget: int, held: int, template: int, aw
         f"{len(awake.awake_s)} all awake; models answering correctly: {len(slept.answered)} and "
         f"{len(awake.answered)} of {count}; errors: {dict(slept.errors) or 0} and {dict(awake.errors) or 0}"
     )
-    table.notes.append(f"fleet raw, budget {share:.0%}: " + json.dumps({"woke_s": sorted(round(s, 3) for s in slept.woke_s)[-10:]}))
+    for kind, woke in sorted(slept.woke_by_kind.items()):
+        table.notes.append(f"fleet, budget {share:.0%}, wakes of {kind} models: {len(woke)}, p50 {statistics.median(woke):.3f} s, "
+                           f"p95 {percentile(woke, 95):.3f} s, slowest {max(woke):.3f} s")

@@ -438,7 +438,7 @@ class Fleet:
         record.handle, record.slept_at, record.sleeps = "", time.time(), record.sleeps + 1
         self.backends.registry.put(record)
         self.events[f"sleep_{kind}"] += 1
-        log.info("backend %s: asleep (%s); %s freed", record.id, reason, mib(record.memory_bytes))
+        log.info("backend %s: asleep (%s); %s freed, stopped in %.2f s", record.id, reason, mib(record.memory_bytes), took)
 
     def _sleep_one(self, exclude: str, gpu: str, reason: str, kind: str) -> bool:
         """Put the least recently used idle backend (on ``gpu`` where one is named) to sleep; spares go first."""
