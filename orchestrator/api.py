@@ -174,31 +174,34 @@ def _forward(record: BackendRecord, path: str) -> Response:
 
 
 def send(record: BackendRecord, path: str, authorization: str | None = None, timeout_s: float | None = None) -> Response:
-    """A request to the backend, waking it first where it sleeps; while it is on its way the backend is not idle."""
+    """A request to the backend, waking it first where it sleeps (in its turn: ``turns``, given back once the
+    answer has come, as the model's load and first prediction are part of the wake); while it is on its way
+    the backend is not idle."""
     o = orchestrator()
     fleet = o.manager.fleet
     woke_s = 0.0
     waits_itself = path.strip("/") in WAIT_FOR_THEIR_MODEL
-    if _wakes(record):
-        began = time.monotonic()
-        record = fleet.wake(record, until_restored=not waits_itself)
-        woke_s = time.monotonic() - began
-    fleet.begin(record.id)
-    try:
-        try:
-            response = o.proxy.forward(record, path, request, authorization=authorization, timeout_s=timeout_s)
-        except UpstreamUnavailable:
-            current = o.manager.registry.get(record.id)
-            if current is None or not _wakes(current):
-                raise
-            # put to sleep between the look at its state and the request (another orchestrator process's pass)
+    with fleet.turns.turn() as turn:
+        if _wakes(record):
             began = time.monotonic()
-            woken = fleet.wake(current, until_restored=not waits_itself)
-            woke_s += time.monotonic() - began
-            response = o.proxy.forward(woken, path, request, authorization=authorization, timeout_s=timeout_s)
-    except BaseException:
-        fleet.end(record.id)
-        raise
+            record = fleet.wake(record, until_restored=not waits_itself, turn=turn)
+            woke_s = time.monotonic() - began
+        fleet.begin(record.id)
+        try:
+            try:
+                response = o.proxy.forward(record, path, request, authorization=authorization, timeout_s=timeout_s)
+            except UpstreamUnavailable:
+                current = o.manager.registry.get(record.id)
+                if current is None or not _wakes(current):
+                    raise
+                # put to sleep between the look at its state and the request (another orchestrator process's pass)
+                began = time.monotonic()
+                woken = fleet.wake(current, until_restored=not waits_itself, turn=turn)
+                woke_s += time.monotonic() - began
+                response = o.proxy.forward(woken, path, request, authorization=authorization, timeout_s=timeout_s)
+        except BaseException:
+            fleet.end(record.id)
+            raise
     response.call_on_close(lambda: fleet.end(record.id))
     if woke_s:
         response.headers["X-Backend-Woke-S"] = f"{woke_s:.3f}"  # this request waited for the backend to wake

@@ -45,6 +45,7 @@ from backend.core.errors import OverBudget
 from .drivers.base import BackendDriver, Memory
 from .registry import BackendRecord, Registry
 from .settings import OrchestratorSettings
+from .turns import Turn, WakeTurns
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Fleet:
         self._surcharge = 0.0  # the share of private memory added for pages a backend's own processes share
         self._loaded: set[str] = set()  # measured with their model loaded since they last started
         self.events: Counter[str] = Counter()  # wakes, sleeps by reason, refusals: the metrics count them
+        self.turns = WakeTurns(self.settings.wake_turns)  # a request that wakes a backend takes one (api.send)
         self._this_thread = threading.local()  # what making room for this thread's start took, for its wake's log
 
     @property
@@ -184,6 +186,7 @@ class Fleet:
             shown["gpu_budget_bytes"] = self.settings.gpu_memory_budget
             shown["gpu_in_use_bytes"] = {gpu: self.memory_in_use(gpu) for gpu in gpus}
         shown["events"] = dict(self.events)
+        shown["wake_turns"] = {"limit": self.turns.limit or None, "waiting": self.turns.waiting()}
         return shown
 
     # --- the supervisor's pass -------------------------------------------------------------------
@@ -616,12 +619,16 @@ class Fleet:
             budget=budget, needed=need, in_use=in_use, held_by=holders,
         )
 
-    def wake(self, record: BackendRecord, until_restored: bool = True) -> BackendRecord:
+    def wake(self, record: BackendRecord, until_restored: bool = True, turn: Turn | None = None) -> BackendRecord:
         """Start a sleeping backend and wait until it answers (``until_restored``: and serves its configuration
         again; a /predict need not wait here, as the backend holds it until its model is loaded); a request
-        that finds another waking it waits too."""
+        that finds another waking it waits too. ``turn``: taken before the start (WAKE_TURNS), and given back by
+        the caller once its request is answered."""
         with self.backends.lock_for(record.id):
             current = self.backends.registry.get(record.id) or record
+            if current.state == "sleeping" and turn is not None and not turn.taken:
+                turn.take()  # those asking for this backend meanwhile wait on its lock, not in line
+                current = self.backends.registry.get(record.id) or current
             if current.state == "sleeping":
                 began = time.monotonic()
                 with self._lock:
@@ -638,9 +645,10 @@ class Fleet:
                 restored = time.monotonic()
                 with self._lock:  # its peak is known from before; the supervisor's next read updates it
                     self._loaded.add(current.id)
-                log.info("backend %s: awake in %.2f s (asleep %.0f s): %s; forked after %.2f s, answering after %.2f s "
-                         "more, %s", current.id, restored - began, time.time() - current.slept_at,
-                         self._this_thread.room_took, started - began, answering - started,
+                log.info("backend %s: awake in %.2f s (asleep %.0f s, %.2f s in line for a turn): %s; forked after %.2f s, "
+                         "answering after %.2f s more, %s", current.id, restored - began, time.time() - current.slept_at,
+                         turn.waited_s if turn is not None else 0.0, self._this_thread.room_took, started - began,
+                         answering - started,
                          f"restored {restored - answering:.2f} s later" if until_restored else "its request waits for the load")
             else:
                 self.backends.wait_ready(current)

@@ -41,6 +41,10 @@ class FleetCollector:
         for event in ("wake", "sleep_idle", "sleep_budget", "sleep_headroom", "over_budget"):
             events.add_metric([event], fleet.events[event])
         yield events
+        waiting = GaugeMetricFamily("lsorchestrator_wake_turns_waiting", "Requests in line to wake a sleeping "
+                                    "backend (WAKE_TURNS at a time).")
+        waiting.add_metric([], fleet.turns.waiting())
+        yield waiting
 
 
 class OrchestratorMetrics:

@@ -29,6 +29,9 @@ HOP_BY_HOP = {
     "host",
     "content-length",
 }
+# What the backend answered that does not go back: hop-by-hop (but its length, which the stream keeps), and
+# what the orchestrator's own server sets (two Date headers are not HTTP, and Server names what answered).
+NOT_PASSED_BACK = (HOP_BY_HOP - {"content-length"}) | {"date", "server"}
 CHUNK = 1 << 16
 
 
@@ -78,7 +81,7 @@ class Proxy:
         response = Response(
             upstream.raw.stream(CHUNK, decode_content=False),
             status=upstream.status_code,
-            headers=[(k, v) for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP - {"content-length"}],
+            headers=[(k, v) for k, v in upstream.headers.items() if k.lower() not in NOT_PASSED_BACK],
         )
         response.call_on_close(upstream.close)
         return response

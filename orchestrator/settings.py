@@ -19,6 +19,8 @@ from backend.core.settings import (
     log_level_from,
 )
 
+from .turns import default_turns
+
 DRIVERS = ("process", "docker", "ray")
 ON_EXIT = ("stop", "keep")
 # The flavors most models need, and Pillow, which image hooks (hooks/pre.py among them) import at their first call.
@@ -52,6 +54,7 @@ class OrchestratorSettings(AccessSettings):
     memory_budget: int = 0  # bytes of PSS for everything the orchestrator started; 0: no budget
     gpu_memory_budget: int = 0  # bytes of GPU memory per GPU for the backends on it; 0: no budget
     wake_headroom: float = 4.0  # at most this many typical backends' room kept free under a budget (fleet.py); 0: none
+    wake_turns: int = 0  # at most this many sleeping backends woken at once (turns.py); 0: no limit
     warm_spares: int = 1  # backends started ahead, unconfigured, so a new model skips the start
     spare_warm_imports: str = DEFAULT_WARM_IMPORTS  # also the models' template's (drivers/process.py)
     fork_backends: bool = True  # process driver: fork backends from the templates (backend/isolation/template.py)
@@ -111,6 +114,7 @@ class OrchestratorSettings(AccessSettings):
             memory_budget=env_bytes(env, "MEMORY_BUDGET", 0),
             gpu_memory_budget=env_bytes(env, "GPU_MEMORY_BUDGET", 0),
             wake_headroom=env_float(env, "WAKE_HEADROOM", 4.0),
+            wake_turns=env_int(env, "WAKE_TURNS", default_turns(driver), 0),
             warm_spares=env_int(env, "WARM_SPARES", 1, 0),
             spare_warm_imports=env.get("SPARE_WARM_IMPORTS", DEFAULT_WARM_IMPORTS),
             fork_backends=env_switch(env, "FORK_BACKENDS", True),

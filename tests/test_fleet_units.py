@@ -16,10 +16,12 @@ import pytest
 
 from backend.core.errors import OverBudget
 from backend.core.memory import MemoryReads
+from harness.servers import wait_until
 from orchestrator.drivers.base import Memory
 from orchestrator.fleet import Fleet
 from orchestrator.registry import BackendRecord, Registry
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.turns import WakeTurns
 
 MIB = 1 << 20
 TEMPLATE = 500 * MIB
@@ -265,3 +267,111 @@ def test_a_process_that_has_not_touched_its_memory_is_not_read_again(tmp_path):
         child.kill()
         child.wait()
 
+
+
+# --- wakes in turns (orchestrator/turns.py) -------------------------------------------------------------
+
+
+def in_line(turns: WakeTurns, count: int) -> None:
+    wait_until(lambda: turns.waiting() == count, 10, f"{count} in line")
+
+
+def taking(turns: WakeTurns, taken: list[str], name: str, hold: threading.Event | None = None) -> threading.Thread:
+    """A request that takes a turn, notes it, and gives it back once ``hold`` is set."""
+
+    def run() -> None:
+        with turns.turn() as turn:
+            turn.take()
+            taken.append(name)
+            if hold is not None:
+                assert hold.wait(10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_turns_go_first_come_first_served_and_at_most_the_limit_at_once():
+    turns, taken = WakeTurns(2), []
+    done = {name: threading.Event() for name in "abcd"}
+    threads = [taking(turns, taken, "a", done["a"]), taking(turns, taken, "b", done["b"])]
+    wait_until(lambda: len(taken) == 2, 10, "two turns")
+    threads.append(taking(turns, taken, "c", done["c"]))
+    in_line(turns, 1)
+    threads.append(taking(turns, taken, "d", done["d"]))
+    in_line(turns, 2)
+    assert sorted(taken) == ["a", "b"]  # two at once: c and d wait
+    done["b"].set()
+    wait_until(lambda: len(taken) == 3, 10, "the next turn")
+    assert taken[2] == "c" and turns.waiting() == 1  # the first in line, and d still waits
+    for event in done.values():
+        event.set()
+    for thread in threads:
+        thread.join(10)
+    assert taken[3] == "d" and turns.waiting() == 0
+
+
+def test_a_turn_held_past_its_time_stops_counting():
+    turns, taken, held = WakeTurns(1, hold_s=0.3), [], threading.Event()
+    first = taking(turns, taken, "slow first request", held)
+    wait_until(lambda: taken, 10, "the first turn")
+    second = taking(turns, taken, "next wake")
+    second.join(10)  # not given back: it stopped counting after hold_s
+    assert taken == ["slow first request", "next wake"]
+    held.set()
+    first.join(10)
+
+
+def test_no_limit_never_waits():
+    turns, taken, held = WakeTurns(0), [], threading.Event()
+    threads = [taking(turns, taken, str(n), held) for n in range(5)]
+    wait_until(lambda: len(taken) == 5, 10, "five turns at once")
+    assert turns.waiting() == 0
+    held.set()
+    for thread in threads:
+        thread.join(10)
+
+
+class WakingBackends(Backends):
+    """Starts that wait for ``go``, so that what waits where can be looked at."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, 0)
+        self.settings = OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), wake_turns=1)
+        self.go = threading.Event()
+        self.started: list[str] = []
+
+    def start(self, record: BackendRecord) -> None:
+        self.started.append(record.id)
+        assert self.go.wait(10)
+        record.handle, record.state = f"{record.id}:1", "ready"
+        self.registry.put(record)
+
+
+def test_a_request_for_a_backend_another_is_waking_waits_for_that_wake_not_in_line(tmp_path):
+    backends = WakingBackends(tmp_path)
+    d, e = asleep(backends, "d"), asleep(backends, "e")
+    fleet = Fleet(backends)
+    turns_taken: dict[str, bool] = {}
+
+    def request(name: str, record: BackendRecord) -> threading.Thread:
+        def run() -> None:
+            with fleet.turns.turn() as turn:
+                fleet.wake(record, turn=turn)
+                turns_taken[name] = turn.taken
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    first = request("first for d", d)
+    wait_until(lambda: backends.started == ["d"], 10, "d starting")
+    second = request("second for d", d)  # waits on d's wake
+    third = request("first for e", e)  # waits in line: the one turn is d's
+    in_line(fleet.turns, 1)
+    assert backends.started == ["d"]
+    backends.go.set()
+    for thread in (first, second, third):
+        thread.join(10)
+    assert backends.started == ["d", "e"] and state(backends, "d") == state(backends, "e") == "ready"
+    assert turns_taken == {"first for d": True, "second for d": False, "first for e": True}

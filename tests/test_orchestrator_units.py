@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -214,6 +215,9 @@ def test_settings_reject_what_they_cannot_use():
         OrchestratorSettings.from_env({"GPU_MEMORY_BUDGET": "-1G"})
     assert OrchestratorSettings.from_env({}).wake_headroom == 4.0
     assert OrchestratorSettings.from_env({"WAKE_HEADROOM": "0"}).wake_headroom == 0.0  # off
+    assert OrchestratorSettings.from_env({}).wake_turns == len(os.sched_getaffinity(0))  # the cores it may use
+    assert OrchestratorSettings.from_env({"ORCHESTRATOR_DRIVER": "ray"}).wake_turns == 0  # the cluster's nodes wake them
+    assert OrchestratorSettings.from_env({"WAKE_TURNS": "1"}).wake_turns == 1
     with pytest.raises(ValueError, match="WAKE_HEADROOM must be at least 0"):
         OrchestratorSettings.from_env({"WAKE_HEADROOM": "-1"})
 
@@ -292,6 +296,9 @@ def test_a_request_that_meets_a_renewed_backends_old_port_goes_to_its_new_one_bo
         with app.test_request_context("/predict", method="POST", data=body):
             answer = Proxy(5.0, lambda _: renewed).forward(old, "predict", request)
             assert answer.status_code == 200 and b"".join(answer.response) == body
+            # The backend's Date and Server stay behind: the orchestrator's server sends its own (two Dates are not HTTP)
+            assert answer.headers["Content-Length"] == str(len(body)) and not {"date", "server"} & {
+                name.lower() for name, _ in answer.headers.items()}
         for unmoved in (old, None):  # it has not moved, or is gone: a 502 naming it
             with app.test_request_context("/predict", method="POST", data=body), \
                     pytest.raises(UpstreamUnavailable, match="abc123 is not answering"):
