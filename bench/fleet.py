@@ -116,6 +116,23 @@ class Figures:
     errors: Counter = field(default_factory=Counter)
     answered: set[str] = field(default_factory=set)
     pss: list[int] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # the machine's, over the clients' time (``machine_cpu``)
+
+
+def cpu_ticks() -> list[int]:
+    """The machine's CPU time so far, by kind (/proc/stat: user nice system idle iowait irq softirq steal)."""
+    with open("/proc/stat") as stat:
+        return [int(value) for value in stat.readline().split()[1:9]]
+
+
+def machine_cpu(before: list[int], after: list[int], seconds: float) -> dict[str, float]:
+    """Cores busy, and the share the hypervisor took (steal): on a shared virtual machine the same code runs
+    slower in one run than the next, and this says whether the machine was the difference."""
+    spent = [b - a for a, b in zip(before, after)]
+    total = sum(spent) or 1
+    busy = total - spent[3] - spent[4] - spent[7]
+    return {"busy_cores": round(busy / total * (os.cpu_count() or 1), 2), "steal": round(spent[7] / total, 3),
+            "seconds": round(seconds, 1)}
 
 
 def started_pss(orchestrator: OrchestratorProcess) -> int:
@@ -191,10 +208,12 @@ def one_run(workdir: Path, registry: str, images: dict[str, Path], budget: int) 
                     predict(session, orchestrator, model, images, figures, lock)
 
         clients = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
+        ticks, began = cpu_ticks(), time.monotonic()
         for thread in clients:
             thread.start()
         for thread in clients:
             thread.join()
+        figures.cpu = machine_cpu(ticks, cpu_ticks(), time.monotonic() - began)
         listed = requests.get(orchestrator.url + "/backends", timeout=30).json()
         return figures, listed
     finally:
@@ -248,7 +267,8 @@ def report(table: Table, share: float, budget: int, held: int, template: int, aw
         f"{events.get('sleep_idle', 0)} for idleness; "
         f"predictions: {len(slept.awake_s) + len(slept.woke_s)} with the budget ({len(slept.woke_s)} woke their model), "
         f"{len(awake.awake_s)} all awake; models answering correctly: {len(slept.answered)} and "
-        f"{len(awake.answered)} of {count}; errors: {dict(slept.errors) or 0} and {dict(awake.errors) or 0}"
+        f"{len(awake.answered)} of {count}; errors: {dict(slept.errors) or 0} and {dict(awake.errors) or 0}; "
+        f"the machine while the clients ran: {slept.cpu} with the budget, {awake.cpu} all awake"
     )
     for kind, woke in sorted(slept.woke_by_kind.items()):
         table.notes.append(f"fleet, budget {share:.0%}, wakes of {kind} models: {len(woke)}, p50 {statistics.median(woke):.3f} s, "

@@ -186,7 +186,7 @@ class Fleet:
             shown["gpu_budget_bytes"] = self.settings.gpu_memory_budget
             shown["gpu_in_use_bytes"] = {gpu: self.memory_in_use(gpu) for gpu in gpus}
         shown["events"] = dict(self.events)
-        shown["wake_turns"] = {"limit": self.turns.limit or None, "waiting": self.turns.waiting()}
+        shown["wake_turns"] = {"limit": self.turns.limit or None, "held": self.turns.held(), "waiting": self.turns.waiting()}
         return shown
 
     # --- the supervisor's pass -------------------------------------------------------------------

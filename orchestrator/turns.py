@@ -107,3 +107,9 @@ class WakeTurns:
         """Requests in line for a turn now (for /backends and the metrics)."""
         with self._changed:
             return len(self._line)
+
+    def held(self) -> int:
+        """Turns taken and still counting (for /backends)."""
+        now = time.monotonic()
+        with self._changed:
+            return sum(1 for taken in self._held.values() if now - taken < self.hold_s)

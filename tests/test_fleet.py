@@ -87,6 +87,9 @@ def test_an_idle_backend_sleeps_label_studio_does_not_wake_it_and_a_prediction_d
     assert woken["state"] == "ready" and woken["wakes"] == 1 and woken["handle"] not in ("", handle)
     assert metric(orchestrator, 'lsorchestrator_fleet_events_total{event="wake"}') == 1
     assert metric(orchestrator, 'lsorchestrator_fleet_events_total{event="sleep_idle"}') == 1
+    turns = requests.get(orchestrator.url + "/backends", timeout=5).json()["memory"]["wake_turns"]
+    assert turns == {"limit": len(os.sched_getaffinity(0)), "held": 0, "waiting": 0}  # given back with its answer
+    assert metric(orchestrator, "lsorchestrator_wake_turns_waiting") == 0
 
     # A /setup with a token the backend has not seen is its to keep: that wakes it too.
     wait_until(lambda: asleep_now(orchestrator, sleepy["id"]), 30, "the backend to sleep again")

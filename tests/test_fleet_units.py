@@ -300,7 +300,7 @@ def test_turns_go_first_come_first_served_and_at_most_the_limit_at_once():
     in_line(turns, 1)
     threads.append(taking(turns, taken, "d", done["d"]))
     in_line(turns, 2)
-    assert sorted(taken) == ["a", "b"]  # two at once: c and d wait
+    assert sorted(taken) == ["a", "b"] and turns.held() == 2  # two at once: c and d wait
     done["b"].set()
     wait_until(lambda: len(taken) == 3, 10, "the next turn")
     assert taken[2] == "c" and turns.waiting() == 1  # the first in line, and d still waits
