@@ -113,3 +113,45 @@ def test_a_hook_swap_whose_process_is_retired_under_it_loads_the_hooks_anew(tmp_
         retired.set_hooks("hooks", "", "")
     runtime = Runtime(Settings(), ConfigurationStore(tmp_path), zygote=None, make_continuation=None)  # type: ignore[arg-type]
     assert runtime._swap_hooks(SimpleNamespace(process=retired), ModelSpec(model_uri="models:/m/1")) is False  # type: ignore[arg-type]
+
+
+class _HeldLoads:
+    """Model processes whose load of ``held`` waits for ``go``; any other loads at once."""
+
+    def __init__(self, held: str) -> None:
+        self.held, self.go = held, threading.Event()
+
+    def __call__(self) -> SimpleNamespace:
+        def load(spec: ModelSpec, prefer_local: bool = False) -> dict[str, str]:
+            if spec.model_uri == self.held:
+                assert self.go.wait(10)
+            return {"uri": spec.model_uri}
+
+        return SimpleNamespace(set_hooks=lambda *args, **kwargs: {}, load=load, stop=lambda: None)
+
+
+def _worker(tmp_path: Path, loads: _HeldLoads) -> Runtime:
+    """One gunicorn worker's runtime over the backend's MODEL_DIR (shared by its siblings)."""
+    runtime = Runtime(Settings(), ConfigurationStore(tmp_path), zygote=None,  # type: ignore[arg-type]
+                      make_continuation=lambda **_: SimpleNamespace(stop=lambda: None))  # type: ignore[arg-type]
+    runtime._new_process = loads  # type: ignore[method-assign]
+    return runtime
+
+
+def test_a_restore_that_ends_after_a_sibling_saved_a_newer_configuration_does_not_write_the_old_one_back(tmp_path):
+    # Two workers: one restores v1 from the store while the other is configured with v2. The restore ended
+    # last and saved v1 over v2, and every worker followed it back to v1 (CI: "both workers on v2").
+    first, second = ModelSpec(model_uri="models:/m/1"), ModelSpec(model_uri="models:/m/2")
+    loads = _HeldLoads(held=first.model_uri)
+    restoring, configured = _worker(tmp_path, loads), _worker(tmp_path, loads)
+    ConfigurationStore(tmp_path).configuration.save({"spec": first.to_dict()})
+    job = restoring.restore()  # its load of v1 is held
+    assert job is not None and restoring.restoring
+    assert configured.configure(second) is not None
+    wait_until(lambda: configured.active is not None, 10, "v2 served by the other worker")
+    loads.go.set()
+    assert job.settled.wait(10)
+    assert restoring.active is not None and restoring.active.spec.model_uri == first.model_uri  # what it restored
+    assert ConfigurationStore(tmp_path).configuration.load()["spec"]["model_uri"] == second.model_uri  # not overwritten
+    restoring.follow_store(force=True)  # the next request's look at the store: v2, newer than what it restored
+    wait_until(lambda: restoring.active.spec.model_uri == second.model_uri, 10, "v2 followed")

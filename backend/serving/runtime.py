@@ -240,7 +240,7 @@ class Runtime:
             batcher = DynamicBatcher(process, self.settings.max_latency_ms, enabled=self.settings.batching)
             with self._lock:
                 if job.seq > self._swapped_seq and not job.superseded:
-                    self._swap(job.spec, info, sources, process, batcher, job.seq)
+                    self._swap(job.spec, info, sources, process, batcher, job.seq, persist=not job.restoring)
                     process = None  # serving now
                 else:
                     log.info("discarding load %s: a newer configuration is already serving", job.id)
@@ -264,11 +264,17 @@ class Runtime:
             job.finish()
 
     def _swap(self, spec: ModelSpec, info: dict[str, Any], sources: dict[str, str], process: ModelProcess,
-              batcher: DynamicBatcher, seq: int) -> Serving:
-        """Persist, then serve; the previous configuration's background work and process retire. Caller holds the lock."""
-        if self.stored_error:
-            self.store.configuration.keep_aside()  # never overwritten silently
-        self._stamp = self.store.configuration.save({"spec": spec.to_dict(), "saved_at": time.time()})
+              batcher: DynamicBatcher, seq: int, persist: bool = True) -> Serving:
+        """Persist (``persist``: not a restore, which loaded what the store held), then serve; the previous
+        configuration's background work and process retire. Caller holds the lock.
+
+        A restore writes nothing back: a sibling worker may have saved a newer configuration while it loaded,
+        and writing the restored one over it would turn every worker back to the older one. Its stamp stays
+        the one it read, so the next ``follow_store`` picks up anything newer."""
+        if persist:
+            if self.stored_error:
+                self.store.configuration.keep_aside()  # never overwritten silently
+            self._stamp = self.store.configuration.save({"spec": spec.to_dict(), "saved_at": time.time()})
         batch_size = self._batch_size(spec)
         continuation = self.make_continuation(hooks_id=spec.digest, identity=serving_identity(spec, info),
                                               model_version=serving_version(spec, info), batch_size=batch_size,
