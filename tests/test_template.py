@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.isolation.forking import ForkClient, ForkUnavailable, environment_fd
+from backend.isolation.forking import ForkClient, ForkUnavailable, environment_fd, hung_up
 from backend.isolation.modelprocess import _stage_page
 from backend.isolation.zygote import Zygote, connect_template
 from harness.servers import ROOT, wait_until
@@ -226,11 +226,26 @@ def _templates_at(path: Path) -> list[int]:
 def test_a_request_whose_asker_has_gone_is_seen_as_such_though_still_unread():
     # The template reads queued requests only once its imports are done: a backend asked for by an orchestrator
     # killed meanwhile must not be forked (it would be nobody's backend), though its request is still there.
-    from backend.isolation.template import _hung_up
-
     asker, template_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     asker.send(b"a request")
-    assert not _hung_up(template_side)
+    assert not hung_up(template_side)
     asker.close()
-    assert _hung_up(template_side) and template_side.recv(64) == b"a request"
+    assert hung_up(template_side) and template_side.recv(64) == b"a request"
     template_side.close()
+
+
+def test_a_client_whose_server_has_gone_is_not_live_before_its_reader_notices(monkeypatch):
+    # A template killed a moment ago: its connection is closed before the client's reader thread has run to
+    # notice. The driver asked ``ended`` only, forked a backend, and its worker met a socket nobody listened
+    # at (CI: a model process not forked from the new models' template).
+    import threading
+
+    held, read = threading.Event(), ForkClient._read
+    monkeypatch.setattr(ForkClient, "_read", lambda self: (held.wait(10), read(self)))
+    mine, server = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client = ForkClient(mine, "held-reader", forks_die_with_server=False)
+    assert client.live()
+    server.close()
+    assert not client.live() and not client.ended.is_set()  # the reader has not run yet
+    held.set()
+    assert client.ended.wait(10) and not client.live()

@@ -44,6 +44,14 @@ def peer_pid(sock: socket.socket) -> int:
     return int(struct.unpack("3i", credentials)[0])
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """Whether the process at the other end has closed the connection (what it sent may still be waiting
+    to be read): a poll, which reads nothing, so another thread may be reading it meanwhile."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
+
+
 def describe_exit(status: int | None) -> str:
     """A wait status as words: 'exit code 3', 'killed by SIGKILL'."""
     if status is None:
@@ -147,6 +155,17 @@ class ForkClient:
                 self._listeners[pid] = listener
                 return
         listener(status)
+
+    def live(self) -> bool:
+        """Whether the server is there: not ``ended``, and its end of the connection not closed. A server
+        killed a moment ago has closed it before the reader thread has run to notice (on a busy machine,
+        long enough for a backend to be forked and sent to a socket nobody listens at)."""
+        if self.ended.is_set():
+            return False
+        try:
+            return not hung_up(self.sock)
+        except (ValueError, OSError):  # closed by the reader meanwhile (its descriptor -1)
+            return False
 
     def close(self) -> None:
         try:

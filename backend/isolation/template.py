@@ -54,6 +54,7 @@ from backend.isolation.forking import (
     ForkServer,
     adopt_environment,
     freeze_imports,
+    hung_up,
     import_all,
     leave_server,
     name_process,
@@ -164,7 +165,7 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
             owners.add(connection)
             ever_owned = True
             server.send(connection, ("owned", number, os.getpid()))  # only now: the imports are done
-        elif kind == "backend" and len(fds) == 2 and (time.time() > message[4] or _hung_up(connection)):
+        elif kind == "backend" and len(fds) == 2 and (time.time() > message[4] or hung_up(connection)):
             # Its driver gave up on it and started the backend itself, or died while the imports ran (an
             # orchestrator killed mid-renewal): a backend forked now would be nobody's, and run for ever.
             for received in fds:
@@ -172,7 +173,7 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
             server.send(connection, ("fork-failed", number, "asked for too long ago, or by a process since gone"))
         elif kind == "backend" and len(fds) == 2:
             server.fork(connection, number, fds, partial(_backend, server, fds, message[2], message[3]))
-        elif kind == "model" and len(fds) in (4, 5) and _hung_up(connection):
+        elif kind == "model" and len(fds) in (4, 5) and hung_up(connection):
             for received in fds:  # its worker died while the imports ran: nobody would ever use it
                 os.close(received)
             server.send(connection, ("fork-failed", number, "asked for by a process since gone"))
@@ -210,13 +211,6 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
     finally:
         listener.close()
         Path(path).unlink(missing_ok=True)
-
-
-def _hung_up(connection: socket.socket) -> bool:
-    """Whether the process at the other end has closed it (its requests may still be waiting to be read)."""
-    poller = select.poll()
-    poller.register(connection.fileno(), select.POLLRDHUP | select.POLLHUP)
-    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

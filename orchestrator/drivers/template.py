@@ -93,7 +93,12 @@ class BackendTemplate:
         """The template's pid where this process is connected to it now, else 0; never starts one, nor waits
         behind a start (the memory reads ask)."""
         client = self._client
-        return peer_pid(client.sock) if client is not None and not client.ended.is_set() else 0
+        if client is None or not client.live():
+            return 0
+        try:
+            return peer_pid(client.sock)
+        except OSError:  # closed by its reader meanwhile
+            return 0
 
     def connect_soon(self) -> None:
         """``connect`` in a thread of its own, where not connected yet: for a caller that must not wait for
@@ -118,8 +123,10 @@ class BackendTemplate:
         RETRY_START_S of one that failed, or whose imports did not end within ``wait_s``: meanwhile backends
         start as new Pythons at once, rather than each waiting for it again)."""
         with self._lock:
-            if self._client is not None and not self._client.ended.is_set():
-                return self._client
+            if self._client is not None:
+                if self._client.live():
+                    return self._client
+                self._client.close()  # gone, whether or not its reader has noticed yet
             if time.monotonic() - self._failed_at < RETRY_START_S:
                 raise ForkUnavailable(f"the template {self.name} failed less than {RETRY_START_S:g} s ago (it did not "
                                       f"start, or not import its modules); {self.state_dir / f'{self.stem}.log'} says why")
