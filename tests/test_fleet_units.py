@@ -35,7 +35,14 @@ class AccountingDriver:
         self.shared = 0  # what each backend's own processes share: in the PSS read, in no private figure
         self.stopped: list[str] = []
         self.hold: dict[str, threading.Event] = {}
-        self.stopping: dict[str, threading.Event] = defaultdict(threading.Event)
+        self._stopping: dict[str, threading.Event] = {}
+        self._stopping_lock = threading.Lock()
+
+    def stopping(self, backend_id: str) -> threading.Event:
+        """Set once its stop began. Made under a lock: a defaultdict read by the test while a stop sets it
+        can make two events, and the test waits on the one nobody sets."""
+        with self._stopping_lock:
+            return self._stopping.setdefault(backend_id, threading.Event())
 
     def overhead(self) -> int:
         return TEMPLATE
@@ -48,7 +55,7 @@ class AccountingDriver:
         return held, TEMPLATE + sum(m.pss + self.shared for m in held.values())
 
     def stop(self, record: BackendRecord) -> None:
-        self.stopping[record.id].set()
+        self.stopping(record.id).set()
         if record.id in self.hold:
             assert self.hold[record.id].wait(10)
         self.stopped.append(record.id)
@@ -124,7 +131,7 @@ def test_a_start_puts_the_least_recently_used_to_sleep_and_counts_it_once_while_
 
     thread = threading.Thread(target=start_d)
     thread.start()
-    assert backends.driver.stopping["a"].wait(10)
+    assert backends.driver.stopping("a").wait(10)
     # a is stopping for d: the accounts hold one of the two (d's need, a's pages), not both.
     assert fleet.memory_in_use() == TEMPLATE + 3 * EACH
     backends.driver.hold["a"].set()
@@ -177,7 +184,7 @@ def test_a_start_that_needs_two_stops_both_side_by_side(tmp_path):
     thread = threading.Thread(target=start_big)
     thread.start()
     # Both stops under way at once: neither waits for the other to finish.
-    assert backends.driver.stopping["a"].wait(10) and backends.driver.stopping["b"].wait(10)
+    assert backends.driver.stopping("a").wait(10) and backends.driver.stopping("b").wait(10)
     for name in "ab":
         backends.driver.hold[name].set()
     thread.join(10)
@@ -232,7 +239,7 @@ def test_keepers_side_by_side_count_what_the_others_put_to_sleep_as_gone(tmp_pat
     backends.driver.hold["b00"] = threading.Event()
     first = threading.Thread(target=fleet.keep_headroom)
     first.start()
-    assert backends.driver.stopping["b00"].wait(10)
+    assert backends.driver.stopping("b00").wait(10)
     fleet.keep_headroom()  # while b00 stops: one more is enough, not two
     assert backends.driver.stopped == ["b01"]
     backends.driver.hold["b00"].set()

@@ -21,6 +21,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 DRAW_TIMEOUT_MS = 30_000
+FIRST_DRAW_TIMEOUT_MS = 90_000  # a page's first drawing: the editor's scripts are not in the browser's cache yet
 
 
 class BrowserUnavailable(Exception):
@@ -125,8 +126,12 @@ class Annotator:
             raise BrowserUnavailable(f"chromium did not start: {exc}") from exc
         self.page = self._browser.new_page(viewport={"width": 1400, "height": 900})
         self.console_errors: list[str] = []
+        self.failed_requests: list[str] = []  # what the page asked for and did not get: said when a wait fails
         self._opened = "page"
+        self._drawn_once = False
         self.page.on("pageerror", lambda error: self.console_errors.append(str(error)))
+        self.page.on("requestfailed", lambda request: self.failed_requests.append(f"{request.url}: {request.failure}"))
+        self.page.on("response", self._note_refusal)
         self._log_in()
 
     def _log_in(self) -> None:
@@ -142,22 +147,17 @@ class Annotator:
                   wait_for: str = "", kind: str = "") -> Drawn:
         """Open a task in the labeling UI and read what is drawn once the panel lists ``regions`` regions, the
         image holds ``shapes`` shapes (of ``kind``, where given: a brush's mask is painted after its node is
-        there), the text ``spans`` highlights, and ``wait_for`` (a selector) is on the page; past
-        DRAW_TIMEOUT_MS, a screenshot of what is there is kept and the wait fails."""
+        there), the text ``spans`` highlights, and ``wait_for`` (a selector) is on the page; past the deadline
+        the wait fails saying what is there (``_wait_drawn``)."""
         self.page.goto(f"{self.label_studio.url}/projects/{project}/data?task={task_id}")
         want = {"regions": regions, "shapes": shapes, "spans": spans, "kind": kind}
-        try:
-            self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200)
-        except Exception:
-            self.page.screenshot(path=str(self.artifacts / f"{name}-not-drawn.png"))
-            raise
+        self._wait_drawn(want, name)
         if wait_for:
             self.page.wait_for_selector(wait_for, state="attached", timeout=DRAW_TIMEOUT_MS)
         self.page.wait_for_load_state("networkidle")
         self._opened = name
         # What is wanted, read in the same moment it is there (after the network settled, as an annotator sees it).
-        screen = self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200).json_value()
-        return self._drawn(screen, name)
+        return self._drawn(self._wait_drawn(want, name), name)
 
     def smart_click(self, project: int, task_id: int, name: str, label: str, x: float, y: float) -> Drawn:
         """Open a task and click it as an annotator does with a promptable model: Auto-Annotation on, the
@@ -165,8 +165,7 @@ class Annotator:
         what is drawn once the answer's brush is there."""
         page = self.page
         page.goto(f"{self.label_studio.url}/projects/{project}/data?task={task_id}")
-        page.wait_for_function(DRAWN_ENOUGH, arg={"regions": 0, "shapes": 0, "spans": 0, "kind": ""},
-                               timeout=DRAW_TIMEOUT_MS, polling=200)
+        self._wait_drawn({"regions": 0, "shapes": 0, "spans": 0, "kind": ""}, name)
         page.locator("text=Auto-Annotation").first.click()
         page.locator(".lsf-tool_smart").first.click()  # the smart tools' group, at the toolbar's end
         page.locator('button.lsf-tool[aria-label="key-point-tool"]').first.click(timeout=DRAW_TIMEOUT_MS)
@@ -174,12 +173,7 @@ class Annotator:
         canvas = page.locator(".konvajs-content canvas").first.bounding_box(timeout=DRAW_TIMEOUT_MS)
         assert canvas is not None, "the image canvas is not on the page"
         page.mouse.click(canvas["x"] + canvas["width"] * x, canvas["y"] + canvas["height"] * y)
-        want = {"regions": 1, "shapes": 1, "spans": 0, "kind": "Brush"}
-        try:
-            screen = page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=DRAW_TIMEOUT_MS, polling=200).json_value()
-        except Exception:
-            page.screenshot(path=str(self.artifacts / f"{name}-not-drawn.png"))
-            raise
+        screen = self._wait_drawn({"regions": 1, "shapes": 1, "spans": 0, "kind": "Brush"}, name)
         self._opened = name
         return self._drawn(screen, name)
 
@@ -188,6 +182,32 @@ class Annotator:
         self.page.locator(".lsf-outliner-item").nth(index).click()
         self.page.wait_for_selector('[data-testid="htx-textbox-content"]', timeout=DRAW_TIMEOUT_MS)
         return self._read(f"{self._opened}-region-{index}-selected")
+
+    def _note_refusal(self, response: Any) -> None:
+        if response.status >= 400:
+            self.failed_requests.append(f"{response.url}: HTTP {response.status}")
+
+    def _wait_drawn(self, want: dict[str, Any], name: str) -> dict[str, Any]:
+        """The screen once ``want`` is drawn. Past the deadline (longer for the first page: a cold cache loads
+        the editor's scripts), a screenshot is kept as ``name``-not-drawn.png and the failure says what the
+        page showed then, what it logged as errors and which of its requests failed: CI keeps only the log."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        timeout = DRAW_TIMEOUT_MS if self._drawn_once else FIRST_DRAW_TIMEOUT_MS
+        try:
+            screen = self.page.wait_for_function(DRAWN_ENOUGH, arg=want, timeout=timeout, polling=200).json_value()
+        except PlaywrightError as exc:
+            self.page.screenshot(path=str(self.artifacts / f"{name}-not-drawn.png"))
+            try:
+                shown: Any = self.page.evaluate(READ_SCREEN)
+            except PlaywrightError as read_error:
+                shown = f"unreadable ({read_error})"
+            raise AssertionError(
+                f"{name}: not drawn within {timeout / 1000:g} s at {self.page.url}; wanted {want}, the page showed "
+                f"{shown}; page errors {self.console_errors[-5:]}; failed requests {self.failed_requests[-10:]}"
+            ) from exc
+        self._drawn_once = True
+        return screen
 
     def _read(self, name: str) -> Drawn:
         """What the page shows now, and its screenshot as ``name``.png."""
