@@ -249,3 +249,40 @@ def test_a_client_whose_server_has_gone_is_not_live_before_its_reader_notices(mo
     assert not client.live() and not client.ended.is_set()  # the reader has not run yet
     held.set()
     assert client.ended.wait(10) and not client.live()
+
+
+PRIMED_FORK = r"""
+import os, sys
+import mlflow.store.model_registry.sqlalchemy_store as registry_store
+import mlflow.store.tracking.sqlalchemy_store as tracking_store
+from mlflow.tracking import MlflowClient
+from backend.isolation.forking import prime_sqlite_store
+
+uri = sys.argv[1]
+prime_sqlite_store(uri)
+database = uri.removeprefix("sqlite:///")
+held = [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}").startswith(database)]
+made = []  # stores made from here on: none, where the fork finds the primed ones
+for kind in (registry_store.SqlAlchemyStore, tracking_store.SqlAlchemyStore):
+    kind.__init__ = lambda self, *args, made=made, **kwargs: made.append(type(self).__module__)
+pid = os.fork()
+if pid == 0:
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    print("fork", client.get_model_version_by_alias("brightness", "champion").version, made, held, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_fork_of_a_primed_template_finds_the_default_registrys_store_made(registry, tmp_path):
+    """The template makes MLflow's store for the default SQLite registry before it forks: a fork's first
+    alias lookup (the registry follower's, in each woken backend) reuses it, on a connection of its own."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", PRIMED_FORK, registry], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "fork 1 [] []" in done.stdout, done.stdout + done.stderr
+    missing = tmp_path / "none.db"
+    done = subprocess.run([sys.executable, "-c", "import sys; from backend.isolation.forking import prime_sqlite_store; "
+                           "prime_sqlite_store(sys.argv[1])", f"sqlite:///{missing}"], cwd=ROOT, env=env, timeout=120)
+    assert done.returncode == 0 and not missing.exists()  # a registry nobody made is not made here
