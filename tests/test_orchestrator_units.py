@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,6 +14,7 @@ from docker.types import DeviceRequest
 from flask import Flask, request
 
 from backend.core.errors import UpstreamUnavailable
+from backend.core.lifetime import start_time, wait_for_exit
 from backend.model.hookcodec import RUNTIME
 from orchestrator import create_app
 from orchestrator.drivers import DockerDriver, ProcessDriver
@@ -371,3 +373,19 @@ def test_a_backend_is_registered_once_whichever_process_asks_first(tmp_path):
     first.insert(record(id="spare-2", spare=True))
     assert not second.rename("spare-2", record(id="m2"))  # the model has its backend: the spare stays one
     assert sorted(r.id for r in first.all()) == ["m1", "m2", "spare-2"] and not first.get("m2").spare
+
+
+def test_a_stop_is_waited_for_until_the_process_ends_or_the_time_is_up():
+    """``wait_for_exit`` (the process driver's stop): back at its timeout while the process runs, and back once
+    it has ended, told by the kernel (a pidfd) rather than found at a later look."""
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        wait_for_exit(proc.pid, 0.05)
+        assert proc.poll() is None
+        threading.Timer(0.1, proc.terminate).start()
+        wait_for_exit(proc.pid, 60)
+        assert start_time(proc.pid) == ""  # ended: a zombie, until this test reaps it
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for_exit(proc.pid, 60)  # gone and reaped: at once

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,23 @@ def start_time(pid: int) -> str:
         return ""
     fields_after_name = stat.rpartition(")")[2].split()
     return fields_after_name[19] if fields_after_name[0] != "Z" else ""
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    """Return once ``pid`` has ended (a zombie has) or ``timeout`` has passed, woken by the kernel through a
+    pidfd rather than by polling: a stop is seen the moment it happens. Where pidfds are missing (Linux
+    before 5.3), after a short sleep, for the caller to look again."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:
+        time.sleep(min(max(timeout, 0.0), 0.05))
+        return
+    try:
+        select.select([fd], [], [], max(timeout, 0.0))
+    finally:
+        os.close(fd)
 
 
 def parent_pid(pid: int) -> int:

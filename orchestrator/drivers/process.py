@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from backend.core.lifetime import adopted_pids, parent_pid, start_time
+from backend.core.lifetime import adopted_pids, parent_pid, start_time, wait_for_exit
 from backend.core.memory import MemoryReads, children_by_parent, rss_bytes, tree_pids
 from backend.core.settings import comma_list
 from backend.isolation.forking import ForkUnavailable, describe_exit, wait_status
@@ -197,8 +197,8 @@ class ProcessDriver:
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + grace
-            while self.is_running(record) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            while self.is_running(record) and (left := deadline - time.monotonic()) > 0:
+                wait_for_exit(pid, min(left, 1.0))  # a pid since recycled is waited on for a second at most
             if not self.is_running(record):
                 break
         self._children.pop(pid, None)
