@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 # What a backend's gunicorn master and worker import (never wsgi or backend.web.gunicorn_conf: importing them reads
 # the environment, which is each backend's own): the backends' template's. The models' template imports what
 # a model process needs and the flavors'.
-SERVER_IMPORTS = ("gunicorn.app.wsgiapp", "gunicorn.arbiter", "backend.web.worker", "backend.app")
+SERVER_IMPORTS = ("gunicorn.app.wsgiapp", "gunicorn.arbiter", "backend.isolation.arbiter", "backend.web.worker", "backend.app")
 PER_BACKEND_MODULES = ("wsgi", "backend.web.gunicorn_conf")
 # -- the template process ----------------------------------------------------------------------------
 
@@ -95,10 +95,10 @@ def _backend(server: ForkServer, fds: list[int], argv: list[str], cwd: str) -> i
     for name in PER_BACKEND_MODULES:
         sys.modules.pop(name, None)
     sys.argv = list(argv)
-    from gunicorn.app.wsgiapp import WSGIApplication
+    from backend.isolation.arbiter import BackendApplication
 
     try:
-        WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+        BackendApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
