@@ -192,13 +192,14 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
                 response = o.proxy.forward(record, path, request, authorization=authorization, timeout_s=timeout_s)
             except UpstreamUnavailable:
                 current = o.manager.registry.get(record.id)
-                if current is None or not _wakes(current):
+                then = _after_unanswered(record, current)
+                if current is None or not then:
                     raise
-                # put to sleep between the look at its state and the request (another orchestrator process's pass)
-                began = time.monotonic()
-                woken = fleet.wake(current, until_restored=not waits_itself, turn=turn)
-                woke_s += time.monotonic() - began
-                response = o.proxy.forward(woken, path, request, authorization=authorization, timeout_s=timeout_s)
+                if then == "wake":
+                    began = time.monotonic()
+                    current = fleet.wake(current, until_restored=not waits_itself, turn=turn)
+                    woke_s += time.monotonic() - began
+                response = o.proxy.forward(current, path, request, authorization=authorization, timeout_s=timeout_s)
         except BaseException:
             fleet.end(record.id)
             raise
@@ -206,6 +207,18 @@ def send(record: BackendRecord, path: str, authorization: str | None = None, tim
     if woke_s:
         response.headers["X-Backend-Woke-S"] = f"{woke_s:.3f}"  # this request waited for the backend to wake
     return response
+
+
+def _after_unanswered(sent: BackendRecord, current: BackendRecord | None) -> str:
+    """What a request whose backend did not answer does next, by its record now: ``wake`` where it was put to
+    sleep on the way (between the look at its state and the request) or another request is waking it;
+    ``resend`` where it has been put to sleep and woken again meanwhile, or renewed (another process, which
+    the one that did not answer was not); '' where the same process did not answer: the 502 stands."""
+    if current is None:
+        return ""
+    if _wakes(current):
+        return "wake"
+    return "resend" if current.state == "ready" and current.handle and current.handle != sent.handle else ""
 
 
 def _wakes(record: BackendRecord) -> bool:

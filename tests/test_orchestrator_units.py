@@ -360,6 +360,19 @@ def test_a_request_sent_again_once_its_backend_has_woken_carries_its_body_again(
         server.shutdown()
 
 
+def test_a_request_whose_backend_did_not_answer_wakes_it_goes_again_or_fails_by_what_its_record_says_now():
+    from orchestrator.api import _after_unanswered
+
+    sent = record(driver="process", state="ready", handle="100:5")
+    assert _after_unanswered(sent, None) == ""  # deleted meanwhile
+    assert _after_unanswered(sent, record(state="sleeping", handle="")) == "wake"  # put to sleep on its way
+    assert _after_unanswered(sent, record(state="starting", handle="200:9")) == "wake"  # another request wakes it
+    # Put to sleep and woken again by another request before this one looked (the bench's one 502 in 5,935):
+    assert _after_unanswered(sent, record(state="ready", handle="200:9")) == "resend"
+    assert _after_unanswered(sent, record(state="ready", handle="100:5")) == ""  # the same process: the 502 stands
+    assert _after_unanswered(sent, record(state="failed", handle="200:9")) == ""
+
+
 def test_a_backend_is_registered_once_whichever_process_asks_first(tmp_path):
     # Two gunicorn workers of one orchestrator, each configuring the same new model at the same moment.
     first, second = Registry(tmp_path / "registry.db"), Registry(tmp_path / "registry.db")
