@@ -18,6 +18,7 @@ from harness.calls import image_tasks, labels, labels_and_version, predict, pred
 from harness.servers import ROOT, wait_until
 from lsmlflow.pickling import encode_hook
 from orchestrator.fleet import MEASURE_NICE
+from orchestrator.turns import default_turns
 from tests.support.hooks import IMAGE_CONFIG, recording_post
 
 
@@ -88,7 +89,7 @@ def test_an_idle_backend_sleeps_label_studio_does_not_wake_it_and_a_prediction_d
     assert metric(orchestrator, 'lsorchestrator_fleet_events_total{event="wake"}') == 1
     assert metric(orchestrator, 'lsorchestrator_fleet_events_total{event="sleep_idle"}') == 1
     turns = requests.get(orchestrator.url + "/backends", timeout=5).json()["memory"]["wake_turns"]
-    assert turns == {"limit": len(os.sched_getaffinity(0)), "held": 0, "waiting": 0}  # given back with its answer
+    assert turns == {"limit": default_turns("process"), "held": 0, "waiting": 0}  # given back with its answer
     assert metric(orchestrator, "lsorchestrator_wake_turns_waiting") == 0
 
     # A /setup with a token the backend has not seen is its to keep: that wakes it too.
