@@ -115,11 +115,13 @@ def create_app(settings: Settings | None = None, env: Mapping[str, str] | None =
                     on_stored=lambda rows: quality.note_predictions([{"id": row.task} for row in rows],
                                                                    [row.prediction for row in rows], rows[0].model_version))
     services.pusher = pusher
+    # First of what is left: the model process's fork and the model's load (in the background) overlap the
+    # routes' making, rather than wait for it; a woken backend's first prediction waits for the load.
+    services.runtime.restore()
     app.extensions["lsbackend"] = services
     app.register_blueprint(api)
     app.register_blueprint(antenna)
     register_error_handlers(app, on_error=lambda exc: metrics.errors.labels(type(exc).__name__).inc())
-    services.runtime.restore()
     # Only a sibling worker writes the stored configuration behind this one's back: follow it when there are some.
     siblings = [runtime.follow_store] if settings.workers > 1 else []
     services.ticker = Ticker(1.0, [runtime.tick, *siblings, trainer.tick, follower.tick, quality.flush, cache.maintain]).start()

@@ -13,13 +13,14 @@ import pytest
 import requests
 
 from backend.core.lifetime import start_time
+from backend.isolation.arbiter import BackendApplication
 from harness.servers import ROOT, free_port, wait_until
 
 SERVE = r"""
 import sys
 from backend.isolation.arbiter import BackendApplication
 sys.argv = ["gunicorn", "-w", "1", "--graceful-timeout", "1", "-b", f"127.0.0.1:{sys.argv[1]}", sys.argv[2]]
-BackendApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+BackendApplication().run()
 """
 
 APP = r"""
@@ -53,3 +54,25 @@ def test_a_stopped_master_ends_after_its_worker(tmp_path: Path, module: str):
     finally:
         master.kill()
         master.wait()
+
+
+def test_a_master_starts_from_the_templates_settings_read_with_its_own_environment(tmp_path: Path, monkeypatch):
+    """The template makes gunicorn's settings once; the master forked next takes them, with its own command line
+    and environment (a fork adopts its environment after the template made them), and a later one (gunicorn's
+    reload) makes new ones."""
+    monkeypatch.chdir(tmp_path)  # no gunicorn.conf.py here
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    BackendApplication.prepare()
+    try:
+        prepared, _ = BackendApplication.prepared or (None, None)
+        monkeypatch.setenv("GUNICORN_CMD_ARGS", "--threads 7")
+        monkeypatch.setattr(sys, "argv", ["gunicorn", "-b", "127.0.0.1:9", "app:app"])
+        first = BackendApplication()
+        assert first.cfg is prepared
+        assert (first.cfg.threads, first.cfg.bind) == (7, ["127.0.0.1:9"])
+        assert BackendApplication.prepared is None
+        second = BackendApplication()
+        assert second.cfg is not prepared
+        assert (second.cfg.threads, second.cfg.bind) == (7, ["127.0.0.1:9"])
+    finally:
+        BackendApplication.prepared = None

@@ -343,6 +343,44 @@ def test_every_read_of_all_records_is_the_rows_as_they_are_now_and_the_callers_o
     assert [(r.id, r.state) for r in registry.all()] == [("b2", "ready")]
 
 
+def test_the_registry_keeps_its_connections_for_the_next_caller_and_a_fork_opens_its_own(tmp_path, monkeypatch):
+    registry = Registry(tmp_path / "registry.db")
+    registry.put(record(id="a1"))
+    opened: list[int] = []
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: opened.append(threading.get_ident()) or real_connect(*a, **k))
+    for _ in range(20):
+        assert registry.get("a1").id == "a1"
+    assert opened == []  # the connection made first is kept
+    start = threading.Barrier(4)
+
+    def read() -> None:
+        start.wait()
+        for _ in range(100):
+            assert registry.get("a1").id == "a1" and len(registry.all()) == 1
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) <= 3  # one each for the threads that found none kept, at most
+    with pytest.raises(TypeError):  # fails inside its transaction: rolled back, and its connection not kept
+        registry.put(record(id="b2", model={"not JSON": object()}))
+    another = Registry(tmp_path / "registry.db")  # would wait 10 s and fail on a transaction left open
+    another.put(record(id="c3"))
+    assert [r.id for r in registry.all()] == ["a1", "c3"]
+    pid = os.fork()
+    if pid == 0:  # the child writes on a connection of its own; the parent's go on working after it exits
+        try:
+            registry.put(record(id="d4"))
+            os._exit(0 if registry.get("d4") else 1)
+        except BaseException:  # noqa: BLE001 - a forked test process must never return into pytest
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert [r.id for r in registry.all()] == ["a1", "c3", "d4"] and registry.get("d4").id == "d4"
+
+
 def test_a_request_sent_again_once_its_backend_has_woken_carries_its_body_again():
     # Put to sleep between the orchestrator's look at its state and the request (api.send): the first try meets
     # nobody, the backend is woken, and the same request goes again, to where it listens now.

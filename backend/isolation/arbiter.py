@@ -1,5 +1,10 @@
-"""gunicorn's master for a backend forked from the backends' template: gunicorn's own, but a stop sees its
-workers end the moment they do.
+"""gunicorn's master for a backend forked from the backends' template: gunicorn's own, but it starts on
+settings made once in the template, and a stop sees its workers end the moment they do.
+
+gunicorn's master makes its settings (some 120 objects) and its command line's parser anew at every start:
+~15 ms of a master's ~35 ms before it listens, which is on every wake's way. Every backend's are the same
+until its own command line, configuration module and environment are read, so the template makes them once
+(``BackendApplication.prepare``) and each fork starts from its own copy of them.
 
 gunicorn's ``Arbiter.stop`` tells the workers to end, then looks for the ended ones every 0.1 s: a stop took
 0.1 or 0.2 s however quickly the worker ended (in ~30 ms). The orchestrator stops a backend to put it to
@@ -10,12 +15,16 @@ stop go on as it would (with nothing left to wait for).
 
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import time
+from typing import ClassVar
 
 import gunicorn.app.base as gunicorn_base
 from gunicorn.app.wsgiapp import WSGIApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.config import Config
 
 from backend.core.lifetime import wait_for_exit
 
@@ -40,10 +49,36 @@ class PromptArbiter(Arbiter):
             self.reap_workers()
 
 
+USAGE = "%(prog)s [OPTIONS] [APP_MODULE]"
+
+
 class BackendApplication(WSGIApplication):
     """``gunicorn`` with ``sys.argv``'s arguments, under a ``PromptArbiter``: gunicorn's ``run`` (which reads
     its options first) makes the master it names in ``gunicorn.app.base``, and this process (a fork, a
     backend of its own) names this one there."""
+
+    prepared: ClassVar[tuple[Config, argparse.ArgumentParser] | None] = None
+
+    @classmethod
+    def prepare(cls) -> None:
+        """In the template: gunicorn's default settings and its parser, for every master forked from here."""
+        config = Config(USAGE, prog="gunicorn")
+        cls.prepared = (config, config.parser())
+
+    def __init__(self) -> None:
+        super().__init__(USAGE)
+
+    def load_default_config(self) -> None:
+        """The settings the template prepared, once (a reload makes new ones); read with this process's
+        environment, which a fork adopts after the template made them."""
+        prepared, BackendApplication.prepared = BackendApplication.prepared, None
+        if prepared is None:
+            super().load_default_config()
+            return
+        config, parser = prepared
+        config.env_orig = os.environ.copy()
+        config.parser = lambda: parser
+        self.cfg = config
 
     def run(self) -> None:
         gunicorn_base.Arbiter = PromptArbiter

@@ -223,7 +223,8 @@ def import_all(modules: Iterable[str]) -> dict[str, str | None]:
 
 def prime_mlflow() -> None:
     """Build MLflow's map of installed packages once here instead of in every fork: each model load checks
-    the model's requirements against it, and building it scans every installed distribution (~1 s). Only
+    the model's requirements against it, and building it scans every installed distribution (~1 s). MLmodel
+    files read with libyaml, and the default SQLite registry's store made (below). Only
     where MLflow is imported already: the backends' template, whose gunicorn masters and workers never load
     a model, does without it (about 85 MiB)."""
     if "mlflow" not in sys.modules:
@@ -234,6 +235,9 @@ def prime_mlflow() -> None:
         _init_packages_to_modules_map()
     except Exception as exc:  # noqa: BLE001 - a private helper of MLflow's: without it, loads are only slower
         log.debug("could not prime MLflow's package map: %s", exc)
+    from backend.model.loading import read_yaml_with_libyaml
+
+    read_yaml_with_libyaml()
     prime_sqlite_store(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
 

@@ -98,7 +98,7 @@ def _backend(server: ForkServer, fds: list[int], argv: list[str], cwd: str) -> i
     from backend.isolation.arbiter import BackendApplication
 
     try:
-        BackendApplication("%(prog)s [OPTIONS] [APP_MODULE]").run()
+        BackendApplication().run()
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
@@ -123,6 +123,16 @@ def _model(server: ForkServer, fds: list[int], modules: list[str], worker: str) 
         return 1
 
 
+def prepare_forks(modules: list[str]) -> None:
+    """Make here, once, what each fork would make at every start: MLflow's package map and registry store
+    (the models' template), gunicorn's settings (the backends')."""
+    prime_mlflow()
+    if "backend.isolation.arbiter" in modules:
+        from backend.isolation.arbiter import BackendApplication
+
+        BackendApplication.prepare()
+
+
 def template_main(path: str, modules: list[str], name: str = "lsb-template") -> None:
     """Listen at ``path`` first (requests wait while the imports run), import, then fork on request until the
     last owner has gone, or, if none ever came, until the process that started this one has. ``name``: what
@@ -145,7 +155,7 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
     failed = {module: error for module, error in import_all(modules).items() if error}
     for module, error in failed.items():
         log.warning("template: could not import %s (%s); backends that need it import it themselves", module, error)
-    prime_mlflow()
+    prepare_forks(modules)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # asking does not initialise it
         log.error("template: an import initialised CUDA, which a fork cannot use: backends forked from here will "

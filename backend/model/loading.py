@@ -213,11 +213,31 @@ def choose_device(flavor: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def read_yaml_with_libyaml() -> None:
+    """MLflow reads a model's MLmodel with ``yaml.safe_load``, PyYAML's loader written in Python, four times
+    per load: ~10 ms, half of a small model's load on every wake. Where PyYAML was built with libyaml, its C
+    loader reads the same documents into the same objects (the same safe constructor and resolver) in a
+    fraction of that. For the model processes (the models' template and the zygote call this before they
+    fork), where loading models is the work."""
+    import yaml
+
+    if getattr(yaml, "__with_libyaml__", False):
+        yaml.safe_load = _safe_load_with_libyaml
+
+
+def _safe_load_with_libyaml(stream: Any) -> Any:
+    import yaml
+
+    return yaml.load(stream, Loader=yaml.CSafeLoader)
+
+
 def load_model(spec: ModelSpec, artifacts_dir: Path, prefer_local: bool = False) -> LoadedModel:
     """Resolve, download once into ``artifacts_dir``, load with the chosen loader. With ``prefer_local``
     (a restore, a restarted model process), what an earlier load of this spec downloaded, if any: the
-    registry is not asked (the follower checks an alias later). When the registry does not answer, that
-    copy too, and ``offline`` says so."""
+    registry is not asked (the follower checks an alias later), nor are the model's requirements checked
+    against the installed packages again (the load that downloaded it logged any mismatch; the check reads
+    every installed distribution's metadata, a third of a small model's load on every wake). When the
+    registry does not answer, that copy too, and ``offline`` says so."""
     started = time.perf_counter()
     offline = ""
     kept = _remembered(spec, artifacts_dir) if prefer_local else None
@@ -228,7 +248,7 @@ def load_model(spec: ModelSpec, artifacts_dir: Path, prefer_local: bool = False)
             resolved, local_path, offline = _fetch(spec, artifacts_dir)
     try:
         with artifacts_lock(artifacts_dir, exclusive=False):
-            flavor, native, predict, device = _load_local(local_path, spec.loader)
+            flavor, native, predict, device = _load_local(local_path, spec.loader, checked=kept is not None)
     except ImportError as exc:
         raise BackendError(
             f"the model needs a package this backend lacks: {exc.name or exc}",
@@ -304,7 +324,9 @@ def _download(resolved: ResolvedModel, artifacts_dir: Path) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=resolved.uri, dst_path=str(target))
 
 
-def _load_local(local_path: str, loader: str) -> tuple[str, Any, Callable[[Any], Any], str]:
+def _load_local(local_path: str, loader: str, checked: bool = False) -> tuple[str, Any, Callable[[Any], Any], str]:
+    """The model at ``local_path`` with the loader its flavor (or ``loader``) names; ``checked``: its requirements
+    were checked when it was first loaded (MLflow's pyfunc loader warns of mismatches, and of another Python)."""
     import mlflow.pyfunc
     from mlflow.models import Model
 
@@ -313,7 +335,7 @@ def _load_local(local_path: str, loader: str) -> tuple[str, Any, Callable[[Any],
     module_name = module_name.removesuffix(".model")
     if loader == "pyfunc" or module_name == "mlflow.pyfunc":
         device = choose_device("mlflow.pyfunc")
-        model = mlflow.pyfunc.load_model(local_path)
+        model = mlflow.pyfunc.load_model(local_path, suppress_warnings=checked)
         return "mlflow.pyfunc", model, model.predict, device
     module = importlib.import_module(module_name)
     device = choose_device(module_name)
