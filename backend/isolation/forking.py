@@ -13,6 +13,8 @@ message per packet on a SOCK_SEQPACKET socket, with the descriptors a fork needs
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import gc
 import importlib
 import json
@@ -269,6 +271,56 @@ def freeze_imports() -> None:
     collection in a fork does not write to (and so copy) every page of it."""
     gc.collect()
     gc.freeze()
+
+
+MADV_COLLAPSE = 25  # Linux 6.1: make these pages a transparent huge page now
+HUGE_PAGE = 2 << 20
+DENSE_ENOUGH = 0.9  # of a huge page's small pages resident, or it is left as it is
+
+
+def share_as_huge_pages() -> int:
+    """Put this process's anonymous memory (its heap, Python's arenas) in transparent huge pages where it is
+    dense, once its imports are done and frozen: a fork then copies one page-table entry per 2 MiB instead
+    of 512, its exit unmaps as few, and a read of its smaps (the orchestrator reads every process's every
+    few seconds) walks as few. On the models' template: a fork 13 -> 5 ms of the template's CPU, its child's
+    life and exit 36 -> 26 ms, a read of the child's smaps 9 -> 5 ms. A fork that writes to such a page
+    splits it for itself alone. Only 2 MiB that are nine tenths resident: a sparse one would be filled in
+    and grow the template. Best effort: where the kernel has no MADV_COLLAPSE (before 6.1), or does not
+    make huge pages, nothing changes. Returns the bytes now in huge pages."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise, mincore = libc.madvise, libc.mincore
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        regions = _anonymous_regions()
+    except (OSError, AttributeError):
+        return 0
+    resident = ctypes.create_string_buffer(HUGE_PAGE // os.sysconf("SC_PAGE_SIZE"))
+    collapsed = 0
+    for start, end in regions:
+        for chunk in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end - HUGE_PAGE + 1, HUGE_PAGE):
+            if mincore(chunk, HUGE_PAGE, resident) != 0:
+                continue
+            if sum(flag & 1 for flag in resident.raw) < DENSE_ENOUGH * len(resident.raw):
+                continue
+            if madvise(chunk, HUGE_PAGE, MADV_COLLAPSE) == 0:
+                collapsed += HUGE_PAGE
+            elif ctypes.get_errno() == errno.EINVAL and not collapsed:
+                return 0  # this kernel has no MADV_COLLAPSE
+    return collapsed
+
+
+def _anonymous_regions() -> list[tuple[int, int]]:
+    """This process's private, writable, anonymous mappings (and its heap): (start, end)."""
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if fields[1] == "rw-p" and fields[4] == "0" and path in ("", "[heap]"):
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                regions.append((start, end))
+    return regions
 
 
 def reap(report: Callable[[int, int], None]) -> None:

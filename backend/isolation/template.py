@@ -60,6 +60,7 @@ from backend.isolation.forking import (
     name_process,
     peer_pid,
     prime_mlflow,
+    share_as_huge_pages,
 )
 
 PROTOCOL = 2  # in the socket's name (orchestrator/drivers/template.py); 2: "owner" is answered
@@ -161,6 +162,7 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
         log.error("template: an import initialised CUDA, which a fork cannot use: backends forked from here will "
                   "fail on the GPU. Leave that module out of SPARE_WARM_IMPORTS (or set FORK_BACKENDS=off).")
     freeze_imports()
+    huge = share_as_huge_pages()
     server = ForkServer([], listener)
     owners: set[socket.socket] = set()
     models: dict[socket.socket, set[int]] = {}  # by the worker that asked: its model processes
@@ -215,7 +217,8 @@ def template_main(path: str, modules: list[str], name: str = "lsb-template") -> 
                 pass
         return not wanted() and not select.select([listener], [], [], 0)[0]
 
-    log.info("template %s: ready at %s (%d modules imported)", name, path, len(modules) - len(failed))
+    log.info("template %s: ready at %s (%d modules imported, %d MiB of its memory in huge pages)", name, path,
+             len(modules) - len(failed), huge >> 20)
     try:
         server.run(handle, closed, still_wanted=lambda: wanted() or (not ever_owned and os.getppid() == parent))
     finally:
