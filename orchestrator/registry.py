@@ -84,7 +84,8 @@ class Registry:
 
     Opening a connection costs ~0.25 ms of CPU, as much as the rest of a read, and every routed request
     and every supervisor pass over every backend reads here: connections are kept, each used by one thread
-    at a time (``_connection``), and never carried into a forked process."""
+    at a time (``_connection``), and never carried into a forked process. Kept in a pool, not one per
+    thread as ``SharedDb`` keeps them: the orchestrator's server answers each connection on a new thread."""
 
     KEPT_CONNECTIONS = 8  # at most: more threads at once open more, and close them after
 
