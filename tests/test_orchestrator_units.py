@@ -13,13 +13,14 @@ import pytest
 from docker.types import DeviceRequest
 from flask import Flask, request
 
-from backend.core.errors import UpstreamUnavailable
+from backend.core.errors import DeadlineExceeded, UpstreamUnavailable
 from backend.core.lifetime import start_time, wait_for_exit
 from backend.model.hookcodec import RUNTIME
 from orchestrator import create_app
 from orchestrator.drivers import DockerDriver, ProcessDriver
 from orchestrator.drivers.base import free_port
 from orchestrator.gpus import assign_gpu
+from orchestrator.manager import STARTED_CHECK_S, BackendManager, _until_listening
 from orchestrator.proxy import Proxy
 from orchestrator.registry import BackendRecord, Registry
 from orchestrator.settings import OrchestratorSettings
@@ -441,3 +442,47 @@ def test_a_stop_is_waited_for_until_the_process_ends_or_the_time_is_up():
         proc.kill()
         proc.wait()
     wait_for_exit(proc.pid, 60)  # gone and reaped: at once
+
+
+class _Unready(BaseHTTPRequestHandler):
+    """A backend that listens but is not ready: every /health is a 503."""
+
+    asks = 0
+
+    def do_GET(self) -> None:
+        type(self).asks += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _Running(ProcessDriver):
+    def is_running(self, record: BackendRecord) -> bool:
+        return True
+
+    def pending_reason(self, record: BackendRecord) -> str:
+        return ""
+
+    def logs(self, record: BackendRecord, lines: int = 50) -> list[str]:
+        return []
+
+
+def test_a_starting_backends_port_is_tried_until_it_listens_and_then_health_is_asked_no_faster_than_before(tmp_path):
+    """Until a woken backend listens its port is tried every few milliseconds (a refused connect is nearly
+    free), so that /health is asked, and waits in the backlog, as soon as it can; once it listens and does not
+    answer yet, /health is asked every STARTED_CHECK_S, not as fast as it refuses."""
+    assert not _until_listening("127.0.0.1", free_port(), 0.05)  # nothing listens: it gives up in its time
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _until_listening("127.0.0.1", server.server_port, 0.05)
+        settings = OrchestratorSettings(state_dir=tmp_path / "state", gpus=(), start_timeout_s=1.0)
+        manager = BackendManager(settings, Registry(tmp_path / "registry.db"), _Running(settings), ())
+        with pytest.raises(DeadlineExceeded, match="did not answer /health within 1 s"):
+            manager.wait_ready(record(driver="process", port=server.server_port, handle="h", state="starting"))
+        assert 2 <= _Unready.asks <= 1.0 / STARTED_CHECK_S + 3, _Unready.asks
+    finally:
+        server.shutdown()

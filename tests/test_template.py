@@ -257,7 +257,7 @@ import os, sys
 import mlflow.store.model_registry.sqlalchemy_store as registry_store
 import mlflow.store.tracking.sqlalchemy_store as tracking_store
 from mlflow.tracking import MlflowClient
-from backend.isolation.forking import prime_sqlite_store
+from backend.isolation.priming import prime_sqlite_store
 
 uri = sys.argv[1]
 prime_sqlite_store(uri)
@@ -284,11 +284,52 @@ def test_a_fork_of_a_primed_template_finds_the_default_registrys_store_made(regi
     assert done.returncode == 0, done.stderr
     assert "fork 1 [] []" in done.stdout, done.stdout + done.stderr
     missing = tmp_path / "none.db"
-    prime_only = "import sys; from backend.isolation.forking import prime_sqlite_store; prime_sqlite_store(sys.argv[1])"
+    prime_only = "import sys; from backend.isolation.priming import prime_sqlite_store; prime_sqlite_store(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", prime_only, f"sqlite:///{missing}"], check=False, cwd=ROOT, env=env,
                           timeout=120)
     assert done.returncode == 0 and not missing.exists()  # a registry nobody made is not made here
 
+
+
+FIRST_PREDICTION = r"""
+import importlib.metadata, pickle, sys
+import PIL.Image, sklearn.linear_model
+from backend.isolation.priming import prime_first_predictions
+
+model_file, image_file, primed = sys.argv[1], sys.argv[2], sys.argv[3] == "primed"
+if primed:
+    prime_first_predictions()
+read = []  # entry-point scans from here on: none, where the prediction's caches were filled before the fork
+importlib.metadata.entry_points = lambda *args, **kwargs: read.append(kwargs) or ()
+plugin_there = "PIL.PngImagePlugin" in sys.modules
+with open(model_file, "rb") as saved:
+    model = pickle.load(saved)
+with PIL.Image.open(image_file) as image:
+    brightness = sum(image.convert("L").getdata()) / (image.width * image.height) / 255
+print("predicted", model.predict([[brightness]]).tolist(), "scans", len(read), "png plugin", plugin_there)
+"""
+
+
+def test_a_primed_template_leaves_a_forks_first_prediction_nothing_to_fill(tmp_path):
+    """A fork's first prediction of a scikit-learn model on an image reads no package's entry points and
+    imports no image plugin: the template filled those caches (~13 ms of every woken model's first answer).
+    The same script unprimed does both, which is what keeps this test honest."""
+    model_file, image_file = tmp_path / "model.pkl", tmp_path / "white.png"
+    build = ("import pickle, sys; from sklearn.linear_model import LogisticRegression; "
+             "pickle.dump(LogisticRegression().fit([[0.1], [0.9]], [0, 1]), open(sys.argv[1], 'wb')); "
+             "from PIL import Image; Image.new('RGB', (8, 6), (250, 250, 250)).save(sys.argv[2])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", build, str(model_file), str(image_file)], check=True, cwd=ROOT, env=env,
+                   timeout=120)
+    said = {}
+    for primed in ("primed", "unprimed"):
+        done = subprocess.run([sys.executable, "-c", FIRST_PREDICTION, str(model_file), str(image_file), primed],
+                              check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[primed] = done.stdout.strip()
+    assert said["primed"] == "predicted [1] scans 0 png plugin True"
+    assert said["unprimed"].startswith("predicted [1] scans ") and said["unprimed"].endswith("png plugin False")
+    assert said["unprimed"] != "predicted [1] scans 0 png plugin False", "scikit-learn no longer scans entry points"
 
 HUGE_PAGES = r"""
 import json, mmap, os

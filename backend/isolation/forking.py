@@ -25,10 +25,8 @@ import select
 import signal
 import socket
 import struct
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -221,49 +219,6 @@ def import_all(modules: Iterable[str]) -> dict[str, str | None]:
         except Exception as exc:  # noqa: BLE001
             outcome[name] = f"{type(exc).__name__}: {exc}"
     return outcome
-
-
-def prime_mlflow() -> None:
-    """Build MLflow's map of installed packages once here instead of in every fork: each model load checks
-    the model's requirements against it, and building it scans every installed distribution (~1 s). MLmodel
-    files read with libyaml, and the default SQLite registry's store made (below). Only
-    where MLflow is imported already: the backends' template, whose gunicorn masters and workers never load
-    a model, does without it (about 85 MiB)."""
-    if "mlflow" not in sys.modules:
-        return
-    try:
-        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
-
-        _init_packages_to_modules_map()
-    except Exception as exc:  # noqa: BLE001 - a private helper of MLflow's: without it, loads are only slower
-        log.debug("could not prime MLflow's package map: %s", exc)
-    from backend.model.loading import read_yaml_with_libyaml
-
-    read_yaml_with_libyaml()
-    prime_sqlite_store(os.environ.get("MLFLOW_TRACKING_URI", ""))
-
-
-def prime_sqlite_store(uri: str) -> None:
-    """Make MLflow's client for the default registry once here, where it is an SQLite file that exists: a fork
-    then finds the store in MLflow's cache, its tables mapped and its queries compiled, and its first look
-    at an alias (the registry follower's) costs ~25 ms of CPU instead of ~250. The connections are closed
-    before any fork (a fork opens its own). Not for a database server: one that does not answer would hold
-    the template's start for as long as its driver waits, and a missing file would be created here."""
-    if not uri.startswith("sqlite:///") or not Path(uri.removeprefix("sqlite:///")).is_file():
-        return
-    try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        try:  # the follower's query, compiled: a name no registry holds
-            client.get_model_version_by_alias("lsbackend-prime-no-such-model", "none")
-        except MlflowException:
-            pass
-        for store in (client._tracking_client.store, client._get_registry_client().store):
-            store.engine.dispose()
-    except Exception as exc:  # noqa: BLE001 - MLflow's internals: without this, a fork's first lookup is slower
-        log.debug("could not prime MLflow's store for %s: %s", uri, exc)
 
 
 def freeze_imports() -> None:

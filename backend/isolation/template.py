@@ -59,9 +59,9 @@ from backend.isolation.forking import (
     leave_server,
     name_process,
     peer_pid,
-    prime_mlflow,
     share_as_huge_pages,
 )
+from backend.isolation.priming import prime_model_processes
 
 PROTOCOL = 2  # in the socket's name (orchestrator/drivers/template.py); 2: "owner" is answered
 
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 # What a backend's gunicorn master and worker import (never wsgi or backend.web.gunicorn_conf: importing them reads
 # the environment, which is each backend's own): the backends' template's. The models' template imports what
 # a model process needs and the flavors'.
-SERVER_IMPORTS = ("gunicorn.app.wsgiapp", "gunicorn.arbiter", "backend.isolation.arbiter", "backend.web.worker", "backend.app")
+SERVER_IMPORTS = ("gunicorn.app.wsgiapp", "gunicorn.arbiter", "gunicorn.glogging", "backend.isolation.arbiter", "backend.web.worker", "backend.app")
 PER_BACKEND_MODULES = ("wsgi", "backend.web.gunicorn_conf")
 # -- the template process ----------------------------------------------------------------------------
 
@@ -125,9 +125,9 @@ def _model(server: ForkServer, fds: list[int], modules: list[str], worker: str) 
 
 
 def prepare_forks(modules: list[str]) -> None:
-    """Make here, once, what each fork would make at every start: MLflow's package map and registry store
-    (the models' template), gunicorn's settings (the backends')."""
-    prime_mlflow()
+    """Make here, once, what each fork would make at every start: what a model process's load and first
+    prediction fill (the models' template: ``priming``), gunicorn's settings (the backends')."""
+    prime_model_processes()
     if "backend.isolation.arbiter" in modules:
         from backend.isolation.arbiter import BackendApplication
 

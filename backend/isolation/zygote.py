@@ -51,9 +51,9 @@ from backend.isolation.forking import (
     leave_server,
     name_process,
     prctl,
-    prime_mlflow,
     wait_status,
 )
+from backend.isolation.priming import prime_model_processes
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def zygote_main(fd: int, modules: list[str], parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for gunicorn; it ends us
     server = ForkServer([sock])
     warmed = import_all(modules)
-    prime_mlflow()
+    prime_model_processes()
     freeze_imports()
     server.send(sock, ("warmed", warmed))
 

@@ -4,7 +4,7 @@ serves whatever version that names, without a new configure.
 Every ``ALIAS_POLL_S`` (and at once after a training of this backend promoted a version) the serving
 model process, which has MLflow imported, asks the registry which version the alias names (one small
 call, ~9 ms over loopback; the first in a process sets up MLflow's store, ~0.25 s of CPU for a database,
-~25 ms where the template made it for the default SQLite registry before forking: forking.prime_sqlite_store).
+~25 ms where the template made it for the default SQLite registry before forking: priming.prime_sqlite_store).
 The first time comes at a random point within ``ALIAS_POLL_S`` of the worker's start: a backend woken
 from sleep serves the version it resolved before, as an awake one would until its next look, and a
 fleet of woken backends neither pays for that setup on every wake nor asks the registry all at once.
