@@ -364,3 +364,25 @@ def test_an_interactive_prediction_past_the_deadline_is_a_504(app_with, images):
     assert response.status_code == 504
     assert "interactive prediction did not finish" in response.get_json()["error"]
     assert "PREDICT_TIMEOUT_S" in response.get_json()["detail"]
+
+
+def test_the_templates_prepared_routes_serve_the_first_app_made_after_it_and_count_its_own_errors(app_with):
+    """The backends' template makes an app's routes once before it forks (``PreparedRoutes``): the first app a
+    fork makes is that one, with its own settings and services; the next makes routes of its own. Each counts
+    the errors it answers in its own metrics."""
+    from backend.app import PreparedRoutes
+
+    PreparedRoutes.prepare()
+    prepared = PreparedRoutes.app
+    first = app_with(max_request_bytes=1 << 20)
+    assert first.application is prepared and PreparedRoutes.app is None
+    second = app_with()
+    assert second.application is not prepared
+    for client, refused in ((first, 1), (second, 0)):
+        assert client.get("/health").get_json()["status"] == "UP"
+        answer = client.post("/predict", data=b"x" * (1 << 20 | 1), content_type="application/json")
+        assert answer.status_code == (413 if refused else 400), answer.get_data(as_text=True)
+        assert client.get("/no-such-route").status_code == 404
+        counted = client.get("/metrics").get_data(as_text=True)
+        assert 'lsbackend_errors_total{type="NotFound"} 1.0' in counted
+        assert ('lsbackend_errors_total{type="PayloadTooLarge"} 1.0' in counted) == bool(refused)

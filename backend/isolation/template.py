@@ -126,12 +126,15 @@ def _model(server: ForkServer, fds: list[int], modules: list[str], worker: str) 
 
 def prepare_forks(modules: list[str]) -> None:
     """Make here, once, what each fork would make at every start: what a model process's load and first
-    prediction fill (the models' template: ``priming``), gunicorn's settings (the backends')."""
+    prediction fill (the models' template: ``priming``), gunicorn's settings and the app's routes (the
+    backends')."""
     prime_model_processes()
     if "backend.isolation.arbiter" in modules:
+        from backend.app import PreparedRoutes
         from backend.isolation.arbiter import BackendApplication
 
         BackendApplication.prepare()
+        PreparedRoutes.prepare()
 
 
 def template_main(path: str, modules: list[str], name: str = "lsb-template") -> None:
