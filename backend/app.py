@@ -149,6 +149,11 @@ class PreparedRoutes:
         return app
 
 
+def prepare_for_forks() -> None:
+    """Called by a template that imported this module, before it forks (``template.prepare_forks``)."""
+    PreparedRoutes.prepare()
+
+
 def _route(app: Flask) -> Flask:
     """The routes, their JSON and their errors, for any backend: what they serve comes from the app's
     ``lsbackend`` extension, set by ``create_app``."""

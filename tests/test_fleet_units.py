@@ -382,3 +382,48 @@ def test_a_request_for_a_backend_another_is_waking_waits_for_that_wake_not_in_li
         thread.join(10)
     assert backends.started == ["d", "e"] and state(backends, "d") == state(backends, "e") == "ready"
     assert turns_taken == {"first for d": True, "second for d": False, "first for e": True}
+
+
+class GpuAccountingDriver(AccountingDriver):
+    """As above, and each backend on a GPU holds GPU_EACH there."""
+
+    def memory(self, records: list[BackendRecord]) -> dict[str, Memory]:
+        return {r.id: Memory(EACH, EACH, GPU_EACH if r.gpu else 0) for r in records if r.handle}
+
+
+GPU_EACH = 1 << 30
+
+
+def test_a_gpu_budget_puts_to_sleep_the_least_recently_used_on_that_gpu_only_and_refuses_what_cannot_fit(tmp_path):
+    """GPU_MEMORY_BUDGET is per GPU: a start on GPU 0 puts to sleep the least recently used idle backend on
+    GPU 0, not an older one on GPU 1 nor one on the CPU; one that would not fit with every idle backend there
+    asleep is a 503 that names the budget and the GPU, and puts nothing to sleep."""
+    backends = Backends(tmp_path, 0)
+    backends.settings = OrchestratorSettings(state_dir=tmp_path / "state", gpus=("0", "1"),
+                                             gpu_memory_budget=2 * GPU_EACH + GPU_EACH // 2)
+    backends.driver = GpuAccountingDriver()
+    for at, (name, gpu) in enumerate((("cpu", ""), ("other", "1"), ("a", "0"), ("b", "0")), start=1):
+        record = awake(backends, name, float(at))
+        record.gpu, record.gpu_memory_bytes = gpu, GPU_EACH if gpu else 0
+        backends.registry.put(record)
+    fleet = Fleet(backends)
+    fleet.measure()
+    assert fleet.memory_in_use("0") == 2 * GPU_EACH and fleet.memory_in_use("1") == GPU_EACH
+
+    woken = asleep(backends, "c")
+    woken.gpu, woken.gpu_memory_bytes = "0", GPU_EACH
+    backends.registry.put(woken)
+    with fleet.room_for(woken):
+        woken.handle, woken.state, woken.last_used_at = "c:1", "ready", 10.0
+        backends.registry.put(woken)
+    assert backends.driver.stopped == ["a"]
+    assert [state(backends, name) for name in ("cpu", "other", "a", "b", "c")] == ["ready", "ready", "sleeping", "ready", "ready"]
+
+    too_big = asleep(backends, "big")
+    too_big.gpu, too_big.gpu_memory_bytes = "0", 3 * GPU_EACH
+    backends.registry.put(too_big)
+    with pytest.raises(OverBudget) as refused, fleet.room_for(too_big):
+        pass
+    assert refused.value.status == 503
+    assert "GPU_MEMORY_BUDGET" in refused.value.error and "on GPU 0" in refused.value.error
+    assert backends.driver.stopped == ["a"] and state(backends, "b") == "ready"

@@ -372,3 +372,23 @@ def test_a_template_shares_its_dense_memory_as_huge_pages_and_leaves_sparse_memo
     assert after["huge"] >= 32 << 20 and after["anon_huge_kib"] >= 32 << 10
     assert after["rss_grew_kib"] < 8 << 10  # the sparse 64 MiB stayed as they were (filled in: +58 MiB)
     assert after["child_status"] == 0 and after["parent_unchanged"]
+
+
+def test_a_template_prepares_what_its_own_modules_offer_for_its_forks_and_nothing_of_anyone_elses(monkeypatch):
+    """The backends' template imports the server's modules; those of this project that have a
+    ``prepare_for_forks`` (gunicorn's settings, the app's routes) make it once there, for every fork."""
+    import types
+
+    from backend.app import PreparedRoutes
+    from backend.isolation import template
+    from backend.isolation.arbiter import BackendApplication
+
+    monkeypatch.setattr(template, "prime_model_processes", lambda: None)
+    called = []
+    monkeypatch.setitem(sys.modules, "someones.plugin", types.SimpleNamespace(prepare_for_forks=lambda: called.append(1)))
+    monkeypatch.setattr(BackendApplication, "prepared", None)
+    try:
+        template.prepare_forks([*template.SERVER_IMPORTS, "someones.plugin", "not.imported"])
+        assert BackendApplication.prepared is not None and PreparedRoutes.app is not None and not called
+    finally:
+        PreparedRoutes.take()

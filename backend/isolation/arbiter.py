@@ -83,3 +83,8 @@ class BackendApplication(WSGIApplication):
     def run(self) -> None:
         gunicorn_base.Arbiter = PromptArbiter
         super().run()
+
+
+def prepare_for_forks() -> None:
+    """Called by a template that imported this module, before it forks (``template.prepare_forks``)."""
+    BackendApplication.prepare()

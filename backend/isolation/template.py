@@ -126,15 +126,14 @@ def _model(server: ForkServer, fds: list[int], modules: list[str], worker: str) 
 
 def prepare_forks(modules: list[str]) -> None:
     """Make here, once, what each fork would make at every start: what a model process's load and first
-    prediction fill (the models' template: ``priming``), gunicorn's settings and the app's routes (the
-    backends')."""
+    prediction fill (the models' template: ``priming``), and what each of this project's ``modules`` makes
+    ready for the forks of a template that imported it, where it has a ``prepare_for_forks`` (the backends'
+    template: gunicorn's settings, the app's routes)."""
     prime_model_processes()
-    if "backend.isolation.arbiter" in modules:
-        from backend.app import PreparedRoutes
-        from backend.isolation.arbiter import BackendApplication
-
-        BackendApplication.prepare()
-        PreparedRoutes.prepare()
+    for name in modules:
+        prepare = getattr(sys.modules.get(name), "prepare_for_forks", None) if name.startswith("backend.") else None
+        if callable(prepare):
+            prepare()
 
 
 def template_main(path: str, modules: list[str], name: str = "lsb-template") -> None:
