@@ -150,7 +150,7 @@ class PreparedRoutes:
 
 
 def prepare_for_forks() -> None:
-    """Called by a template that imported this module, before it forks (``template.prepare_forks``)."""
+    """The routes, made once by the backends' template before it forks (``template.prepare_forks``)."""
     PreparedRoutes.prepare()
 
 

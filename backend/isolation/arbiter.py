@@ -86,5 +86,5 @@ class BackendApplication(WSGIApplication):
 
 
 def prepare_for_forks() -> None:
-    """Called by a template that imported this module, before it forks (``template.prepare_forks``)."""
+    """gunicorn's settings, made once by the backends' template before it forks (``template.prepare_forks``)."""
     BackendApplication.prepare()
